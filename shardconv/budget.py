@@ -1,0 +1,56 @@
+"""The memory budget and the pool of preallocated chunk buffers charged to it."""
+from __future__ import annotations
+
+import queue
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import BudgetError
+from .units import format_size
+
+#: Largest chunk: bigger buffers stop paying off (measured) and cost page faults.
+MAX_CHUNK = 16 << 20
+MIN_CHUNK = 64 << 10
+#: Buffers in flight: two being filled/queued by the reader, two being written.
+N_BUFFERS = 4
+
+
+@dataclass(frozen=True)
+class Budget:
+    """``max_memory`` bytes split into a buffer pool and per-chunk scratch space."""
+
+    max_memory: int
+    chunk_bytes: int
+    n_buffers: int = N_BUFFERS
+
+    @classmethod
+    def for_limit(cls, max_memory: int, chunk_bytes: int | None = None, scratch_factor: int = 0) -> "Budget":
+        """Choose the chunk size: buffers + scratch use at most half the budget,
+        leaving the rest for source metadata, the journal and sink bookkeeping."""
+        slots = N_BUFFERS + scratch_factor
+        if chunk_bytes is None:
+            chunk_bytes = min(MAX_CHUNK, max_memory // (2 * slots))
+            chunk_bytes -= chunk_bytes % 4096
+        if chunk_bytes < MIN_CHUNK:
+            raise BudgetError(f"--max-memory {format_size(max_memory)} is too small: "
+                              f"at least {format_size(2 * slots * MIN_CHUNK)} is needed")
+        if chunk_bytes * slots > max_memory:
+            raise BudgetError(f"chunks of {format_size(chunk_bytes)} (from the partial output's journal) do not fit "
+                              f"--max-memory {format_size(max_memory)}; raise it or use --restart")
+        return cls(max_memory, chunk_bytes)
+
+
+class BufferPool:
+    """``n`` preallocated byte buffers reused for every chunk (no per-chunk allocation)."""
+
+    def __init__(self, n: int, size: int) -> None:
+        self._free: queue.Queue[np.ndarray] = queue.Queue()
+        for _ in range(n):
+            self._free.put(np.empty(size, dtype=np.uint8))
+
+    def get(self, timeout: float | None = None) -> np.ndarray:
+        return self._free.get(timeout=timeout)
+
+    def put(self, buf: np.ndarray) -> None:
+        self._free.put(buf)

@@ -1,0 +1,88 @@
+"""CRC32C (TensorFlow bundles) and CRC32 (zip), fast, plus combining per-chunk CRCs.
+
+Combining lets a tensor's or a zip member's CRC be computed from the CRCs of its
+chunks, in any order of arrival and across a resumed run, without re-reading.
+"""
+from __future__ import annotations
+
+import functools
+
+import crc32c as _crc32c
+
+try:  # ISA-L: ~15 GiB/s, releases the GIL.
+    from isal import isal_zlib as _crc32_impl
+except ImportError:  # pragma: no cover - isal is a core dependency
+    import zlib as _crc32_impl
+
+_MASK_DELTA = 0xA282EAD8
+CRC32_POLY = 0xEDB88320      # zlib, reflected
+CRC32C_POLY = 0x82F63B78     # Castagnoli, reflected
+
+
+def crc32c(data, value: int = 0) -> int:
+    """CRC32C of a bytes-like object, continuing from ``value``."""
+    return _crc32c.crc32c(data, value)
+
+
+def crc32(data, value: int = 0) -> int:
+    """zlib CRC32 of a bytes-like object, continuing from ``value``."""
+    return _crc32_impl.crc32(data, value)
+
+
+def mask(crc: int) -> int:
+    """TensorFlow/LevelDB masked CRC, as stored in bundle entries and block trailers."""
+    return ((((crc >> 15) | (crc << 17)) & 0xFFFFFFFF) + _MASK_DELTA) & 0xFFFFFFFF
+
+
+def unmask(masked: int) -> int:
+    rot = (masked - _MASK_DELTA) & 0xFFFFFFFF
+    return ((rot >> 17) | (rot << 15)) & 0xFFFFFFFF
+
+
+def _times(mat: tuple[int, ...], vec: int) -> int:
+    s = 0
+    i = 0
+    while vec:
+        if vec & 1:
+            s ^= mat[i]
+        vec >>= 1
+        i += 1
+    return s
+
+
+def _square(mat: tuple[int, ...]) -> tuple[int, ...]:
+    return tuple(_times(mat, mat[n]) for n in range(32))
+
+
+@functools.lru_cache(maxsize=None)
+def _zero_operators(poly: int) -> tuple[tuple[int, ...], ...]:
+    """Operators that append 2**k zero bytes to a CRC, k = 0..63."""
+    odd = (poly,) + tuple(1 << n for n in range(31))  # one zero bit
+    op = _square(_square(_square(odd)))              # eight zero bits = one byte
+    ops = []
+    for _ in range(64):
+        ops.append(op)
+        op = _square(op)
+    return tuple(ops)
+
+
+def combine(crc1: int, crc2: int, len2: int, poly: int = CRC32_POLY) -> int:
+    """CRC of A+B from crc(A), crc(B) and len(B) (zlib's crc32_combine, any reflected poly)."""
+    if len2 <= 0:
+        return crc1
+    ops = _zero_operators(poly)
+    k = 0
+    while len2:
+        if len2 & 1:
+            crc1 = _times(ops[k], crc1)
+        len2 >>= 1
+        k += 1
+    return crc1 ^ crc2
+
+
+def combine_crc32c(crc1: int, crc2: int, len2: int) -> int:
+    return combine(crc1, crc2, len2, CRC32C_POLY)
+
+
+def combine_crc32(crc1: int, crc2: int, len2: int) -> int:
+    return combine(crc1, crc2, len2, CRC32_POLY)

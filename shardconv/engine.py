@@ -1,0 +1,209 @@
+"""Runs a plan into a sink: chunks within the memory budget, a reader thread
+overlapping the writer, the journal for resume, and the final atomic commit.
+
+The engine knows no format: sources and sinks plug in through their interfaces.
+"""
+from __future__ import annotations
+
+import os
+import queue
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .budget import Budget, BufferPool
+from .errors import DestinationError, ResumeError
+from .integrity import IntegrityTracker
+from .journal import Journal, describe_changes
+from .plan import Chunk, Plan, chunk_plan
+from .sinks.base import Sink
+from .staging import Staging
+
+#: Test hook: SHARDCONV_TEST_KILL=chunk:K | journal:K | finish | renamed kills the
+#: process with SIGKILL at that point, for the resume tests.
+_KILL = os.environ.get("SHARDCONV_TEST_KILL", "")
+
+
+def _hook(point: str) -> None:
+    if _KILL and _KILL == point:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+@dataclass
+class Result:
+    dest: Path
+    tensors: int
+    bytes_total: int
+    bytes_written: int
+    chunks_written: int
+    chunks_resumed: int
+    seconds: float
+    verified_units: int
+    dropped: list[tuple[str, str]] = field(default_factory=list)
+    chunk_bytes: int = 0
+
+
+def _check_resumable(old: dict[str, Any], new: dict[str, Any], staging: Staging) -> None:
+    problems = []
+    if old.get("sink") != new["sink"] or old.get("sink_options") != new["sink_options"]:
+        problems += describe_changes({"format": old.get("sink"), **(old.get("sink_options") or {})},
+                                     {"format": new["sink"], **new["sink_options"]})
+    if old.get("source") != new["source"]:
+        problems += ["source " + c for c in describe_changes(old.get("source"), new["source"])]
+    if old.get("plan") != new["plan"] and not problems:
+        problems.append("the mapping or options changed")
+    if problems:
+        raise ResumeError(f"{staging.dest}: a partial output exists but its input changed since it was started "
+                          f"({'; '.join(problems[:5])}); rerun with --restart to start over")
+
+
+def manifest_for(plan: Plan, sink: Sink) -> dict[str, Any]:
+    units = plan.source.units()
+    tensors = []
+    for o in plan.outputs:
+        entry = {"name": o.name, "dtype": o.dtype, "shape": list(o.shape), "nbytes": o.nbytes,
+                 "from": o.producer.describe()}
+        sums = {k: f"{u.algorithm}:{u.expected}" for k, u in units.items() if u.tensor in o.producer.inputs}
+        if sums:
+            entry["source_checksums"] = sums
+        tensors.append(entry)
+    return {
+        "format": "shardconv-manifest", "version": 1, "shardconv": __version__, "sink": sink.name,
+        "source": {"format": plan.source.format, "location": os.path.basename(plan.source.location)},
+        "plan": plan.digest(), "options": plan.options,
+        "dropped": [{"name": n, "reason": r} for n, r in plan.dropped],
+        "tensors": tensors,
+    }
+
+
+def run(plan: Plan, sink: Sink, dest: str | os.PathLike, *, max_memory: int, overwrite: bool = False,
+        restart: bool = False, fsync: bool = True, progress: bool = True,
+        chunk_bytes: int | None = None) -> Result:
+    """Convert ``plan`` into ``sink`` at ``dest``; resumes a partial output of the same run."""
+    t0 = time.monotonic()
+    dest = Path(dest).absolute()
+    existing = [p for p in sink.final_paths(dest)[-1:] if p.exists()]
+    if existing and not overwrite:
+        raise DestinationError(f"{dest}: already exists; pass --overwrite to replace it")
+    staging = Staging(dest)
+    staging.acquire()
+    committed = False
+    try:
+        journal = Journal(staging.journal_path)
+        header = {"sink": sink.name, "sink_options": sink.options(), "source": plan.source.fingerprint(),
+                  "plan": plan.digest()}
+        prior = None
+        if restart:
+            staging.reset()
+        else:
+            prior = journal.load()
+            if prior is None and any(p.name != "lock" for p in staging.dir.iterdir()):
+                staging.reset()  # leftovers without a journal: nothing to resume
+        if prior:
+            _check_resumable(prior[0], header, staging)
+            chunk_bytes = int(prior[0]["chunk_bytes"])
+        scratch = max([o.producer.scratch_bytes(1) for o in plan.outputs] + [0]) + 1 + sink.scratch_slots()
+        budget = Budget.for_limit(max_memory, chunk_bytes, scratch_factor=scratch)
+        chunks = chunk_plan(plan.outputs, budget.chunk_bytes)
+        resume = bool(prior) and staging.out.exists()
+        sink.open(staging.out, plan.outputs, resume=resume)
+
+        tracker = IntegrityTracker(plan.source.units())
+        done: dict[int, dict[str, Any]] = {}
+        if resume:
+            for rec in prior[1]:
+                i = rec.get("i")
+                if not isinstance(i, int) or not 0 <= i < len(chunks) or i in done:
+                    continue
+                c = chunks[i]
+                if (rec.get("o"), rec.get("n")) != (c.offset, c.length) or not sink.check(c, rec.get("r")):
+                    continue
+                done[i] = rec
+                tracker.add(rec.get("s", []))
+        journal.start({**header, "chunk_bytes": budget.chunk_bytes, "dest": dest.name}, [done[i] for i in sorted(done)])
+
+        todo = [(i, c) for i, c in enumerate(chunks) if i not in done]
+        total = plan.total_bytes
+        resumed_bytes = sum(chunks[i].length for i in done)
+        resumed_chunks = len(done)
+        _pipeline(plan, sink, journal, tracker, todo, done, budget, progress, total, resumed_bytes, dest.name)
+
+        receipts = [(chunks[i], done[i]["r"]) for i in range(len(chunks))]
+        moves = sink.finish(receipts, manifest_for(plan, sink), fsync, dest)
+        journal.close()
+        _hook("finish")
+        staging.commit(moves, overwrite)
+        committed = True
+        _hook("renamed")
+        return Result(dest, len(plan.outputs), total, total - resumed_bytes, len(todo), resumed_chunks,
+                      time.monotonic() - t0, len(tracker.verified), list(plan.dropped), budget.chunk_bytes)
+    finally:
+        sink.close()
+        staging.release(remove=committed)
+
+
+def _pipeline(plan: Plan, sink: Sink, journal: Journal, tracker: IntegrityTracker, todo: list[tuple[int, Chunk]],
+              done: dict[int, dict[str, Any]], budget: Budget, progress: bool, total: int, initial: int,
+              label: str) -> None:
+    """One reader thread fills pooled buffers; this thread writes and journals them in order."""
+    pool = BufferPool(budget.n_buffers, budget.chunk_bytes)
+    filled: queue.Queue = queue.Queue()
+    stop = threading.Event()
+    source = plan.source
+
+    def read(name: str, offset: int, out: memoryview):
+        return source.read_into(name, offset, out)
+
+    def reader() -> None:
+        try:
+            for i, c in todo:
+                while True:
+                    if stop.is_set():
+                        return
+                    try:
+                        buf = pool.get(timeout=0.1)
+                        break
+                    except queue.Empty:
+                        continue
+                view = memoryview(buf)[: c.length]
+                segs = plan.outputs[c.index].producer.fill(c.offset, view, read) if c.length else []
+                filled.put((i, c, buf, segs))
+            filled.put(None)
+        except BaseException as e:  # handed to the writer, which raises it
+            filled.put(e)
+
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, initial=initial, unit="B", unit_scale=True, unit_divisor=1024,
+                   desc=label, dynamic_ncols=True, leave=True)
+    thread = threading.Thread(target=reader, name="shardconv-reader", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = filled.get()
+            if item is None:
+                break
+            if isinstance(item, BaseException):
+                raise item
+            i, c, buf, segs = item
+            receipt = sink.write(c, memoryview(buf)[: c.length])
+            tracker.add(segs)
+            rec = {"i": i, "o": c.offset, "n": c.length, "r": receipt, "s": [list(s) for s in segs]}
+            _hook(f"chunk:{i}")
+            journal.append(rec)
+            _hook(f"journal:{i}")
+            done[i] = rec
+            pool.put(buf)
+            if bar is not None:
+                bar.update(c.length)
+    finally:
+        stop.set()
+        thread.join()
+        if bar is not None:
+            bar.close()

@@ -1,0 +1,70 @@
+"""Exception classes: every failure a user can act on is one of these.
+
+The CLI prints ``str(error)`` on one line and exits non-zero; tracebacks only
+with ``--debug``. Messages name the file and, where there is one, the tensor.
+"""
+from __future__ import annotations
+
+
+class ShardconvError(Exception):
+    """Base class of every error shardconv reports to a user."""
+
+    exit_code = 1
+
+
+class UsageError(ShardconvError):
+    """Bad arguments or options."""
+
+    exit_code = 2
+
+
+class SourceError(ShardconvError):
+    """The input cannot be opened or listed (missing, wrong kind, unreadable)."""
+
+
+class FormatError(SourceError):
+    """The input is malformed: bad magic, truncated, impossible header fields."""
+
+
+class ChecksumError(FormatError):
+    """Stored bytes do not match their recorded checksum."""
+
+
+class UnsupportedError(ShardconvError):
+    """Valid input that shardconv does not handle (yet): unknown dtype, big-endian data."""
+
+
+class MissingDependencyError(ShardconvError):
+    """A format's optional library is not installed."""
+
+    def __init__(self, module: str, extra: str, what: str) -> None:
+        super().__init__(
+            f"{what} needs the '{module}' package: pip install 'shardconv[{extra}]'"
+        )
+
+
+class DestinationError(ShardconvError):
+    """The destination exists, is locked by another run, or cannot be written."""
+
+
+class ResumeError(DestinationError):
+    """A partial output exists but cannot be resumed (source or options changed)."""
+
+
+class PlanError(ShardconvError):
+    """The mapping from source names to output tensors is invalid; lists every problem."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = list(problems)
+        head = problems[0] if len(problems) == 1 else f"{len(problems)} problems in the plan: " + "; ".join(problems[:20])
+        if len(problems) > 20:
+            head += f"; ... and {len(problems) - 20} more"
+        super().__init__(head)
+
+
+class VerifyError(ShardconvError):
+    """An output does not match its manifest or its source."""
+
+
+class BudgetError(ShardconvError):
+    """The memory budget is too small for the work asked."""

@@ -1,0 +1,90 @@
+"""The journal of a partial output: what was planned and which chunks are durable.
+
+JSON lines: a header (source fingerprint, plan digest, chunk size), then one
+record per finished chunk. A line is appended only after the chunk's bytes are
+written; a torn last line (killed mid-write) is ignored.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from .errors import ResumeError
+
+FORMAT = "shardconv-journal"
+VERSION = 1
+
+
+class Journal:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._fd = -1
+
+    def load(self) -> tuple[dict[str, Any], list[dict[str, Any]]] | None:
+        """(header, records) of an existing journal, or None if there is none."""
+        try:
+            data = self.path.read_bytes()
+        except FileNotFoundError:
+            return None
+        lines = data.split(b"\n")
+        if lines and lines[-1] != b"":
+            lines = lines[:-1]  # torn last line: the chunk it recorded is redone
+        lines = [ln for ln in lines if ln]
+        if not lines:
+            return None
+        try:
+            header = json.loads(lines[0])
+            records = [json.loads(ln) for ln in lines[1:]]
+        except (ValueError, UnicodeDecodeError):
+            raise ResumeError(f"{self.path}: journal is damaged; rerun with --restart") from None
+        if header.get("format") != FORMAT or header.get("version") != VERSION:
+            raise ResumeError(f"{self.path}: not a journal this version of shardconv can resume; rerun with --restart")
+        return header, records
+
+    def start(self, header: dict[str, Any], records: list[dict[str, Any]] = ()) -> None:
+        """Write a fresh journal (header plus records kept from a verified resume)."""
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        with open(tmp, "wb") as f:
+            f.write(json.dumps({"format": FORMAT, "version": VERSION, **header}, sort_keys=True).encode() + b"\n")
+            for r in records:
+                f.write(json.dumps(r, separators=(",", ":")).encode() + b"\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
+
+    def append(self, record: dict[str, Any]) -> None:
+        line = json.dumps(record, separators=(",", ":")).encode() + b"\n"
+        os.write(self._fd, line)
+
+    def sync(self) -> None:
+        if self._fd >= 0:
+            os.fsync(self._fd)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+def describe_changes(old: Any, new: Any, path: str = "", out: list[str] | None = None, limit: int = 5) -> list[str]:
+    """Human-readable differences between two fingerprints (first few only)."""
+    out = [] if out is None else out
+    if len(out) >= limit:
+        return out
+    if isinstance(old, dict) and isinstance(new, dict):
+        for k in sorted(set(old) | set(new), key=str):
+            p = f"{path}/{k}" if path else str(k)
+            if k not in old:
+                out.append(f"{p} added")
+            elif k not in new:
+                out.append(f"{p} removed")
+            else:
+                describe_changes(old[k], new[k], p, out, limit)
+            if len(out) >= limit:
+                break
+    elif old != new:
+        out.append(f"{path}: {old!r} -> {new!r}")
+    return out

@@ -1,0 +1,31 @@
+"""Sinks: one module per output format, chosen by ``--to`` or the destination's suffix."""
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from typing import Any
+
+from ..errors import UsageError
+from .base import Sink
+
+#: format name -> (module, class, destination suffixes)
+REGISTRY: dict[str, tuple[str, str, tuple[str, ...]]] = {
+    "npz": (".npz", "NpzSink", (".npz",)),
+}
+
+
+def sink_for(dest: str | Path, to: str | None = None, **options: Any) -> Sink:
+    if to is None:
+        suffix = Path(dest).suffix.lower()
+        matches = [name for name, (_, _, sfx) in REGISTRY.items() if suffix in sfx]
+        if not matches:
+            raise UsageError(f"{dest}: cannot tell the output format from the suffix {suffix!r}; "
+                             f"pass --to ({', '.join(REGISTRY)})")
+        to = matches[0]
+    if to not in REGISTRY:
+        raise UsageError(f"unknown output format {to!r} (known: {', '.join(REGISTRY)})")
+    module, cls, _ = REGISTRY[to]
+    return getattr(importlib.import_module(module, __name__), cls)(**options)
+
+
+__all__ = ["Sink", "sink_for", "REGISTRY"]

@@ -1,0 +1,56 @@
+"""The sink interface: accept output tensors as byte chunks, in any order, then finish.
+
+A sink lays out its output from the plan alone (``open``), writes chunks where
+they belong (``write`` returns a small receipt the journal keeps, e.g. a CRC),
+re-checks a journaled chunk on resume (``check``), and on ``finish`` writes what
+depends on all chunks (zip directory, metadata) and returns the renames that
+publish the result.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any
+
+from ..plan import Chunk, OutputTensor
+
+
+class Sink(ABC):
+    #: Format name used in ``--to`` and manifests.
+    name: str = "?"
+
+    def options(self) -> dict[str, Any]:
+        """Options that change the output bytes; a resume with different ones is refused."""
+        return {}
+
+    def final_paths(self, dest: Path) -> list[Path]:
+        """Every path the committed output occupies (the main output last)."""
+        return [dest]
+
+    def scratch_slots(self) -> int:
+        """Chunk-sized buffers the sink needs beside the pool (charged to the budget)."""
+        return 0
+
+    @abstractmethod
+    def open(self, out: Path, outputs: list[OutputTensor], resume: bool) -> None:
+        """Prepare ``out`` (inside the staging directory) for ``outputs``.
+
+        With ``resume`` the existing bytes are kept; the layout must be a pure
+        function of ``outputs`` and ``options()`` so both runs agree.
+        """
+
+    @abstractmethod
+    def write(self, chunk: Chunk, data: memoryview) -> Any:
+        """Store one chunk; return a JSON-able receipt (journaled)."""
+
+    @abstractmethod
+    def check(self, chunk: Chunk, receipt: Any) -> bool:
+        """True if a chunk journaled by an earlier run is intact in the partial output."""
+
+    @abstractmethod
+    def finish(self, receipts: list[tuple[Chunk, Any]], manifest: dict[str, Any], fsync: bool,
+               dest: Path) -> list[tuple[Path, Path]]:
+        """Complete the output; return (staged path, final path) renames, main output last."""
+
+    def close(self) -> None:
+        pass

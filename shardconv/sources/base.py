@@ -1,0 +1,132 @@
+"""The source interface: list tensors without reading values; read any byte region.
+
+A source also names its *checksum units* (a tensor, or a slice of a partitioned
+tensor) with their expected CRCs. Each read reports the segments of units it
+touched with the CRC of exactly those bytes, so the engine can verify a unit
+once every byte of it has been read, even across a resumed run.
+"""
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+from ..dtypes import STRING, itemsize
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """What a source knows about one tensor before reading it."""
+
+    name: str
+    dtype: str                    # canonical dtype name, or "string"
+    shape: tuple[int, ...]
+    nbytes: int                   # bytes of the C-order array (strings: stored bytes)
+    checksum: str | None = None   # e.g. "crc32c:1234" over the tensor's stored bytes
+    extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+
+    @property
+    def is_string(self) -> bool:
+        return self.dtype == STRING
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def itemsize(self) -> int:
+        return itemsize(self.dtype)
+
+    @property
+    def row_bytes(self) -> int:
+        """Bytes of one index along axis 0 (the whole tensor for scalars)."""
+        if not self.shape:
+            return self.nbytes
+        return math.prod(self.shape[1:]) * self.itemsize
+
+
+class Segment(NamedTuple):
+    """Bytes [offset, offset+length) of checksum unit ``unit``, whose CRC is ``crc``."""
+
+    unit: str
+    offset: int
+    length: int
+    crc: int
+
+
+class Unit(NamedTuple):
+    """A range of stored bytes with a recorded checksum."""
+
+    nbytes: int
+    algorithm: str    # "crc32c" or "crc32"
+    expected: int     # the CRC itself (unmasked)
+    tensor: str       # tensor the unit belongs to (for messages)
+    file: str         # file holding it (for messages)
+
+
+class Source(ABC):
+    """A checkpoint opened for reading. Subclasses: one module per format."""
+
+    #: Short format name shown by ``ls`` and recorded in manifests.
+    format: str = "?"
+
+    @property
+    @abstractmethod
+    def location(self) -> str:
+        """Path or description used in messages."""
+
+    @abstractmethod
+    def tensors(self) -> list[TensorInfo]:
+        """Every tensor, without reading values."""
+
+    @abstractmethod
+    def read_into(self, name: str, offset: int, out: memoryview) -> list[Segment]:
+        """Fill ``out`` with bytes [offset, offset+len(out)) of tensor ``name`` (C order).
+
+        Returns the checksum segments the read covered (empty if the format has none).
+        """
+
+    def units(self) -> dict[str, Unit]:
+        """Checksum units by key; empty if the format records no checksums."""
+        return {}
+
+    def read_strings(self, name: str) -> list[bytes]:
+        """Elements of a string tensor, flattened."""
+        raise NotImplementedError(f"{self.location}: {name} is not a string tensor")
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What identifies this input for resume: files (size, mtime) and tensors."""
+        return {
+            "format": self.format,
+            "tensors": {t.name: [t.dtype, list(t.shape), t.nbytes, t.checksum] for t in self.tensors()},
+        }
+
+    def info(self, name: str) -> TensorInfo:
+        for t in self.tensors():
+            if t.name == name:
+                return t
+        raise KeyError(name)
+
+    def read(self, name: str):
+        """Whole tensor as a NumPy array. For tests and small tensors only."""
+        import numpy as np
+
+        from ..dtypes import numpy_dtype
+
+        t = self.info(name)
+        if t.is_string:
+            return self.read_strings(name)
+        arr = np.empty(t.shape, dtype=numpy_dtype(t.dtype))
+        if t.nbytes:
+            self.read_into(name, 0, memoryview(arr.reshape(-1).view(np.uint8)))
+        return arr
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> "Source":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,157 @@
+"""Reader for the LevelDB-style SSTable that holds a TensorFlow bundle's ``.index``.
+
+Layout (table/format.cc in TensorFlow): blocks of prefix-compressed entries, each
+followed by a 5-byte trailer (compression type, masked CRC32C of block + type);
+a 48-byte footer holds the metaindex and index block handles and the magic.
+Every length is checked against the file size before anything is read.
+"""
+from __future__ import annotations
+
+import os
+from typing import Iterator
+
+from ..checksums import crc32c, mask
+from ..errors import ChecksumError, FormatError, UnsupportedError
+from ..wire import read_varint
+
+MAGIC = 0xDB4775248B80FB57
+FOOTER_SIZE = 48
+TRAILER_SIZE = 5
+#: Largest block (compressed or not) accepted; TensorFlow writes 4 KiB-ish blocks.
+MAX_BLOCK_BYTES = 64 << 20
+
+
+class SSTable:
+    """Reads an index file with ``pread``; iterates (key, value) in key order."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = os.fspath(path)
+        try:
+            self._fd = os.open(self.path, os.O_RDONLY)
+        except FileNotFoundError:
+            raise FormatError(f"{self.path}: index file not found") from None
+        except OSError as e:
+            raise FormatError(f"{self.path}: cannot open index: {e.strerror}") from None
+        try:
+            self.size = os.fstat(self._fd).st_size
+            self._read_footer()
+        except BaseException:
+            os.close(self._fd)
+            raise
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __enter__(self) -> "SSTable":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _err(self, msg: str) -> FormatError:
+        return FormatError(f"{self.path}: corrupt checkpoint index: {msg}")
+
+    def _pread(self, n: int, off: int) -> bytes:
+        data = os.pread(self._fd, n, off)
+        if len(data) != n:
+            raise self._err(f"short read of {n} bytes at offset {off}")
+        return data
+
+    def _read_footer(self) -> None:
+        if self.size < FOOTER_SIZE:
+            raise self._err(f"file is {self.size} bytes, smaller than the {FOOTER_SIZE}-byte footer (truncated?)")
+        footer = self._pread(FOOTER_SIZE, self.size - FOOTER_SIZE)
+        magic = int.from_bytes(footer[40:48], "little")
+        if magic != MAGIC:
+            raise self._err(f"bad magic 0x{magic:016x} (expected 0x{MAGIC:016x}); not a TensorFlow checkpoint index or truncated")
+        try:
+            pos = 0
+            self.metaindex = []
+            handles = []
+            for _ in range(2):
+                off, pos = read_varint(footer, pos, 40, "footer block offset")
+                size, pos = read_varint(footer, pos, 40, "footer block size")
+                handles.append((off, size))
+        except FormatError as e:
+            raise self._err(str(e)) from None
+        self.metaindex_handle, self.index_handle = handles
+
+    def _block(self, handle: tuple[int, int], what: str) -> bytes:
+        off, size = handle
+        if size > MAX_BLOCK_BYTES:
+            raise self._err(f"{what} block of {size} bytes exceeds the {MAX_BLOCK_BYTES}-byte limit")
+        if off + size + TRAILER_SIZE > self.size - FOOTER_SIZE:
+            raise self._err(f"{what} block [{off}, {off + size}) runs past the end of the file ({self.size} bytes)")
+        raw = self._pread(size + TRAILER_SIZE, off)
+        data, ctype = raw[:size], raw[size]
+        stored = int.from_bytes(raw[size + 1:], "little")
+        actual = mask(crc32c(raw[:size + 1]))
+        if stored != actual:
+            raise ChecksumError(f"{self.path}: checksum mismatch in {what} block at offset {off} "
+                                f"(stored 0x{stored:08x}, computed 0x{actual:08x})")
+        if ctype == 0:
+            return data
+        if ctype == 1:
+            return self._snappy(data, what, off)
+        raise UnsupportedError(f"{self.path}: {what} block at offset {off} uses compression type {ctype} (only none and snappy are known)")
+
+    def _snappy(self, data: bytes, what: str, off: int) -> bytes:
+        try:
+            declared, _ = read_varint(data, 0, None, "snappy length")
+        except FormatError as e:
+            raise self._err(f"{what} block at offset {off}: {e}") from None
+        if declared > MAX_BLOCK_BYTES:
+            raise self._err(f"{what} block at offset {off} declares {declared} bytes uncompressed, over the {MAX_BLOCK_BYTES}-byte limit")
+        import cramjam
+
+        try:
+            out = bytes(cramjam.snappy.decompress_raw(data))
+        except Exception as e:  # cramjam raises its own DecompressionError
+            raise self._err(f"{what} block at offset {off}: snappy data is corrupt ({e})") from None
+        if len(out) != declared:
+            raise self._err(f"{what} block at offset {off}: snappy output is {len(out)} bytes, header said {declared}")
+        return out
+
+    def _entries(self, block: bytes, what: str) -> Iterator[tuple[bytes, bytes]]:
+        n = len(block)
+        if n < 4:
+            raise self._err(f"{what} block of {n} bytes has no restart count")
+        num_restarts = int.from_bytes(block[n - 4:], "little")
+        limit = n - 4 - 4 * num_restarts
+        if num_restarts == 0 or limit < 0:
+            raise self._err(f"{what} block: bad restart count {num_restarts}")
+        pos = 0
+        key = b""
+        mv = memoryview(block)
+        while pos < limit:
+            try:
+                shared, pos = read_varint(mv, pos, limit, "entry shared length")
+                non_shared, pos = read_varint(mv, pos, limit, "entry key length")
+                vlen, pos = read_varint(mv, pos, limit, "entry value length")
+            except FormatError as e:
+                raise self._err(f"{what} block: {e}") from None
+            if shared > len(key) or non_shared + vlen > limit - pos:
+                raise self._err(f"{what} block: entry at {pos} overruns the block")
+            key = key[:shared] + bytes(mv[pos:pos + non_shared])
+            pos += non_shared
+            yield key, bytes(mv[pos:pos + vlen])
+            pos += vlen
+
+    def items(self) -> Iterator[tuple[bytes, bytes]]:
+        """All (key, value) pairs in order; checks keys are strictly increasing."""
+        index = self._block(self.index_handle, "index")
+        prev: bytes | None = None
+        for _, handle_bytes in self._entries(index, "index"):
+            try:
+                off, pos = read_varint(handle_bytes, 0, None, "block handle offset")
+                size, pos = read_varint(handle_bytes, pos, None, "block handle size")
+            except FormatError as e:
+                raise self._err(str(e)) from None
+            for key, value in self._entries(self._block((off, size), "data"), "data"):
+                if prev is not None and key <= prev:
+                    kind = "duplicate" if key == prev else "out-of-order"
+                    raise self._err(f"{kind} key {key!r} after {prev!r}")
+                prev = key
+                yield key, value

@@ -1,0 +1,561 @@
+"""TensorFlow checkpoints (TF1 name-based, TF2 object-based, SavedModel ``variables/``).
+
+Reads the bundle format directly: the ``.index`` SSTable of BundleEntryProtos and
+the raw ``.data-SSSSS-of-NNNNN`` shards. TensorFlow is never imported.
+"""
+from __future__ import annotations
+
+import math
+import os
+import re
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..checksums import crc32c, mask, unmask
+from ..dtypes import STRING, TF_DTYPE_NAMES_UNSUPPORTED, TF_DTYPES, itemsize, numpy_dtype
+from ..errors import ChecksumError, FormatError, SourceError, UnsupportedError
+from ..wire import INT64_MAX, as_int64, fields, read_varint
+from .base import Segment, Source, TensorInfo, Unit
+from .sstable import SSTable
+
+#: String tensors larger than this are refused (they are read whole).
+MAX_STRING_TENSOR_BYTES = 256 << 20
+
+
+# --------------------------------------------------------------------------- paths
+
+def _parse_state_file(path: Path) -> tuple[str | None, list[str]]:
+    """The ``checkpoint`` text proto: latest path and all paths."""
+    try:
+        text = path.read_text(encoding="utf-8", errors="strict")
+    except (OSError, UnicodeDecodeError) as e:
+        raise SourceError(f"{path}: cannot read checkpoint state file: {e}") from None
+    latest = None
+    allp = []
+    for m in re.finditer(r'^\s*(model_checkpoint_path|all_model_checkpoint_paths)\s*:\s*"((?:[^"\\]|\\.)*)"', text, re.M):
+        value = m.group(2).encode("latin-1", "backslashreplace").decode("unicode_escape")
+        if m.group(1) == "model_checkpoint_path":
+            latest = value
+        else:
+            allp.append(value)
+    return latest, allp
+
+
+def _step_of(prefix: str) -> int | None:
+    m = re.search(r"-(\d+)$", prefix)
+    return int(m.group(1)) if m else None
+
+
+def resolve_prefix(path: str | os.PathLike, step: int | None = None) -> Path:
+    """Turn what a user points at into a bundle prefix (``.../model.ckpt-100``).
+
+    Accepts a prefix, its ``.index`` file, a checkpoint directory (follows the
+    ``checkpoint`` state file, or ``step``), a SavedModel or its ``variables/``.
+    """
+    p = Path(path)
+    if p.name.endswith(".index") and p.is_file():
+        return p.with_name(p.name[: -len(".index")])
+    if re.search(r"\.data-\d{5}-of-\d{5}$", p.name) and p.is_file():
+        return p.with_name(re.sub(r"\.data-\d{5}-of-\d{5}$", "", p.name))
+    if p.is_dir():
+        for cand in (p / "variables" / "variables", p / "variables"):
+            if Path(str(cand) + ".index").is_file():
+                return cand
+        candidates = sorted(q.name[: -len(".index")] for q in p.glob("*.index"))
+        state = p / "checkpoint"
+        if step is not None:
+            hits = [c for c in candidates if _step_of(c) == step]
+            if not hits:
+                steps = sorted({s for c in candidates if (s := _step_of(c)) is not None})
+                raise SourceError(f"{p}: no checkpoint for step {step} (steps present: {steps or 'none'})")
+            if len(hits) > 1:
+                raise SourceError(f"{p}: several checkpoints for step {step}: {', '.join(hits)}")
+            return p / hits[0]
+        if state.is_file():
+            latest, _ = _parse_state_file(state)
+            if latest:
+                lp = Path(latest)
+                lp = lp if lp.is_absolute() else p / lp
+                if not Path(str(lp) + ".index").is_file():
+                    # Checkpoints moved with their directory: try the basename here.
+                    local = p / lp.name
+                    if Path(str(local) + ".index").is_file():
+                        return local
+                    raise SourceError(f"{state}: names checkpoint {latest!r} but {lp}.index does not exist")
+                return lp
+        if len(candidates) == 1:
+            return p / candidates[0]
+        if candidates:
+            raise SourceError(f"{p}: holds {len(candidates)} checkpoints ({', '.join(candidates[:5])}); "
+                              "name one, or pass --step")
+        raise SourceError(f"{p}: no TensorFlow checkpoint here (no .index file, no variables/)")
+    if Path(str(p) + ".index").is_file():
+        return p
+    if not p.exists() and not p.parent.is_dir():
+        raise SourceError(f"{p}: no such file or directory")
+    raise SourceError(f"{p}: not a TensorFlow checkpoint ({p}.index does not exist)")
+
+
+def is_tf_bundle(path: str | os.PathLike) -> bool:
+    try:
+        resolve_prefix(path)
+        return True
+    except SourceError:
+        return False
+
+
+# ----------------------------------------------------------------- slice keys
+
+def _num_increasing(v: int) -> bytes:
+    b = v.to_bytes((v.bit_length() + 7) // 8, "big") if v else b""
+    return bytes([len(b)]) + b
+
+
+
+def _escape(s: bytes) -> bytes:
+    out = bytearray()
+    for c in s:
+        if c == 0:
+            out += b"\x00\xff"
+        elif c == 0xFF:
+            out += b"\xff\x00"
+        else:
+            out.append(c)
+    return bytes(out)
+
+
+_HEADER_BITS = [(0, 0), (0x80, 0), (0xC0, 0), (0xE0, 0), (0xF0, 0), (0xF8, 0),
+                (0xFC, 0), (0xFE, 0), (0xFF, 0), (0xFF, 0x80), (0xFF, 0xC0)]
+
+
+def _signed_num_increasing(v: int) -> bytes:
+    x = ~v if v < 0 else v
+    if x < 64:
+        return bytes([(0x80 ^ v) & 0xFF])
+    length = x.bit_length() // 7 + 1
+    buf = bytearray((b"\xff\xff" if v < 0 else b"\x00\x00") + (v & 0xFFFFFFFFFFFFFFFF).to_bytes(8, "big"))
+    begin = buf[10 - length:]
+    begin[0] ^= _HEADER_BITS[length][0]
+    begin[1] ^= _HEADER_BITS[length][1]
+    return bytes(begin)
+
+
+def slice_key(name: str, extents: list[tuple[int, int]]) -> bytes:
+    """TensorFlow's ``EncodeTensorNameSlice``: the key a partition is stored under.
+
+    ``extents`` are (start, length) with length -1 for a full extent.
+    """
+    out = _num_increasing(0) + _escape(name.encode()) + b"\x00\x01" + _num_increasing(len(extents))
+    for start, length in extents:
+        out += _signed_num_increasing(start) + _signed_num_increasing(length)
+    return out
+
+
+# ----------------------------------------------------------------- entries
+
+@dataclass
+class _Entry:
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    shard: int
+    offset: int
+    size: int
+    crc: int | None          # masked, as stored
+    slices: list[list[tuple[int, int]]]  # (start, length|-1) per dim, per slice
+
+
+def _parse_shape(buf: memoryview, what: str) -> tuple[int, ...]:
+    dims = []
+    for num, wt, val in fields(buf, what):
+        if num == 2 and wt == 2:
+            size = 0
+            for n2, w2, v2 in fields(val, what):
+                if n2 == 1 and w2 == 0:
+                    size = as_int64(v2)
+            dims.append(size)
+        elif num == 3 and wt == 0 and val:
+            raise UnsupportedError(f"{what}: shape of unknown rank")
+    return tuple(dims)
+
+
+def _parse_slice(buf: memoryview, what: str) -> list[tuple[int, int]]:
+    extents = []
+    for num, wt, val in fields(buf, what):
+        if num == 1 and wt == 2:
+            start, length = 0, -1
+            for n2, w2, v2 in fields(val, what):
+                if n2 == 1 and w2 == 0:
+                    start = as_int64(v2)
+                elif n2 == 2 and w2 == 0:
+                    length = as_int64(v2)
+            extents.append((start, length))
+    return extents
+
+
+def _parse_entry(name: str, value: bytes, where: str) -> _Entry:
+    what = f"{where}: entry for tensor {name!r}"
+    dtype_enum = 0
+    shape: tuple[int, ...] = ()
+    shard = offset = size = 0
+    crc = None
+    slices = []
+    for num, wt, val in fields(value, what):
+        if num == 1 and wt == 0:
+            dtype_enum = val
+        elif num == 2 and wt == 2:
+            shape = _parse_shape(val, what)
+        elif num == 3 and wt == 0:
+            shard = as_int64(val)
+        elif num == 4 and wt == 0:
+            offset = as_int64(val)
+        elif num == 5 and wt == 0:
+            size = as_int64(val)
+        elif num == 6 and wt == 5:
+            crc = val
+        elif num == 7 and wt == 2:
+            slices.append(_parse_slice(val, what))
+    if dtype_enum in TF_DTYPES:
+        dtype = TF_DTYPES[dtype_enum]
+    elif dtype_enum in TF_DTYPE_NAMES_UNSUPPORTED:
+        raise UnsupportedError(f"{where}: tensor {name!r} has dtype {TF_DTYPE_NAMES_UNSUPPORTED[dtype_enum]}, which shardconv does not support")
+    else:
+        raise FormatError(f"{where}: tensor {name!r} has unknown dtype enum {dtype_enum}")
+    for d in shape:
+        if d < 0:
+            raise FormatError(f"{where}: tensor {name!r} has negative dimension in shape {list(shape)}")
+    if offset < 0 or size < 0 or shard < 0:
+        raise FormatError(f"{where}: tensor {name!r} has negative shard/offset/size ({shard}/{offset}/{size})")
+    return _Entry(name, dtype, shape, shard, offset, size, crc, slices)
+
+
+def _checked_nbytes(e: _Entry, where: str) -> int:
+    """shape x itemsize, checked for overflow; TF's own reader had CVEs here."""
+    numel = 1
+    for d in e.shape:
+        numel *= d
+        if numel > INT64_MAX:
+            raise FormatError(f"{where}: tensor {e.name!r} shape {list(e.shape)} has more elements than fit in int64")
+    if e.dtype == STRING:
+        return numel
+    nbytes = numel * itemsize(e.dtype)
+    if nbytes > INT64_MAX:
+        raise FormatError(f"{where}: tensor {e.name!r} shape {list(e.shape)} is too large ({nbytes} bytes)")
+    return nbytes
+
+
+# ----------------------------------------------------------------- slices
+
+@dataclass
+class _Part:
+    """A stored partition (or a sub-row of one) of a partitioned tensor."""
+
+    extents: list[tuple[int, int]]   # (start, length) resolved, per remaining dim
+    base: int                         # byte offset of this part's data within the unit
+    entry: _Entry                     # the slice's own entry (file, offset, crc)
+    unit: str
+
+    def sub(self, row: int, itemsize_: int) -> "_Part":
+        start, _ = self.extents[0]
+        row_bytes = math.prod(l for _, l in self.extents[1:]) * itemsize_
+        return _Part(self.extents[1:], self.base + (row - start) * row_bytes, self.entry, self.unit)
+
+
+class TFBundleSource(Source):
+    """A TensorFlow bundle checkpoint, read without TensorFlow."""
+
+    format = "tf-checkpoint"
+
+    def __init__(self, path: str | os.PathLike, step: int | None = None) -> None:
+        self.prefix = resolve_prefix(path, step)
+        self.index_path = Path(str(self.prefix) + ".index")
+        self._fds: dict[int, int] = {}
+        self._fd_lock = threading.Lock()
+        self._load_index()
+
+    # -- listing
+
+    @property
+    def location(self) -> str:
+        return str(self.prefix)
+
+    def data_path(self, shard: int) -> Path:
+        return Path(f"{self.prefix}.data-{shard:05d}-of-{self.num_shards:05d}")
+
+    def _load_index(self) -> None:
+        where = str(self.index_path)
+        self.num_shards = 1
+        entries: dict[str, _Entry] = {}
+        raw_slices: dict[bytes, bytes] = {}
+        header_seen = False
+        with SSTable(self.index_path) as table:
+            for key, value in table.items():
+                if key == b"":
+                    header_seen = True
+                    self._parse_header(value, where)
+                    continue
+                if key[:1] == b"\x00":
+                    raw_slices[key] = value
+                    continue
+                try:
+                    name = key.decode("utf-8")
+                except UnicodeDecodeError:
+                    raise FormatError(f"{where}: tensor name {key!r} is not UTF-8") from None
+                entries[name] = _parse_entry(name, value, where)
+        if not header_seen:
+            raise FormatError(f"{where}: no bundle header (key \"\"); not a TF2-format checkpoint index")
+        self._sizes: dict[int, int | None] = {}
+        for s in range(self.num_shards):
+            try:
+                self._sizes[s] = os.stat(self.data_path(s)).st_size
+            except FileNotFoundError:
+                self._sizes[s] = None
+        self._entries = entries
+        self._infos: list[TensorInfo] = []
+        self._parts: dict[str, list[_Part]] = {}
+        self._units: dict[str, Unit] = {}
+        for name, e in entries.items():
+            nbytes = _checked_nbytes(e, where)
+            if e.slices:
+                self._parts[name] = self._resolve_slices(e, raw_slices, where)
+                checksum = None
+            else:
+                self._check_extent(e, nbytes, where)
+                checksum = f"crc32c:{e.crc}" if e.crc is not None else None
+                if e.crc is not None:
+                    self._units[name] = Unit(e.size, "crc32c", unmask(e.crc), name, str(self.data_path(e.shard)))
+            if e.dtype == STRING:
+                nbytes = e.size
+            self._infos.append(TensorInfo(name, e.dtype, e.shape, nbytes, checksum,
+                                          {"shard": e.shard, "sliced": bool(e.slices)}))
+
+    def _parse_header(self, value: bytes, where: str) -> None:
+        endianness = 0
+        for num, wt, val in fields(value, f"{where}: bundle header"):
+            if num == 1 and wt == 0:
+                self.num_shards = as_int64(val)
+            elif num == 2 and wt == 0:
+                endianness = val
+        if not 1 <= self.num_shards <= 1_000_000:
+            raise FormatError(f"{where}: bundle header declares {self.num_shards} shards")
+        if endianness != 0:
+            raise UnsupportedError(f"{where}: big-endian checkpoint; shardconv reads little-endian bundles only")
+
+    def _check_extent(self, e: _Entry, nbytes: int, where: str) -> None:
+        if e.shard >= self.num_shards:
+            raise FormatError(f"{where}: tensor {e.name!r} is in shard {e.shard} but the bundle has {self.num_shards}")
+        if e.dtype != STRING and e.size != nbytes:
+            raise FormatError(f"{where}: tensor {e.name!r} stores {e.size} bytes but shape {list(e.shape)} "
+                              f"x {e.dtype} needs {nbytes}")
+        if e.dtype == STRING and e.size < 0:
+            raise FormatError(f"{where}: string tensor {e.name!r} has negative size")
+        fsize = self._sizes.get(e.shard)
+        if fsize is not None and e.offset + e.size > fsize:
+            raise FormatError(f"{self.data_path(e.shard)}: tensor {e.name!r} needs bytes "
+                              f"[{e.offset}, {e.offset + e.size}) but the file has {fsize} (truncated?)")
+
+    def _resolve_slices(self, e: _Entry, raw: dict[bytes, bytes], where: str) -> list[_Part]:
+        parts = []
+        covered = 0
+        for i, ext in enumerate(e.slices):
+            if len(ext) != len(e.shape):
+                raise FormatError(f"{where}: tensor {e.name!r} slice {i} has {len(ext)} dims, shape has {len(e.shape)}")
+            resolved = []
+            for (start, length), dim in zip(ext, e.shape):
+                if length == -1:
+                    start, length = 0, dim
+                if start < 0 or length < 0 or start + length > dim:
+                    raise FormatError(f"{where}: tensor {e.name!r} slice {i} extent {ext} outside shape {list(e.shape)}")
+                resolved.append((start, length))
+            key = slice_key(e.name, ext)
+            if key not in raw:
+                raise FormatError(f"{where}: tensor {e.name!r} slice {i} ({ext}) has no stored entry")
+            se = _parse_entry(e.name, raw[key], where)
+            if se.dtype != e.dtype or tuple(l for _, l in resolved) != se.shape:
+                raise FormatError(f"{where}: tensor {e.name!r} slice {i} is {se.dtype}{list(se.shape)}, "
+                                  f"expected {e.dtype}{[l for _, l in resolved]}")
+            nbytes = _checked_nbytes(se, where)
+            self._check_extent(se, nbytes, where)
+            unit = f"{e.name}@{';'.join(f'{s},{l}' for s, l in resolved)}"
+            if se.crc is not None:
+                self._units[unit] = Unit(se.size, "crc32c", unmask(se.crc), e.name, str(self.data_path(se.shard)))
+            parts.append(_Part(resolved, 0, se, unit))
+            covered += math.prod(l for _, l in resolved)
+        if covered != math.prod(e.shape) or not _disjoint(parts):
+            raise FormatError(f"{where}: partitions of tensor {e.name!r} do not tile its shape {list(e.shape)}")
+        return parts
+
+    def tensors(self) -> list[TensorInfo]:
+        return list(self._infos)
+
+    def info(self, name: str) -> TensorInfo:
+        for t in self._infos:
+            if t.name == name:
+                return t
+        raise SourceError(f"{self.location}: no tensor named {name!r}")
+
+    def units(self) -> dict[str, Unit]:
+        return dict(self._units)
+
+    def fingerprint(self) -> dict[str, Any]:
+        fp = super().fingerprint()
+        files = {}
+        for p in [self.index_path] + [self.data_path(s) for s in range(self.num_shards)]:
+            try:
+                st = os.stat(p)
+                files[p.name] = [st.st_size, st.st_mtime_ns]
+            except FileNotFoundError:
+                files[p.name] = None
+        fp["files"] = files
+        return fp
+
+    # -- reading
+
+    def _fd(self, shard: int, tensor: str) -> int:
+        fd = self._fds.get(shard)
+        if fd is not None:
+            return fd
+        with self._fd_lock:
+            if shard in self._fds:
+                return self._fds[shard]
+            path = self.data_path(shard)
+            if self._sizes.get(shard) is None:
+                raise SourceError(f"{path}: data shard {shard} of {self.num_shards} is missing "
+                                  f"(needed for tensor {tensor!r})")
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except OSError as e:
+                raise SourceError(f"{path}: cannot open data shard for tensor {tensor!r}: {e.strerror}") from None
+            self._fds[shard] = fd
+            return fd
+
+    def _pread_into(self, e: _Entry, pos: int, out: memoryview) -> None:
+        fd = self._fd(e.shard, e.name)
+        done = 0
+        n = len(out)
+        while done < n:
+            try:
+                got = os.preadv(fd, [out[done:]], e.offset + pos + done)
+            except OSError as err:
+                raise SourceError(f"{self.data_path(e.shard)}: read error in tensor {e.name!r}: {err.strerror}") from None
+            if got == 0:
+                raise FormatError(f"{self.data_path(e.shard)}: file ends inside tensor {e.name!r} (truncated?)")
+            done += got
+
+    def read_into(self, name: str, offset: int, out: memoryview) -> list[Segment]:
+        out = out.cast("B") if out.format != "B" else out
+        e = self._entries.get(name)
+        if e is None:
+            raise SourceError(f"{self.location}: no tensor named {name!r}")
+        if e.dtype == STRING:
+            raise SourceError(f"{self.location}: {name!r} is a string tensor; use read_strings")
+        if name in self._parts:
+            return self._read_parts(e, offset, out)
+        if offset < 0 or offset + len(out) > e.size:
+            raise SourceError(f"{self.location}: read of [{offset}, {offset + len(out)}) outside tensor {name!r} ({e.size} bytes)")
+        self._pread_into(e, offset, out)
+        return [Segment(name, offset, len(out), crc32c(out))]
+
+    # Partitioned tensors: a byte range of the full tensor is split into whole
+    # rows (each part contributes a rectangular block) and partial rows
+    # (recursing into the row's sub-tensor).
+    def _read_parts(self, e: _Entry, offset: int, out: memoryview) -> list[Segment]:
+        isz = itemsize(e.dtype)
+        if offset % isz or len(out) % isz:
+            raise SourceError(f"{self.location}: unaligned read of partitioned tensor {e.name!r}")
+        flat = np.frombuffer(out, dtype=numpy_dtype(e.dtype)) if len(out) else np.empty(0, numpy_dtype(e.dtype))
+        segments: list[Segment] = []
+        self._read_block(e, e.shape, self._parts[e.name], offset // isz, flat, segments)
+        return segments
+
+    def _read_block(self, e: _Entry, shape: tuple[int, ...], parts: list[_Part], e0: int,
+                    out: np.ndarray, segs: list[Segment]) -> None:
+        n = out.size
+        if n == 0:
+            return
+        row = math.prod(shape[1:])
+        r0, c0 = divmod(e0, row)
+        if c0 or n < row:
+            take = min(n, row - c0)
+            sub = [p.sub(r0, out.itemsize) for p in parts if p.extents[0][0] <= r0 < p.extents[0][0] + p.extents[0][1]]
+            self._read_block(e, shape[1:], sub, c0, out[:take], segs)
+            self._read_block(e, shape, parts, e0 + take, out[take:], segs)
+            return
+        nrows = n // row
+        block = out[: nrows * row].reshape((nrows,) + shape[1:])
+        for p in parts:
+            s, l = p.extents[0]
+            lo, hi = max(r0, s), min(r0 + nrows, s + l)
+            if lo >= hi:
+                continue
+            prow = math.prod(x for _, x in p.extents[1:])
+            tmp = np.empty((hi - lo,) + tuple(x for _, x in p.extents[1:]), dtype=out.dtype)
+            pos = p.base + (lo - s) * prow * out.itemsize
+            mv = memoryview(tmp.reshape(-1).view(np.uint8))
+            self._pread_into(p.entry, pos, mv)
+            segs.append(Segment(p.unit, pos, len(mv), crc32c(mv)))
+            index = (slice(lo - r0, hi - r0),) + tuple(slice(st, st + ln) for st, ln in p.extents[1:])
+            block[index] = tmp
+        if nrows * row < n:
+            self._read_block(e, shape, parts, e0 + nrows * row, out[nrows * row:], segs)
+
+    def read_strings(self, name: str) -> list[bytes]:
+        e = self._entries.get(name)
+        if e is None:
+            raise SourceError(f"{self.location}: no tensor named {name!r}")
+        if e.dtype != STRING:
+            raise SourceError(f"{self.location}: {name!r} is not a string tensor")
+        if e.size > MAX_STRING_TENSOR_BYTES:
+            raise UnsupportedError(f"{self.location}: string tensor {name!r} is {e.size} bytes, over the "
+                                   f"{MAX_STRING_TENSOR_BYTES}-byte limit for string tensors")
+        buf = bytearray(e.size)
+        self._pread_into(e, 0, memoryview(buf))
+        where = f"{self.data_path(e.shard)}: string tensor {name!r}"
+        count = math.prod(e.shape)
+        if count > e.size:
+            raise FormatError(f"{where}: {count} elements cannot fit in {e.size} bytes")
+        pos = 0
+        lengths = []
+        crc = 0
+        for _ in range(count):
+            ln, pos = read_varint(buf, pos, None, "string length")
+            lengths.append(ln)
+            # The entry CRC covers each length as uint32 (uint64 if larger), not as a varint.
+            crc = crc32c(ln.to_bytes(4 if ln <= 0xFFFFFFFF else 8, "little"), crc)
+        if count:
+            if pos + 4 > len(buf):
+                raise FormatError(f"{where}: truncated before the length checksum")
+            crc = crc32c(buf[pos:pos + 4], crc)
+            pos += 4
+        out = []
+        for ln in lengths:
+            if pos + ln > len(buf):
+                raise FormatError(f"{where}: element lengths exceed the stored {e.size} bytes")
+            out.append(bytes(buf[pos:pos + ln]))
+            crc = crc32c(out[-1], crc)
+            pos += ln
+        if pos != len(buf):
+            raise FormatError(f"{where}: {len(buf) - pos} trailing bytes after the last element")
+        if e.crc is not None and mask(crc) != e.crc:
+            raise ChecksumError(f"{where}: checksum mismatch (data corrupt)")
+        return out
+
+    def close(self) -> None:
+        with self._fd_lock:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
+
+
+def _disjoint(parts: list[_Part]) -> bool:
+    if len(parts) > 256:
+        return True  # element-count check already done; pairwise test too costly
+    for i, a in enumerate(parts):
+        for b in parts[i + 1:]:
+            if all(sa < sb + lb and sb < sa + la for (sa, la), (sb, lb) in zip(a.extents, b.extents)):
+                return False
+    return True

@@ -1,0 +1,41 @@
+"""Shared pytest fixtures: TensorFlow-written checkpoints (made in a
+subprocess, so this process never imports TF) and the shared test data."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from reference import write_fixture  # noqa: E402
+
+_HERE = Path(__file__).resolve()
+SHARED_TESTDATA = (_HERE.parents[2] / "shared" / "testdata"
+                   if (_HERE.parents[2] / "shared" / "testdata").exists()
+                   else _HERE.parents[1] / "shared" / "testdata")
+
+
+@pytest.fixture(scope="session")
+def tf1_dtypes_ckpt(tmp_path_factory) -> Path:
+    """TF1 sharded Saver checkpoint (3 shards): every dtype, partitioned vars."""
+    return write_fixture("tf1_dtypes", tmp_path_factory.mktemp("tf1_dtypes"))
+
+
+@pytest.fixture(scope="session")
+def tf2_keras_ckpt(tmp_path_factory) -> Path:
+    """tf.train.Checkpoint of a Keras 3 model + Adam; ckpt-1 and ckpt-2."""
+    return write_fixture("tf2_keras", tmp_path_factory.mktemp("tf2_keras"))
+
+
+@pytest.fixture(scope="session")
+def savedmodel_ckpt(tmp_path_factory) -> Path:
+    """SavedModel in OUTDIR/sm; prefix sm/variables/variables."""
+    return write_fixture("savedmodel", tmp_path_factory.mktemp("savedmodel"))
+
+
+@pytest.fixture(scope="session")
+def exotic_dtypes_ckpt(tmp_path_factory) -> Path:
+    """SaveV2 bundle of float8 / int4 / int2 / quantized dtypes."""
+    return write_fixture("exotic_dtypes", tmp_path_factory.mktemp("exotic_dtypes"))
