@@ -108,9 +108,9 @@ def run(plan: Plan, sink: Sink, dest: str | os.PathLike, *, max_memory: int, ove
             chunk_bytes = int(prior[0]["chunk_bytes"])
         scratch = max([o.producer.scratch_bytes(1) for o in plan.outputs] + [0]) + 1 + sink.scratch_slots()
         budget = Budget.for_limit(max_memory, chunk_bytes, scratch_factor=scratch)
-        chunks = chunk_plan(plan.outputs, budget.chunk_bytes)
         resume = bool(prior) and staging.out.exists()
         sink.open(staging.out, plan.outputs, resume=resume)
+        chunks = chunk_plan(plan.outputs, budget.chunk_bytes, sink.row_multiple)
 
         tracker = IntegrityTracker(plan.source.units())
         done: dict[int, dict[str, Any]] = {}

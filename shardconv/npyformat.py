@@ -1,7 +1,7 @@
 """The ``.npy`` header: written by the NPZ sink, parsed (strictly) by the NPZ source.
 
 bfloat16 and float8 cannot be named in a header; like ``np.save`` and
-big_vision we write them as raw void (``|V2``/``|V1``) and record the true dtype
+big_vision we write them as raw void (``<V2``/``<V1``) and record the true dtype
 in the manifest.
 """
 from __future__ import annotations
@@ -22,8 +22,9 @@ MAX_HEADER_LEN = 10000
 
 
 def descr_of(dtype: str) -> str:
+    """What ``np.save`` writes: ml_dtypes become raw void of their size (``<V2``)."""
     if is_ml_dtype(dtype):
-        return f"|V{itemsize(dtype)}"
+        return f"<V{itemsize(dtype)}"
     return np.lib.format.dtype_to_descr(numpy_dtype(dtype))
 
 

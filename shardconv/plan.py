@@ -144,24 +144,53 @@ class Chunk:
     length: int
 
 
-def chunk_plan(outputs: list[OutputTensor], chunk_bytes: int) -> list[Chunk]:
-    """Split every output into chunks of at most ``chunk_bytes``: whole rows where a row
-    fits, otherwise pieces of one row (never crossing a row), element-aligned."""
+def chunk_plan(outputs: list[OutputTensor], chunk_bytes: int,
+               row_multiple: Callable[[OutputTensor], int] | None = None) -> list[Chunk]:
+    """Split every output into chunks of at most ``chunk_bytes``, each a hyper-rectangle:
+    a run of whole rows where a row fits (a multiple of ``row_multiple(output)`` rows
+    when possible, so chunks align with a sink's own chunk grid), otherwise the same
+    rule applied inside each row. Rectangles map onto Zarr chunks and TF slice specs."""
     chunks: list[Chunk] = []
     for i, o in enumerate(outputs):
-        n = o.nbytes
-        if n == 0:
+        if o.nbytes == 0:
             chunks.append(Chunk(i, 0, 0))
             continue
-        row = o.row_bytes or n
-        isz = itemsize(o.dtype)
-        if row <= chunk_bytes:
-            step = (chunk_bytes // row) * row
-            for off in range(0, n, step):
-                chunks.append(Chunk(i, off, min(step, n - off)))
-        else:
-            step = max(isz, (chunk_bytes // isz) * isz)
-            for r in range(0, n, row):
-                for off in range(r, r + row, step):
-                    chunks.append(Chunk(i, off, min(step, r + row - off)))
+        multiple = max(1, row_multiple(o)) if row_multiple else 1
+        for off, length in _rectangles(o.shape, itemsize(o.dtype), 0, chunk_bytes, multiple):
+            chunks.append(Chunk(i, off, length))
     return chunks
+
+
+def _rectangles(shape: tuple[int, ...], isz: int, base: int, chunk_bytes: int,
+                multiple: int) -> list[tuple[int, int]]:
+    if not shape:
+        return [(base, isz)]
+    row = math.prod(shape[1:]) * isz
+    out: list[tuple[int, int]] = []
+    if row <= chunk_bytes or len(shape) == 1:
+        rows = max(1, chunk_bytes // row)
+        if rows >= multiple:
+            rows -= rows % multiple
+        for r in range(0, shape[0], rows):
+            out.append((base + r * row, min(rows, shape[0] - r) * row))
+        return out
+    for r in range(shape[0]):
+        out.extend(_rectangles(shape[1:], isz, base + r * row, chunk_bytes, 1))
+    return out
+
+
+def chunk_region(shape: tuple[int, ...], isz: int, offset: int, length: int) -> tuple[slice, ...]:
+    """The index (tuple of slices) of the rectangle a chunk from ``chunk_plan`` covers."""
+    if not shape:
+        return ()
+    strides = [math.prod(shape[k + 1:]) * isz for k in range(len(shape))]
+    index = []
+    pos = offset
+    for k, (dim, stride) in enumerate(zip(shape, strides)):
+        start = pos // stride
+        pos -= start * stride
+        if length >= stride or k == len(shape) - 1:
+            n = length // stride
+            return tuple(index) + (slice(start, start + n),) + tuple(slice(0, d) for d in shape[k + 1:])
+        index.append(slice(start, start + 1))
+    raise AssertionError("unreachable")

@@ -27,6 +27,11 @@ class Sink(ABC):
         """Every path the committed output occupies (the main output last)."""
         return [dest]
 
+    def row_multiple(self, output: OutputTensor) -> int:
+        """Chunks of ``output`` should hold a multiple of this many rows (the sink's own
+        chunk grid along axis 0); the engine honours it where the budget allows."""
+        return 1
+
     def scratch_slots(self) -> int:
         """Chunk-sized buffers the sink needs beside the pool (charged to the budget)."""
         return 0

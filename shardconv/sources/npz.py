@@ -207,7 +207,7 @@ class NpzSource(Source):
             raise UnsupportedError(f"{where}: Fortran-order arrays are not supported")
         man = self._manifest.get(m.name)
         if dt is None:
-            size = int(descr[2:]) if descr.startswith("|V") and descr[2:].isdigit() else 0
+            size = int(descr[2:]) if descr[:2] in ("|V", "<V", ">V", "=V") and descr[2:].isdigit() else 0
             if man and itemsize(man["dtype"]) == size:
                 name = man["dtype"]
             elif size == 2:

@@ -1,0 +1,111 @@
+"""What every sink must do. Subclass ``SinkTests``; set ``suffix``/``to`` and ``read_back``."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+from .. import api
+from ..errors import DestinationError
+
+
+def reference_tree() -> dict[str, np.ndarray]:
+    """Arrays of many dtypes and shapes (incl. bfloat16, scalars, empty), fixed seed."""
+    rng = np.random.default_rng(42)
+    tree = {
+        "params/dense/kernel": rng.standard_normal((64, 33)).astype(np.float32),
+        "params/dense/bias": rng.standard_normal(33).astype(np.float32),
+        "params/emb": rng.standard_normal((300, 16)).astype(ml_dtypes.bfloat16),
+        "params/half": rng.standard_normal((5, 7)).astype(np.float16),
+        "params/f64": rng.standard_normal((3, 2, 4)).astype(np.float64),
+        "stats/count": np.array(12345678901, dtype=np.int64),
+        "stats/i32": rng.integers(-2**31, 2**31 - 1, size=(17,), dtype=np.int32),
+        "stats/u8": rng.integers(0, 255, size=(9, 3), dtype=np.uint8),
+        "stats/mask": rng.random((4, 4)) > 0.5,
+        "stats/c64": (rng.standard_normal(6) + 1j * rng.standard_normal(6)).astype(np.complex64),
+        "empty": np.zeros((0, 3), np.float32),
+    }
+    return tree
+
+
+def write_reference_npz(path: Path, tree: dict[str, np.ndarray]) -> None:
+    """np.savez of the tree (what NumPy itself writes; bfloat16 becomes |V2)."""
+    np.savez(path, **tree)
+
+
+class SinkTests:
+    suffix = ".npz"
+    to: str | None = None
+    #: True if the format's bytes are a pure function of the plan (compare files), else values.
+    byte_identical = True
+
+    def read_back(self, dest: Path) -> dict[str, np.ndarray]:
+        """Read the output with the format's own library, true dtypes restored."""
+        raise NotImplementedError
+
+    def snapshot(self, dest: Path) -> Any:
+        """What must be identical between an interrupted-and-resumed run and a clean one."""
+        if self.byte_identical and dest.is_file():
+            return dest.read_bytes()
+        return {k: (v.dtype.name, v.shape, v.tobytes()) for k, v in self.read_back(dest).items()}
+
+    @pytest.fixture
+    def source_npz(self, tmp_path) -> tuple[Path, dict[str, np.ndarray]]:
+        tree = reference_tree()
+        path = tmp_path / "in.npz"
+        write_reference_npz(path, tree)
+        return path, tree
+
+    def convert(self, src: Path, dest: Path, **kw: Any):
+        return api.convert(src, dest, to=self.to, **kw)
+
+    def test_values_equal_the_source_exactly(self, source_npz, tmp_path):
+        src, tree = source_npz
+        dest = tmp_path / f"out{self.suffix}"
+        self.convert(src, dest, max_memory="8MiB")
+        got = self.read_back(dest)
+        assert set(got) == set(tree)
+        for k, v in tree.items():
+            assert got[k].dtype == v.dtype and got[k].shape == v.shape, k
+            assert got[k].tobytes() == v.tobytes(), k
+
+    def test_chunk_size_does_not_change_the_output(self, source_npz, tmp_path):
+        src, _ = source_npz
+        a, b = tmp_path / f"a{self.suffix}", tmp_path / f"b{self.suffix}"
+        self.convert(src, a, max_memory="1MiB")
+        self.convert(src, b, max_memory="256MiB")
+        assert self.snapshot(a) == self.snapshot(b)
+
+    def test_existing_destination_is_refused_without_overwrite(self, source_npz, tmp_path):
+        src, _ = source_npz
+        dest = tmp_path / f"out{self.suffix}"
+        self.convert(src, dest)
+        before = self.snapshot(dest)
+        with pytest.raises(DestinationError):
+            self.convert(src, dest)
+        assert self.snapshot(dest) == before
+        self.convert(src, dest, overwrite=True)
+        assert self.snapshot(dest) == before
+
+    @pytest.mark.parametrize("point", ["journal:0", "chunk:3", "journal:7", "finish"])
+    def test_resume_after_sigkill_gives_the_same_output(self, source_npz, tmp_path, point):
+        src, _ = source_npz
+        clean = tmp_path / f"clean{self.suffix}"
+        self.convert(src, clean, max_memory="1MiB")
+        dest = tmp_path / f"out{self.suffix}"
+        argv = [sys.executable, "-m", "shardconv", "convert", str(src), str(dest), "--max-memory", "1MiB", "--quiet"]
+        if self.to:
+            argv += ["--to", self.to]
+        proc = subprocess.run(argv, env={**os.environ, "SHARDCONV_TEST_KILL": point}, capture_output=True)
+        assert proc.returncode == -9, proc.stderr.decode()
+        assert not dest.exists()
+        r = self.convert(src, dest, max_memory="1MiB")
+        assert r.chunks_resumed > 0 or point == "journal:0"
+        assert self.snapshot(dest) == self.snapshot(clean)
+        assert not Path(str(dest) + ".partial").exists()
