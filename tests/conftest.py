@@ -39,3 +39,11 @@ def savedmodel_ckpt(tmp_path_factory) -> Path:
 def exotic_dtypes_ckpt(tmp_path_factory) -> Path:
     """SaveV2 bundle of float8 / int4 / int2 / quantized dtypes."""
     return write_fixture("exotic_dtypes", tmp_path_factory.mktemp("exotic_dtypes"))
+
+
+@pytest.fixture(scope="session")
+def big_ckpt(tmp_path_factory) -> Path:
+    """TF1 sharded checkpoint of ~192 MiB float32 over 3 shards (largest tensor ~58 MiB),
+    with TF's sha256 of every tensor in reference/index.json."""
+    return write_fixture("big", tmp_path_factory.mktemp("big"), "--mib", "192", "--shards", "3",
+                         "--no-reference", "--digests")

@@ -52,6 +52,7 @@ os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
 import argparse  # noqa: E402
+import hashlib  # noqa: E402
 import base64  # noqa: E402
 import itertools  # noqa: E402
 import json  # noqa: E402
@@ -159,7 +160,8 @@ def _same(a: np.ndarray, b: np.ndarray) -> bool:
 
 
 def write_reference(outdir: Path, prefix: Path, kind: str, *, values: bool = True,
-                    extra: dict | None = None, expected: dict | None = None) -> None:
+                    extra: dict | None = None, expected: dict | None = None,
+                    digests: bool = False) -> None:
     """Read every tensor of the checkpoint at ``prefix`` back with TF and write
     ``outdir/reference``. ``expected`` (name -> array) is a self-check that TF
     read back exactly the values this script put in."""
@@ -178,6 +180,11 @@ def write_reference(outdir: Path, prefix: Path, kind: str, *, values: bool = Tru
         shape = [int(d) for d in shapes[name]]
         entry = {"dtype": dtype_name, "tf_dtype": dtypes[name].name,
                  "shape": shape, "file": None}
+        if digests and dtype_name != "string":
+            # sha256 of the C-order bytes TF returns: large tensors without large reference files.
+            arr = np.ascontiguousarray(reader.get_tensor(name))
+            entry["sha256"] = hashlib.sha256(arr.tobytes(order="C")).hexdigest()
+            del arr
         if values:
             arr = reader.get_tensor(name)
             if expected and name in expected and not _same(arr, expected[name]):
@@ -429,7 +436,7 @@ def _big_shapes(mib: float) -> list[tuple[str, tuple[int, ...]]]:
     return shapes
 
 
-def make_big(outdir: Path, mib: float, shards: int, reference: bool) -> Path:
+def make_big(outdir: Path, mib: float, shards: int, reference: bool, digests: bool = False) -> Path:
     if shards < 1:
         raise ValueError("--shards must be >= 1")
     shapes = _big_shapes(mib)
@@ -460,7 +467,7 @@ def make_big(outdir: Path, mib: float, shards: int, reference: bool) -> Path:
     got = _data_shards(prefix)
     if len(got) != shards:
         raise RuntimeError(f"expected {shards} data shards, got {len(got)}")
-    write_reference(outdir, prefix, "big", values=reference,
+    write_reference(outdir, prefix, "big", values=reference, digests=digests,
                     extra={"mib": mib, "shards": shards})
     return prefix
 
@@ -476,6 +483,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shards", type=int, default=2, help="big: number of data shards")
     p.add_argument("--no-reference", action="store_true",
                    help="big: write only index.json (dtype/shape), no values")
+    p.add_argument("--digests", action="store_true",
+                   help="big: record the sha256 of each tensor as TF reads it")
     args = p.parse_args(argv)
     _import_tensorflow()
     outdir = args.outdir.resolve()
@@ -490,7 +499,8 @@ def main(argv: list[str] | None = None) -> int:
     elif args.kind == "exotic_dtypes":
         make_exotic_dtypes(outdir)
     elif args.kind == "big":
-        make_big(outdir, args.mib, args.shards, reference=not args.no_reference)
+        make_big(outdir, args.mib, args.shards, reference=not args.no_reference,
+                 digests=args.digests)
     return 0
 
 

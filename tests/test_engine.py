@@ -1,0 +1,225 @@
+"""Engine promises: memory budget, resume after SIGKILL, atomic commit, locking, refusals."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import shardconv
+from procs import peak_rss, run_cli, shardconv_cmd, tree_digest
+from reference import load_reference_index, reference_prefix
+from shardconv.errors import DestinationError, ResumeError
+from shardconv.staging import Staging
+
+MiB = 1 << 20
+
+
+def _member_digests(npz: Path) -> dict[str, str]:
+    with np.load(npz, allow_pickle=False) as z:
+        return {k: hashlib.sha256(np.ascontiguousarray(z[k]).tobytes()).hexdigest() for k in z.files}
+
+
+def test_tensors_larger_than_the_budget_convert_exactly_within_it(big_ckpt, tmp_path):
+    """~58 MiB tensors through a 16 MiB budget; RSS measured from outside the process."""
+    prefix = reference_prefix(big_ckpt)
+    index = load_reference_index(big_ckpt)["tensors"]
+    largest = max(int(np.prod(t["shape"])) * 4 for t in index.values())
+    budget = 16 * MiB
+    assert largest > 3 * budget
+    _, baseline = peak_rss(shardconv_cmd("ls", prefix, "--quiet"))
+    rc, peak = peak_rss(shardconv_cmd("convert", prefix, tmp_path / "o.npz", "--max-memory", "16MiB", "--quiet"))
+    assert rc == 0
+    assert peak - baseline <= budget, f"peak {peak / MiB:.0f} MiB, baseline {baseline / MiB:.0f} MiB"
+    assert _member_digests(tmp_path / "o.npz") == {k: v["sha256"] for k, v in index.items()}
+
+
+def test_repeated_sigkill_at_chunk_and_journal_points_then_resume_is_byte_identical(big_ckpt, tmp_path):
+    prefix = reference_prefix(big_ckpt)
+    clean = tmp_path / "clean.npz"
+    shardconv.convert(prefix, clean, max_memory="32MiB")
+    dest = tmp_path / "o.npz"
+    for point in ["chunk:2", "journal:9", "chunk:30", "journal:31", "finish"]:
+        p = run_cli("convert", prefix, dest, "--max-memory", "32MiB", "--quiet", env={"SHARDCONV_TEST_KILL": point})
+        assert p.returncode == -signal.SIGKILL, (point, p.stderr)
+        assert not dest.exists(), point
+    r = shardconv.convert(prefix, dest, max_memory="32MiB")
+    assert r.chunks_resumed > 30 and r.chunks_written < 5
+    assert dest.read_bytes() == clean.read_bytes()
+    assert not Path(str(dest) + ".partial").exists()
+
+
+def test_kill_after_rename_leaves_a_complete_output(big_ckpt, tmp_path):
+    prefix = reference_prefix(big_ckpt)
+    clean = tmp_path / "clean.npz"
+    shardconv.convert(prefix, clean, max_memory="32MiB")
+    dest = tmp_path / "o.npz"
+    p = run_cli("convert", prefix, dest, "--max-memory", "32MiB", "--quiet", env={"SHARDCONV_TEST_KILL": "renamed"})
+    assert p.returncode == -signal.SIGKILL
+    assert dest.read_bytes() == clean.read_bytes()
+
+
+def test_sigkill_at_random_times_then_resume_is_byte_identical(big_ckpt, tmp_path):
+    prefix = reference_prefix(big_ckpt)
+    clean = tmp_path / "clean.npz"
+    argv = ["--max-memory", "1MiB", "--quiet", "--no-fsync"]
+    t0 = time.monotonic()
+    assert run_cli("convert", prefix, clean, *argv).returncode == 0
+    duration = time.monotonic() - t0
+    dest = tmp_path / "o.npz"
+    rng = random.Random(7)
+    kills = 0
+    for attempt in range(60):
+        proc = subprocess.Popen(shardconv_cmd("convert", prefix, dest, *argv), stderr=subprocess.PIPE)
+        time.sleep(duration * (0.3 + 0.5 * rng.random()))
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            kills += 1
+        proc.wait()
+        assert dest.exists() == (proc.returncode == 0), proc.stderr.read()
+        if proc.returncode == 0:
+            break
+    assert kills >= 2, "the conversion finished before it could be interrupted"
+    assert dest.read_bytes() == clean.read_bytes()
+
+
+def _copy_ckpt(src_dir: Path, dst: Path) -> Path:
+    shutil.copytree(src_dir, dst)
+    return reference_prefix(dst)
+
+
+def test_changed_source_is_refused_on_resume_and_restart_discards(big_ckpt, tmp_path):
+    prefix = _copy_ckpt(big_ckpt, tmp_path / "ck")
+    dest = tmp_path / "o.npz"
+    p = run_cli("convert", prefix, dest, "--quiet", env={"SHARDCONV_TEST_KILL": "journal:3"})
+    assert p.returncode == -signal.SIGKILL
+    data = next(prefix.parent.glob("*.data-00001-of-*"))
+    os.utime(data, ns=(time.time_ns(), time.time_ns() + 10**9))
+    with pytest.raises(ResumeError, match=r"source files/.*data-00001"):
+        shardconv.convert(prefix, dest)
+    r = shardconv.convert(prefix, dest, restart=True)
+    assert r.chunks_resumed == 0 and dest.exists()
+
+
+def test_a_second_writer_is_refused_naming_the_holder(tmp_path):
+    np.savez(tmp_path / "in.npz", a=np.arange(10))
+    dest = tmp_path / "o.npz"
+    holder = Staging(dest.absolute())
+    holder.acquire()
+    try:
+        with pytest.raises(DestinationError, match=f"pid {os.getpid()}"):
+            shardconv.convert(tmp_path / "in.npz", dest)
+    finally:
+        holder.release(remove=False)
+    shardconv.convert(tmp_path / "in.npz", dest)  # lock released: proceeds
+
+
+def test_stale_lock_from_a_killed_run_is_taken_over(tmp_path):
+    np.savez(tmp_path / "in.npz", a=np.arange(10))
+    dest = tmp_path / "o.npz"
+    p = run_cli("convert", tmp_path / "in.npz", dest, "--quiet", env={"SHARDCONV_TEST_KILL": "journal:0"})
+    assert p.returncode == -signal.SIGKILL
+    assert (Path(str(dest) + ".partial") / "lock").exists()
+    shardconv.convert(tmp_path / "in.npz", dest)
+    assert dest.exists()
+
+
+# ----------------------------------------------------------------- bad input
+
+def _flip(path: Path, offset: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0x40
+    path.write_bytes(bytes(data))
+
+
+def _truncate(path: Path, keep: int) -> None:
+    path.write_bytes(path.read_bytes()[:keep])
+
+
+CORRUPTIONS = {
+    "truncated data file": (lambda p: _truncate(next(p.parent.glob("*.data-00000-*")), 1000), r"truncated"),
+    "flipped data byte": (lambda p: _flip(next(p.parent.glob("*.data-00002-*")), 12345), r"checksum mismatch in tensor"),
+    "missing shard": (lambda p: next(p.parent.glob("*.data-00001-*")).unlink(), r"data shard 1 of 3 is missing"),
+    "corrupt index block": (lambda p: _flip(Path(str(p) + ".index"), 20), r"checksum mismatch in (data|index) block|corrupt"),
+    "truncated index": (lambda p: _truncate(Path(str(p) + ".index"), 100), r"bad magic|truncated"),
+    "empty index": (lambda p: _truncate(Path(str(p) + ".index"), 0), r"smaller than the 48-byte footer"),
+}
+
+
+@pytest.fixture(scope="module")
+def small_ckpt(tmp_path_factory):
+    from reference import write_fixture
+
+    return write_fixture("big", tmp_path_factory.mktemp("small"), "--mib", "4", "--shards", "3", "--no-reference")
+
+
+@pytest.mark.parametrize("case", sorted(CORRUPTIONS))
+def test_bad_input_gives_one_line_and_no_output(small_ckpt, tmp_path, case):
+    corrupt, pattern = CORRUPTIONS[case]
+    prefix = _copy_ckpt(small_ckpt, tmp_path / "ck")
+    corrupt(prefix)
+    before = tree_digest(prefix.parent)
+    dest = tmp_path / "o.npz"
+    p = run_cli("convert", prefix, dest, "--max-memory", "8MiB", "--quiet")
+    assert p.returncode != 0
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("shardconv: error: "), p.stderr
+    assert __import__("re").search(pattern, lines[0]), lines[0]
+    assert not dest.exists()
+    assert tree_digest(prefix.parent) == before
+
+
+def test_nonexistent_path_and_existing_destination(tmp_path, small_ckpt):
+    p = run_cli("convert", tmp_path / "nope", tmp_path / "o.npz")
+    assert p.returncode != 0 and p.stderr.strip().splitlines() == [f"shardconv: error: {tmp_path / 'nope'}: no such file or directory"]
+    (tmp_path / "o.npz").write_bytes(b"precious")
+    p = run_cli("convert", reference_prefix(small_ckpt), tmp_path / "o.npz", "--quiet")
+    assert p.returncode != 0 and "already exists; pass --overwrite" in p.stderr
+    assert (tmp_path / "o.npz").read_bytes() == b"precious"
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    p = run_cli("convert", tmp_path / "nope", tmp_path / "o.npz", "--debug")
+    assert p.returncode != 0 and "Traceback" in p.stderr
+
+
+# ----------------------------------------------------------------- footprint
+
+def test_import_and_tf_conversion_load_neither_tensorflow_jax_nor_tensorstore(small_ckpt, tmp_path):
+    code = f"""
+import sys, shardconv
+shardconv.list_tensors({str(reference_prefix(small_ckpt))!r})
+shardconv.convert({str(reference_prefix(small_ckpt))!r}, {str(tmp_path / 'o.npz')!r})
+shardconv.verify({str(tmp_path / 'o.npz')!r}, {str(reference_prefix(small_ckpt))!r})
+heavy = [m for m in ("tensorflow", "jax", "tensorstore", "zarr", "keras") if m in sys.modules]
+print(",".join(heavy))
+"""
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert p.stdout.strip() == ""
+
+
+def test_ls_text_and_json(small_ckpt):
+    p = run_cli("ls", reference_prefix(small_ckpt), "--json")
+    listing = json.loads(p.stdout)
+    want = load_reference_index(small_ckpt)["tensors"]
+    assert {t["name"]: t["shape"] for t in listing} == {k: v["shape"] for k, v in want.items()}
+    p = run_cli("ls", reference_prefix(small_ckpt))
+    assert "big/embedding" in p.stdout and "float32" in p.stdout
+
+
+def test_verify_detects_a_changed_output(small_ckpt, tmp_path):
+    prefix = reference_prefix(small_ckpt)
+    shardconv.convert(prefix, tmp_path / "o.npz")
+    assert run_cli("verify", tmp_path / "o.npz", prefix).returncode == 0
+    _flip(tmp_path / "o.npz", 5000)
+    p = run_cli("verify", tmp_path / "o.npz", prefix)
+    assert p.returncode != 0 and ("differs" in p.stderr or "checksum" in p.stderr), p.stderr
