@@ -7,7 +7,7 @@ from typing import Any
 
 from . import engine
 from .errors import VerifyError
-from .plan import Plan, chunk_plan, identity_plan
+from .plan import Plan, chunk_plan
 from .sinks import sink_for
 from .sources import Source, TensorInfo, open_source
 from .units import parse_size
@@ -21,25 +21,60 @@ def list_tensors(src: Any, **source_options: Any) -> list[TensorInfo]:
         return s.tensors()
 
 
-def make_plan(source: Source, **options: Any) -> Plan:
-    """The plan for ``source``; the mapping layer extends this with rules."""
-    return identity_plan(source, options=options)
+def make_plan(source: Source, rules: str | os.PathLike | list[dict[str, Any]] | None = None, *,
+              preset: str | None = None, prefer_ema: bool | None = None, drop_optimizer: bool | None = None,
+              allow_unmapped: bool | None = None, names: str | None = None) -> Plan:
+    """The plan for ``source``: names and roles, EMA/optimizer switches, then rules.
+
+    ``rules`` is a TOML file path or a list of rule dicts; ``preset`` names a shipped
+    rule set (its rules come first). Explicit switches override a rule file's [options].
+    """
+    from .mapping import build_plan, load_preset, load_rules_file
+
+    rule_list: list[dict[str, Any]] = []
+    options: dict[str, Any] = {}
+    if preset:
+        r, o = load_preset(preset)
+        rule_list += r
+        options.update(o)
+    if isinstance(rules, (str, os.PathLike)):
+        r, o = load_rules_file(rules)
+        rule_list += r
+        options.update(o)
+    elif rules:
+        rule_list += list(rules)
+    return build_plan(source, rule_list or None, options=options, prefer_ema=prefer_ema,
+                      drop_optimizer=drop_optimizer, allow_unmapped=allow_unmapped, names=names)
+
+
+def plan(src: Any, *, step: int | None = None, **mapping: Any) -> Plan:
+    """The plan a conversion would follow; reads no tensor values."""
+    source = open_source(src, **({"step": step} if step is not None else {}))
+    return make_plan(source, **mapping)
 
 
 def convert(src: Any, dest: str | os.PathLike, *, to: str | None = None, max_memory: str | int = DEFAULT_MAX_MEMORY,
             overwrite: bool = False, restart: bool = False, fsync: bool = True, progress: bool = False,
-            step: int | None = None, sink_options: dict[str, Any] | None = None) -> engine.Result:
-    """Convert a checkpoint to ``dest`` within ``max_memory``; resumes an interrupted run."""
+            step: int | None = None, sink_options: dict[str, Any] | None = None,
+            rules: str | os.PathLike | list[dict[str, Any]] | None = None, preset: str | None = None,
+            prefer_ema: bool | None = None, drop_optimizer: bool | None = None,
+            allow_unmapped: bool | None = None, names: str | None = None) -> engine.Result:
+    """Convert a checkpoint to ``dest`` within ``max_memory``; resumes an interrupted run.
+
+    Mapping arguments (``rules``, ``preset``, ``prefer_ema``, ``drop_optimizer``,
+    ``allow_unmapped``, ``names``) are those of ``make_plan``.
+    """
     source_options = {"step": step} if step is not None else {}
     with open_source(src, **source_options) as source:
-        plan = make_plan(source)
+        plan = make_plan(source, rules, preset=preset, prefer_ema=prefer_ema, drop_optimizer=drop_optimizer,
+                         allow_unmapped=allow_unmapped, names=names)
         sink = sink_for(dest, to, **(sink_options or {}))
         return engine.run(plan, sink, dest, max_memory=parse_size(max_memory), overwrite=overwrite,
                           restart=restart, fsync=fsync, progress=progress)
 
 
 def verify(dest: str | os.PathLike, src: Any = None, *, max_memory: str | int = DEFAULT_MAX_MEMORY,
-           progress: bool = False) -> dict[str, Any]:
+           progress: bool = False, **mapping: Any) -> dict[str, Any]:
     """Re-read an output: every stored checksum, and (with ``src``) every value against the source.
 
     Returns counts; raises VerifyError naming the first tensor that differs.
@@ -57,7 +92,9 @@ def verify(dest: str | os.PathLike, src: Any = None, *, max_memory: str | int = 
     try:
         tracker = IntegrityTracker(out.units())
         outputs = {t.name: t for t in out.tensors()}
-        plan = make_plan(ref) if ref is not None else None
+        if ref is not None and not mapping:
+            mapping = _recorded_mapping(out)
+        plan = make_plan(ref, **mapping) if ref is not None else None
         if plan is not None:
             want = {o.name: o for o in plan.outputs}
             missing = sorted(set(want) - set(outputs))
@@ -91,6 +128,19 @@ def verify(dest: str | os.PathLike, src: Any = None, *, max_memory: str | int = 
         out.close()
         if ref is not None:
             ref.close()
+
+
+def _recorded_mapping(out: Source) -> dict[str, Any]:
+    """The mapping options an output was written with (from its manifest), to rebuild its plan."""
+    manifest = getattr(out, "manifest_options", None)
+    if not manifest:
+        return {}
+    opts = dict(manifest)
+    rules = opts.pop("rules", None)
+    keep = {k: opts[k] for k in ("prefer_ema", "drop_optimizer", "allow_unmapped", "names") if k in opts}
+    if rules:
+        keep["rules"] = rules
+    return keep
 
 
 def _as_output(t: TensorInfo):

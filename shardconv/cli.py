@@ -16,6 +16,31 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bars or summaries")
 
 
+def _mapping(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("mapping (see docs/mapping.md)")
+    g.add_argument("--rules", help="TOML file of mapping rules ([[rules]] tables, optional [options])")
+    g.add_argument("--preset", help="a shipped rule set: " + ", ".join(_presets()))
+    g.add_argument("--prefer-ema", action="store_const", const=True, default=None,
+                   help="write EMA values under the model's names instead of the raw weights")
+    g.add_argument("--drop-optimizer", action="store_const", const=True, default=None,
+                   help="leave out optimizer state (slots, moments, step counters) and EMA copies")
+    g.add_argument("--allow-unmapped", action="store_const", const=True, default=None,
+                   help="with --rules: keep tensors no rule matches under their own names instead of failing")
+    g.add_argument("--names", choices=["model", "keys"], default=None,
+                   help="TF2: name tensors by model variable path (default) or by raw checkpoint key")
+
+
+def _presets() -> list[str]:
+    from .mapping import preset_names
+
+    return preset_names()
+
+
+def _mapping_kwargs(args: argparse.Namespace) -> dict:
+    return {"rules": args.rules, "preset": args.preset, "prefer_ema": args.prefer_ema,
+            "drop_optimizer": args.drop_optimizer, "allow_unmapped": args.allow_unmapped, "names": args.names}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="shardconv", description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--version", action="version", version=f"shardconv {__version__}")
@@ -25,6 +50,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("src")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--step", type=int, help="checkpoint step in a directory of several")
+    _common(p)
+
+    p = sub.add_parser("plan", help="show what convert would write, reading no values")
+    p.add_argument("src")
+    p.add_argument("--to", default="npz", help="output format the estimate is for (default npz)")
+    p.add_argument("--max-memory", default="512MiB")
+    p.add_argument("--step", type=int)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    _mapping(p)
     _common(p)
 
     p = sub.add_parser("convert", help="convert a checkpoint, streaming within --max-memory")
@@ -37,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--restart", action="store_true", help="discard a partial output instead of resuming it")
     p.add_argument("--no-fsync", dest="fsync", action="store_false",
                    help="skip the final fsync (the rename stays atomic, but a power loss may lose the output)")
+    _mapping(p)
     _common(p)
 
     p = sub.add_parser("verify", help="re-read an output and check it against its checksums (and SRC)")
@@ -69,13 +104,73 @@ def _convert(args: argparse.Namespace) -> int:
     from .api import convert
 
     r = convert(args.src, args.dest, to=args.to, max_memory=args.max_memory, overwrite=args.overwrite,
-                restart=args.restart, fsync=args.fsync, progress=not args.quiet, step=args.step)
+                restart=args.restart, fsync=args.fsync, progress=not args.quiet, step=args.step,
+                **_mapping_kwargs(args))
     if not args.quiet:
         resumed = f", resumed {r.chunks_resumed} chunks" if r.chunks_resumed else ""
         print(f"wrote {r.dest}: {r.tensors} tensors, {format_size(r.bytes_total)} in {r.seconds:.1f} s"
               f"{resumed}; {r.verified_units} source checksums verified", file=sys.stderr)
-        for name, why in r.dropped:
-            print(f"  skipped {name}: {why}", file=sys.stderr)
+        for line in _summarize_dropped(r.dropped):
+            print(f"  {line}", file=sys.stderr)
+        for note in r.notes:
+            print(f"  note: {note}", file=sys.stderr)
+    return 0
+
+
+def _summarize_dropped(dropped: list[tuple[str, str]], limit: int = 8) -> list[str]:
+    """One line per reason: how many tensors, and a few names."""
+    by_reason: dict[str, list[str]] = {}
+    for name, why in dropped:
+        by_reason.setdefault(why, []).append(name)
+    lines = []
+    for why, names in by_reason.items():
+        shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+        lines.append(f"left out {len(names)}: {why} ({shown})")
+    return lines[:limit] + ([f"... and {len(lines) - limit} more reasons"] if len(lines) > limit else [])
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from .api import make_plan
+    from .engine import memory_estimate
+    from .sinks import sink_for
+    from .sources import open_source
+    from .units import parse_size
+
+    with open_source(args.src, **({"step": args.step} if args.step is not None else {})) as source:
+        plan = make_plan(source, **_mapping_kwargs(args))
+        infos = {t.name: t for t in source.tensors()}
+        est = memory_estimate(plan, sink_for("x", args.to), parse_size(args.max_memory))
+        bytes_in = sum(t.nbytes for t in infos.values())
+        dropped_bytes = sum(infos[n].nbytes for n, _ in plan.dropped if n in infos)
+        report = {
+            "source": source.location, "format": source.format,
+            "outputs": [{**o.describe(), "nbytes": o.nbytes} for o in plan.outputs],
+            "dropped": [{"name": n, "reason": r} for n, r in plan.dropped],
+            "notes": plan.notes,
+            "totals": {"tensors_in": len(infos), "tensors_out": len(plan.outputs), "bytes_in": bytes_in,
+                       "bytes_out": plan.total_bytes, "bytes_dropped": dropped_bytes},
+            "memory": est,
+        }
+    if args.json:
+        json.dump(report, sys.stdout, indent=1)
+        sys.stdout.write("\n")
+        return 0
+    width = max([len(o.name) for o in plan.outputs] + [6])
+    for o in plan.outputs:
+        d = o.producer.describe()
+        origin = d.get("from") or ", ".join(sorted({p["from"] for p in d.get("pieces", [])}))
+        op = "" if d["op"] == "copy" else f" [{d['op']}]"
+        print(f"{o.name:<{width}}  {o.dtype:<9} {str(list(o.shape)):<18} {format_size(o.nbytes):>10}  <- {origin}{op}")
+    t = report["totals"]
+    print(f"\n{t['tensors_out']} outputs, {format_size(t['bytes_out'])} out; {t['tensors_in']} tensors, "
+          f"{format_size(t['bytes_in'])} in; {len(plan.dropped)} left out ({format_size(t['bytes_dropped'])})")
+    for line in _summarize_dropped(plan.dropped, limit=50):
+        print(f"  {line}")
+    for note in plan.notes:
+        print(f"  note: {note}")
+    print(f"estimated peak memory with --max-memory {args.max_memory}: {format_size(est['peak'])} "
+          f"(libraries {format_size(est['baseline'])}, buffers {format_size(est['buffers'])} in "
+          f"{format_size(est['chunk_bytes'])} chunks)")
     return 0
 
 
@@ -91,7 +186,7 @@ def _verify(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handler = {"ls": _ls, "convert": _convert, "verify": _verify}[args.command]
+    handler = {"ls": _ls, "plan": _plan, "convert": _convert, "verify": _verify}[args.command]
     try:
         return handler(args)
     except ShardconvError as e:

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from . import __version__
 from .budget import Budget, BufferPool
 from .errors import DestinationError, ResumeError
@@ -45,6 +47,7 @@ class Result:
     verified_units: int
     dropped: list[tuple[str, str]] = field(default_factory=list)
     chunk_bytes: int = 0
+    notes: list[str] = field(default_factory=list)
 
 
 def _check_resumable(old: dict[str, Any], new: dict[str, Any], staging: Staging) -> None:
@@ -106,7 +109,8 @@ def run(plan: Plan, sink: Sink, dest: str | os.PathLike, *, max_memory: int, ove
         if prior:
             _check_resumable(prior[0], header, staging)
             chunk_bytes = int(prior[0]["chunk_bytes"])
-        scratch = max([o.producer.scratch_bytes(1) for o in plan.outputs] + [0]) + 1 + sink.scratch_slots()
+        unit = 1 << 20
+        scratch = max([-(-o.producer.scratch_bytes(unit) // unit) for o in plan.outputs] + [0]) + 1 + sink.scratch_slots()
         budget = Budget.for_limit(max_memory, chunk_bytes, scratch_factor=scratch)
         resume = bool(prior) and staging.out.exists()
         sink.open(staging.out, plan.outputs, resume=resume)
@@ -131,6 +135,7 @@ def run(plan: Plan, sink: Sink, dest: str | os.PathLike, *, max_memory: int, ove
         resumed_bytes = sum(chunks[i].length for i in done)
         resumed_chunks = len(done)
         _pipeline(plan, sink, journal, tracker, todo, done, budget, progress, total, resumed_bytes, dest.name)
+        verify_inputs(plan, tracker, budget.chunk_bytes)
 
         receipts = [(chunks[i], done[i]["r"]) for i in range(len(chunks))]
         moves = sink.finish(receipts, manifest_for(plan, sink), fsync, dest)
@@ -140,10 +145,43 @@ def run(plan: Plan, sink: Sink, dest: str | os.PathLike, *, max_memory: int, ove
         committed = True
         _hook("renamed")
         return Result(dest, len(plan.outputs), total, total - resumed_bytes, len(todo), resumed_chunks,
-                      time.monotonic() - t0, len(tracker.verified), list(plan.dropped), budget.chunk_bytes)
+                      time.monotonic() - t0, len(tracker.verified), list(plan.dropped), budget.chunk_bytes,
+                      list(plan.notes))
     finally:
         sink.close()
         staging.release(remove=committed)
+
+
+#: RSS of the interpreter with numpy and shardconv loaded, measured (bench/run.py "import shardconv").
+BASELINE_RSS = 40 << 20
+
+
+def memory_estimate(plan: Plan, sink: Sink, max_memory: int) -> dict[str, int]:
+    """What a conversion of ``plan`` into ``sink`` will hold at its peak, by part."""
+    unit = 1 << 20
+    scratch = max([-(-o.producer.scratch_bytes(unit) // unit) for o in plan.outputs] + [0]) + 1 + sink.scratch_slots()
+    budget = Budget.for_limit(max_memory, scratch_factor=scratch)
+    est = {"chunk_bytes": budget.chunk_bytes, "buffers": budget.n_buffers * budget.chunk_bytes,
+           "scratch": scratch * budget.chunk_bytes, "baseline": BASELINE_RSS + sink.baseline_bytes()}
+    # Source scratch (partitioned reads) is rarely all live at once; buffers are touched in full.
+    est["peak"] = est["baseline"] + est["buffers"] + (scratch - 1) * budget.chunk_bytes
+    return est
+
+
+def verify_inputs(plan: Plan, tracker: IntegrityTracker, chunk_bytes: int) -> None:
+    """Check the checksums the conversion's reads did not cover (inputs read in many
+    small runs, e.g. transposed) with one sequential pass over those tensors."""
+    inputs = {name for o in plan.outputs for name in o.producer.inputs}
+    pending = sorted({u.tensor for k, u in tracker.units.items() if u.tensor in inputs and k not in tracker.verified})
+    if not pending:
+        return
+    buf = np.empty(chunk_bytes, np.uint8)
+    for name in pending:
+        info = plan.source.info(name)
+        tracker.reset(name)
+        for off in range(0, info.nbytes, chunk_bytes):
+            n = min(chunk_bytes, info.nbytes - off)
+            tracker.add(plan.source.read_into(name, off, memoryview(buf)[:n]))
 
 
 def _pipeline(plan: Plan, sink: Sink, journal: Journal, tracker: IntegrityTracker, todo: list[tuple[int, Chunk]],

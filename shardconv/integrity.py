@@ -49,6 +49,13 @@ class IntegrityTracker:
                                 f"corrupt ({unit.algorithm} 0x{crc:08x}, recorded 0x{unit.expected:08x})")
         self.verified.add(key)
 
+    def reset(self, tensor: str) -> None:
+        """Forget partial reads of a tensor's units (before re-reading it sequentially)."""
+        for key, unit in self.units.items():
+            if unit.tensor == tensor and key not in self.verified:
+                self._parts.pop(key, None)
+                self._covered.pop(key, None)
+
     def unverified(self) -> list[str]:
         """Units read in part only (a plan that reads some of a tensor)."""
         return sorted(self._parts)

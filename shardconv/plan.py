@@ -83,6 +83,8 @@ class Plan:
     dropped: list[tuple[str, str]] = field(default_factory=list)
     #: Options that change output bytes (recorded; a resume with others is refused).
     options: dict[str, Any] = field(default_factory=dict)
+    #: What the mapping did that a user should know (shown by ``plan`` and ``convert``).
+    notes: list[str] = field(default_factory=list)
 
     @property
     def total_bytes(self) -> int:
@@ -110,29 +112,6 @@ def check_name(name: str) -> str | None:
     if any(ord(c) < 32 for c in name):
         return "control character"
     return None
-
-
-def identity_plan(source: Source, *, include: Callable[[TensorInfo], bool] | None = None,
-                  options: dict[str, Any] | None = None) -> Plan:
-    """Every array tensor copied under its own name; string tensors dropped (arrays only)."""
-    outputs: list[OutputTensor] = []
-    dropped: list[tuple[str, str]] = []
-    problems: list[str] = []
-    for t in source.tensors():
-        if include is not None and not include(t):
-            dropped.append((t.name, "not selected"))
-            continue
-        if t.is_string:
-            dropped.append((t.name, "string tensor (array outputs hold numbers only)"))
-            continue
-        why = check_name(t.name)
-        if why:
-            problems.append(f"{source.location}: tensor name {t.name!r} is unsafe as an output name ({why})")
-            continue
-        outputs.append(OutputTensor(t.name, t.dtype, t.shape, Copy(t.name)))
-    if problems:
-        raise PlanError(problems)
-    return Plan(source, outputs, dropped, dict(options or {}))
 
 
 @dataclass(frozen=True)

@@ -47,3 +47,21 @@ def big_ckpt(tmp_path_factory) -> Path:
     with TF's sha256 of every tensor in reference/index.json."""
     return write_fixture("big", tmp_path_factory.mktemp("big"), "--mib", "192", "--shards", "3",
                          "--no-reference", "--digests")
+
+
+@pytest.fixture(scope="session")
+def keras_ema_ckpt(tmp_path_factory) -> Path:
+    """Keras 3 model, Adam(use_ema=True), train_on_batch x3; model.json has raw and EMA values."""
+    return write_fixture("keras_ema", tmp_path_factory.mktemp("keras_ema"))
+
+
+@pytest.fixture(scope="session")
+def tf1_ema_ckpt(tmp_path_factory) -> Path:
+    """TF1 MomentumOptimizer + tf.train.ExponentialMovingAverage."""
+    return write_fixture("tf1_ema", tmp_path_factory.mktemp("tf1_ema"))
+
+
+@pytest.fixture(scope="session")
+def tf2_v1_slots_ckpt(tmp_path_factory) -> Path:
+    """tf.train.Checkpoint of a tf.Module + v1 AdamOptimizer: .OPTIMIZER_SLOT keys."""
+    return write_fixture("tf2_v1_slots", tmp_path_factory.mktemp("tf2_v1_slots"))

@@ -80,3 +80,14 @@ def load_reference(outdir: Path) -> dict[str, np.ndarray | list[bytes]]:
             arr = arr.byteswap()
         out[name] = arr.copy()
     return out
+
+
+def load_model_values(outdir: Path) -> dict[str, dict[str, np.ndarray]]:
+    """reference/model.json: model variable path -> {"raw": array, "ema": array (if any)},
+    the values TensorFlow/Keras held when the checkpoint was written."""
+    refdir = Path(outdir) / "reference"
+    out = {}
+    for path, kinds in json.loads((refdir / "model.json").read_text()).items():
+        out[path] = {k: np.frombuffer((refdir / v["file"]).read_bytes(), dtype=numpy_dtype(v["dtype"])).reshape(v["shape"])
+                     for k, v in kinds.items()}
+    return out

@@ -83,7 +83,7 @@ def _import_tensorflow() -> None:
         pass
 
 
-KINDS = ("tf1_dtypes", "tf2_keras", "savedmodel", "big", "exotic_dtypes")
+KINDS = ("tf1_dtypes", "tf2_keras", "savedmodel", "big", "exotic_dtypes", "keras_ema", "tf1_ema", "tf2_v1_slots")
 
 # Every common dtype TF can save from a variable (tf.<name>).
 DTYPES = ("float16", "float32", "float64", "bfloat16", "int8", "int16", "int32",
@@ -345,6 +345,116 @@ def make_tf2_keras(outdir: Path) -> Path:
     return prefix
 
 
+def _write_model_values(outdir: Path, values: dict[str, dict[str, np.ndarray]]) -> None:
+    """reference/model.json: for each model variable path, the values TF/Keras hold for it
+    (``raw`` weight and, where one exists, its ``ema``), as .bin files."""
+    refdir = outdir / "reference"
+    out = {}
+    for n, (path, kinds) in enumerate(sorted(values.items())):
+        entry = {}
+        for kind, arr in kinds.items():
+            arr = np.ascontiguousarray(arr)
+            fname = f"model_{n}_{kind}.bin"
+            (refdir / fname).write_bytes(arr.tobytes())
+            entry[kind] = {"file": fname, "dtype": arr.dtype.name, "shape": list(arr.shape)}
+        out[path] = entry
+    (refdir / "model.json").write_text(json.dumps(out, indent=1, sort_keys=True))
+
+
+def make_keras_ema(outdir: Path) -> Path:
+    """Keras 3 model trained with Adam(use_ema=True) by train_on_batch (so the EMA is
+    not copied into the model), checkpointed with tf.train.Checkpoint(model, optimizer).
+    The model's trainable variables appear only under optimizer/_trainable_variables."""
+    import keras
+
+    keras.utils.set_random_seed(7)
+    rng = np.random.default_rng(7)
+    model = keras.Sequential([
+        keras.Input(shape=(5, 5, 2)),
+        keras.layers.Conv2D(4, 3, name="conv"),
+        keras.layers.BatchNormalization(name="bn"),
+        keras.layers.Flatten(name="flatten"),
+        keras.layers.Dense(3, name="dense"),
+    ], name="net")
+    opt = keras.optimizers.Adam(learning_rate=0.05, use_ema=True, ema_momentum=0.5,
+                                ema_overwrite_frequency=None)
+    model.compile(optimizer=opt, loss="mse")
+    for _ in range(3):
+        x = rng.standard_normal((8, 5, 5, 2)).astype(np.float32)
+        y = rng.standard_normal((8, 3)).astype(np.float32)
+        model.train_on_batch(x, y)
+    prefix = Path(tf.train.Checkpoint(model=model, optimizer=opt).save(str(outdir / "ckpt")))
+    write_reference(outdir, prefix, "keras_ema")
+    emas = {id(v): a for v, a in zip(model.trainable_variables, opt._model_variables_moving_average)}
+    values = {}
+    for v in model.variables:
+        entry = {"raw": np.asarray(v.numpy())}
+        if id(v) in emas:
+            entry["ema"] = np.asarray(emas[id(v)].numpy())
+            if np.array_equal(entry["ema"], entry["raw"]):
+                raise RuntimeError(f"{v.path}: EMA equals the raw weight; the test would prove nothing")
+        values[v.path] = entry
+    _write_model_values(outdir, values)
+    return prefix
+
+
+def make_tf1_ema(outdir: Path) -> Path:
+    """TF1 graph: MomentumOptimizer + tf.train.ExponentialMovingAverage, a few steps, Saver."""
+    g = tf.Graph()
+    rng = np.random.default_rng(11)
+    with g.as_default():
+        tf.compat.v1.set_random_seed(11)
+        x = tf.compat.v1.placeholder(tf.float32, [None, 4])
+        y = tf.compat.v1.placeholder(tf.float32, [None, 2])
+        with tf.compat.v1.variable_scope("dense"):
+            w = tf.compat.v1.get_variable("kernel", [4, 2])
+            b = tf.compat.v1.get_variable("bias", [2], initializer=tf.compat.v1.zeros_initializer())
+        with tf.compat.v1.variable_scope("bn"):
+            mean = tf.compat.v1.get_variable("moving_mean", [2], trainable=False,
+                                             initializer=tf.compat.v1.ones_initializer())
+        loss = tf.reduce_mean((tf.matmul(x, w) + b - y) ** 2) + 0.0 * tf.reduce_sum(mean)
+        step = tf.compat.v1.train.get_or_create_global_step()
+        train = tf.compat.v1.train.MomentumOptimizer(0.1, 0.9).minimize(loss, global_step=step)
+        ema = tf.compat.v1.train.ExponentialMovingAverage(0.5)
+        with tf.control_dependencies([train]):
+            train_ema = ema.apply([w, b])
+        saver = tf.compat.v1.train.Saver()
+        with tf.compat.v1.Session(graph=g) as sess:
+            sess.run(tf.compat.v1.global_variables_initializer())
+            for _ in range(3):
+                sess.run(train_ema, {x: rng.standard_normal((8, 4)), y: rng.standard_normal((8, 2))})
+            values = {"dense/kernel": {"raw": sess.run(w), "ema": sess.run(ema.average(w))},
+                      "dense/bias": {"raw": sess.run(b), "ema": sess.run(ema.average(b))},
+                      "bn/moving_mean": {"raw": sess.run(mean)}}
+            prefix = Path(saver.save(sess, str(outdir / "model.ckpt"), global_step=3, write_meta_graph=False))
+    write_reference(outdir, prefix, "tf1_ema")
+    _write_model_values(outdir, values)
+    return prefix
+
+
+def make_tf2_v1_slots(outdir: Path) -> Path:
+    """tf.train.Checkpoint of a tf.Module and a v1 AdamOptimizer in eager mode:
+    slot variables appear as ``.OPTIMIZER_SLOT`` keys."""
+    class Net(tf.Module):
+        def __init__(self):
+            super().__init__(name="net")
+            self.w = tf.Variable(tf.random.stateless_normal([3, 2], seed=[1, 2]), name="w")
+            self.b = tf.Variable(tf.zeros([2]), name="b")
+
+    net = Net()
+    opt = tf.compat.v1.train.AdamOptimizer(0.1)
+    x = tf.constant(np.random.default_rng(3).standard_normal((5, 3)).astype(np.float32))
+    for _ in range(2):
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum((tf.matmul(x, net.w) + net.b) ** 2)
+        grads = tape.gradient(loss, [net.w, net.b])
+        opt.apply_gradients(zip(grads, [net.w, net.b]))
+    prefix = Path(tf.train.Checkpoint(model=net, optimizer=opt).save(str(outdir / "ckpt")))
+    write_reference(outdir, prefix, "tf2_v1_slots")
+    _write_model_values(outdir, {"model/w": {"raw": net.w.numpy()}, "model/b": {"raw": net.b.numpy()}})
+    return prefix
+
+
 def make_savedmodel(outdir: Path) -> Path:
     rng = np.random.default_rng(7)
 
@@ -498,6 +608,12 @@ def main(argv: list[str] | None = None) -> int:
         make_savedmodel(outdir)
     elif args.kind == "exotic_dtypes":
         make_exotic_dtypes(outdir)
+    elif args.kind == "keras_ema":
+        make_keras_ema(outdir)
+    elif args.kind == "tf1_ema":
+        make_tf1_ema(outdir)
+    elif args.kind == "tf2_v1_slots":
+        make_tf2_v1_slots(outdir)
     elif args.kind == "big":
         make_big(outdir, args.mib, args.shards, reference=not args.no_reference,
                  digests=args.digests)

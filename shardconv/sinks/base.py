@@ -32,6 +32,10 @@ class Sink(ABC):
         chunk grid along axis 0); the engine honours it where the budget allows."""
         return 1
 
+    def baseline_bytes(self) -> int:
+        """Memory the sink's libraries take once loaded (e.g. TensorFlow), for estimates."""
+        return 0
+
     def scratch_slots(self) -> int:
         """Chunk-sized buffers the sink needs beside the pool (charged to the budget)."""
         return 0

@@ -87,10 +87,12 @@ class NpzSource(Source):
 
     def _load_manifest(self) -> dict[str, dict[str, Any]]:
         mpath = self.path.with_name(self.path.name + ".shardconv.json")
+        self.manifest_options: dict[str, Any] = {}
         if not mpath.is_file():
             return {}
         try:
             data = json.loads(mpath.read_text())
+            self.manifest_options = dict(data.get("options") or {})
             return {t["name"]: t for t in data.get("tensors", [])}
         except (ValueError, KeyError, TypeError, AttributeError):
             raise FormatError(f"{mpath}: manifest is not valid shardconv JSON") from None

@@ -22,6 +22,7 @@ from ..wire import INT64_MAX, as_int64, fields, read_varint
 from .base import Segment, Source, TensorInfo, Unit
 from .sstable import SSTable
 
+OBJECT_GRAPH_KEY = "_CHECKPOINTABLE_OBJECT_GRAPH"
 #: String tensors larger than this are refused (they are read whole).
 MAX_STRING_TENSOR_BYTES = 256 << 20
 
@@ -332,6 +333,22 @@ class TFBundleSource(Source):
                 nbytes = e.size
             self._infos.append(TensorInfo(name, e.dtype, e.shape, nbytes, checksum,
                                           {"shard": e.shard, "sliced": bool(e.slices)}))
+        self._annotate()
+
+    def _annotate(self) -> None:
+        """TF2 checkpoints: model names and roles from the object graph (see tf_object_graph)."""
+        graph = self._entries.get(OBJECT_GRAPH_KEY)
+        if graph is None or graph.dtype != STRING:
+            return
+        from . import tf_object_graph
+
+        notes = tf_object_graph.annotate(tf_object_graph.parse(self.read_strings(OBJECT_GRAPH_KEY)[0],
+                                                                 str(self.data_path(graph.shard))))
+        self._infos = [TensorInfo(t.name, t.dtype, t.shape, t.nbytes, t.checksum,
+                                  {**t.extra, **notes.get(t.name, {})}) for t in self._infos]
+        for i, t in enumerate(self._infos):
+            if t.name == OBJECT_GRAPH_KEY:
+                self._infos[i] = TensorInfo(t.name, t.dtype, t.shape, t.nbytes, t.checksum, {**t.extra, "role": "meta"})
 
     def _parse_header(self, value: bytes, where: str) -> None:
         endianness = 0
