@@ -18,6 +18,7 @@ from typing import Any
 from .. import npyformat, zipformat
 from ..checksums import combine_crc32, crc32
 from ..errors import DestinationError
+from ..fileio import pwrite_all, start_writeback
 from ..plan import Chunk, OutputTensor
 from ..units import format_size
 from .base import Sink
@@ -79,18 +80,12 @@ class NpzSink(Sink):
             self._pwrite(m.npy_header, m.data_offset - len(m.npy_header))
 
     def _pwrite(self, data: bytes | memoryview, offset: int) -> None:
-        view = memoryview(data)
-        while len(view):
-            try:
-                n = os.pwrite(self._fd, view, offset)
-            except OSError as e:
-                raise DestinationError(f"{self.out}: write failed at offset {offset}: {e.strerror}") from None
-            view = view[n:]
-            offset += n
+        pwrite_all(self._fd, data, offset, self.out)
 
     def write(self, chunk: Chunk, data: memoryview) -> int:
         m = self._members[chunk.index]
         self._pwrite(data, m.data_offset + chunk.offset)
+        start_writeback(self._fd, m.data_offset + chunk.offset, len(data))
         return crc32(data)
 
     def check(self, chunk: Chunk, receipt: Any) -> bool:
