@@ -54,9 +54,11 @@ class ResumeError(DestinationError):
 class PlanError(ShardconvError):
     """The mapping from source names to output tensors is invalid; lists every problem."""
 
-    def __init__(self, problems: list[str]) -> None:
+    def __init__(self, problems: list[str], where: str | None = None) -> None:
         self.problems = list(problems)
         head = problems[0] if len(problems) == 1 else f"{len(problems)} problems in the plan: " + "; ".join(problems[:20])
+        if where and not head.startswith(where):
+            head = f"{where}: {head}"
         if len(problems) > 20:
             head += f"; ... and {len(problems) - 20} more"
         super().__init__(head)

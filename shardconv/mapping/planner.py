@@ -158,9 +158,10 @@ def build_plan(source: Source, rules: list[dict[str, Any]] | None = None, *, opt
             problems.append(f"{len(outs)} tensors map to the output name {name!r}: {', '.join(srcs[:6])}")
         why = check_name(name)
         if why:
-            problems.append(f"output name {name!r} is unsafe ({why})")
+            srcs = sorted({s for o in outs for s in o.producer.inputs})
+            problems.append(f"output name {name!r} (from {', '.join(srcs[:3])}) is unsafe ({why})")
     if problems:
-        raise PlanError(problems)
+        raise PlanError([p.removeprefix(f"{loc}: ") for p in problems], where=loc)
     plan_options = {**opts, "rules": [r.raw for r in ruleset.rules]}
     plan = Plan(source, outputs, dropped, plan_options)
     plan.notes = notes

@@ -161,7 +161,9 @@ class NpzSource(Source):
             if method == 0 and usize != csize:
                 raise self._err(f"member {name!r}: stored but sizes differ ({csize} vs {usize})")
             if method == 8 and usize > max(csize, 1) * 1100:
-                raise self._err(f"member {name!r}: declared expansion {usize}/{csize} looks like a zip bomb")
+                # deflate cannot expand more than 1032:1; a larger claim is a zip bomb or corruption
+                raise self._err(f"member {name!r}: declares {usize} bytes from {csize} compressed, "
+                                "more than deflate can expand (zip bomb?)")
             ranges.append((off, start + csize, name))
             members[tname] = _Member(tname, start, csize, usize, method, crc)
         ranges.sort()
@@ -217,7 +219,10 @@ class NpzSource(Source):
             else:
                 raise UnsupportedError(f"{where}: raw dtype {descr!r} with no manifest naming its real dtype")
         else:
-            name = dtype_name(dt)
+            try:
+                name = dtype_name(dt)
+            except UnsupportedError as e:
+                raise UnsupportedError(f"{where}: {e}") from None
             if man and man.get("dtype") != name:
                 raise FormatError(f"{where}: dtype {name} disagrees with the manifest ({man.get('dtype')})")
         numel = npyformat.numel(shape)

@@ -1,0 +1,221 @@
+"""Hostile and corrupt input: every case ends in the original values or one clear
+line naming the file, a non-zero exit, nothing at the destination, the input
+unchanged, and no hang. Cases run in-process (fast); bench/mutation_sweep.py
+runs the same idea in separate processes with RSS measured."""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import os
+import random
+import shutil
+import signal
+import struct
+import zipfile
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import tf_index_writer as w
+from reference import reference_prefix, write_fixture
+from shardconv import cli
+
+ARRAY = np.arange(12, dtype=np.float32).reshape(3, 4)
+DATA = ARRAY.tobytes()
+CRC = w.tensor_bytes_crc(DATA)
+
+
+@contextlib.contextmanager
+def deadline(seconds: int):
+    def boom(*_):
+        raise TimeoutError("hang")
+    old = signal.signal(signal.SIGALRM, boom)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def digest(d: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(d.iterdir()) if p.is_file()}
+
+
+def run_case(src: Path, dest: Path, reference: dict[str, bytes] | None) -> tuple[str, str]:
+    """Convert in-process; return ('values', '') or ('error', the line) after checking the promises."""
+    before = digest(src.parent)
+    err = io.StringIO()
+    with deadline(30), contextlib.redirect_stderr(err):
+        rc = cli.main(["convert", str(src), str(dest), "--quiet", "--max-memory", "64MiB"])
+    assert {k: v for k, v in digest(src.parent).items() if k in before} == before, "input modified"
+    if rc == 0:
+        with np.load(dest) as z:
+            got = {k: z[k].tobytes() for k in z.files}
+        assert reference is not None and got == reference, "wrong values"
+        dest.unlink()
+        Path(str(dest) + ".shardconv.json").unlink()
+        return "values", ""
+    lines = err.getvalue().strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("shardconv: error: "), err.getvalue()
+    assert "Traceback" not in err.getvalue()
+    assert not dest.exists() and not Path(str(dest) + ".shardconv.json").exists()
+    return "error", lines[0]
+
+
+# ----------------------------------------------------------------- mutations of a real checkpoint
+
+@pytest.fixture(scope="module")
+def real_ckpt(tmp_path_factory):
+    d = write_fixture("big", tmp_path_factory.mktemp("real"), "--mib", "0.25", "--shards", "2", "--no-reference")
+    prefix = reference_prefix(d)
+    out = tmp_path_factory.mktemp("ref") / "ref.npz"
+    assert cli.main(["convert", str(prefix), str(out), "--quiet"]) == 0
+    with np.load(out) as z:
+        return prefix, {k: z[k].tobytes() for k in z.files}
+
+
+def _mutations(n: int, seed: int):
+    rng = random.Random(seed)
+    for i in range(n):
+        yield i, rng.choice(["index", "data0", "data1"]), rng.choice(["truncate", "flip", "flips", "zero"]), rng.random(), rng.randrange(1 << 30)
+
+
+@pytest.mark.parametrize("case", list(_mutations(160, 3)), ids=lambda c: f"{c[0]}-{c[1]}-{c[2]}")
+def test_mutated_real_checkpoint(real_ckpt, tmp_path, case):
+    prefix, reference = real_ckpt
+    _, which, kind, where, seed = case
+    d = tmp_path / "ck"
+    shutil.copytree(prefix.parent, d)
+    name = {"index": prefix.name + ".index", "data0": prefix.name + ".data-00000-of-00002",
+            "data1": prefix.name + ".data-00001-of-00002"}[which]
+    f = d / name
+    data = bytearray(f.read_bytes())
+    pos = int(where * len(data))
+    rng = random.Random(seed)
+    if kind == "truncate":
+        data = data[:pos]
+    elif kind == "flip":
+        data[min(pos, len(data) - 1)] ^= 1 << rng.randrange(8)
+    elif kind == "flips":
+        for _ in range(8):
+            data[rng.randrange(len(data))] ^= 1 << rng.randrange(8)
+    else:
+        data[pos:pos + 16] = bytes(len(data[pos:pos + 16]))
+    f.write_bytes(bytes(data))
+    run_case(d / prefix.name, tmp_path / "o.npz", reference)
+
+
+# ----------------------------------------------------------------- crafted TF indexes
+
+def _ckpt(tmp_path: Path, items, data: bytes = DATA, **kw) -> Path:
+    (tmp_path / "m.data-00000-of-00001").write_bytes(data)
+    (tmp_path / "m.index").write_bytes(w.index(items, **kw))
+    return tmp_path / "m"
+
+
+HEADER = (b"", w.header())
+CRAFTED = {
+    "valid control": ([HEADER, (b"x", w.entry(1, [3, 4], size=48, crc=CRC))], {}, None),
+    "valid snappy control": ([HEADER, (b"x", w.entry(1, [3, 4], size=48, crc=CRC))], {"snappy": True}, None),
+    "wrong magic": ([HEADER, (b"x", w.entry(1, [3, 4], size=48, crc=CRC))], {"magic": 0x1234}, "bad magic"),
+    "shape overflows int64": ([HEADER, (b"x", w.entry(1, [2**40, 2**40], size=48, crc=CRC))], {}, "more elements than fit in int64"),
+    "huge shape with small size": ([HEADER, (b"x", w.entry(1, [2**31, 4], size=48, crc=CRC))], {}, "needs"),
+    "negative dimension": ([HEADER, (b"x", w.entry(1, [-3, 4], size=48, crc=CRC))], {}, "negative dimension"),
+    "size disagrees with shape": ([HEADER, (b"x", w.entry(1, [3, 4], size=40, crc=CRC))], {}, "stores 40 bytes"),
+    "offset past end of file": ([HEADER, (b"x", w.entry(1, [3, 4], offset=1 << 40, size=48, crc=CRC))], {}, "the file has 48"),
+    "shard id outside shard count": ([HEADER, (b"x", w.entry(1, [3, 4], shard=5, size=48, crc=CRC))], {}, "shard 5 but the bundle has 1"),
+    "zero shards": ([(b"", w.header(0)), (b"x", w.entry(1, [3, 4], size=48, crc=CRC))], {}, "declares 0 shards"),
+    "absurd shard count": ([(b"", w.header(10**9)), (b"x", w.entry(1, [3, 4], size=48, crc=CRC))], {}, "shards"),
+    "big endian": ([(b"", w.header(1, 1)), (b"x", w.entry(1, [3, 4], size=48, crc=CRC))], {}, "big-endian"),
+    "unknown dtype enum": ([HEADER, (b"x", w.entry(99, [3, 4], size=48, crc=CRC))], {}, "unknown dtype enum 99"),
+    "resource dtype": ([HEADER, (b"x", w.entry(20, [3, 4], size=48, crc=CRC))], {}, "resource"),
+    "wrong tensor crc": ([HEADER, (b"x", w.entry(1, [3, 4], size=48, crc=CRC ^ 1))], {}, "checksum mismatch in tensor 'x'"),
+    "duplicate keys": ([HEADER, (b"x", w.entry(1, [3, 4], size=48, crc=CRC)), (b"x", w.entry(1, [3, 4], size=48, crc=CRC))], {}, "duplicate key"),
+    "unsorted keys": ([HEADER, (b"y", w.entry(1, [3, 4], size=48, crc=CRC)), (b"x", w.entry(1, [3, 4], size=48, crc=CRC))], {}, "out-of-order key"),
+    "no header": ([(b"x", w.entry(1, [3, 4], size=48, crc=CRC))], {}, "no bundle header"),
+    "bad varint in entry": ([HEADER, (b"x", b"\x08" + b"\xff" * 11)], {}, "longer than 10 bytes"),
+    "truncated entry field": ([HEADER, (b"x", b"\x12\x40\x00")], {}, "declares 64 bytes"),
+    "unsafe name": ([HEADER, (b"../evil", w.entry(1, [3, 4], size=48, crc=CRC))], {}, "unsafe"),
+    "non-utf8 name": ([HEADER, (b"\xff\xfe", w.entry(1, [3, 4], size=48, crc=CRC))], {}, "not UTF-8"),
+    "snappy garbage": ([HEADER], {"raw_data_block": b"\x40" + b"\xff" * 20}, "snappy"),
+    "snappy declares 4 GiB": ([HEADER], {"raw_data_block": w.varint(1 << 32) + b"\x00" * 8}, "over the"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CRAFTED))
+def test_crafted_tf_index(tmp_path, case):
+    items, kw, message = CRAFTED[case]
+    (tmp_path / "in").mkdir()
+    src = _ckpt(tmp_path / "in", items, **kw)
+    outcome, line = run_case(src, tmp_path / "o.npz", {"x": DATA} if message is None else None)
+    if message is None:
+        assert outcome == "values"
+    else:
+        assert outcome == "error"
+        assert message in line and str(tmp_path / "in") in line, line
+
+
+# ----------------------------------------------------------------- crafted npz
+
+def _npz(path: Path, members: dict[str, bytes], method=zipfile.ZIP_STORED) -> Path:
+    with zipfile.ZipFile(path, "w", compression=method) as z:
+        for name, data in members.items():
+            z.writestr(name, data)
+    return path
+
+
+def _npy(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.lib.format.write_array(buf, arr, allow_pickle=True)
+    return buf.getvalue()
+
+
+def _patch_name(path: Path, old: bytes, new: bytes) -> Path:
+    assert len(old) == len(new)
+    path.write_bytes(path.read_bytes().replace(old, new))
+    return path
+
+
+def _zip_bomb(path: Path) -> Path:
+    """A deflated member claiming 4 GiB from a few hundred bytes: more than deflate can expand."""
+    comp = zlib.compressobj(9, zlib.DEFLATED, -15)
+    body = comp.compress(_npy(np.zeros(1 << 18, np.float32))) + comp.flush()
+    name = b"bomb.npy"
+    usize = 0xFFFFFFF0
+    local = struct.pack("<IHHHHHIIIHH", 0x04034B50, 20, 0, 8, 0, 33, 0, len(body), usize, len(name), 0) + name
+    central = struct.pack("<IHHHHHHIIIHHHHHII", 0x02014B50, 20, 20, 0, 8, 0, 33, 0, len(body), usize,
+                          len(name), 0, 0, 0, 0, 0, 0) + name
+    eocd = struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, 1, 1, len(central), len(local) + len(body), 0)
+    path.write_bytes(local + body + central + eocd)
+    return path
+
+
+NPZ_CASES = {
+    "pickled object member": (lambda p: _npz(p, {"x.npy": _npy(np.array([{"a": 1}], dtype=object))}), "pickled"),
+    "parent path member": (lambda p: _npz(p, {"../x.npy": _npy(ARRAY)}), "unsafe"),
+    "absolute path member": (lambda p: _npz(p, {"/etc/x.npy": _npy(ARRAY)}), "unsafe"),
+    "NUL in member name": (lambda p: _patch_name(_npz(p, {"aXb.npy": _npy(ARRAY)}), b"aXb.npy", b"a\x00b.npy"), "unsafe"),
+    "duplicate member names": (lambda p: _npz(p, {"x.npy": _npy(ARRAY), "y.npy": _npy(ARRAY)}) and _patch_name(p, b"y.npy", b"x.npy"), "duplicate member"),
+    "header shape larger than member": (lambda p: _npz(p, {"x.npy": _npy(ARRAY).replace(b"(3, 4)", b"(9, 4)")}), "holds"),
+    "huge header length": (lambda p: _npz(p, {"x.npy": b"\x93NUMPY\x02\x00" + struct.pack("<I", 1 << 31) + b"{}"}), "over the"),
+    "not npy": (lambda p: _npz(p, {"x.npy": b"hello world"}), "not an .npy"),
+    "zip bomb": (_zip_bomb, "zip bomb"),
+    "truncated zip": (lambda p: p.write_bytes(_npz(p, {"x.npy": _npy(ARRAY)}).read_bytes()[:-30]) and p, "not a zip file"),
+    "not a zip at all": (lambda p: p.write_bytes(b"PK\x03\x04" + b"\x00" * 100) and p, "not a zip file"),
+    "fortran order": (lambda p: _npz(p, {"x.npy": _npy(np.asfortranarray(ARRAY))}), "Fortran"),
+    "string dtype": (lambda p: _npz(p, {"x.npy": _npy(np.array(["a", "b"]))}), "not supported"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(NPZ_CASES))
+def test_crafted_npz(tmp_path, case):
+    make, message = NPZ_CASES[case]
+    (tmp_path / "in").mkdir()
+    src = make(tmp_path / "in" / "x.npz")
+    outcome, line = run_case(src, tmp_path / "o.npz", None)
+    assert outcome == "error"
+    assert message in line and "x.npz" in line, line
