@@ -89,7 +89,10 @@ def parse_header(read, where: str, max_header: int = MAX_HEADER_LEN) -> tuple[np
         return None, descr, shape, d["fortran_order"], len(MAGIC) + 2 + struct.calcsize(fmt) + hlen
     if dt.byteorder == ">":
         raise UnsupportedError(f"{where}: big-endian dtype {descr!r} is not supported")
-    dtype_name(dt)  # raises for dtypes we do not handle (str, datetime, ...)
+    try:
+        dtype_name(dt)  # raises for dtypes we do not handle (str, datetime, ...)
+    except UnsupportedError:
+        raise UnsupportedError(f"{where}: dtype {descr!r} is not supported (numbers only)") from None
     return dt, descr, shape, d["fortran_order"], len(MAGIC) + 2 + struct.calcsize(fmt) + hlen
 
 
