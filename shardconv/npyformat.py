@@ -9,6 +9,7 @@ from __future__ import annotations
 import ast
 import math
 import struct
+import warnings
 
 import numpy as np
 
@@ -66,8 +67,10 @@ def parse_header(read, where: str, max_header: int = MAX_HEADER_LEN) -> tuple[np
     if len(text) != hlen:
         raise FormatError(f"{where}: truncated .npy header ({len(text)} of {hlen} bytes)")
     try:
-        d = ast.literal_eval(text.decode("utf-8" if major == 3 else "latin1"))
-    except (SyntaxError, ValueError, UnicodeDecodeError):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # e.g. invalid escapes in a hostile header
+            d = ast.literal_eval(text.decode("utf-8" if major == 3 else "latin1"))
+    except (SyntaxError, ValueError, UnicodeDecodeError, MemoryError, RecursionError):
         raise FormatError(f"{where}: .npy header is not a Python literal: {text[:80]!r}") from None
     if not isinstance(d, dict) or set(d) != {"descr", "fortran_order", "shape"}:
         raise FormatError(f"{where}: .npy header must have exactly descr, fortran_order, shape: {d!r:.120}")
