@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
+import threading
 from typing import Sequence
 
 from . import __version__
@@ -186,6 +188,9 @@ def _verify(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if hasattr(signal, "SIGXFSZ") and threading.current_thread() is threading.main_thread():
+        # A file-size limit then fails the write with EFBIG (a clean error) instead of killing us.
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     handler = {"ls": _ls, "plan": _plan, "convert": _convert, "verify": _verify}[args.command]
     try:
         return handler(args)

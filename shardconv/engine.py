@@ -18,7 +18,7 @@ import numpy as np
 
 from . import __version__
 from .budget import Budget, BufferPool
-from .errors import DestinationError, ResumeError
+from .errors import DestinationError, DurabilityError, ResumeError
 from .integrity import IntegrityTracker
 from .journal import Journal, describe_changes
 from .plan import Chunk, Plan, chunk_plan
@@ -147,6 +147,10 @@ def run(plan: Plan, sink: Sink, dest: str | os.PathLike, *, max_memory: int, ove
         return Result(dest, len(plan.outputs), total, total - resumed_bytes, len(todo), resumed_chunks,
                       time.monotonic() - t0, len(tracker.verified), list(plan.dropped), budget.chunk_bytes,
                       list(plan.notes))
+    except DurabilityError:
+        sink.close()
+        staging.reset()  # after a failed fsync nothing written is trusted
+        raise
     finally:
         sink.close()
         staging.release(remove=committed)

@@ -47,6 +47,10 @@ class DestinationError(ShardconvError):
     """The destination exists, is locked by another run, or cannot be written."""
 
 
+class DurabilityError(DestinationError):
+    """fsync failed: what was written cannot be trusted, so the partial output is discarded."""
+
+
 class ResumeError(DestinationError):
     """A partial output exists but cannot be resumed (source or options changed)."""
 

@@ -11,7 +11,7 @@ import ctypes
 import ctypes.util
 import os
 
-from .errors import DestinationError
+from .errors import DestinationError, DurabilityError
 
 _SYNC_FILE_RANGE_WRITE = 2
 
@@ -48,3 +48,20 @@ def pwrite_all(fd: int, data: bytes | memoryview, offset: int, path: object) -> 
             raise DestinationError(f"{path}: write failed at offset {offset}: {e.strerror}") from None
         view = view[n:]
         offset += n
+
+
+def fsync_file(fd: int, path: object) -> None:
+    """fsync; on failure the page cache may have dropped our data, so nothing written
+    so far is trusted again (the engine discards the partial output)."""
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        raise DurabilityError(f"{path}: fsync failed ({e.strerror}); the partial output was discarded, "
+                              "rerun to write it again") from None
+
+
+def truncate(fd: int, size: int, path: object) -> None:
+    try:
+        os.ftruncate(fd, size)
+    except OSError as e:
+        raise DestinationError(f"{path}: cannot size the output to {size} bytes: {e.strerror}") from None

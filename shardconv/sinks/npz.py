@@ -18,7 +18,7 @@ from typing import Any
 from .. import npyformat, zipformat
 from ..checksums import combine_crc32, crc32
 from ..errors import DestinationError
-from ..fileio import pwrite_all, start_writeback
+from ..fileio import fsync_file, pwrite_all, start_writeback, truncate
 from ..plan import Chunk, OutputTensor
 from ..units import format_size
 from .base import Sink
@@ -75,7 +75,7 @@ class NpzSink(Sink):
         else:
             fd = os.open(out, os.O_RDWR)
         self._fd = fd
-        os.ftruncate(fd, pos)
+        truncate(fd, pos, out)
         for m in self._members:
             self._pwrite(m.npy_header, m.data_offset - len(m.npy_header))
 
@@ -122,18 +122,18 @@ class NpzSink(Sink):
         pos += len(central)
         end = zipformat.end_records(len(self._members), cd_offset, pos - cd_offset)
         self._pwrite(end, pos)
-        os.ftruncate(self._fd, pos + len(end))
+        truncate(self._fd, pos + len(end), self.out)
         for entry, dcrc in zip(manifest["tensors"], data_crc):
             entry["crc32"] = dcrc
         if fsync:
-            os.fsync(self._fd)
+            fsync_file(self._fd, self.out)
         staged_manifest = self.out.with_name("manifest.json")
         with open(staged_manifest, "w") as f:
             json.dump(manifest, f, indent=1, sort_keys=True)
             f.write("\n")
             if fsync:
                 f.flush()
-                os.fsync(f.fileno())
+                fsync_file(f.fileno(), staged_manifest)
         return [(staged_manifest, manifest_path(dest)), (self.out, dest)]
 
     def close(self) -> None:

@@ -1,0 +1,103 @@
+"""Faults while converting: a full disk, write and fsync errors, a read error mid-shard.
+Each fails cleanly with one line; the partial is kept for resume where that is safe
+(and discarded after a failed fsync); the next run, once the fault is gone, finishes
+with output identical to an uninterrupted run."""
+from __future__ import annotations
+
+import errno
+import os
+import resource
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import shardconv
+from procs import shardconv_cmd
+from reference import reference_prefix, write_fixture
+from shardconv.errors import DestinationError, DurabilityError, SourceError
+from shardconv.sinks import npz as npz_sink
+from shardconv.sources import tf_bundle
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return reference_prefix(write_fixture("big", tmp_path_factory.mktemp("faults"), "--mib", "4", "--shards", "2",
+                                          "--no-reference"))
+
+
+@pytest.fixture(scope="module")
+def clean(ckpt, tmp_path_factory):
+    out = tmp_path_factory.mktemp("clean") / "clean.npz"
+    shardconv.convert(ckpt, out, max_memory="1MiB")
+    return out.read_bytes()
+
+
+def _fail_after(n: int, err: int, real):
+    calls = {"n": 0}
+
+    def wrapper(*a, **k):
+        calls["n"] += 1
+        if calls["n"] > n:
+            raise OSError(err, os.strerror(err))
+        return real(*a, **k)
+    return wrapper
+
+
+def test_file_size_limit_fails_cleanly_and_a_later_run_succeeds(ckpt, clean, tmp_path):
+    dest = tmp_path / "o.npz"
+
+    def limit():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
+
+    p = subprocess.run(shardconv_cmd("convert", ckpt, dest, "--max-memory", "1MiB", "--quiet"),
+                       preexec_fn=limit, capture_output=True, text=True)
+    assert p.returncode != 0
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and "File too large" in lines[0], p.stderr
+    assert not dest.exists()
+    shardconv.convert(ckpt, dest, max_memory="1MiB")
+    assert dest.read_bytes() == clean
+
+
+@pytest.mark.parametrize("err", [errno.ENOSPC, errno.EIO])
+def test_write_error_keeps_the_partial_and_the_next_run_resumes(ckpt, clean, tmp_path, monkeypatch, err):
+    dest = tmp_path / "o.npz"
+    monkeypatch.setattr(os, "pwrite", _fail_after(20, err, os.pwrite))
+    with pytest.raises(DestinationError, match=os.strerror(err)):
+        shardconv.convert(ckpt, dest, max_memory="1MiB")
+    assert not dest.exists() and (tmp_path / "o.npz.partial" / "journal.jsonl").exists()
+    monkeypatch.undo()
+    r = shardconv.convert(ckpt, dest, max_memory="1MiB")
+    assert r.chunks_resumed > 0
+    assert dest.read_bytes() == clean
+
+
+def test_failed_fsync_discards_the_partial(ckpt, clean, tmp_path, monkeypatch):
+    dest = tmp_path / "o.npz"
+    monkeypatch.setattr(npz_sink, "fsync_file", lambda fd, path: (_ for _ in ()).throw(
+        DurabilityError(f"{path}: fsync failed (Input/output error)")))
+    with pytest.raises(DurabilityError):
+        shardconv.convert(ckpt, dest, max_memory="1MiB")
+    assert not dest.exists()
+    assert not (tmp_path / "o.npz.partial" / "journal.jsonl").exists()
+    monkeypatch.undo()
+    r = shardconv.convert(ckpt, dest, max_memory="1MiB")
+    assert r.chunks_resumed == 0
+    assert dest.read_bytes() == clean
+
+
+def test_read_error_mid_shard_is_reported_and_the_next_run_resumes(ckpt, clean, tmp_path, monkeypatch):
+    dest = tmp_path / "o.npz"
+    monkeypatch.setattr(tf_bundle.os, "preadv", _fail_after(25, errno.EIO, os.preadv))
+    with pytest.raises(SourceError, match=r"data-0000\d-of-00002: read error in tensor .*Input/output error"):
+        shardconv.convert(ckpt, dest, max_memory="1MiB")
+    monkeypatch.undo()
+    assert not dest.exists()
+    r = shardconv.convert(ckpt, dest, max_memory="1MiB")
+    assert r.chunks_resumed > 0
+    assert dest.read_bytes() == clean
