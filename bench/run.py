@@ -137,14 +137,10 @@ def warm_cache(files: list[str]) -> float:
 # checkpoints
 
 
-def generator_argv(gen: str, py: str, outdir: Path, mib: float, shards: int,
-                   budget: int) -> list[str]:
-    if gen == "fixtures":
-        return [py, str(REPO / "tests" / "tf_fixtures.py"), "big", str(outdir),
-                "--mib", f"{mib:g}", "--shards", str(shards), "--no-reference"]
-    # bench/make_ckpt.py: make the largest tensor exceed the budget if it can.
-    return [py, str(BENCH_DIR / "make_ckpt.py"), str(outdir), "--mib", f"{mib:g}",
-            "--shards", str(shards), "--big-mib", f"{budget * 1.25 / MIB:g}"]
+def generator_argv(py: str, outdir: Path, mib: float, shards: int) -> list[str]:
+    """The checkpoint writer: TensorFlow itself, through the tests' fixture script."""
+    return [py, str(REPO / "tests" / "tf_fixtures.py"), "big", str(outdir),
+            "--mib", f"{mib:g}", "--shards", str(shards), "--no-reference"]
 
 
 def checkpoint_info(ckdir: Path) -> dict | None:
@@ -180,51 +176,37 @@ def checkpoint_info(ckdir: Path) -> dict | None:
     }
 
 
-def ensure_checkpoint(workdir: Path, size_gib: float, shards: int, gen_pref: str,
-                      py: str, budget: int, env: dict) -> dict:
+def ensure_checkpoint(workdir: Path, size_gib: float, shards: int, py: str, env: dict) -> dict:
     mib = size_gib * 1024
-    fixtures = REPO / "tests" / "tf_fixtures.py"
-    order = {"auto": ["fixtures", "bench"], "fixtures": ["fixtures"], "bench": ["bench"]}[gen_pref]
-    for gen in order:
-        ckdir = workdir / f"ckpt-{gen}-{mib:g}MiB-{shards}sh"
-        info = checkpoint_info(ckdir)
-        if info:
-            log(f"checkpoint {size_gib:g} GiB: reusing {ckdir}")
-            return info
+    ckdir = workdir / f"ckpt-fixtures-{mib:g}MiB-{shards}sh"
+    info = checkpoint_info(ckdir)
+    if info:
+        log(f"checkpoint {size_gib:g} GiB: reusing {ckdir}")
+        return info
     errors = []
-    for gen in order:
-        if gen == "fixtures" and not fixtures.exists():
-            errors.append("tests/tf_fixtures.py not found")
-            continue
-        ckdir = workdir / f"ckpt-{gen}-{mib:g}MiB-{shards}sh"
-        tmp = ckdir.with_name(ckdir.name + ".tmp")
-        remove(tmp)
-        remove(ckdir)
-        need = size_gib * GIB * 1.1 + GIB
-        free = shutil.disk_usage(workdir).free
-        if free < need:
-            raise SystemExit(f"not enough disk for a {size_gib:g} GiB checkpoint "
-                             f"({free / GIB:.1f} GiB free)")
-        argv = generator_argv(gen, py, tmp, mib, shards, budget)
-        log(f"checkpoint {size_gib:g} GiB: writing with {gen} ({' '.join(argv[1:3])} ...)")
-        t0 = time.perf_counter()
-        r = subprocess.run(argv, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
-                           stderr=subprocess.PIPE, text=True)
-        if r.returncode != 0:
-            tail = [ln for ln in r.stderr.splitlines() if ln.strip()][-1:] or [f"rc {r.returncode}"]
-            errors.append(f"{gen}: {tail[0]}")
-            log(f"  generator {gen} failed: {tail[0]}")
-            remove(tmp)
-            continue
-        (tmp / "bench-ok").write_text(gen + "\n")
+    tmp = ckdir.with_name(ckdir.name + ".tmp")
+    remove(tmp)
+    remove(ckdir)
+    need = size_gib * GIB * 1.1 + GIB
+    free = shutil.disk_usage(workdir).free
+    if free < need:
+        raise SystemExit(f"not enough disk for a {size_gib:g} GiB checkpoint ({free / GIB:.1f} GiB free)")
+    argv = generator_argv(py, tmp, mib, shards)
+    log(f"checkpoint {size_gib:g} GiB: writing with TensorFlow ({' '.join(argv[1:3])} ...)")
+    t0 = time.perf_counter()
+    r = subprocess.run(argv, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    if r.returncode == 0:
+        (tmp / "bench-ok").write_text("fixtures\n")
         tmp.rename(ckdir)
         info = checkpoint_info(ckdir)
-        if info is None:
-            errors.append(f"{gen}: wrote no usable checkpoint")
-            continue
-        info["write_s"] = time.perf_counter() - t0
-        log(f"  wrote {info['bytes'] / MIB:.1f} MiB in {info['write_s']:.1f} s")
-        return info
+        if info is not None:
+            info["write_s"] = time.perf_counter() - t0
+            log(f"  wrote {info['bytes'] / MIB:.1f} MiB in {info['write_s']:.1f} s")
+            return info
+        errors.append("wrote no usable checkpoint")
+    else:
+        errors += [ln for ln in r.stderr.splitlines() if ln.strip()][-1:] or [f"rc {r.returncode}"]
+        remove(tmp)
     raise SystemExit("could not write a checkpoint: " + "; ".join(errors))
 
 
@@ -384,9 +366,6 @@ def main(argv: list[str] | None = None) -> int:
                    help="untimed runs of the cp row per size before the timed repeats "
                         "(the first write after a checkpoint is written is often slow)")
     p.add_argument("--shards", type=int, default=4, help="data shards per checkpoint")
-    p.add_argument("--generator", choices=["auto", "fixtures", "bench"], default="auto",
-                   help="checkpoint writer: tests/tf_fixtures.py big, bench/make_ckpt.py, "
-                        "or auto (fixtures, falling back to bench)")
     p.add_argument("--python", default=sys.executable, help="interpreter for the Python rows")
     p.add_argument("--timeout", type=float, default=3600, help="per-run limit in seconds")
     p.add_argument("--interval", type=float, default=0.02, help="psutil sampling period, s")
@@ -469,7 +448,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # --- per size ----------------------------------------------------------
     for size in sizes:
-        ck = ensure_checkpoint(workdir, size, a.shards, a.generator, a.python, budget, env)
+        ck = ensure_checkpoint(workdir, size, a.shards, a.python, env)
         files = ck["files"]
         ck["first_read_s"] = warm_cache(files)  # maybe from disk
         ck["warm_s"] = warm_cache(files)  # second read: from the page cache

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One command from a fresh clone: set up .venv, write a real TensorFlow checkpoint
-# (a Keras model trained one step with Adam + EMA), and convert it to NPZ within a
+# (a Keras model trained one step with Adam + EMA), and convert its EMA weights to NPZ within a
 # 256 MiB memory budget, printing wall time and peak memory.
 set -euo pipefail
 SHARDCONV_EXTRAS=tf
@@ -14,13 +14,16 @@ echo "== writing a TensorFlow checkpoint with Keras (TensorFlow is only used for
 python scripts/make_demo_checkpoint.py "$OUT/ckpt"
 du -sh "$OUT/ckpt"
 
-echo "== shardconv ls (reads the index only)"
+echo "== shardconv ls (reads the index only; names come from the checkpoint's object graph)"
 shardconv ls "$OUT/ckpt" | head -n 8
 
-echo "== shardconv convert --max-memory 256MiB"
-python scripts/measure.py "convert" -- shardconv convert "$OUT/ckpt" "$OUT/model.npz" --max-memory 256MiB
+echo "== shardconv plan --preset keras-ema (EMA weights under model names, optimizer state left out)"
+shardconv plan "$OUT/ckpt" --preset keras-ema --max-memory 256MiB | tail -n 8
 
-echo "== shardconv verify (every value against the checkpoint)"
+echo "== shardconv convert --preset keras-ema --max-memory 256MiB"
+python scripts/measure.py "convert" -- shardconv convert "$OUT/ckpt" "$OUT/model.npz" --preset keras-ema --max-memory 256MiB
+
+echo "== shardconv verify (every value against the checkpoint, through the same mapping)"
 python scripts/measure.py "verify" -- shardconv verify "$OUT/model.npz" "$OUT/ckpt"
 
 python - "$OUT/model.npz" <<'PY'

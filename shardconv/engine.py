@@ -113,6 +113,7 @@ def run(plan: Plan, sink: Sink, dest: str | os.PathLike, *, max_memory: int, ove
         scratch = max([-(-o.producer.scratch_bytes(unit) // unit) for o in plan.outputs] + [0]) + 1 + sink.scratch_slots()
         budget = Budget.for_limit(max_memory, chunk_bytes, scratch_factor=scratch)
         resume = bool(prior) and staging.out.exists()
+        sink.durable = fsync
         sink.open(staging.out, plan.outputs, resume=resume)
         chunks = chunk_plan(plan.outputs, budget.chunk_bytes, sink.row_multiple)
 

@@ -1,5 +1,5 @@
-"""Shared pytest fixtures: TensorFlow-written checkpoints (made in a
-subprocess, so this process never imports TF) and the shared test data."""
+"""Shared pytest fixtures: TensorFlow-written checkpoints (made in a subprocess,
+so this process never imports TF) and the path of the shared test data."""
 
 from __future__ import annotations
 
@@ -17,51 +17,24 @@ SHARED_TESTDATA = (_HERE.parents[2] / "shared" / "testdata"
                    else _HERE.parents[1] / "shared" / "testdata")
 
 
-@pytest.fixture(scope="session")
-def tf1_dtypes_ckpt(tmp_path_factory) -> Path:
-    """TF1 sharded Saver checkpoint (3 shards): every dtype, partitioned vars."""
-    return write_fixture("tf1_dtypes", tmp_path_factory.mktemp("tf1_dtypes"))
+def _tf_checkpoint(kind: str, *args: str, doc: str):
+    """A session fixture that writes ``tests/tf_fixtures.py KIND`` once and returns its directory."""
+    @pytest.fixture(scope="session")
+    def fixture(tmp_path_factory) -> Path:
+        return write_fixture(kind, tmp_path_factory.mktemp(kind), *args)
+    fixture.__doc__ = doc
+    return fixture
 
 
-@pytest.fixture(scope="session")
-def tf2_keras_ckpt(tmp_path_factory) -> Path:
-    """tf.train.Checkpoint of a Keras 3 model + Adam; ckpt-1 and ckpt-2."""
-    return write_fixture("tf2_keras", tmp_path_factory.mktemp("tf2_keras"))
-
-
-@pytest.fixture(scope="session")
-def savedmodel_ckpt(tmp_path_factory) -> Path:
-    """SavedModel in OUTDIR/sm; prefix sm/variables/variables."""
-    return write_fixture("savedmodel", tmp_path_factory.mktemp("savedmodel"))
-
-
-@pytest.fixture(scope="session")
-def exotic_dtypes_ckpt(tmp_path_factory) -> Path:
-    """SaveV2 bundle of float8 / int4 / int2 / quantized dtypes."""
-    return write_fixture("exotic_dtypes", tmp_path_factory.mktemp("exotic_dtypes"))
-
-
-@pytest.fixture(scope="session")
-def big_ckpt(tmp_path_factory) -> Path:
-    """TF1 sharded checkpoint of ~192 MiB float32 over 3 shards (largest tensor ~58 MiB),
-    with TF's sha256 of every tensor in reference/index.json."""
-    return write_fixture("big", tmp_path_factory.mktemp("big"), "--mib", "192", "--shards", "3",
-                         "--no-reference", "--digests")
-
-
-@pytest.fixture(scope="session")
-def keras_ema_ckpt(tmp_path_factory) -> Path:
-    """Keras 3 model, Adam(use_ema=True), train_on_batch x3; model.json has raw and EMA values."""
-    return write_fixture("keras_ema", tmp_path_factory.mktemp("keras_ema"))
-
-
-@pytest.fixture(scope="session")
-def tf1_ema_ckpt(tmp_path_factory) -> Path:
-    """TF1 MomentumOptimizer + tf.train.ExponentialMovingAverage."""
-    return write_fixture("tf1_ema", tmp_path_factory.mktemp("tf1_ema"))
-
-
-@pytest.fixture(scope="session")
-def tf2_v1_slots_ckpt(tmp_path_factory) -> Path:
-    """tf.train.Checkpoint of a tf.Module + v1 AdamOptimizer: .OPTIMIZER_SLOT keys."""
-    return write_fixture("tf2_v1_slots", tmp_path_factory.mktemp("tf2_v1_slots"))
+tf1_dtypes_ckpt = _tf_checkpoint("tf1_dtypes", doc="TF1 sharded Saver checkpoint (3 shards): every dtype, partitioned vars.")
+tf2_keras_ckpt = _tf_checkpoint("tf2_keras", doc="tf.train.Checkpoint of a Keras 3 model + Adam; ckpt-1 and ckpt-2.")
+savedmodel_ckpt = _tf_checkpoint("savedmodel", doc="SavedModel in OUTDIR/sm; prefix sm/variables/variables.")
+exotic_dtypes_ckpt = _tf_checkpoint("exotic_dtypes", doc="SaveV2 bundle of float8 / int4 / int2 / quantized dtypes.")
+keras_ema_ckpt = _tf_checkpoint("keras_ema", doc="Keras 3 model, Adam(use_ema=True), train_on_batch x3; "
+                                                 "reference/model.json has raw and EMA values.")
+tf1_ema_ckpt = _tf_checkpoint("tf1_ema", doc="TF1 MomentumOptimizer + tf.train.ExponentialMovingAverage.")
+tf2_v1_slots_ckpt = _tf_checkpoint("tf2_v1_slots", doc="tf.train.Checkpoint of a tf.Module + v1 AdamOptimizer: "
+                                                       ".OPTIMIZER_SLOT keys.")
+big_ckpt = _tf_checkpoint("big", "--mib", "192", "--shards", "3", "--no-reference", "--digests",
+                          doc="TF1 sharded checkpoint of ~192 MiB float32 over 3 shards (largest tensor ~58 MiB), "
+                              "with TF's sha256 of every tensor in reference/index.json.")

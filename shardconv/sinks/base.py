@@ -18,6 +18,9 @@ from ..plan import Chunk, OutputTensor
 class Sink(ABC):
     #: Format name used in ``--to`` and manifests.
     name: str = "?"
+    #: Set by the engine before ``open``: the run ends with fsync, so a sink may start
+    #: writing data back to disk as it goes (it only pays off when the data must reach disk).
+    durable: bool = True
 
     def options(self) -> dict[str, Any]:
         """Options that change the output bytes; a resume with different ones is refused."""
