@@ -109,8 +109,16 @@ def verify(dest: str | os.PathLike, src: Any = None, *, max_memory: str | int = 
         a = np.empty(chunk, np.uint8)
         b = np.empty(chunk, np.uint8)
         ref_tracker = IntegrityTracker(ref.units()) if ref is not None else None
+        bar = None
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=sum(t.nbytes for t in out.tensors()), unit="B", unit_scale=True, unit_divisor=1024,
+                       desc=f"verify {os.path.basename(str(dest))}", dynamic_ncols=True)
         for t in out.tensors():
             for c in chunk_plan([_as_output(t)], chunk):
+                if bar is not None:
+                    bar.update(c.length)
                 va = memoryview(a)[: c.length]
                 tracker.add(out.read_into(t.name, c.offset, va))
                 if plan is not None:
@@ -122,6 +130,11 @@ def verify(dest: str | os.PathLike, src: Any = None, *, max_memory: str | int = 
                                           f"[{c.offset}, {c.offset + c.length})")
                     compared += c.length
             checked += 1
+        if bar is not None:
+            bar.close()
+        missing = sorted(set(out.units()) - tracker.verified)
+        if missing:
+            raise VerifyError(f"{dest}: {len(missing)} stored checksums could not be checked ({missing[:3]})")
         return {"tensors": checked, "bytes_compared": compared, "checksums_verified": len(tracker.verified),
                 "source_checksums_verified": len(ref_tracker.verified) if ref_tracker else 0}
     finally:

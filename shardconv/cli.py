@@ -179,7 +179,7 @@ def _plan(args: argparse.Namespace) -> int:
 def _verify(args: argparse.Namespace) -> int:
     from .api import verify
 
-    r = verify(args.dest, args.src, max_memory=args.max_memory)
+    r = verify(args.dest, args.src, max_memory=args.max_memory, progress=not args.quiet)
     if not args.quiet:
         against = f", {format_size(r['bytes_compared'])} compared with the source" if args.src else ""
         print(f"ok: {r['tensors']} tensors, {r['checksums_verified']} checksums verified{against}", file=sys.stderr)

@@ -223,3 +223,28 @@ def test_verify_detects_a_changed_output(small_ckpt, tmp_path):
     _flip(tmp_path / "o.npz", 5000)
     p = run_cli("verify", tmp_path / "o.npz", prefix)
     assert p.returncode != 0 and ("differs" in p.stderr or "checksum" in p.stderr), p.stderr
+
+
+def test_resume_with_a_different_budget_reuses_the_journal_chunks(big_ckpt, tmp_path):
+    prefix = reference_prefix(big_ckpt)
+    clean = tmp_path / "clean.npz"
+    first = shardconv.convert(prefix, clean, max_memory="8MiB")
+    dest = tmp_path / "o.npz"
+    p = run_cli("convert", prefix, dest, "--max-memory", "8MiB", "--quiet", env={"SHARDCONV_TEST_KILL": "journal:40"})
+    assert p.returncode == -signal.SIGKILL
+    from shardconv.errors import BudgetError
+    with pytest.raises(BudgetError, match="from the partial output's journal"):
+        shardconv.convert(prefix, dest, max_memory="1MiB")
+    r = shardconv.convert(prefix, dest, max_memory="512MiB")
+    assert r.chunks_resumed == 41 and r.chunk_bytes == first.chunk_bytes < 1 * MiB
+    assert dest.read_bytes() == clean.read_bytes()
+
+
+def test_manifest_disagreeing_with_the_archive_is_reported(small_ckpt, tmp_path):
+    shardconv.convert(reference_prefix(small_ckpt), tmp_path / "o.npz")
+    m = tmp_path / "o.npz.shardconv.json"
+    doc = json.loads(m.read_text())
+    doc["tensors"][0]["crc32"] ^= 1
+    m.write_text(json.dumps(doc))
+    p = run_cli("verify", tmp_path / "o.npz")
+    assert p.returncode != 0 and "in the manifest" in p.stderr

@@ -243,6 +243,10 @@ class NpzSource(Source):
         data_bytes = m.size - m.header_len
         # The zip CRC covers header + data; split off the header's part (CRC is linear).
         data_crc = m.crc ^ combine_crc32(m.header_crc, 0, data_bytes)
+        man = self._manifest.get(m.name)
+        if man and "crc32" in man and man["crc32"] != data_crc:
+            raise FormatError(f"{self.path}: member {m.name + '.npy'!r} has CRC32 0x{data_crc:08x} in the archive but "
+                              f"0x{man['crc32']:08x} in the manifest")
         self._units = getattr(self, "_units", {})
         self._units[m.name] = Unit(data_bytes, "crc32", data_crc, m.name, str(self.path))
         return TensorInfo(m.name, m.dtype, m.shape, data_bytes, f"crc32:{data_crc}")
