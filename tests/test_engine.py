@@ -85,8 +85,9 @@ def test_sigkill_at_random_times_then_resume_is_byte_identical(big_ckpt, tmp_pat
             proc.send_signal(signal.SIGKILL)
             kills += 1
         proc.wait()
-        assert dest.exists() == (proc.returncode == 0), proc.stderr.read()
-        if proc.returncode == 0:
+        assert proc.returncode in (0, -signal.SIGKILL), proc.stderr.read()
+        if dest.exists():  # finished, or killed after the atomic rename: complete either way
+            assert dest.read_bytes() == clean.read_bytes()
             break
     assert kills >= 2, "the conversion finished before it could be interrupted"
     assert dest.read_bytes() == clean.read_bytes()
