@@ -114,6 +114,7 @@ def run(plan: Plan, sink: Sink, dest: str | os.PathLike, *, max_memory: int, ove
         budget = Budget.for_limit(max_memory, chunk_bytes, scratch_factor=scratch)
         resume = bool(prior) and staging.out.exists()
         sink.durable = fsync
+        sink.chunk_bytes = budget.chunk_bytes
         sink.open(staging.out, plan.outputs, resume=resume)
         chunks = chunk_plan(plan.outputs, budget.chunk_bytes, sink.row_multiple)
 

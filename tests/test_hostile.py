@@ -45,6 +45,13 @@ def digest(d: Path) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(d.iterdir()) if p.is_file()}
 
 
+def _log(outcome: str) -> None:
+    log = os.environ.get("SHARDCONV_CORPUS_LOG")
+    if log:
+        with open(log, "a") as f:
+            f.write(outcome + "\n")
+
+
 def run_case(src: Path, dest: Path, reference: dict[str, bytes] | None) -> tuple[str, str]:
     """Convert in-process; return ('values', '') or ('error', the line) after checking the promises."""
     before = digest(src.parent)
@@ -58,11 +65,13 @@ def run_case(src: Path, dest: Path, reference: dict[str, bytes] | None) -> tuple
         assert reference is not None and got == reference, "wrong values"
         dest.unlink()
         Path(str(dest) + ".shardconv.json").unlink()
+        _log("original values")
         return "values", ""
     lines = err.getvalue().strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("shardconv: error: "), err.getvalue()
     assert "Traceback" not in err.getvalue()
     assert not dest.exists() and not Path(str(dest) + ".shardconv.json").exists()
+    _log("one-line error")
     return "error", lines[0]
 
 

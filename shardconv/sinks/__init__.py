@@ -11,6 +11,8 @@ from .base import Sink
 #: format name -> (module, class, destination suffixes)
 REGISTRY: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "npz": (".npz", "NpzSink", (".npz",)),
+    "savedmodel": (".savedmodel", "SavedModelSink", ()),
+    "tf-checkpoint": (".savedmodel", "TFCheckpointSink", ()),
 }
 
 

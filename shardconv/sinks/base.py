@@ -21,6 +21,8 @@ class Sink(ABC):
     #: Set by the engine before ``open``: the run ends with fsync, so a sink may start
     #: writing data back to disk as it goes (it only pays off when the data must reach disk).
     durable: bool = True
+    #: Set by the engine before ``open``: its chunk size (sizes a sink's own scratch buffers).
+    chunk_bytes: int = 0
 
     def options(self) -> dict[str, Any]:
         """Options that change the output bytes; a resume with different ones is refused."""

@@ -123,6 +123,10 @@ class SinkTests:
             assert self.snapshot(dest) == want, point
             assert not Path(str(dest) + ".partial").exists(), point
             survived += 1
+            log = os.environ.get("SHARDCONV_KILL_LOG")
+            if log:
+                with open(log, "a") as f:
+                    f.write(f"{self.to or self.suffix.lstrip('.')}\t{point}\n")
         assert survived == len(self.kill_points)
 
     def test_repeated_kills_on_one_destination_then_resume(self, source_npz, tmp_path):
