@@ -15,6 +15,10 @@ INT64_MAX = (1 << 63) - 1
 def read_varint(buf: bytes | memoryview, pos: int, limit: int | None = None, what: str = "varint") -> tuple[int, int]:
     """Decode a base-128 varint (at most 10 bytes) at ``pos``; returns (value, new pos)."""
     end = len(buf) if limit is None else limit
+    if pos < end:
+        b = buf[pos]
+        if b < 0x80:  # most varints in checkpoint metadata are one byte
+            return b, pos + 1
     result = 0
     shift = 0
     for i in range(10):
