@@ -32,6 +32,34 @@ def _mapping(p: argparse.ArgumentParser) -> None:
                    help="TF2: name tensors by model variable path (default) or by raw checkpoint key")
 
 
+def _tf_output(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("TensorFlow output (--to savedmodel / tf-checkpoint; see docs/savedmodel.md)")
+    g.add_argument("--serving-version", type=int, metavar="N",
+                   help="savedmodel: write DEST/N/ (TF Serving layout), beside other versions in DEST")
+    g.add_argument("--model-builder", metavar="MODULE:FUNCTION",
+                   help="build the model with this function (from the current directory or PYTHONPATH) and fill "
+                        "its variables; the SavedModel keeps its serving signature")
+    g.add_argument("--model-config", metavar="FILE", help="the one argument passed to --model-builder")
+
+
+def _sink_options(args: argparse.Namespace) -> dict:
+    """Sink options given on the command line (only those set)."""
+    opts = {"serving_version": getattr(args, "serving_version", None),
+            "model_builder": getattr(args, "model_builder", None),
+            "model_config": getattr(args, "model_config", None)}
+    opts.update({k: getattr(args, k, None) for k in ("zarr_format", "compression", "chunk_mib", "layout")})
+    return {k: v for k, v in opts.items() if v is not None}
+
+
+def _zarr_output(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("Zarr output (DEST ending in .zarr, or --to zarr; see docs/zarr.md)")
+    g.add_argument("--zarr-format", type=int, choices=[2, 3], help="Zarr v3 (default) or v2")
+    g.add_argument("--compression", choices=["none", "zstd", "blosc"], help="chunk compression (default none)")
+    g.add_argument("--chunk-mib", type=float, metavar="MIB", help="target Zarr chunk size (default 4)")
+    g.add_argument("--layout", choices=["zarr", "orbax"],
+                   help="zarr: a group per '/' in names (default); orbax: a checkpoint orbax.checkpoint restores")
+
+
 def _presets() -> list[str]:
     from .mapping import preset_names
 
@@ -74,6 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-fsync", dest="fsync", action="store_false",
                    help="skip the final fsync (the rename stays atomic, but a power loss may lose the output)")
     _mapping(p)
+    _tf_output(p)
+    _zarr_output(p)
     _common(p)
 
     p = sub.add_parser("verify", help="re-read an output and check it against its checksums (and SRC)")
@@ -107,7 +137,7 @@ def _convert(args: argparse.Namespace) -> int:
 
     r = convert(args.src, args.dest, to=args.to, max_memory=args.max_memory, overwrite=args.overwrite,
                 restart=args.restart, fsync=args.fsync, progress=not args.quiet, step=args.step,
-                **_mapping_kwargs(args))
+                sink_options=_sink_options(args) or None, **_mapping_kwargs(args))
     if not args.quiet:
         resumed = f", resumed {r.chunks_resumed} chunks" if r.chunks_resumed else ""
         print(f"wrote {r.dest}: {r.tensors} tensors, {format_size(r.bytes_total)} in {r.seconds:.1f} s"

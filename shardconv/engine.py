@@ -37,7 +37,7 @@ def _hook(point: str) -> None:
 
 @dataclass
 class Result:
-    dest: Path
+    dest: Path | str
     tensors: int
     bytes_total: int
     bytes_written: int
@@ -66,6 +66,7 @@ def _check_resumable(old: dict[str, Any], new: dict[str, Any], staging: Staging)
 
 def manifest_for(plan: Plan, sink: Sink) -> dict[str, Any]:
     units = plan.source.units()
+    dtypes = {t.name: t.dtype for t in plan.source.tensors()}
     tensors = []
     for o in plan.outputs:
         entry = {"name": o.name, "dtype": o.dtype, "shape": list(o.shape), "nbytes": o.nbytes,
@@ -73,6 +74,7 @@ def manifest_for(plan: Plan, sink: Sink) -> dict[str, Any]:
         sums = {k: f"{u.algorithm}:{u.expected}" for k, u in units.items() if u.tensor in o.producer.inputs}
         if sums:
             entry["source_checksums"] = sums
+        entry["source_dtypes"] = {n: dtypes[n] for n in o.producer.inputs if n in dtypes}
         tensors.append(entry)
     return {
         "format": "shardconv-manifest", "version": 1, "shardconv": __version__, "sink": sink.name,
@@ -88,10 +90,10 @@ def run(plan: Plan, sink: Sink, dest: str | os.PathLike, *, max_memory: int, ove
         chunk_bytes: int | None = None) -> Result:
     """Convert ``plan`` into ``sink`` at ``dest``; resumes a partial output of the same run."""
     t0 = time.monotonic()
-    dest = Path(dest).absolute()
-    existing = [p for p in sink.final_paths(dest)[-1:] if p.exists()]
-    if existing and not overwrite:
-        raise DestinationError(f"{dest}: already exists; pass --overwrite to replace it")
+    shown = str(dest) if "://" in str(dest) else None  # URLs are reported as given
+    dest = sink.local_dest(dest)
+    if sink.exists(dest) and not overwrite:
+        raise DestinationError(f"{shown or dest}: already exists; pass --overwrite to replace it")
     staging = Staging(dest)
     staging.acquire()
     committed = False
@@ -146,7 +148,7 @@ def run(plan: Plan, sink: Sink, dest: str | os.PathLike, *, max_memory: int, ove
         staging.commit(moves, overwrite)
         committed = True
         _hook("renamed")
-        return Result(dest, len(plan.outputs), total, total - resumed_bytes, len(todo), resumed_chunks,
+        return Result(shown or dest, len(plan.outputs), total, total - resumed_bytes, len(todo), resumed_chunks,
                       time.monotonic() - t0, len(tracker.verified), list(plan.dropped), budget.chunk_bytes,
                       list(plan.notes))
     except DurabilityError:

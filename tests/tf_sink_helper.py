@@ -12,6 +12,7 @@ child killed by SIGKILL (the engine's SHARDCONV_TEST_KILL hook) is answered with
     {"op": "read", "path", "kind", "out"}           values as TF loads them (savedmodel | checkpoint)
     {"op": "signature", "path", "input", "out"}     run serving_default on a .npy input
     {"op": "make_dv", "out"}                        the DeepVariant-shaped fixture
+    {"op": "restore_builder", ...}                  restore a tf-checkpoint into the built model, run it
 
 ``read`` writes ``out/index.json`` ({name: {dtype, shape, file}}) and raw C-order
 ``.bin`` files; dtype names are NumPy's / ml_dtypes' (bfloat16 stays bfloat16).
@@ -37,7 +38,7 @@ def _dump(arrays: dict[str, np.ndarray], out: Path) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     index = {}
     for n, (name, a) in enumerate(sorted(arrays.items())):
-        a = np.ascontiguousarray(a)
+        a = np.asarray(a)  # (ascontiguousarray would make scalars 1-d)
         (out / f"{n}.bin").write_bytes(a.tobytes())
         index[name] = {"dtype": a.dtype.name, "shape": list(a.shape), "file": f"{n}.bin"}
     (out / "index.json").write_text(json.dumps(index))
@@ -210,7 +211,22 @@ def op_make_dv(req: dict) -> dict:
             "ema_differs": bool(not np.allclose(raw_out, ema_out, rtol=1e-4, atol=1e-5))}
 
 
-OPS = {"convert": op_convert, "cli": op_cli, "read": op_read, "signature": op_signature, "make_dv": op_make_dv}
+def op_restore_builder(req: dict) -> dict:
+    """Build the model with the builder, restore a --to tf-checkpoint output into it with
+    tf.train.Checkpoint, and run it on the sample input."""
+    import tensorflow as tf
+
+    sys.path.insert(0, req["cwd"])
+    import dv_model
+
+    model = dv_model.build(req["config"])
+    tf.train.Checkpoint(model=model).restore(req["prefix"]).assert_existing_objects_matched()
+    out = model(np.load(req["input"]), training=False).numpy()
+    return {"index": _dump({"out": out}, Path(req["out"]))}
+
+
+OPS = {"convert": op_convert, "cli": op_cli, "read": op_read, "signature": op_signature, "make_dv": op_make_dv,
+       "restore_builder": op_restore_builder}
 
 
 def _run_child(req: dict, result_path: str, log_path: str) -> None:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib
+import inspect
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,7 @@ REGISTRY: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "npz": (".npz", "NpzSink", (".npz",)),
     "savedmodel": (".savedmodel", "SavedModelSink", ()),
     "tf-checkpoint": (".savedmodel", "TFCheckpointSink", ()),
+    "zarr": (".zarr", "ZarrSink", (".zarr",)),
 }
 
 
@@ -27,7 +29,12 @@ def sink_for(dest: str | Path, to: str | None = None, **options: Any) -> Sink:
     if to not in REGISTRY:
         raise UsageError(f"unknown output format {to!r} (known: {', '.join(REGISTRY)})")
     module, cls, _ = REGISTRY[to]
-    return getattr(importlib.import_module(module, __name__), cls)(**options)
+    factory = getattr(importlib.import_module(module, __name__), cls)
+    try:
+        inspect.signature(factory).bind(**options)
+    except TypeError:
+        raise UsageError(f"output format {to!r} does not take the option(s) {', '.join(sorted(options))}") from None
+    return factory(**options)
 
 
 __all__ = ["Sink", "sink_for", "REGISTRY"]

@@ -8,6 +8,7 @@ publish the result.
 """
 from __future__ import annotations
 
+import os
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,19 @@ class Sink(ABC):
     def final_paths(self, dest: Path) -> list[Path]:
         """Every path the committed output occupies (the main output last)."""
         return [dest]
+
+    def local_dest(self, dest: str | os.PathLike) -> Path:
+        """The local path the engine stages at (``DEST.partial/``: lock, journal, output).
+
+        ``dest`` itself for local outputs. A sink writing to an object store (a URL) keeps
+        the URL and returns a path in a local state directory: the lock and journal live
+        there, and ``finish`` returns no renames (the sink marks completion itself).
+        """
+        return Path(dest).absolute()
+
+    def exists(self, dest: Path) -> bool:
+        """True if a complete output is already there (refused without ``overwrite``)."""
+        return any(p.exists() for p in self.final_paths(dest)[-1:])
 
     def row_multiple(self, output: OutputTensor) -> int:
         """Chunks of ``output`` should hold a multiple of this many rows (the sink's own

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import gc
 import hashlib
 import importlib
 import json
@@ -42,7 +43,7 @@ from ..checksums import crc32c, mask
 from ..dtypes import itemsize, numpy_dtype
 from ..errors import (DestinationError, DurabilityError, MissingDependencyError, PlanError, ResumeError,
                       UsageError)
-from ..fileio import fsync_file
+from ..fileio import fsync_file, start_writeback
 from ..plan import Chunk, OutputTensor, chunk_region
 from ..sources.sstable import SSTable
 from ..sources.tf_bundle import _parse_entry, slice_key
@@ -55,6 +56,8 @@ TF_IMPORT_BYTES = 610 << 20
 #: Chunks start at this alignment in the group buffer (TensorFlow CPU kernels need 64).
 ALIGN = 64
 OBJECT_GRAPH_KEY = "_CHECKPOINTABLE_OBJECT_GRAPH"
+#: Dtypes TF 2.21 saves (SaveV2) but cannot restore into a variable (no AssignVariableOp kernel).
+NO_VARIABLE_DTYPES = frozenset({"float8_e4m3fnuz", "float8_e4m3b11fnuz", "float8_e5m2fnuz"})
 MANIFEST_NAME = "shardconv.json"
 _GROUP_RE = re.compile(r"^g(\d{6})\.json$")
 
@@ -68,7 +71,8 @@ def _tf():
     try:
         import tensorflow as tf
     except ImportError:
-        raise MissingDependencyError("tensorflow", "tf", "TensorFlow output (--to savedmodel / tf-checkpoint)") from None
+        raise MissingDependencyError("tensorflow", "tf",
+                                     "TensorFlow output (--to savedmodel / tf-checkpoint)") from None
     return tf
 
 
@@ -101,7 +105,7 @@ def _prefix_files(prefix: Path) -> list[Path]:
     """Every file of a bundle prefix (index, data shards, TF's temp files)."""
     if not prefix.parent.is_dir():
         return []
-    return [p for p in prefix.parent.iterdir() if p.name == prefix.name + ".index" or p.name.startswith(prefix.name + ".")]
+    return [p for p in prefix.parent.iterdir() if p.name.startswith(prefix.name + ".")]
 
 
 def slice_spec(o: OutputTensor, c: Chunk) -> tuple[str, list[tuple[int, int]] | None]:
@@ -241,12 +245,12 @@ class TFCheckpointSink(Sink):
         self.outputs = outputs
         self.work = out.parent / (out.name + ".tfwork")
         self.groups_dir = self.work / "groups"
-        self._by_name = {o.name: o for o in outputs}
         want = {o.name: [o.dtype, list(o.shape)] for o in outputs}
         layout = _read_json(self.work / "layout.json") if resume else None
         if (isinstance(layout, dict) and layout.get("version") == LAYOUT_VERSION and layout.get("outputs") == want
                 and layout.get("options") == self.options() and self._reload(layout)):
             return
+        self._check_outputs()
         for p in (self.out, self.work):
             _rm(p)
         self.groups_dir.mkdir(parents=True)
@@ -332,6 +336,9 @@ class TFCheckpointSink(Sink):
                     return False
         return True
 
+    def _check_outputs(self) -> None:
+        """Problems with the outputs found without TensorFlow (raised before anything is written)."""
+
     # -- layout (TensorFlow)
 
     def _build_layout(self) -> tuple[dict[str, list[str]], list[str]]:
@@ -342,15 +349,19 @@ class TFCheckpointSink(Sink):
         obj, _ = _call_builder(self.model_builder, self.model_config)
         skeleton = self.work / "skeleton"
         ckpt = tf.train.Checkpoint(model=obj)
+        ckpt.save_counter  # noqa: B018 (created here so the output restores like a ckpt.save() one)
         try:
             ckpt.write(str(skeleton))
         except Exception as e:
-            raise UsageError(f"--model-builder {self.model_builder}: cannot checkpoint the model it returned: {e}") from None
+            raise UsageError(f"--model-builder {self.model_builder}: cannot checkpoint the model it "
+                             f"returned: {e}") from None
         keys, carry = _layout_from_skeleton(tf, skeleton, ckpt, obj, self.outputs, self.model_builder,
                                             strip="model/", save_type="checkpoint")
         _copy_carry(tf, skeleton, self.work / "carry", carry)
         for p in _prefix_files(skeleton):
             p.unlink()
+        del obj, ckpt
+        gc.collect()  # the builder's model held its initial values: release them before streaming
         return keys, carry
 
     # -- writing
@@ -400,6 +411,13 @@ class TFCheckpointSink(Sink):
         except tf.errors.OpError as e:
             raise DestinationError(f"{prefix}: writing tensors failed: {e.message}") from None
         del tensors
+        if self.durable:  # the final fsync then finds little left to write (as the NPZ sink does)
+            data = Path(f"{prefix}.data-00000-of-00001")
+            fd = os.open(data, os.O_RDONLY)
+            try:
+                start_writeback(fd, 0, os.fstat(fd).st_size)
+            finally:
+                os.close(fd)
         members = {p.ident: p.crc for p in self._pending}
         _write_json(self.groups_dir / f"g{self._gid:06d}.json", {"members": [[*i, c] for i, c in members.items()]})
         self._groups[self._gid] = members
@@ -432,8 +450,8 @@ class TFCheckpointSink(Sink):
                     owner[i] = gid
             need = {_ident(c) for c, _ in receipts}
             if set(owner) != need:
-                raise ResumeError(f"{self.out}: {len(need - set(owner))} chunks missing from the partial output; "
-                                  "rerun with --restart")
+                raise ResumeError(f"{self.out}: the partial output lacks {len(need - set(owner))} chunks and has "
+                                  f"{len(set(owner) - need)} unplanned ones; rerun with --restart")
             tf = _tf()
             inputs = []
             if self.carry:
@@ -506,16 +524,24 @@ class SavedModelSink(TFCheckpointSink):
     def _finish_layout(self) -> None:
         pass
 
+    def _check_outputs(self) -> None:
+        if self.model_builder is not None:
+            return  # the builder's variables decide (checked against the tensors after building)
+        problems = _skeleton_problems([o.name for o in self.outputs])
+        bad = [o for o in self.outputs if o.dtype in NO_VARIABLE_DTYPES]
+        if bad:
+            problems.append(f"{len(bad)} tensor(s) of dtypes TensorFlow cannot load into a variable "
+                            f"({', '.join(sorted({o.dtype for o in bad}))}): {', '.join(o.name for o in bad[:5])}"
+                            f"{', ...' if len(bad) > 5 else ''}; cast them with a rule or use --to tf-checkpoint")
+        if problems:
+            raise PlanError(problems, where=f"--to {self.name}")
+
     def _moves(self, dest: Path) -> list[tuple[Path, Path]]:
         if self.serving_version is not None and dest.is_dir():
             return [(self._model_dir(self.out), self._model_dir(dest))]  # a new version beside the others
         return [(self.out, dest)]
 
     def _build_layout(self) -> tuple[dict[str, list[str]], list[str]]:
-        if self.model_builder is None:
-            problems = _skeleton_problems([o.name for o in self.outputs])
-            if problems:
-                raise PlanError(problems, where=f"--to {self.name}")
         tf = _tf()
         model_dir = self._model_dir(self.out)
         if self.model_builder is None:
@@ -535,6 +561,8 @@ class SavedModelSink(TFCheckpointSink):
         _copy_carry(tf, skeleton, self.work / "carry", carry)
         for p in _prefix_files(skeleton):  # the skeleton's stale index and data (initial values, if any)
             p.unlink()
+        del obj, signatures
+        gc.collect()  # a builder's model held its initial values: release them before streaming
         return keys, carry
 
 
@@ -579,7 +607,8 @@ def _skeleton_problems(names: list[str]) -> list[str]:
                                 "both (rename one with --rules)")
                 tensors.discard(parent)
         if parts[0] == "signatures":
-            problems.append(f"{name!r}: the top-level name 'signatures' is reserved in a SavedModel (rename with --rules)")
+            problems.append(f"{name!r}: the top-level name 'signatures' is reserved in a SavedModel "
+                            "(rename with --rules)")
     return problems
 
 
@@ -702,12 +731,15 @@ def _layout_from_skeleton(tf, prefix: Path, root: Any, model: Any, outputs: list
             if attr.name != "VARIABLE_VALUE" or node not in paths:
                 continue
             name = "/".join(paths[node])
+            if strip:
+                if not name.startswith(strip):
+                    continue  # the checkpoint's own state (save_counter): carried as it is
+                name = name[len(strip):]
             if builder is not None:
                 try:
                     name = keras_names.get(id(python_object(node)), name)
                 except (KeyError, AttributeError, TypeError):
                     pass
-            name = name[len(strip):] if strip and name.startswith(strip) else name
             var_keys[name].append(attr.checkpoint_key)
             key = attr.checkpoint_key
             if key in dtypes:
