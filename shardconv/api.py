@@ -90,8 +90,13 @@ def verify(dest: str | os.PathLike, src: Any = None, *, max_memory: str | int = 
     ref = open_source(src) if src is not None else None
     checked = compared = 0
     try:
+        from .mapping.roles import role_of
+
         tracker = IntegrityTracker(out.units())
-        outputs = {t.name: t for t in out.tensors()}
+        # Output tensors under the names the output's own metadata gives them (a SavedModel's
+        # object graph); string tensors and bookkeeping are the format's, not the model's.
+        stored = [t for t in out.tensors() if not t.is_string and role_of(t).kind != "meta"]
+        outputs = {role_of(t).name: t for t in stored}
         if ref is not None and not mapping:
             mapping = _recorded_mapping(out)
         plan = make_plan(ref, **mapping) if ref is not None else None
@@ -113,9 +118,9 @@ def verify(dest: str | os.PathLike, src: Any = None, *, max_memory: str | int = 
         if progress:
             from tqdm import tqdm
 
-            bar = tqdm(total=sum(t.nbytes for t in out.tensors()), unit="B", unit_scale=True, unit_divisor=1024,
+            bar = tqdm(total=sum(t.nbytes for t in stored), unit="B", unit_scale=True, unit_divisor=1024,
                        desc=f"verify {os.path.basename(str(dest))}", dynamic_ncols=True)
-        for t in out.tensors():
+        for oname, t in outputs.items():
             for c in chunk_plan([_as_output(t)], chunk):
                 if bar is not None:
                     bar.update(c.length)
@@ -123,16 +128,17 @@ def verify(dest: str | os.PathLike, src: Any = None, *, max_memory: str | int = 
                 tracker.add(out.read_into(t.name, c.offset, va))
                 if plan is not None:
                     vb = memoryview(b)[: c.length]
-                    segs = want[t.name].producer.fill(c.offset, vb, ref.read_into)
+                    segs = want[oname].producer.fill(c.offset, vb, ref.read_into)
                     ref_tracker.add(segs)
                     if va != vb:
-                        raise VerifyError(f"{dest}: tensor {t.name!r} differs from the source in bytes "
+                        raise VerifyError(f"{dest}: tensor {oname!r} differs from the source in bytes "
                                           f"[{c.offset}, {c.offset + c.length})")
                     compared += c.length
             checked += 1
         if bar is not None:
             bar.close()
-        missing = sorted(set(out.units()) - tracker.verified)
+        string_units = {k for k, u in out.units().items() if u.tensor not in {t.name for t in stored}}
+        missing = sorted(set(out.units()) - tracker.verified - string_units)
         if missing:
             raise VerifyError(f"{dest}: {len(missing)} stored checksums could not be checked ({missing[:3]})")
         return {"tensors": checked, "bytes_compared": compared, "checksums_verified": len(tracker.verified),

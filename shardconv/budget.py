@@ -41,13 +41,23 @@ class Budget:
         return cls(max_memory, chunk_bytes)
 
 
+ALIGN = 64
+
+
+def aligned_empty(size: int) -> np.ndarray:
+    """A byte buffer whose start is 64-byte aligned (libraries such as TensorFlow require it)."""
+    raw = np.empty(size + ALIGN, dtype=np.uint8)
+    start = (-raw.ctypes.data) % ALIGN
+    return raw[start:start + size]
+
+
 class BufferPool:
     """``n`` preallocated byte buffers reused for every chunk (no per-chunk allocation)."""
 
     def __init__(self, n: int, size: int) -> None:
         self._free: queue.Queue[np.ndarray] = queue.Queue()
         for _ in range(n):
-            self._free.put(np.empty(size, dtype=np.uint8))
+            self._free.put(aligned_empty(size))
 
     def get(self, timeout: float | None = None) -> np.ndarray:
         return self._free.get(timeout=timeout)

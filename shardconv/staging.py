@@ -78,7 +78,8 @@ class Staging:
                 shutil.rmtree(old)
             else:
                 os.replace(src, dst)
-        fsync_dir(self.dest.parent)
+        for parent in sorted({dst.parent for _, dst in moves} | {self.dest.parent}):
+            fsync_dir(parent)
 
     def release(self, remove: bool) -> None:
         if remove:

@@ -211,6 +211,16 @@ def test_npz_to_tf_checkpoint_readable_by_shardconv_and_tf(tmp_path):
     assert shardconv.verify(dest, src)["bytes_compared"] == sum(v.nbytes for v in tree.values())
 
 
+def test_verify_reads_a_savedmodel_output_by_its_model_names(tmp_path):
+    tree = reference_tree()
+    src = tmp_path / "tree.npz"
+    write_reference_npz(src, tree)
+    dest = tmp_path / "sm"
+    tf_convert(src, dest, to="savedmodel", max_memory="1MiB")
+    r = shardconv.verify(dest, src)
+    assert r["tensors"] == len(tree) and r["bytes_compared"] == sum(v.nbytes for v in tree.values())
+
+
 def test_import_shardconv_never_imports_tensorflow(tmp_path):
     code = ("import sys, shardconv\n"
             "from shardconv.sinks import sink_for\n"
