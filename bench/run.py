@@ -55,6 +55,7 @@ CONVERTER_ROWS = [
     ("npz-nofsync", _CONVERT + ["{out}/model.npz", "--max-memory", "{max_memory}", "--quiet",
                                 "--no-fsync"]),
     ("zarr", _CONVERT + ["{out}/model.zarr", "--max-memory", "{max_memory}", "--quiet"]),
+    ("zarr-zstd", _CONVERT + ["{out}/model.zarr", "--compression", "zstd", "--max-memory", "{max_memory}", "--quiet"]),
     ("savedmodel", _CONVERT + ["{out}/savedmodel", "--to", "savedmodel",
                                "--max-memory", "{max_memory}", "--quiet"]),
     ("tf-checkpoint", _CONVERT + ["{out}/ckpt", "--to", "tf-checkpoint",
@@ -254,6 +255,8 @@ class RowResult:
             s["x_cp"] = wall / cp if cp else None
             s["x_cp_sync"] = wall / cp_sync if cp_sync else None
             s["gib_per_s"] = data_bytes / GIB / wall if data_bytes and wall > 0 else None
+            outs = [r["out_bytes"] for r in ok if r.get("out_bytes")]
+            s["out_ratio"] = data_bytes / statistics.median(outs) if data_bytes and outs else None  # in/out bytes
             if self.kind == "converter" and peaks:
                 s["within_budget"] = max(peaks) * 1024 <= budget
         return s
@@ -347,6 +350,8 @@ def notes(results: dict) -> list[str]:
     for r in results["rows"]:
         if r.get("budget_rule"):
             lines.append(f"{r['label']} at {r['size_gib']:g} GiB: budget column checks peak RSS <= {r['budget_rule']}")
+        if r.get("out_ratio") and "zstd" in r["label"]:
+            lines.append(f"{r['label']} at {r['size_gib']:g} GiB: compression ratio {r['out_ratio']:.3f} (checkpoint bytes / output bytes)")
     m = results["meta"]
     lines.append(f"wall = median of {m['repeat']}; peak RSS = max over repeats of "
                  f"max(/usr/bin/time %M, psutil tree-sum sampled every "

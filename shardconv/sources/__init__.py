@@ -17,6 +17,7 @@ from .base import Segment, Source, TensorInfo, Unit
 REGISTRY: list[tuple[str, str, str, str]] = [
     ("npz", ".npz", "is_npz", "NpzSource"),
     ("tf", ".tf_bundle", "is_tf_bundle", "TFBundleSource"),
+    ("zarr", ".zarr", "is_zarr", "ZarrSource"),
 ]
 
 
@@ -34,7 +35,7 @@ def open_source(src: Any, *, format: str | None = None, **options: Any) -> Sourc
             if name == format:
                 return _load(module, cls)(src, **options)
         raise SourceError(f"unknown source format {format!r} (known: {', '.join(names)})")
-    if isinstance(src, (str, os.PathLike)):
+    if isinstance(src, (str, os.PathLike)) and "://" not in os.fspath(src):  # URLs: probed below
         p = Path(src)
         if not p.exists() and not Path(str(p) + ".index").exists():
             raise SourceError(f"{p}: no such file or directory")

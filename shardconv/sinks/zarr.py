@@ -1,0 +1,553 @@
+"""Zarr output through TensorStore: one array per output tensor, written chunk by chunk.
+
+Layout (``layout="zarr"``, the default): a Zarr v3 hierarchy (``zarr_format=2`` for v2)
+whose groups follow the ``/`` in output names: ``params/dense/kernel`` is the array at
+``params/dense/kernel/`` inside the store, under the groups ``params/dense`` and
+``params``. Each array's attributes hold ``shardconv``: its name, dtype, CRC32 of its
+C-order bytes, source names, source dtypes and source checksums. The root group's
+``shardconv`` attribute holds the rest of the manifest (source, plan digest, options,
+dropped tensors). No other file is in the store: zarr-python warns about any object it
+does not recognise.
+
+``layout="orbax"`` writes what ``orbax.checkpoint`` (``StandardCheckpointer`` /
+``PyTreeCheckpointer``) restores: one array per leaf named by the keys joined with
+``.`` (``params.dense.kernel/``), Orbax's ``_METADATA`` tree (non-OCDBT, ``use_zarr3``
+from ``zarr_format``), ``_CHECKPOINT_METADATA`` (its ``custom_metadata`` holds the
+manifest summary) and ``commit_success.txt``.
+
+Chunk shape: whole trailing dimensions and as many rows as fit ``chunk_mib`` (default
+4 MiB), never more than the engine's chunk, so every engine chunk (a hyper-rectangle)
+covers whole Zarr chunks and TensorStore never reads-modifies-writes.
+
+Nothing looks complete early: while chunks are written, no array or group metadata
+exists (TensorStore runs with ``assume_metadata``), so neither zarr-python nor
+TensorStore nor Orbax opens anything. ``finish`` writes array metadata, then the
+groups, and the root metadata last (``zarr.json`` / ``.zgroup``; Orbax:
+``_METADATA`` then ``commit_success.txt``). A local output is built in
+``DEST.partial/`` and renamed by the engine. An object store (``s3://``, ``gs://``,
+``memory://``) has no rename: chunks go straight to their final keys, the root marker is
+what marks completion, a ``.shardconv.partial`` object marks the prefix as ours while a
+run is unfinished, and the lock and journal live locally under the state directory
+(``$SHARDCONV_STATE_DIR``, else ``$XDG_STATE_HOME/shardconv``, else
+``~/.local/state/shardconv``), so resume works from the machine that started the run.
+See docs/zarr.md.
+
+bfloat16, float8 and int4/int2 are stored as TensorStore names them (``"bfloat16"``);
+TensorStore and Orbax read them back exactly. zarr-python 3.1 has no such data types and
+refuses those arrays until ``shardconv.zarr_dtypes.register()`` registers them (then it
+reads them exactly as ml_dtypes arrays). ``uint4``/``uint2``, which TensorStore cannot
+store, are written as ``uint8`` (same bytes) with the true dtype in the attributes.
+"""
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import math
+import os
+import shutil
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .. import __version__, tsio
+from ..checksums import combine_crc32, crc32
+from ..dtypes import STRING, is_ml_dtype, itemsize, numpy_dtype
+from ..errors import DestinationError, DurabilityError, PlanError, UsageError
+from ..fileio import fsync_file, start_writeback
+from ..plan import Chunk, OutputTensor, check_name, chunk_region
+from ..staging import Staging
+from ..units import format_size
+from .base import Sink
+
+LAYOUTS = ("zarr", "orbax")
+COMPRESSIONS = ("none", "zstd", "blosc")
+DEFAULT_CHUNK_MIB = 4.0
+#: Dropped-tensor lists longer than this are summarized by reason in the root attributes.
+MAX_DROPPED_LISTED = 1000
+#: On object stores: present while a run on this prefix is unfinished (the prefix is ours).
+PARTIAL_KEY = ".shardconv.partial"
+STATE_ENV = "SHARDCONV_STATE_DIR"
+#: RSS TensorStore adds to a conversion (measured: bench/run.py zarr vs npz rows, 4 GiB, 256 MiB budget).
+TENSORSTORE_BYTES = 50 << 20
+#: Dtypes TensorStore cannot store in Zarr: written as this one (same bytes per element).
+STORAGE_DTYPE = {"uint4": "uint8", "uint2": "uint8"}
+ZSTD_LEVEL = 3
+BLOSC = {"cname": "lz4", "clevel": 5}
+ORBAX_HANDLER = "orbax.checkpoint._src.handlers.standard_checkpoint_handler.StandardCheckpointHandler"
+#: Names that would collide with metadata keys of the layout.
+_RESERVED = {"zarr.json", ".zarray", ".zgroup", ".zattrs", ".zmetadata", PARTIAL_KEY}
+_ORBAX_RESERVED = _RESERVED | {"_METADATA", "_CHECKPOINT_METADATA", "commit_success.txt", "_sharding",
+                               "manifest.ocdbt", "d", "descriptor", "_ARRAY_METADATA"}
+#: Handles kept open at once (the engine writes tensors in order; a few suffice).
+_OPEN_HANDLES = 8
+
+
+def state_dir() -> Path:
+    """Where locks and journals of object-store outputs live (see the module docstring)."""
+    env = os.environ.get(STATE_ENV)
+    if env:
+        return Path(env).absolute()
+    base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    return Path(base) / "shardconv"
+
+
+def chunk_shape(shape: tuple[int, ...], isz: int, target: int, engine_chunk: int) -> list[int]:
+    """Zarr chunk shape: whole trailing dims and as many indices of the first axis that
+    does not fit whole as make ``target`` bytes; aligned with the engine's chunks of
+    ``engine_chunk`` bytes (see ``plan.chunk_plan``) so no Zarr chunk is written in parts."""
+    if not shape:
+        return []
+    if 0 in shape:  # no elements, no chunks written: chunk as if each empty axis had length 1
+        return chunk_shape(tuple(max(1, d) for d in shape), isz, target, engine_chunk)
+    n = len(shape)
+    chunks = [1] * n
+    for d in range(n):
+        trailing = math.prod(shape[d + 1:]) * isz
+        if trailing <= target or d == n - 1:
+            rows = max(1, min(shape[d], target // max(trailing, 1)))
+            if d > 0 and trailing > 0 and math.prod(shape[d:]) * isz > engine_chunk:
+                # The engine splits this axis (rows of axis d-1 exceed its chunk) into runs of
+                # engine_chunk // trailing indices, not rounded to our rows: match them.
+                erows = max(1, engine_chunk // trailing)
+                if erows % rows and rows < shape[d]:
+                    rows = min(erows, shape[d])
+            chunks[d] = rows
+            chunks[d + 1:] = [max(1, s) for s in shape[d + 1:]]
+            break
+    return [max(1, c) for c in chunks]
+
+
+def _fill_value(dtype: str) -> Any:
+    if dtype == "bool":
+        return False
+    if dtype.startswith("complex"):
+        return [0.0, 0.0]
+    if dtype.startswith(("float", "bfloat")):
+        return 0.0
+    return 0
+
+
+def array_metadata(fmt: int, shape: tuple[int, ...], dtype: str, chunks: list[int],
+                   compression: str) -> dict[str, Any]:
+    """Complete Zarr array metadata (``zarr.json`` or ``.zarray`` contents) for one array."""
+    isz = itemsize(dtype)
+    if fmt == 3:
+        codecs: list[dict[str, Any]] = [{"name": "bytes", "configuration": {"endian": "little"}}
+                                        if isz > 1 else {"name": "bytes"}]
+        if compression == "zstd":
+            codecs.append({"name": "zstd", "configuration": {"level": ZSTD_LEVEL, "checksum": False}})
+        elif compression == "blosc":
+            codecs.append({"name": "blosc", "configuration": {**BLOSC, "shuffle": "shuffle" if isz > 1 else "noshuffle",
+                                                              "typesize": isz, "blocksize": 0}})
+        return {"zarr_format": 3, "node_type": "array", "shape": list(shape), "data_type": dtype,
+                "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": chunks}},
+                "chunk_key_encoding": {"name": "default", "configuration": {"separator": "/"}},
+                "fill_value": _fill_value(dtype), "codecs": codecs}
+    compressor = None
+    if compression == "zstd":
+        compressor = {"id": "zstd", "level": ZSTD_LEVEL}
+    elif compression == "blosc":
+        compressor = {"id": "blosc", **BLOSC, "shuffle": 1 if isz > 1 else 0, "blocksize": 0}
+    return {"zarr_format": 2, "shape": list(shape), "chunks": chunks,
+            "dtype": dtype if is_ml_dtype(dtype) else numpy_dtype(dtype).str, "compressor": compressor,
+            "fill_value": None, "order": "C", "filters": None, "dimension_separator": "."}
+
+
+def _json(obj: Any) -> bytes:
+    return (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode()
+
+
+class _Array:
+    """One output tensor's place in the store."""
+
+    def __init__(self, out: OutputTensor, key: str, storage: str, chunks: list[int], metadata: dict[str, Any]):
+        self.out = out
+        self.key = key                # key prefix inside the store, without trailing "/"
+        self.storage = storage        # dtype written (the output's, or uint8 for uint4/uint2)
+        self.np_dtype = numpy_dtype(storage)
+        self.chunks = chunks
+        self.metadata = metadata
+
+
+class ZarrSink(Sink):
+    name = "zarr"
+
+    def __init__(self, zarr_format: int | str = 3, compression: str = "none",
+                 chunk_mib: float | str = DEFAULT_CHUNK_MIB, layout: str = "zarr") -> None:
+        try:
+            self.zarr_format = int(zarr_format)
+            self.chunk_mib = float(chunk_mib)
+        except (TypeError, ValueError):
+            raise UsageError(f"zarr options: zarr_format must be 2 or 3 and chunk_mib a number "
+                             f"(got {zarr_format!r}, {chunk_mib!r})") from None
+        if self.zarr_format not in (2, 3):
+            raise UsageError(f"--zarr-format must be 2 or 3, not {zarr_format!r}")
+        if compression not in COMPRESSIONS:
+            raise UsageError(f"--compression must be one of {', '.join(COMPRESSIONS)}, not {compression!r}")
+        if not 1 / 1024 <= self.chunk_mib <= 1024:
+            raise UsageError(f"--chunk-mib must be between 1/1024 and 1024, not {chunk_mib!r}")
+        if layout not in LAYOUTS:
+            raise UsageError(f"--layout must be one of {', '.join(LAYOUTS)}, not {layout!r}")
+        self.compression = compression
+        self.layout = layout
+        self.url: str | None = None           # object-store destination, or None for a local path
+        self._kv_spec: dict[str, Any] | None = None
+        self._kvstore: Any = None
+        self._arrays: list[_Array] = []
+        self._by_name: dict[str, _Array] = {}
+        self._handles: dict[tuple[int, bool], Any] = {}
+        self._scratch: np.ndarray | None = None
+        self._where = "zarr output"
+
+    # -- engine hooks -------------------------------------------------------------
+
+    def options(self) -> dict[str, Any]:
+        return {"zarr_format": self.zarr_format, "compression": self.compression, "chunk_mib": self.chunk_mib,
+                "layout": self.layout}
+
+    def baseline_bytes(self) -> int:
+        # TensorStore's import and thread pools: bench peak RSS of the zarr row minus the npz row.
+        return TENSORSTORE_BYTES
+
+    def scratch_slots(self) -> int:
+        # TensorStore's compressed copy of the chunk in flight, and its decoded chunks while
+        # a resume re-reads into our own chunk-sized scratch buffer.
+        return 2
+
+    def local_dest(self, dest: str | os.PathLike) -> Path:
+        if not tsio.is_remote(dest):
+            return tsio.local_path(dest)
+        self.url = tsio.normalize_url(os.fspath(dest))
+        self._kv_spec = tsio.kvstore_spec(self.url)
+        self._where = self.url
+        base = self.url.split("://", 1)[1].rsplit("/", 1)[-1] or "store"
+        digest = hashlib.sha256(self.url.encode()).hexdigest()[:16]
+        root = state_dir() / "remote"
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise DestinationError(f"{root}: cannot create the local state directory for {self.url} "
+                                   f"({e.strerror}); set {STATE_ENV}") from None
+        return root / f"{base}-{digest}"
+
+    def exists(self, dest: Path) -> bool:
+        if self.url is None:
+            return super().exists(dest)
+        if Staging(dest).journal_path.exists():
+            return False  # our own unfinished (or unreleased) run: resume it
+        return self._has(self._marker_key())
+
+    def row_multiple(self, output: OutputTensor) -> int:
+        a = self._by_name.get(output.name)
+        return a.chunks[0] if a is not None and a.chunks else 1
+
+    # -- layout -----------------------------------------------------------------------
+
+    def _marker_key(self) -> str:
+        if self.layout == "orbax":
+            return "_METADATA"
+        return "zarr.json" if self.zarr_format == 3 else ".zgroup"
+
+    def _array_key(self, name: str) -> str:
+        return name.replace("/", ".") if self.layout == "orbax" else name
+
+    def _check_names(self, outputs: list[OutputTensor]) -> None:
+        problems = []
+        names = {o.name for o in outputs}
+        keys: dict[str, str] = {}
+        reserved = _ORBAX_RESERVED if self.layout == "orbax" else _RESERVED
+        for o in outputs:
+            why = check_name(o.name)
+            if why:
+                problems.append(f"{o.name!r}: unsafe as a Zarr path ({why})")
+                continue
+            if o.dtype == STRING:
+                problems.append(f"{o.name!r}: string tensors cannot be stored in Zarr; drop or map them")
+            parts = o.name.split("/")
+            for i in range(1, len(parts)):
+                if "/".join(parts[:i]) in names:
+                    problems.append(f"{o.name!r}: {'/'.join(parts[:i])!r} is both a tensor and a group")
+                    break
+            key = self._array_key(o.name)
+            if any(p in reserved for p in key.split("/")):
+                problems.append(f"{o.name!r}: collides with a metadata name of the {self.layout} layout")
+            if key in keys:
+                problems.append(f"{o.name!r} and {keys[key]!r} both map to array {key!r} in the {self.layout} layout")
+            keys[key] = o.name
+        if problems:
+            raise PlanError(problems, where=self._where)
+
+    def open(self, out: Path, outputs: list[OutputTensor], resume: bool) -> None:
+        self.out = out
+        if self.url is None:
+            self._where = str(out)
+        self._check_names(outputs)
+        target = max(1, int(self.chunk_mib * (1 << 20)))
+        engine_chunk = self.chunk_bytes or target
+        target = min(target, engine_chunk)
+        self._arrays = []
+        for o in outputs:
+            storage = STORAGE_DTYPE.get(o.dtype, o.dtype)
+            chunks = chunk_shape(o.shape, itemsize(storage), target, engine_chunk)
+            md = array_metadata(self.zarr_format, o.shape, storage, chunks, self.compression)
+            self._arrays.append(_Array(o, self._array_key(o.name), storage, chunks, md))
+        self._by_name = {a.out.name: a for a in self._arrays}
+        self._handles = {}
+        if self.url is None:
+            self._kv_spec = tsio.kvstore_spec(out)
+            if not resume and out.exists():
+                shutil.rmtree(out)
+            out.mkdir(exist_ok=True)
+            need = sum(o.nbytes for o in outputs) if self.compression == "none" and not resume else 0
+            free = shutil.disk_usage(out.parent).free
+            if need > free:
+                raise DestinationError(f"{out.parent}: needs {format_size(need)} for the output, "
+                                       f"only {format_size(free)} free")
+        else:
+            out.mkdir(exist_ok=True)  # local placeholder: tells the engine a partial run exists
+            (out.parent / "destination.txt").write_text(self.url + "\n")
+            self._prepare_remote(resume)
+
+    def _prepare_remote(self, resume: bool) -> None:
+        """Make the prefix ours and not complete-looking: remove a root marker first; on a
+        fresh start remove a previous (ours) store; refuse a prefix holding foreign data."""
+        marker = self._marker_key()
+        ours = self._has(PARTIAL_KEY) or self._has(marker)
+        if not resume:
+            if ours:
+                self._delete(marker)
+                self._delete_all()
+            else:
+                keys = tsio.wrap(DestinationError, self._where, lambda: self._kv().list().result())
+                if keys:
+                    raise DestinationError(f"{self.url}: holds {len(keys)} objects shardconv did not write "
+                                           f"(e.g. {keys[0].decode(errors='replace')!r}); choose an empty prefix")
+        else:
+            self._delete(marker)
+            if self.layout == "orbax":
+                self._delete("commit_success.txt")
+        self._put(PARTIAL_KEY, _json({"format": "shardconv-partial", "shardconv": __version__,
+                                      "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}))
+
+    # -- TensorStore access ---------------------------------------------------------
+
+    def _kv(self) -> Any:
+        if self._kvstore is None:
+            ts = tsio.tensorstore("Zarr output")
+            ctx = tsio.context(durable=False)  # local files are fsynced once, in finish
+            self._kvstore = tsio.wrap(DestinationError, self._where,
+                                      lambda: ts.KvStore.open(self._kv_spec, context=ctx).result())
+        return self._kvstore
+
+    def _has(self, key: str) -> bool:
+        r = tsio.wrap(DestinationError, f"{self._where}/{key}", lambda: self._kv().read(key).result())
+        return r.state == "value"
+
+    def _put(self, key: str, data: bytes) -> None:
+        tsio.wrap(DestinationError, f"{self._where}/{key}", lambda: self._kv().write(key, data).result())
+
+    def _delete(self, key: str) -> None:
+        tsio.wrap(DestinationError, f"{self._where}/{key}", lambda: self._kv().write(key, None).result())
+
+    def _delete_all(self) -> None:
+        ts = tsio.tensorstore()
+        tsio.wrap(DestinationError, self._where, lambda: self._kv().delete_range(ts.KvStore.KeyRange()).result())
+
+    def _handle(self, index: int, reading: bool = False) -> Any:
+        """The TensorStore of output ``index``; reads refuse missing chunks."""
+        h = self._handles.get((index, reading))
+        if h is not None:
+            return h
+        ts = tsio.tensorstore("Zarr output")
+        a = self._arrays[index]
+        spec = {"driver": "zarr3" if self.zarr_format == 3 else "zarr",
+                "kvstore": {**self._kv_spec, "path": self._kv_spec["path"] + a.key + "/"},
+                "metadata": a.metadata, "assume_metadata": True, "store_data_equal_to_fill_value": True,
+                "fill_missing_data_reads": not reading}
+        h = tsio.wrap(DestinationError, f"{self._where}: array {a.key!r}",
+                      lambda: ts.open(spec, context=tsio.context(durable=False)).result())
+        if len(self._handles) >= _OPEN_HANDLES:
+            self._handles.pop(next(iter(self._handles)))
+        self._handles[(index, reading)] = h
+        return h
+
+    def _region(self, chunk: Chunk) -> tuple[tuple[slice, ...], tuple[int, ...]]:
+        a = self._arrays[chunk.index]
+        region = chunk_region(a.out.shape, a.np_dtype.itemsize, chunk.offset, chunk.length)
+        return region, tuple(s.stop - s.start for s in region)
+
+    # -- chunks -------------------------------------------------------------------------
+
+    def write(self, chunk: Chunk, data: memoryview) -> int:
+        if chunk.length == 0:
+            return 0
+        a = self._arrays[chunk.index]
+        region, shape = self._region(chunk)
+        arr = np.frombuffer(data, dtype=a.np_dtype).reshape(shape)
+        store = self._handle(chunk.index)
+        self._scratch = None  # the resume checks are over
+        # TensorStore may reference ``data`` instead of copying it (half the time of a copy into
+        # fresh memory). Safe: we wait for the commit, after which nothing holds it (the cache
+        # pool is 0 bytes), before the engine reuses the buffer.
+        tsio.wrap(DestinationError, f"{self._where}: array {a.key!r}",
+                  lambda: store[region].write(arr, can_reference_source_data_indefinitely=True).result())
+        if self.url is None and self.durable:
+            self._writeback(a, region)
+        return crc32(data)
+
+    def _writeback(self, a: _Array, region: tuple[slice, ...]) -> None:
+        """Start writing the chunk files just committed back to disk (as the NPZ sink does),
+        so dirty pages never pile up and the final fsync finds little left to do."""
+        grid = [range(s.start // c, -(-s.stop // c)) for s, c in zip(region, a.chunks)]
+        for idx in itertools.product(*grid):
+            if self.zarr_format == 3:
+                key = "/".join(["c", *map(str, idx)])
+            else:
+                key = ".".join(map(str, idx)) or "0"
+            try:
+                fd = os.open(self.out / a.key / key, os.O_RDONLY)
+            except OSError:
+                continue
+            try:
+                start_writeback(fd, 0, os.fstat(fd).st_size)
+            finally:
+                os.close(fd)
+
+    def check(self, chunk: Chunk, receipt: Any) -> bool:
+        if chunk.length == 0:
+            return receipt == 0
+        ts = tsio.tensorstore()
+        a = self._arrays[chunk.index]
+        region, shape = self._region(chunk)
+        if self._scratch is None or self._scratch.size < chunk.length:
+            self._scratch = np.empty(max(chunk.length, self.chunk_bytes), np.uint8)
+        raw = self._scratch[: chunk.length]
+        try:
+            dst = ts.array(raw.view(a.np_dtype).reshape(shape), copy=False, write=True)
+            dst.write(self._handle(chunk.index, reading=True)[region].translate_to[0]).result()
+        except Exception:  # missing or unreadable chunk: write it again
+            return False
+        return crc32(raw) == receipt
+
+    # -- finish -------------------------------------------------------------------------
+
+    def finish(self, receipts: list[tuple[Chunk, Any]], manifest: dict[str, Any], fsync: bool,
+               dest: Path) -> list[tuple[Path, Path]]:
+        crcs = [0] * len(self._arrays)
+        for chunk, crc in sorted(receipts, key=lambda r: (r[0].index, r[0].offset)):
+            crcs[chunk.index] = combine_crc32(crcs[chunk.index], crc, chunk.length)
+        self._handles = {}
+        files: list[tuple[str, bytes]] = []
+        for a, crc, entry in zip(self._arrays, crcs, manifest["tensors"]):
+            attrs = {"shardconv": _array_attrs(a, crc, entry)}
+            if self.zarr_format == 3:
+                files.append((f"{a.key}/zarr.json", _json({**a.metadata, "attributes": attrs})))
+            else:
+                files += [(f"{a.key}/.zarray", _json(a.metadata)), (f"{a.key}/.zattrs", _json(attrs))]
+        if self.layout == "zarr":
+            groups = sorted({"/".join(a.key.split("/")[:i])
+                             for a in self._arrays for i in range(1, a.key.count("/") + 1)})
+            for g in groups:
+                files += ([(f"{g}/zarr.json", _json({"zarr_format": 3, "node_type": "group", "attributes": {}}))]
+                          if self.zarr_format == 3 else [(f"{g}/.zgroup", _json({"zarr_format": 2}))])
+        self._put_many(files)
+        for key, data in self._root_files(manifest, dest):  # the completion marker is the last of these
+            self._put(key, data)
+        if self.url is not None:
+            self._delete(PARTIAL_KEY)
+            return []
+        if fsync:
+            self._fsync_tree(self.out)  # nothing is visible at DEST before the engine's rename
+        return [(self.out, dest)]
+
+    def _root_files(self, manifest: dict[str, Any], dest: Path) -> list[tuple[str, bytes]]:
+        summary = root_summary(manifest, self.options())
+        if self.layout == "orbax":
+            now = time.time_ns()
+            tree = {}
+            for a in self._arrays:
+                parts = a.out.name.split("/")
+                tree[str(tuple(parts))] = {"key_metadata": [{"key": p, "key_type": 2} for p in parts],
+                                           "value_metadata": {"value_type": "np.ndarray", "skip_deserialize": False}}
+            return [("_CHECKPOINT_METADATA", _json({"item_handlers": ORBAX_HANDLER, "metrics": {},
+                                                    "performance_metrics": {}, "init_timestamp_nsecs": now,
+                                                    "commit_timestamp_nsecs": now,
+                                                    "custom_metadata": {"shardconv": summary}})),
+                    ("_METADATA", json.dumps({"tree_metadata": tree, "use_ocdbt": False,
+                                              "use_zarr3": self.zarr_format == 3,
+                                              "store_array_data_equal_to_fill_value": True,
+                                              "custom_metadata": None}).encode()),
+                    ("commit_success.txt", f"Checkpoint commit was successful to {self.url or dest}".encode())]
+        if self.zarr_format == 3:
+            root = {"zarr_format": 3, "node_type": "group", "attributes": {"shardconv": summary}}
+            return [("zarr.json", _json(root))]
+        return [(".zattrs", _json({"shardconv": summary})), (".zgroup", _json({"zarr_format": 2}))]
+
+    def _put_many(self, files: list[tuple[str, bytes]], batch: int = 256) -> None:
+        """Write small objects concurrently, a batch at a time (bounded memory)."""
+        kv = self._kv()
+        for i in range(0, len(files), batch):
+            part = files[i:i + batch]
+            futures = [(k, kv.write(k, v)) for k, v in part]
+            for k, f in futures:
+                tsio.wrap(DestinationError, f"{self._where}/{k}", f.result)
+
+    def _fsync_tree(self, root: Path) -> None:
+        """fsync every file and directory under ``root`` (TensorStore writes without syncing;
+        one pass at the end is what the NPZ sink's final fsync is)."""
+        paths: list[Path] = []
+        for d, _dirs, names in os.walk(root):
+            paths += [Path(d) / n for n in names]
+            paths.append(Path(d))
+
+        def sync(p: Path) -> None:
+            try:
+                fd = os.open(p, os.O_RDONLY)
+            except OSError as e:
+                raise DurabilityError(f"{p}: cannot open to fsync ({e.strerror})") from None
+            try:
+                fsync_file(fd, p)
+            finally:
+                os.close(fd)
+
+        with ThreadPoolExecutor(4) as pool:
+            list(pool.map(sync, paths))
+
+    def close(self) -> None:
+        self._handles = {}
+        self._scratch = None
+
+
+def root_summary(manifest: dict[str, Any], options: dict[str, Any]) -> dict[str, Any]:
+    """The manifest without its per-tensor list (that is in each array's attributes):
+    the root group's ``shardconv`` attribute (Orbax layout: ``_CHECKPOINT_METADATA``)."""
+    summary = {k: v for k, v in manifest.items() if k != "tensors"}
+    summary.update(tensors=len(manifest["tensors"]), zarr=options)
+    dropped = summary.get("dropped") or []
+    if len(dropped) > MAX_DROPPED_LISTED:
+        by_reason: dict[str, int] = {}
+        for d in dropped:
+            by_reason[d["reason"]] = by_reason.get(d["reason"], 0) + 1
+        summary["dropped"] = [{"reason": r, "count": n} for r, n in sorted(by_reason.items())]
+        summary["dropped_summarized"] = True
+    return summary
+
+
+def _array_attrs(a: _Array, crc: int, entry: dict[str, Any]) -> dict[str, Any]:
+    """Per-array ``shardconv`` attributes: enough to trace and check the array alone."""
+    d = entry.get("from") or {}
+    names = [d["from"]] if isinstance(d.get("from"), str) else sorted({p["from"] for p in d.get("pieces", [])})
+    attrs: dict[str, Any] = {"name": a.out.name, "dtype": a.out.dtype, "crc32": crc, "source_names": names}
+    if entry.get("source_dtypes"):
+        attrs["source_dtypes"] = entry["source_dtypes"]
+    if entry.get("source_checksums"):
+        attrs["source_checksums"] = entry["source_checksums"]
+    if d.get("op") and d.get("op") != "copy":
+        attrs["op"] = d["op"]
+    if a.storage != a.out.dtype:
+        attrs["storage_dtype"] = a.storage
+    return attrs

@@ -1,0 +1,387 @@
+"""Zarr stores (v2 and v3) and non-OCDBT Orbax checkpoints, read by region with TensorStore.
+
+Listing reads metadata only (``zarr.json`` / ``.zarray`` + ``.zattrs``; Orbax's
+``_METADATA``), never chunk data. A store written by shardconv carries each tensor's
+true name, dtype and CRC32 in the arrays' ``shardconv`` attributes, so ``verify``
+checks every tensor's checksum; other stores are listed by path.
+
+Refused: metadata whose names or paths lead outside the store (unsafe names, keys with
+``/`` or ``..``, symlinks out of a local store's directory), chunk key encodings other
+than Zarr's own, storage transformers, and dtypes NumPy cannot hold in an array
+(strings, objects). A missing chunk is an error naming the array, never silently the
+fill value (a writer that skipped all-fill chunks, such as zarr-python by default, needs
+``allow_missing_chunks=True``). Any TensorStore kvstore URL works as for the sink.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any
+
+import numpy as np
+
+from .. import tsio
+from ..checksums import crc32
+from ..dtypes import NUMPY_DTYPES, dtype_name, is_ml_dtype, itemsize
+from ..errors import FormatError, SourceError, UnsupportedError
+from ..plan import check_name
+from .base import Segment, Source, TensorInfo, Unit
+
+_V3_CHUNK_KEYS = {"default", "v2"}
+_SEPARATORS = {"/", "."}
+_MAX_METADATA = 16 << 20  # bytes; larger metadata documents are refused
+_OPEN_HANDLES = 8
+
+
+def _read_kv(kv: Any, key: str) -> bytes | None:
+    r = kv.read(key).result()
+    return bytes(r.value) if r.state == "value" else None
+
+
+def is_zarr(src: Any) -> bool:
+    """A Zarr group/array (``zarr.json``, ``.zgroup``, ``.zarray``) or a non-OCDBT Orbax
+    checkpoint written by shardconv; a URL is probed with one read per marker."""
+    if not isinstance(src, (str, os.PathLike)):
+        return False
+    s = os.fspath(src)
+    if tsio.is_remote(s):
+        try:
+            ts = tsio.tensorstore()
+            kv = ts.KvStore.open(tsio.kvstore_spec(s), context=tsio.context()).result()
+            return any(kv.read(k).result().state == "value" for k in ("zarr.json", ".zgroup", ".zarray", "_METADATA"))
+        except Exception:
+            return False
+    p = tsio.local_path(s)
+    if not p.is_dir():
+        return False
+    if any((p / k).is_file() for k in ("zarr.json", ".zgroup", ".zarray")):
+        return True
+    try:
+        meta = json.loads((p / "_CHECKPOINT_METADATA").read_text())
+        return "shardconv" in (meta.get("custom_metadata") or {}) and (p / "_METADATA").is_file()
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+class _Array:
+    def __init__(self, name: str, key: str, fmt: int, dtype: str, storage: str, shape: tuple[int, ...],
+                 crc: int | None) -> None:
+        self.name = name
+        self.key = key            # key prefix of the array in the store (no trailing "/")
+        self.fmt = fmt            # 2 or 3
+        self.dtype = dtype        # true dtype
+        self.storage = storage    # dtype TensorStore reads (uint8 for uint4/uint2 written by shardconv)
+        self.shape = shape
+        self.crc = crc
+
+
+class ZarrSource(Source):
+    format = "zarr"
+
+    def __init__(self, src: str | os.PathLike, allow_missing_chunks: bool = False) -> None:
+        self._src = os.fspath(src)
+        self.allow_missing_chunks = allow_missing_chunks
+        self._remote = tsio.is_remote(self._src)
+        self._root = None if self._remote else tsio.local_path(self._src)
+        self._loc = tsio.normalize_url(self._src) if self._remote else str(self._root)
+        if self._root is not None and not self._root.is_dir():
+            raise SourceError(f"{self._loc}: not a directory (a Zarr store is a directory)")
+        self._kv_spec = tsio.kvstore_spec(self._src)
+        ts = tsio.tensorstore("Zarr input")
+        self._kv = tsio.wrap(SourceError, self._loc,
+                             lambda: ts.KvStore.open(self._kv_spec, context=tsio.context()).result())
+        self._handles: dict[str, Any] = {}
+        self.manifest_options: dict[str, Any] = {}
+        self._arrays: dict[str, _Array] = {}
+        for a in self._list():
+            if a.name in self._arrays:
+                raise FormatError(f"{self._loc}: arrays {self._arrays[a.name].key!r} and {a.key!r} both claim "
+                                  f"the name {a.name!r}")
+            self._arrays[a.name] = a
+        self._infos = [TensorInfo(a.name, a.dtype, a.shape, math.prod(a.shape) * itemsize(a.dtype),
+                                  f"crc32:{a.crc}" if a.crc is not None else None)
+                       for a in self._arrays.values()]
+
+    @property
+    def location(self) -> str:
+        return self._loc
+
+    # -- listing ----------------------------------------------------------------------
+
+    def _get(self, key: str) -> bytes | None:
+        data = tsio.wrap(SourceError, f"{self._loc}/{key}", lambda: _read_kv(self._kv, key))
+        if data is not None and len(data) > _MAX_METADATA:
+            raise FormatError(f"{self._loc}/{key}: metadata of {len(data)} bytes is too large")
+        return data
+
+    def _json(self, key: str, data: bytes | None = None) -> Any:
+        data = self._get(key) if data is None else data
+        if data is None:
+            return None
+        try:
+            obj = json.loads(data)
+        except (ValueError, UnicodeDecodeError):
+            raise FormatError(f"{self._loc}/{key}: not valid JSON") from None
+        if not isinstance(obj, dict):
+            raise FormatError(f"{self._loc}/{key}: not a JSON object")
+        return obj
+
+    def _list(self) -> list[_Array]:
+        root3 = self._json("zarr.json")
+        if root3 is not None:
+            if root3.get("node_type") == "array":
+                return [self._array(self._single_name(), "", 3, root3)]
+            self._root_attrs(root3.get("attributes"))
+            return self._walk(3)
+        if self._get(".zarray") is not None:
+            return [self._array(self._single_name(), "", 2, self._json(".zarray"))]
+        if self._get(".zgroup") is not None:
+            self._root_attrs(self._json(".zattrs"))
+            return self._walk(2)
+        orbax = self._json("_METADATA")
+        if orbax is not None:
+            return self._orbax(orbax)
+        raise SourceError(f"{self._loc}: no zarr.json, .zgroup or _METADATA: not a Zarr store")
+
+    def _single_name(self) -> str:
+        base = self._loc.rstrip("/").rsplit("/", 1)[-1]
+        return base[:-5] if base.endswith(".zarr") and len(base) > 5 else base
+
+    def _root_attrs(self, attrs: Any) -> None:
+        info = (attrs or {}).get("shardconv") if isinstance(attrs, dict) else None
+        if isinstance(info, dict) and isinstance(info.get("options"), dict):
+            self.manifest_options = dict(info["options"])
+
+    def _walk(self, fmt: int) -> list[_Array]:
+        """Every array of the hierarchy, from metadata only."""
+        marker = "zarr.json" if fmt == 3 else ".zarray"
+        found = self._remote_metadata(marker) if self._remote else self._local_metadata(fmt)
+        arrays = []
+        for key, meta in found:
+            if fmt == 3 and meta.get("node_type") != "array":
+                continue
+            path = key[: -len(marker) - 1]
+            arrays.append(self._array(path, path, fmt, meta))
+        return arrays
+
+    def _remote_metadata(self, marker: str) -> list[tuple[str, dict[str, Any]]]:
+        keys = tsio.wrap(SourceError, self._loc, lambda: self._kv.list().result())
+        names = sorted(k.decode("utf-8", "replace") for k in keys if k.endswith(b"/" + marker.encode()))
+        out = []
+        for i in range(0, len(names), 256):  # concurrent reads, a batch at a time
+            batch = [(k, self._kv.read(k)) for k in names[i:i + 256]]
+            for k, f in batch:
+                r = tsio.wrap(SourceError, f"{self._loc}/{k}", f.result)
+                if r.state == "value":
+                    out.append((k, self._json(k, bytes(r.value))))
+        return out
+
+    def _local_metadata(self, fmt: int) -> list[tuple[str, dict[str, Any]]]:
+        """Walk groups only (never into an array's chunks); refuse links out of the store."""
+        root = os.path.realpath(self._root)
+        out = []
+        for d, dirs, names in os.walk(self._root):
+            rel = os.path.relpath(d, self._root).replace(os.sep, "/")
+            for n in dirs + names:
+                p = os.path.join(d, n)
+                if os.path.islink(p) and os.path.commonpath([root, os.path.realpath(p)]) != root:
+                    raise FormatError(f"{self._loc}: {os.path.relpath(p, self._root)!r} is a link pointing "
+                                      "outside the store; refused")
+            dirs.sort()
+            if rel == ".":
+                continue
+            if fmt == 3:
+                meta = self._json(f"{rel}/zarr.json") if "zarr.json" in names else None
+                if meta is None:
+                    dirs.clear()  # not part of the hierarchy
+                elif meta.get("node_type") == "array":
+                    out.append((f"{rel}/zarr.json", meta))
+                    dirs.clear()
+            elif ".zarray" in names:
+                out.append((f"{rel}/.zarray", self._json(f"{rel}/.zarray")))
+                dirs.clear()
+            elif ".zgroup" not in names:
+                dirs.clear()
+        return out
+
+    def _orbax(self, meta: dict[str, Any]) -> list[_Array]:
+        """A non-OCDBT Orbax checkpoint: one array per leaf at the keys joined by ``.``."""
+        if meta.get("use_ocdbt"):
+            raise UnsupportedError(f"{self._loc}: an OCDBT Orbax checkpoint; the zarr source reads only "
+                                   "non-OCDBT ones (one Zarr array per leaf)")
+        fmt = 3 if meta.get("use_zarr3") else 2
+        tree = meta.get("tree_metadata")
+        if not isinstance(tree, dict):
+            raise FormatError(f"{self._loc}/_METADATA: no tree_metadata")
+        cm = self._json("_CHECKPOINT_METADATA") or {}
+        self._root_attrs(cm.get("custom_metadata"))
+        arrays = []
+        for entry in tree.values():
+            keys = [str(k.get("key")) for k in (entry or {}).get("key_metadata") or [] if isinstance(k, dict)]
+            key = ".".join(keys)
+            if not keys or "/" in key or key in (".", "..") or key.startswith("."):
+                raise FormatError(f"{self._loc}/_METADATA: leaf {keys!r} would point outside the checkpoint; refused")
+            marker = "zarr.json" if fmt == 3 else ".zarray"
+            m = self._json(f"{key}/{marker}")
+            if m is None:
+                raise FormatError(f"{self._loc}: leaf {key!r} has no {marker} (incomplete checkpoint?)")
+            arrays.append(self._array("/".join(keys), key, fmt, m))
+        return arrays
+
+    def _array(self, name: str, key: str, fmt: int, meta: dict[str, Any]) -> _Array:
+        where = f"{self._loc}: array {key or name!r}"
+        attrs = meta.get("attributes") if fmt == 3 else self._json(f"{key}/.zattrs" if key else ".zattrs")
+        info = (attrs or {}).get("shardconv") if isinstance(attrs, dict) else None
+        info = info if isinstance(info, dict) else {}
+        if isinstance(info.get("name"), str):
+            name = info["name"]
+        why = check_name(name)
+        if why:
+            raise FormatError(f"{where}: unsafe tensor name {name!r} ({why}); refused")
+        shape = meta.get("shape")
+        if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+            raise FormatError(f"{where}: bad shape {shape!r}")
+        if fmt == 3:
+            storage = self._v3_dtype(meta, where)
+        else:
+            storage = self._v2_dtype(meta, where)
+        dtype = storage
+        if isinstance(info.get("dtype"), str) and info["dtype"] != storage:
+            if info.get("storage_dtype") != storage or info["dtype"] not in NUMPY_DTYPES \
+                    or itemsize(info["dtype"]) != itemsize(storage):
+                raise FormatError(f"{where}: attributes say dtype {info['dtype']} but the array holds {storage}")
+            dtype = info["dtype"]
+        crc = info.get("crc32") if isinstance(info.get("crc32"), int) else None
+        return _Array(name, key, fmt, dtype, storage, tuple(shape), crc)
+
+    def _v3_dtype(self, meta: dict[str, Any], where: str) -> str:
+        enc = meta.get("chunk_key_encoding") or {}
+        sep = (enc.get("configuration") or {}).get("separator", "/" if enc.get("name") == "default" else ".")
+        if enc.get("name") not in _V3_CHUNK_KEYS or sep not in _SEPARATORS:
+            raise FormatError(f"{where}: chunk_key_encoding {enc!r} is not Zarr's own; refused")
+        if meta.get("storage_transformers"):
+            raise UnsupportedError(f"{where}: storage transformers are not supported")
+        dt = meta.get("data_type")
+        if not isinstance(dt, str) or dt not in NUMPY_DTYPES:
+            raise UnsupportedError(f"{where}: data type {dt!r} is not supported")
+        return dt
+
+    def _v2_dtype(self, meta: dict[str, Any], where: str) -> str:
+        if meta.get("dimension_separator", ".") not in _SEPARATORS:
+            raise FormatError(f"{where}: dimension_separator {meta.get('dimension_separator')!r}; refused")
+        dt = meta.get("dtype")
+        if isinstance(dt, str) and is_ml_dtype(dt) and dt in NUMPY_DTYPES:
+            return dt
+        try:
+            npdt = np.dtype(dt)
+            if npdt.byteorder == ">":  # TensorStore reads it in native (little-endian) order
+                npdt = npdt.newbyteorder("<")
+            return dtype_name(npdt)
+        except (TypeError, ValueError, UnsupportedError):
+            raise UnsupportedError(f"{where}: dtype {dt!r} is not supported") from None
+
+    # -- reading ----------------------------------------------------------------------
+
+    def tensors(self) -> list[TensorInfo]:
+        return list(self._infos)
+
+    def units(self) -> dict[str, Unit]:
+        return {a.name: Unit(math.prod(a.shape) * itemsize(a.dtype), "crc32", a.crc, a.name, self._loc)
+                for a in self._arrays.values() if a.crc is not None}
+
+    def _handle(self, a: _Array) -> Any:
+        h = self._handles.get(a.name)
+        if h is None:
+            ts = tsio.tensorstore()
+            path = self._kv_spec["path"] + (a.key + "/" if a.key else "")
+            spec = {"driver": "zarr3" if a.fmt == 3 else "zarr", "kvstore": {**self._kv_spec, "path": path},
+                    "open": True, "fill_missing_data_reads": self.allow_missing_chunks}
+            h = tsio.wrap(FormatError, f"{self._loc}: array {a.key or a.name!r}",
+                          lambda: ts.open(spec, context=tsio.context(), read=True).result())
+            if tuple(h.shape) != a.shape or np.dtype(h.dtype.numpy_dtype) != NUMPY_DTYPES[a.storage]:
+                raise FormatError(f"{self._loc}: array {a.key!r}: TensorStore reads {h.dtype.name}{list(h.shape)}, "
+                                  f"metadata says {a.storage}{list(a.shape)}")
+            if len(self._handles) >= _OPEN_HANDLES:
+                self._handles.pop(next(iter(self._handles)))
+            self._handles[a.name] = h
+        return h
+
+    def read_into(self, name: str, offset: int, out: memoryview) -> list[Segment]:
+        out = out.cast("B") if out.format != "B" else out
+        a = self._arrays.get(name)
+        if a is None:
+            raise SourceError(f"{self._loc}: no array named {name!r}")
+        isz = itemsize(a.storage)
+        nbytes = math.prod(a.shape) * isz
+        if offset < 0 or offset + len(out) > nbytes:
+            raise SourceError(f"{self._loc}: read [{offset}, {offset + len(out)}) outside {name!r} ({nbytes} bytes)")
+        if len(out):
+            lo, hi = offset // isz, -(-(offset + len(out)) // isz)
+            if lo * isz == offset and hi * isz == offset + len(out):
+                self._read_elements(a, lo, hi, out)
+            else:  # not element-aligned: read the enclosing elements
+                tmp = bytearray((hi - lo) * isz)
+                self._read_elements(a, lo, hi, memoryview(tmp))
+                out[:] = tmp[offset - lo * isz: offset - lo * isz + len(out)]
+        if a.crc is None:
+            return []
+        return [Segment(name, offset, len(out), crc32(out))]
+
+    def _read_elements(self, a: _Array, lo: int, hi: int, out: memoryview) -> None:
+        ts = tsio.tensorstore()
+        store = self._handle(a)
+        npdt = NUMPY_DTYPES[a.storage]
+        pos = 0
+        for box in flat_boxes(a.shape, lo, hi):
+            shape = tuple(s.stop - s.start for s in box)
+            n = math.prod(shape) * npdt.itemsize
+            dst = np.frombuffer(out[pos:pos + n], dtype=npdt).reshape(shape)
+            src = store[box].translate_to[0] if box else store
+            msg = f"{self._loc}: array {a.key or a.name!r}"
+            try:
+                ts.array(dst, copy=False, write=True).write(src).result()
+            except ValueError as e:
+                line = tsio.first_line(e)
+                if "NOT_FOUND" in line or "missing" in line:
+                    raise FormatError(f"{msg}: a chunk is missing ({line}); the store is incomplete, or its writer "
+                                      "skipped chunks equal to the fill value (then pass allow_missing_chunks=True)"
+                                      ) from None
+                raise FormatError(f"{msg}: {line}") from None
+            pos += n
+
+    def fingerprint(self) -> dict[str, Any]:
+        fp = super().fingerprint()
+        if self._root is not None:
+            marker = next((m for m in ("zarr.json", ".zgroup", ".zarray", "_METADATA") if (self._root / m).exists()),
+                          None)
+            if marker:
+                st = os.stat(self._root / marker)
+                fp["files"] = {marker: [st.st_size, st.st_mtime_ns]}
+        return fp
+
+    def close(self) -> None:
+        self._handles = {}
+
+
+def flat_boxes(shape: tuple[int, ...], lo: int, hi: int) -> list[tuple[slice, ...]]:
+    """Elements [lo, hi) of a C-order array as at most 2*ndim-1 boxes, in order."""
+    if lo >= hi:
+        return []
+    if not shape:
+        return [()]
+    inner = math.prod(shape[1:])
+    r0, o0 = divmod(lo, inner)
+    r1, o1 = divmod(hi, inner)
+    whole = tuple(slice(0, d) for d in shape[1:])
+    if r0 == r1:
+        return [(slice(r0, r0 + 1),) + b for b in flat_boxes(shape[1:], o0, o1)]
+    out: list[tuple[slice, ...]] = []
+    if o0:
+        out += [(slice(r0, r0 + 1),) + b for b in flat_boxes(shape[1:], o0, inner)]
+        r0 += 1
+    if r1 > r0:
+        out.append((slice(r0, r1),) + whole)
+    if o1:
+        out += [(slice(r1, r1 + 1),) + b for b in flat_boxes(shape[1:], 0, o1)]
+    return out
