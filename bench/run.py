@@ -61,7 +61,7 @@ CONVERTER_ROWS = [
     ("tf-checkpoint", _CONVERT + ["{out}/ckpt", "--to", "tf-checkpoint",
                                   "--max-memory", "{max_memory}", "--quiet"]),
 ]
-DEFAULT_ROWS = "npz,npz-nofsync"
+DEFAULT_ROWS = "npz,npz-nofsync,zarr"
 
 NAIVE_ROWS = [
     ("naive tf+np.savez", [PY, "{bench}/naive_npz.py", "{src}", "{out}/model.npz"]),
