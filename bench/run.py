@@ -62,6 +62,8 @@ CONVERTER_ROWS = [
                                   "--max-memory", "{max_memory}", "--quiet"]),
 ]
 DEFAULT_ROWS = "npz,npz-nofsync,zarr"
+#: Pause after each run's cleanup (see run_row); --settle changes it.
+SETTLE_S = 2.0
 
 NAIVE_ROWS = [
     ("naive tf+np.savez", [PY, "{bench}/naive_npz.py", "{src}", "{out}/model.npz"]),
@@ -275,6 +277,9 @@ def run_row(res: RowResult, argv: list[str], scratch: Path, env: dict, timeout: 
     res.add(m, out_bytes)
     remove(scratch)
     os.sync()  # don't let this run's writeback eat into the next run
+    # Freeing a just-synced output keeps this VM's disk busy for a moment (discards);
+    # without a pause the row that follows pays for the previous row's cleanup.
+    time.sleep(SETTLE_S)
     return m
 
 
@@ -364,6 +369,7 @@ def notes(results: dict) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    global SETTLE_S
     all_conv = [r[0] for r in CONVERTER_ROWS]
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sizes", default="1,4",
@@ -378,6 +384,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip-naive", action="store_true", help="skip the TF + np.savez baseline")
     p.add_argument("--skip-footprint", action="store_true",
                    help="skip the 'import tensorflow' / 'import shardconv' rows")
+    p.add_argument("--settle", type=float, default=SETTLE_S,
+                   help="seconds to pause after each run's cleanup, so one row's disk work does not land on the next")
     p.add_argument("--warmup", type=int, default=1,
                    help="untimed runs of the cp row per size before the timed repeats "
                         "(the first write after a checkpoint is written is often slow)")
@@ -389,6 +397,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="delete each checkpoint after its size is done (default: keep as cache)")
     p.add_argument("--markdown", action="store_true", help="print the table as markdown")
     a = p.parse_args(argv)
+    SETTLE_S = a.settle
 
     sizes = [float(x) for x in a.sizes.split(",") if x.strip()]
     budget = parse_bytes(a.max_memory)
