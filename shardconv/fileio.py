@@ -65,3 +65,13 @@ def truncate(fd: int, size: int, path: object) -> None:
         os.ftruncate(fd, size)
     except OSError as e:
         raise DestinationError(f"{path}: cannot size the output to {size} bytes: {e.strerror}") from None
+
+
+def open_read(path: object, error: type[Exception], what: str = "") -> int:
+    """Open read-only (the user's input is never modified); failures become ``error``."""
+    try:
+        return os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        raise error(f"{path}: {what or 'file'} not found") from None
+    except OSError as e:
+        raise error(f"{path}: cannot open {what or 'file'}: {e.strerror}") from None

@@ -21,6 +21,7 @@ from .. import npyformat, zipformat
 from ..checksums import combine_crc32, crc32
 from ..dtypes import dtype_name, itemsize
 from ..errors import ChecksumError, FormatError, SourceError, UnsupportedError
+from ..fileio import open_read
 from ..plan import check_name
 from .base import Segment, Source, TensorInfo, Unit
 
@@ -53,12 +54,7 @@ class NpzSource(Source):
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
-        try:
-            self._fd = os.open(self.path, os.O_RDONLY)
-        except FileNotFoundError:
-            raise SourceError(f"{self.path}: no such file") from None
-        except OSError as e:
-            raise SourceError(f"{self.path}: cannot open: {e.strerror}") from None
+        self._fd = open_read(self.path, SourceError)
         self._inflate: dict[str, _Inflater] = {}
         self._lock = threading.Lock()
         try:

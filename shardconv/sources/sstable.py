@@ -12,6 +12,7 @@ from typing import Iterator
 
 from ..checksums import crc32c, mask
 from ..errors import ChecksumError, FormatError, UnsupportedError
+from ..fileio import open_read
 from ..wire import read_varint
 
 MAGIC = 0xDB4775248B80FB57
@@ -26,12 +27,7 @@ class SSTable:
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = os.fspath(path)
-        try:
-            self._fd = os.open(self.path, os.O_RDONLY)
-        except FileNotFoundError:
-            raise FormatError(f"{self.path}: index file not found") from None
-        except OSError as e:
-            raise FormatError(f"{self.path}: cannot open index: {e.strerror}") from None
+        self._fd = open_read(self.path, FormatError, "index file")
         try:
             self.size = os.fstat(self._fd).st_size
             self._read_footer()
