@@ -133,3 +133,44 @@ def test_npz_mutations(edits, cut):
                     s.read(t.name)
         except ShardconvError:
             pass
+
+
+def _valid_msgpack() -> bytes:
+    import msgpack
+
+    arr = np.arange(6, dtype=np.float32)
+    payload = msgpack.packb(((2, 3), "float32", arr.tobytes()), use_bin_type=True)
+    return msgpack.packb({"params": {"w": msgpack.ExtType(1, payload), "n": [1, 2.5, True]}, "step": 7},
+                         use_bin_type=True)
+
+
+VALID_MSGPACK = _valid_msgpack()
+
+
+def _read_all_msgpack(data: bytes) -> None:
+    from shardconv.sources.flax_msgpack import FlaxMsgpackSource
+
+    with tempfile.TemporaryDirectory() as d:
+        p = Path(d, "c.msgpack")
+        p.write_bytes(data)
+        try:
+            with FlaxMsgpackSource(p) as s:
+                for t in s.tensors():
+                    s.read(t.name)
+        except ShardconvError:
+            pass
+
+
+@FUZZ
+@given(st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, 255)), max_size=6),
+       st.one_of(st.none(), st.integers(0, len(VALID_MSGPACK))))
+def test_msgpack_walker_mutations(edits, cut):
+    _count("msgpack-mutation")
+    _read_all_msgpack(_mutate(VALID_MSGPACK, edits, cut))
+
+
+@FUZZ
+@given(st.binary(max_size=1024))
+def test_msgpack_walker_random_bytes(data):
+    _count("msgpack-random")
+    _read_all_msgpack(data)

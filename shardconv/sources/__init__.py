@@ -18,6 +18,7 @@ REGISTRY: list[tuple[str, str, str, str]] = [
     ("npz", ".npz", "is_npz", "NpzSource"),
     ("tf", ".tf_bundle", "is_tf_bundle", "TFBundleSource"),
     ("zarr", ".zarr", "is_zarr", "ZarrSource"),
+    ("flax-msgpack", ".flax_msgpack", "is_flax_msgpack", "FlaxMsgpackSource"),
 ]
 
 

@@ -1,0 +1,308 @@
+"""flax ``to_bytes`` msgpack files and t5x msgpack ``checkpoint`` files, read lazily.
+
+The file is walked once with ``pread`` through a small window: maps give the
+``/``-joined names, and each array (flax ext type 1 = ndarray, 3 = numpy scalar,
+and flax's ``__msgpack_chunked_array__`` dicts for arrays over 1 GiB) is recorded
+as a byte range of the file, never loaded. Every declared length is checked
+against the file size before anything is read; nesting depth is bounded.
+"""
+from __future__ import annotations
+
+import math
+import os
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..dtypes import dtype_name, itemsize
+from ..errors import FormatError, SourceError, UnsupportedError
+from ..fileio import open_read
+from ..plan import check_name
+from .base import Segment, Source, TensorInfo
+
+MAX_DEPTH = 64
+WINDOW = 1 << 16
+_EXT_NDARRAY, _EXT_COMPLEX, _EXT_SCALAR = 1, 2, 3
+_CHUNKED = "__msgpack_chunked_array__"
+
+
+@dataclass
+class _Bin:
+    offset: int
+    length: int
+
+
+@dataclass
+class _Ext:
+    code: int
+    offset: int
+    length: int
+
+
+@dataclass
+class _Leaf:
+    dtype: str
+    shape: tuple[int, ...]
+    pieces: list[tuple[int, int]] = field(default_factory=list)  # (file offset, bytes)
+    inline: bytes | None = None
+
+
+class _Reader:
+    """msgpack values from a file, bins and exts as (offset, length) without reading them."""
+
+    def __init__(self, fd: int, size: int, where: str) -> None:
+        self.fd, self.size, self.where = fd, size, where
+        self.pos = 0
+        self._win_start = 0
+        self._win = b""
+
+    def _err(self, msg: str) -> FormatError:
+        return FormatError(f"{self.where}: corrupt msgpack at byte {self.pos}: {msg}")
+
+    def take(self, n: int) -> bytes:
+        if n < 0 or self.pos + n > self.size:
+            raise self._err(f"needs {n} bytes but the file ends at {self.size} (truncated?)")
+        end = self.pos + n
+        if not (self._win_start <= self.pos and end <= self._win_start + len(self._win)):
+            self._win_start = self.pos
+            self._win = os.pread(self.fd, max(n, WINDOW), self.pos)
+        out = self._win[self.pos - self._win_start:end - self._win_start]
+        self.pos = end
+        return out
+
+    def skip(self, n: int) -> int:
+        if n < 0 or self.pos + n > self.size:
+            raise self._err(f"declares {n} bytes but the file ends at {self.size} (truncated?)")
+        start = self.pos
+        self.pos += n
+        return start
+
+    def _count(self, n: int, what: str) -> int:
+        if n > self.size - self.pos:  # every element takes at least one byte
+            raise self._err(f"{what} of {n} elements cannot fit in the rest of the file")
+        return n
+
+    def value(self, depth: int = 0) -> Any:
+        if depth > MAX_DEPTH:
+            raise self._err(f"nesting deeper than {MAX_DEPTH}")
+        b = self.take(1)[0]
+        if b <= 0x7F:
+            return b
+        if b >= 0xE0:
+            return b - 0x100
+        if 0x80 <= b <= 0x8F:
+            return self._map(b & 0x0F, depth)
+        if 0x90 <= b <= 0x9F:
+            return self._array(b & 0x0F, depth)
+        if 0xA0 <= b <= 0xBF:
+            return self._str(b & 0x1F)
+        simple = {0xC0: None, 0xC2: False, 0xC3: True}
+        if b in simple:
+            return simple[b]
+        if b in (0xC4, 0xC5, 0xC6):
+            n = int.from_bytes(self.take(1 << (b - 0xC4)), "big")
+            return _Bin(self.skip(n), n)
+        if b in (0xC7, 0xC8, 0xC9):
+            n = int.from_bytes(self.take(1 << (b - 0xC7)), "big")
+            code = struct.unpack("b", self.take(1))[0]
+            return _Ext(code, self.skip(n), n)
+        if b == 0xCA:
+            return struct.unpack(">f", self.take(4))[0]
+        if b == 0xCB:
+            return struct.unpack(">d", self.take(8))[0]
+        if 0xCC <= b <= 0xCF:
+            return int.from_bytes(self.take(1 << (b - 0xCC)), "big")
+        if 0xD0 <= b <= 0xD3:
+            return int.from_bytes(self.take(1 << (b - 0xD0)), "big", signed=True)
+        if 0xD4 <= b <= 0xD8:
+            code = struct.unpack("b", self.take(1))[0]
+            n = 1 << (b - 0xD4)
+            return _Ext(code, self.skip(n), n)
+        if 0xD9 <= b <= 0xDB:
+            return self._str(int.from_bytes(self.take(1 << (b - 0xD9)), "big"))
+        if b in (0xDC, 0xDD):
+            return self._array(int.from_bytes(self.take(2 if b == 0xDC else 4), "big"), depth)
+        if b in (0xDE, 0xDF):
+            return self._map(int.from_bytes(self.take(2 if b == 0xDE else 4), "big"), depth)
+        raise self._err(f"invalid type byte 0x{b:02x}")
+
+    def _str(self, n: int) -> str:
+        if n > 1 << 20:
+            raise self._err(f"string of {n} bytes")
+        try:
+            return self.take(n).decode("utf-8")
+        except UnicodeDecodeError:
+            raise self._err("string is not UTF-8") from None
+
+    def _array(self, n: int, depth: int) -> list[Any]:
+        return [self.value(depth + 1) for _ in range(self._count(n, "array"))]
+
+    def _map(self, n: int, depth: int) -> dict[Any, Any]:
+        out: dict[Any, Any] = {}
+        for _ in range(self._count(n, "map")):
+            k = self.value(depth + 1)
+            if isinstance(k, (_Bin, _Ext, list, dict)):
+                raise self._err("map key is not a string or number")
+            if k in out:
+                raise self._err(f"duplicate key {k!r}")
+            out[k] = self.value(depth + 1)
+        return out
+
+
+def is_flax_msgpack(path: Any) -> bool:
+    """A regular file starting with a msgpack map (flax/t5x checkpoints are maps)."""
+    try:
+        p = Path(path)
+        if not p.is_file() or p.suffix in (".npz", ".index", ".json"):
+            return False
+        with open(p, "rb") as f:
+            b = f.read(1)
+        return bool(b) and (0x80 <= b[0] <= 0x8F or b[0] in (0xDE, 0xDF))
+    except (OSError, TypeError, ValueError):
+        return False
+
+
+class FlaxMsgpackSource(Source):
+    format = "flax-msgpack"
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        self._fd = open_read(self.path, SourceError)
+        try:
+            size = os.fstat(self._fd).st_size
+            self._reader = _Reader(self._fd, size, str(self.path))
+            tree = self._reader.value()
+            if self._reader.pos != size:
+                raise FormatError(f"{self.path}: {size - self._reader.pos} bytes after the msgpack value")
+            if not isinstance(tree, dict):
+                raise FormatError(f"{self.path}: top level is not a map")
+            self._leaves: dict[str, _Leaf] = {}
+            self._walk(tree, "")
+        except BaseException:
+            os.close(self._fd)
+            raise
+        self._infos = [TensorInfo(n, l.dtype, l.shape, math.prod(l.shape) * itemsize(l.dtype))
+                       for n, l in self._leaves.items()]
+
+    @property
+    def location(self) -> str:
+        return str(self.path)
+
+    def _walk(self, node: Any, prefix: str) -> None:
+        if isinstance(node, dict) and node.get(_CHUNKED) is True:
+            self._add(prefix, self._chunked(node, prefix))
+            return
+        if isinstance(node, dict):
+            for k, v in node.items():
+                self._walk(v, f"{prefix}/{k}" if prefix else str(k))
+            return
+        if isinstance(node, list):
+            for i, v in enumerate(node):
+                self._walk(v, f"{prefix}/{i}" if prefix else str(i))
+            return
+        self._add(prefix, self._leaf(node, prefix))
+
+    def _add(self, name: str, leaf: _Leaf | None) -> None:
+        if leaf is None:
+            return
+        why = check_name(name)
+        if why:
+            raise FormatError(f"{self.path}: leaf name {name!r} is unsafe ({why})")
+        self._leaves[name] = leaf
+
+    def _leaf(self, v: Any, name: str) -> _Leaf | None:
+        if isinstance(v, bool):
+            return _Leaf("bool", (), inline=np.bool_(v).tobytes())
+        if isinstance(v, int):
+            if not -(1 << 63) <= v < 1 << 63:
+                raise FormatError(f"{self.path}: integer leaf {name!r} does not fit int64")
+            return _Leaf("int64", (), inline=np.int64(v).tobytes())
+        if isinstance(v, float):
+            return _Leaf("float64", (), inline=np.float64(v).tobytes())
+        if isinstance(v, _Ext):
+            return self._ext(v, name)
+        if v is None or isinstance(v, str) or isinstance(v, _Bin):
+            return None  # not an array (t5x stores e.g. None for empty optimizer states)
+        raise FormatError(f"{self.path}: unexpected leaf {name!r}")
+
+    def _ext(self, e: _Ext, name: str) -> _Leaf:
+        if e.code == _EXT_COMPLEX:
+            r = _Reader(self._fd, e.offset + e.length, str(self.path))
+            r.pos = e.offset
+            pair = r.value()
+            if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(x, (int, float)) for x in pair)):
+                raise FormatError(f"{self.path}: complex leaf {name!r} is malformed")
+            return _Leaf("complex128", (), inline=np.complex128(complex(*pair)).tobytes())
+        if e.code not in (_EXT_NDARRAY, _EXT_SCALAR):
+            raise FormatError(f"{self.path}: leaf {name!r} uses unknown msgpack ext code {e.code}")
+        r = _Reader(self._fd, e.offset + e.length, str(self.path))
+        r.pos = e.offset
+        tpl = r.value(MAX_DEPTH - 3)
+        if not (isinstance(tpl, list) and len(tpl) == 3 and isinstance(tpl[0], list) and isinstance(tpl[2], _Bin)):
+            raise FormatError(f"{self.path}: array {name!r} is not (shape, dtype, bytes)")
+        shape, dname, data = tpl
+        if isinstance(dname, _Bin):
+            dname = os.pread(self._fd, min(dname.length, 64), dname.offset).decode("ascii", "replace")
+        if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+            raise FormatError(f"{self.path}: array {name!r} has invalid shape {shape!r}")
+        try:
+            dtype = dtype_name(np.dtype(dname)) if dname != "bfloat16" else "bfloat16"
+        except (TypeError, UnsupportedError):
+            raise UnsupportedError(f"{self.path}: array {name!r} has unsupported dtype {dname!r}") from None
+        nbytes = math.prod(shape) * itemsize(dtype)
+        if nbytes != data.length:
+            raise FormatError(f"{self.path}: array {name!r} declares shape {shape} of {dtype} ({nbytes} bytes) "
+                              f"but holds {data.length}")
+        return _Leaf(dtype, tuple(shape), [(data.offset, data.length)] if nbytes else [])
+
+    def _chunked(self, node: dict, name: str) -> _Leaf:
+        try:
+            shape = tuple(node["shape"][str(i)] for i in range(len(node["shape"])))
+            chunks = [self._ext(node["chunks"][str(i)], f"{name}/chunks/{i}") for i in range(len(node["chunks"]))]
+        except (KeyError, TypeError, AttributeError):
+            raise FormatError(f"{self.path}: chunked array {name!r} is malformed") from None
+        dtypes = {c.dtype for c in chunks}
+        total = sum(p[1] for c in chunks for p in c.pieces)
+        if len(dtypes) != 1 or not all(isinstance(d, int) and d >= 0 for d in shape) or \
+                total != math.prod(shape) * itemsize(next(iter(dtypes))):
+            raise FormatError(f"{self.path}: chunked array {name!r} pieces do not add up to shape {list(shape)}")
+        return _Leaf(dtypes.pop(), shape, [p for c in chunks for p in c.pieces])
+
+    def tensors(self) -> list[TensorInfo]:
+        return list(self._infos)
+
+    def fingerprint(self) -> dict[str, Any]:
+        fp = super().fingerprint()
+        st = os.stat(self.path)
+        fp["files"] = {self.path.name: [st.st_size, st.st_mtime_ns]}
+        return fp
+
+    def read_into(self, name: str, offset: int, out: memoryview) -> list[Segment]:
+        out = out.cast("B") if out.format != "B" else out
+        leaf = self._leaves.get(name)
+        if leaf is None:
+            raise SourceError(f"{self.path}: no array named {name!r}")
+        nbytes = math.prod(leaf.shape) * itemsize(leaf.dtype)
+        if offset < 0 or offset + len(out) > nbytes:
+            raise SourceError(f"{self.path}: read [{offset}, {offset + len(out)}) outside {name!r} ({nbytes} bytes)")
+        if leaf.inline is not None:
+            out[:] = leaf.inline[offset:offset + len(out)]
+            return []
+        pos, done = 0, 0
+        for start, length in leaf.pieces:
+            lo, hi = max(offset, pos), min(offset + len(out), pos + length)
+            if lo < hi:
+                n = os.preadv(self._fd, [out[done:done + hi - lo]], start + lo - pos)
+                if n != hi - lo:
+                    raise FormatError(f"{self.path}: file ends inside array {name!r} (truncated?)")
+                done += n
+            pos += length
+        return []
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
