@@ -8,6 +8,7 @@ once every byte of it has been read, even across a resumed run.
 from __future__ import annotations
 
 import math
+import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -101,6 +102,13 @@ class Source(ABC):
             "format": self.format,
             "tensors": {t.name: [t.dtype, list(t.shape), t.nbytes, t.checksum] for t in self.tensors()},
         }
+
+    def _file_fingerprint(self, path: "os.PathLike[str]") -> dict[str, Any]:
+        """``fingerprint()`` for a format stored in one file: tensors plus the file's size and mtime."""
+        fp = Source.fingerprint(self)
+        st = os.stat(path)
+        fp["files"] = {os.path.basename(path): [st.st_size, st.st_mtime_ns]}
+        return fp
 
     def info(self, name: str) -> TensorInfo:
         for t in self.tensors():

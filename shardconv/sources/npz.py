@@ -254,10 +254,7 @@ class NpzSource(Source):
         return dict(getattr(self, "_units", {}))
 
     def fingerprint(self) -> dict[str, Any]:
-        fp = super().fingerprint()
-        st = os.stat(self.path)
-        fp["files"] = {self.path.name: [st.st_size, st.st_mtime_ns]}
-        return fp
+        return self._file_fingerprint(self.path)
 
     def read_into(self, name: str, offset: int, out: memoryview) -> list[Segment]:
         out = out.cast("B") if out.format != "B" else out
