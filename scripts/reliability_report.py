@@ -70,7 +70,7 @@ def main() -> int:
         f"{sum(corpus.values())}: {', '.join(f'{v} {k}' for k, v in sorted(corpus.items()))} | tests/test_hostile.py |",
         f"| fault-injection tests (disk full, ENOSPC/EIO writes, failed fsync, read error) | "
         f"{by_file.get('test_faults', 0)} passed | tests/test_faults.py |",
-        f"| fuzz executions (TF index, entries, protobuf wire, npy header, npz) | {sum(fuzz.values())} "
+        f"| fuzz executions (TF index, entries, protobuf wire, npy header, npz, msgpack) | {sum(fuzz.values())} "
         f"over {len(fuzz)} targets, no failure | tests/test_fuzz.py |",
         f"| mutated copies of a real TF checkpoint, separate processes, --max-memory {sweep.get('max_memory', '?')} | "
         f"{sweep.get('cases', 0)}: {', '.join(f'{v} {k}' for k, v in sorted(sweep['outcomes'].items()))}; "
