@@ -128,7 +128,8 @@ class _TFSinkTests(SinkTests):
     kind = ""
     # Grouped writes: a kill before the first group is flushed (chunk 12 here) resumes nothing,
     # so the sweep's points are where a resume must find finished groups (plus chunk:0).
-    kill_points = ["chunk:0", "journal:12", "chunk:14", "journal:20", "chunk:30", "finish", "renamed"]
+    kill_points = (["chunk:0"] + [f"{kind}:{k}" for k in range(12, 31, 2) for kind in ("chunk", "journal")]
+                   + ["finish", "renamed"])
 
     def convert(self, src: Path, dest: Path, **kw: Any):
         return tf_convert(src, dest, to=self.to, **kw)
