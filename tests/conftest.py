@@ -3,8 +3,14 @@ so this process never imports TF) and the path of the shared test data."""
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
+
+# JAX tests shard arrays over 8 CPU devices. XLA reads this flag when its CPU backend
+# starts, so it is set here, before any test module can start one.
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 
 import pytest
 

@@ -5,6 +5,8 @@ The file is walked once with ``pread`` through a small window: maps give the
 and flax's ``__msgpack_chunked_array__`` dicts for arrays over 1 GiB) is recorded
 as a byte range of the file, never loaded. Every declared length is checked
 against the file size before anything is read; nesting depth is bounded.
+A leaf that is a TensorStore spec (t5x's TensorStore checkpoints) is an array stored
+beside the file; ``orbax.t5x_array`` resolves it (read through TensorStore).
 """
 from __future__ import annotations
 
@@ -48,6 +50,7 @@ class _Leaf:
     shape: tuple[int, ...]
     pieces: list[tuple[int, int]] = field(default_factory=list)  # (file offset, bytes)
     inline: bytes | None = None
+    external: Any = None  # orbax.TsArray: a t5x array stored beside the file
 
 
 class _Reader:
@@ -180,6 +183,7 @@ class FlaxMsgpackSource(Source):
             if not isinstance(tree, dict):
                 raise FormatError(f"{self.path}: top level is not a map")
             self._leaves: dict[str, _Leaf] = {}
+            self._ts_reader: Any = None
             self._walk(tree, "")
         except BaseException:
             os.close(self._fd)
@@ -195,6 +199,13 @@ class FlaxMsgpackSource(Source):
         if isinstance(node, dict) and node.get(_CHUNKED) is True:
             self._add(prefix, self._chunked(node, prefix))
             return
+        if isinstance(node, dict) and "driver" in node and "kvstore" in node:
+            from .orbax import is_tensorstore_spec, t5x_array
+
+            if is_tensorstore_spec(node):
+                a = t5x_array(node, self.path.parent, prefix, str(self.path))
+                self._add(prefix, _Leaf(a.dtype, a.shape, external=a))
+                return
         if isinstance(node, dict):
             for k, v in node.items():
                 self._walk(v, f"{prefix}/{k}" if prefix else str(k))
@@ -288,6 +299,14 @@ class FlaxMsgpackSource(Source):
         if leaf.inline is not None:
             out[:] = leaf.inline[offset:offset + len(out)]
             return []
+        if leaf.external is not None:
+            if self._ts_reader is None:
+                from .orbax import TsReader, cache_bytes
+
+                self._ts_reader = TsReader(cache_bytes(l.external for l in self._leaves.values()
+                                                       if l.external is not None))
+            self._ts_reader.read(leaf.external, offset, out)
+            return []
         pos, done = 0, 0
         for start, length in leaf.pieces:
             lo, hi = max(offset, pos), min(offset + len(out), pos + length)
@@ -299,7 +318,18 @@ class FlaxMsgpackSource(Source):
             pos += length
         return []
 
+    def baseline_bytes(self) -> int:
+        external = [leaf.external for leaf in self._leaves.values() if leaf.external is not None]
+        if not external:
+            return 0
+        from .orbax import reader_bytes
+
+        return reader_bytes(external)
+
     def close(self) -> None:
+        if getattr(self, "_ts_reader", None) is not None:
+            self._ts_reader.close()
+            self._ts_reader = None
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1

@@ -1,0 +1,374 @@
+"""Zarr v2 chunks read as streams, so a region costs a few MiB however large its chunk.
+
+TensorStore decodes a whole chunk to read any part of it, and Orbax writes one chunk
+per shard (up to 2 GiB), so reading through TensorStore costs a decoded chunk on top
+of the budget. For the codecs Orbax and t5x write (zstd, gzip, zlib, none; no
+filters; C order) this module instead keeps one forward decoder per chunk: compressed
+bytes come from the TensorStore kvstore in 1 MiB byte ranges (file or OCDBT alike),
+zstd streams through the system ``libzstd`` (``ZSTD_decompressStream``, window capped
+at 16 MiB) and gzip/zlib through ``zlib`` with ``max_length``. A region becomes at most
+a few pieces of each chunk's decoded bytes, each at most ``PIECE`` bytes, decoded in
+order; reading backwards restarts that chunk's decoder. Arrays with other codecs (or
+without libzstd) are read by TensorStore.
+"""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import itertools
+import math
+import re
+import threading
+import zlib
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .. import tsio
+from ..dtypes import NUMPY_DTYPES, itemsize
+from ..errors import FormatError
+
+PIECE = 4 << 20          # largest decoded span held at once
+FETCH = 1 << 20          # compressed bytes fetched per kvstore read
+MAX_STREAMS = 32         # open chunk decoders (each: a zstd window <= 16 MiB, one fetch)
+_ZSTD_WINDOW_LOG_MAX = 24
+#: Decoder state per open stream, for estimates: zstd's window at the levels TensorStore
+#: writes (3: 2 MiB at most; higher levels may use up to 16 MiB) or zlib's 32 KiB.
+_STATE = {"zstd": 2 << 20, "gzip": 64 << 10, "zlib": 64 << 10, "raw": 0}
+_SIZE = re.compile(r"value of size (\d+)")
+
+
+# -- libzstd through ctypes ----------------------------------------------------------------
+
+class _Buf(ctypes.Structure):
+    _fields_ = [("ptr", ctypes.c_void_p), ("size", ctypes.c_size_t), ("pos", ctypes.c_size_t)]
+
+
+_zstd_lib: Any = None
+_zstd_lock = threading.Lock()
+
+
+def _zstd() -> Any:
+    """The system libzstd, or None (then zstd chunks are read by TensorStore)."""
+    global _zstd_lib
+    with _zstd_lock:
+        if _zstd_lib is None:
+            lib: Any = False
+            try:
+                name = ctypes.util.find_library("zstd") or "libzstd.so.1"
+                lib = ctypes.CDLL(name)
+                lib.ZSTD_createDStream.restype = ctypes.c_void_p
+                lib.ZSTD_freeDStream.argtypes = [ctypes.c_void_p]
+                lib.ZSTD_initDStream.argtypes = [ctypes.c_void_p]
+                lib.ZSTD_initDStream.restype = ctypes.c_size_t
+                lib.ZSTD_DCtx_setParameter.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
+                lib.ZSTD_DCtx_setParameter.restype = ctypes.c_size_t
+                lib.ZSTD_decompressStream.argtypes = [ctypes.c_void_p, ctypes.POINTER(_Buf), ctypes.POINTER(_Buf)]
+                lib.ZSTD_decompressStream.restype = ctypes.c_size_t
+                lib.ZSTD_isError.argtypes = [ctypes.c_size_t]
+                lib.ZSTD_getErrorName.argtypes = [ctypes.c_size_t]
+                lib.ZSTD_getErrorName.restype = ctypes.c_char_p
+            except (OSError, AttributeError):
+                lib = False
+            _zstd_lib = lib
+        return _zstd_lib or None
+
+
+class _ZstdDecoder:
+    def __init__(self) -> None:
+        self.lib = _zstd()
+        self.ds = self.lib.ZSTD_createDStream()
+        if not self.ds:
+            raise MemoryError("ZSTD_createDStream failed")
+        self.lib.ZSTD_initDStream(self.ds)
+        self.lib.ZSTD_DCtx_setParameter(self.ds, 100, _ZSTD_WINDOW_LOG_MAX)  # ZSTD_d_windowLogMax
+
+    def decode(self, src: bytes, at: int, dst: memoryview) -> tuple[int, int]:
+        """Decode from ``src[at:]`` into ``dst``; returns (bytes consumed, bytes produced)."""
+        base = ctypes.cast(ctypes.c_char_p(src), ctypes.c_void_p).value or 0  # the bytes' own buffer, no copy
+        d = (ctypes.c_char * len(dst)).from_buffer(dst)
+        inb = _Buf(base + at, len(src) - at, 0)
+        outb = _Buf(ctypes.addressof(d), len(dst), 0)
+        r = self.lib.ZSTD_decompressStream(self.ds, ctypes.byref(outb), ctypes.byref(inb))
+        if self.lib.ZSTD_isError(r):
+            raise ValueError(self.lib.ZSTD_getErrorName(r).decode("ascii", "replace"))
+        return inb.pos, outb.pos
+
+    def __del__(self) -> None:
+        if getattr(self, "ds", None):
+            self.lib.ZSTD_freeDStream(self.ds)
+            self.ds = None
+
+
+class _ZlibDecoder:
+    def __init__(self, wbits: int) -> None:
+        self.d = zlib.decompressobj(wbits)
+
+    def decode(self, src: bytes, at: int, dst: memoryview) -> tuple[int, int]:
+        out = self.d.decompress(memoryview(src)[at:], len(dst))
+        dst[:len(out)] = out
+        return len(src) - at - len(self.d.unconsumed_tail), len(out)
+
+
+# -- which arrays stream --------------------------------------------------------------------
+
+@dataclass
+class StreamLayout:
+    """A Zarr v2 array whose chunks can be decoded as streams."""
+
+    kvstore: dict[str, Any]          # kvstore spec whose keys are the chunk keys
+    chunks: tuple[int, ...]
+    codec: str                       # "raw", "zstd", "gzip" or "zlib"
+    separator: str
+    fill: bytes | None               # one element's fill value; None: a missing chunk is an error
+    itemsize: int = 1
+
+    @property
+    def chunk_nbytes(self) -> int:
+        return math.prod(self.chunks) * self.itemsize
+
+
+def stream_layout(meta: dict[str, Any], dtype: str, kvstore: dict[str, Any], fill_missing: bool) -> StreamLayout | None:
+    """The layout if ``meta`` (``.zarray`` content) can be streamed here, else None."""
+    if meta.get("zarr_format", 2) != 2 or meta.get("order", "C") != "C" or meta.get("filters"):
+        return None
+    if meta.get("dimension_separator", ".") not in (".", "/"):
+        return None
+    comp = meta.get("compressor")
+    if comp is None:
+        codec = "raw"
+    elif isinstance(comp, dict) and comp.get("id") in ("zstd", "gzip", "zlib"):
+        codec = comp["id"]
+        if codec == "zstd" and _zstd() is None:
+            return None
+    else:
+        return None
+    dt = meta.get("dtype")
+    if isinstance(dt, str) and dt[:1] == ">" and itemsize(dtype) > 1:
+        return None  # stored big-endian: TensorStore swaps bytes
+    chunks = meta.get("chunks", meta.get("shape"))
+    if not isinstance(chunks, list) or not all(isinstance(c, int) and c > 0 for c in chunks):
+        return None
+    fill = None
+    if fill_missing:
+        fv = meta.get("fill_value")
+        try:
+            fill = np.full((), 0 if fv is None else fv, dtype=NUMPY_DTYPES[dtype]).tobytes()
+        except (TypeError, ValueError, OverflowError):
+            return None
+    return StreamLayout(kvstore, tuple(chunks), codec, meta.get("dimension_separator", "."), fill, itemsize(dtype))
+
+
+def streams_needed(layout: StreamLayout, shape: tuple[int, ...]) -> int:
+    """Chunks one C-order read can keep open at once: those across one row of chunks."""
+    return min(MAX_STREAMS, math.prod(-(-s // c) for s, c in zip(shape[1:], layout.chunks[1:])) or 1)
+
+
+def stream_bytes(layout: StreamLayout, shape: tuple[int, ...]) -> int:
+    """Memory the open decoders of this array hold (fetched bytes and decoder state)."""
+    per = 0 if layout.codec == "raw" else FETCH + _STATE[layout.codec]
+    return streams_needed(layout, shape) * per + PIECE
+
+
+# -- reading --------------------------------------------------------------------------------
+
+class _Stream:
+    """Forward decoding of one chunk: ``pos`` decoded bytes are behind us."""
+
+    def __init__(self, layout: StreamLayout, key: str) -> None:
+        self.key = key
+        self.pos = 0          # decoded position
+        self.cpos = 0         # next compressed byte to fetch
+        self.pending = b""    # fetched compressed bytes; pending[at:] not yet decoded
+        self.at = 0
+        self.eof = False
+        self.missing = False
+        self.size: int | None = None   # compressed size, once known
+        self.decoder: Any = None
+        if layout.codec == "zstd":
+            self.decoder = _ZstdDecoder()
+        elif layout.codec in ("gzip", "zlib"):
+            self.decoder = _ZlibDecoder(31 if layout.codec == "gzip" else 15)
+
+
+class StreamReader:
+    """Reads C-order element ranges of streamable arrays, a piece of a chunk at a time."""
+
+    def __init__(self, ts: Any, context: Any) -> None:
+        self._ts = ts
+        self._ctx = context
+        self._kv: OrderedDict[int, Any] = OrderedDict()
+        self._streams: OrderedDict[tuple[int, tuple[int, ...]], _Stream] = OrderedDict()
+        self._skip = bytearray(min(PIECE, 1 << 20))
+
+    def _kvstore(self, layout: StreamLayout, where: str) -> Any:
+        kv = self._kv.pop(id(layout), None)
+        if kv is None:
+            kv = tsio.wrap(FormatError, where, lambda: self._ts.KvStore.open(layout.kvstore, context=self._ctx).result())
+            if len(self._kv) >= 8:
+                self._kv.popitem(last=False)
+        self._kv[id(layout)] = kv
+        return kv
+
+    def read(self, layout: StreamLayout, shape: tuple[int, ...], dtype: str, lo: int, hi: int, out: memoryview,
+             where: str) -> None:
+        """Fill ``out`` with elements [lo, hi) of the array (C order)."""
+        from .zarr import flat_boxes
+
+        npdt = NUMPY_DTYPES[dtype]
+        isz = npdt.itemsize
+        c = layout.chunks
+        cstrides = [math.prod(c[d + 1:]) for d in range(len(c))]
+        pos = 0
+        for box in flat_boxes(shape, lo, hi):
+            bshape = tuple(s.stop - s.start for s in box)
+            n = math.prod(bshape) * isz
+            dst = np.frombuffer(out[pos:pos + n], dtype=npdt).reshape(bshape)
+            ranges = [range(s.start // cd, (s.stop - 1) // cd + 1) for s, cd in zip(box, c)]
+            for cidx in itertools.product(*ranges):
+                origin = [i * cd for i, cd in zip(cidx, c)]
+                glo = [max(s.start, o) for s, o in zip(box, origin)]
+                ghi = [min(s.stop, o + cd) for s, o, cd in zip(box, origin, c)]
+                local = [(a - o, b - o) for a, b, o in zip(glo, ghi, origin)]
+                dsub = dst[tuple(slice(a - s.start, b - s.start) for a, b, s in zip(glo, ghi, box)) + (Ellipsis,)]
+                self._copy_box(layout, cidx, local, cstrides, npdt, dsub, where)
+            pos += n
+
+    def _copy_box(self, layout: StreamLayout, cidx: tuple[int, ...], local: list[tuple[int, int]],
+                  cstrides: list[int], npdt: np.dtype, dst: np.ndarray, where: str) -> None:
+        """Copy the chunk's elements in ``local`` (per-dim [a, b)) into ``dst``, in spans of
+        at most PIECE decoded bytes, in increasing order."""
+        isz = npdt.itemsize
+        nd = len(local)
+        if nd == 0:
+            buf = bytearray(isz)
+            self._decoded(layout, cidx, 0, memoryview(buf), where)
+            dst[...] = np.frombuffer(buf, dtype=npdt)[0]
+            return
+
+        def walk(prefix: list[int], j: int) -> None:
+            a, b = local[j]
+            slab = cstrides[j] * isz  # decoded bytes of one index along dim j
+            if slab > PIECE and j + 1 < nd:
+                for i in range(a, b):
+                    walk(prefix + [i], j + 1)
+                return
+            step = max(1, PIECE // slab)
+            for r0 in range(a, b, step):
+                r1 = min(b, r0 + step)
+                lo_idx = prefix + [r0] + [x for x, _ in local[j + 1:]]
+                hi_idx = prefix + [r1 - 1] + [y - 1 for _, y in local[j + 1:]]
+                start = sum(i * s for i, s in zip(lo_idx, cstrides)) * isz
+                end = (sum(i * s for i, s in zip(hi_idx, cstrides)) + 1) * isz
+                dsel = tuple(p - local[k][0] for k, p in enumerate(prefix)) + (slice(r0 - a, r1 - a),)
+                target = dst[dsel + (Ellipsis,)]
+                full = all(local[k] == (0, layout.chunks[k]) for k in range(j + 1, nd))
+                if full and target.flags.c_contiguous:  # decode straight into the caller's buffer
+                    self._decoded(layout, cidx, start, memoryview(target.reshape(-1).view(np.uint8)), where)
+                    continue
+                buf = bytearray(end - start)
+                self._decoded(layout, cidx, start, memoryview(buf), where)
+                shape = [r1 - r0] + [y - x for x, y in local[j + 1:]]
+                view = np.ndarray(shape, dtype=npdt, buffer=buf,
+                                  strides=[s * isz for s in cstrides[j:]])
+                np.copyto(target, view)
+
+        walk([], 0)
+
+    def _stream(self, layout: StreamLayout, cidx: tuple[int, ...], start: int) -> _Stream:
+        key = (id(layout), cidx)
+        st = self._streams.pop(key, None)
+        if st is None or st.pos > start:  # new, or a read behind the decoder: start over
+            st = _Stream(layout, layout.separator.join(map(str, cidx)) or "0")
+            if len(self._streams) >= MAX_STREAMS:
+                self._streams.popitem(last=False)
+        self._streams[key] = st
+        return st
+
+    def _decoded(self, layout: StreamLayout, cidx: tuple[int, ...], start: int, out: memoryview, where: str) -> None:
+        """Decoded bytes [start, start+len(out)) of chunk ``cidx``."""
+        st = self._stream(layout, cidx, start)
+        kv = self._kvstore(layout, where)
+        at = f"{where}: chunk {st.key!r}"
+        if layout.codec == "raw":
+            data = self._fetch(kv, st, start, len(out), at)
+            if data is None:
+                return self._fill(layout, out, at)
+            if len(data) != len(out):
+                raise FormatError(f"{at}: holds fewer bytes than its shape needs (truncated?)")
+            out[:] = data
+            return
+        while st.pos < start:  # skip forward
+            n = min(len(self._skip), start - st.pos)
+            if not self._pump(kv, st, memoryview(self._skip)[:n], at):
+                return self._fill(layout, out, at)
+        if not self._pump(kv, st, out, at):
+            self._fill(layout, out, at)
+        if st.pos >= layout.chunk_nbytes:  # fully decoded: free its decoder and buffer now
+            self._streams.pop((id(layout), cidx), None)
+
+    def _pump(self, kv: Any, st: _Stream, out: memoryview, at: str) -> bool:
+        """Decode exactly len(out) bytes from the stream; False if the chunk is missing."""
+        done = 0
+        while done < len(out):
+            if st.at >= len(st.pending) and not st.eof:
+                data = self._fetch(kv, st, st.cpos, FETCH, at)
+                if data is None:
+                    return False
+                st.cpos += len(data)
+                st.pending, st.at = data, 0
+                st.eof = len(data) < FETCH
+            try:
+                used, made = st.decoder.decode(st.pending, st.at, out[done:])
+            except (ValueError, zlib.error) as e:
+                raise FormatError(f"{at}: corrupt compressed data ({e})") from None
+            st.at += used
+            done += made
+            st.pos += made
+            if made == 0 and used == 0 and st.eof and st.at >= len(st.pending):
+                raise FormatError(f"{at}: decodes to fewer bytes than its shape needs (truncated?)")
+        return True
+
+    def _fetch(self, kv: Any, st: _Stream, start: int, n: int, at: str) -> bytes | None:
+        """Compressed bytes [start, start+n) (fewer at the end); None if the chunk is missing."""
+        if st.missing:
+            return None
+        if st.size is not None:
+            n = max(0, min(n, st.size - start))
+            if not n:
+                return b""
+        try:
+            r = kv.read(st.key, byte_range=slice(start, start + n)).result()
+        except ValueError as e:
+            if "OUT_OF_RANGE" not in str(e):
+                raise FormatError(f"{at}: {tsio.first_line(e)}") from None
+            m = _SIZE.search(str(e))
+            if m:  # the value ends within this range: now its size is known
+                st.size = int(m.group(1))
+                return self._fetch(kv, st, start, n, at)
+            try:
+                r = kv.read(st.key, byte_range=slice(start, None)).result()
+            except ValueError as e2:
+                if "OUT_OF_RANGE" in str(e2):
+                    return b""
+                raise FormatError(f"{at}: {tsio.first_line(e2)}") from None
+        if r.state != "value":
+            st.missing = True
+            return None
+        return bytes(r.value)
+
+    @staticmethod
+    def _fill(layout: StreamLayout, out: memoryview, at: str) -> None:
+        if layout.fill is None:
+            raise FormatError(f"{at} is missing; the checkpoint is incomplete")
+        pattern = layout.fill
+        if pattern.count(0) == len(pattern):
+            out[:] = bytes(len(out))
+        else:
+            out[:] = (pattern * (len(out) // len(pattern) + 1))[:len(out)]
+
+    def close(self) -> None:
+        self._streams.clear()
+        self._kv.clear()
