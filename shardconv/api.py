@@ -74,7 +74,7 @@ def convert(src: Any, dest: str | os.PathLike, *, to: str | None = None, max_mem
 
 
 def verify(dest: str | os.PathLike, src: Any = None, *, max_memory: str | int = DEFAULT_MAX_MEMORY,
-           progress: bool = False, **mapping: Any) -> dict[str, Any]:
+           progress: bool = False, step: int | None = None, **mapping: Any) -> dict[str, Any]:
     """Re-read an output: every stored checksum, and (with ``src``) every value against the source.
 
     Returns counts; raises VerifyError naming the first tensor that differs.
@@ -87,7 +87,7 @@ def verify(dest: str | os.PathLike, src: Any = None, *, max_memory: str | int = 
     budget = Budget.for_limit(parse_size(max_memory))
     chunk = budget.chunk_bytes
     out = open_source(dest)
-    ref = open_source(src) if src is not None else None
+    ref = open_source(src, **({"step": step} if step is not None else {})) if src is not None else None
     checked = compared = 0
     try:
         from .mapping.roles import role_of

@@ -110,6 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dest")
     p.add_argument("src", nargs="?")
     p.add_argument("--max-memory", default="512MiB")
+    p.add_argument("--step", type=int, help="checkpoint step of SRC in a directory of several")
     _common(p)
     return parser
 
@@ -209,7 +210,7 @@ def _plan(args: argparse.Namespace) -> int:
 def _verify(args: argparse.Namespace) -> int:
     from .api import verify
 
-    r = verify(args.dest, args.src, max_memory=args.max_memory, progress=not args.quiet)
+    r = verify(args.dest, args.src, max_memory=args.max_memory, progress=not args.quiet, step=args.step)
     if not args.quiet:
         against = f", {format_size(r['bytes_compared'])} compared with the source" if args.src else ""
         print(f"ok: {r['tensors']} tensors, {r['checksums_verified']} checksums verified{against}", file=sys.stderr)

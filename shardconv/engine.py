@@ -170,7 +170,7 @@ def memory_estimate(plan: Plan, sink: Sink, max_memory: int) -> dict[str, int]:
     scratch = max([-(-o.producer.scratch_bytes(unit) // unit) for o in plan.outputs] + [0]) + 1 + sink.scratch_slots()
     budget = Budget.for_limit(max_memory, scratch_factor=scratch)
     est = {"chunk_bytes": budget.chunk_bytes, "buffers": budget.n_buffers * budget.chunk_bytes,
-           "scratch": scratch * budget.chunk_bytes, "baseline": BASELINE_RSS + sink.baseline_bytes()}
+           "scratch": scratch * budget.chunk_bytes, "baseline": BASELINE_RSS + plan.source.baseline_bytes() + sink.baseline_bytes()}
     # Source scratch (partitioned reads) is rarely all live at once; buffers are touched in full.
     est["peak"] = est["baseline"] + est["buffers"] + (scratch - 1) * budget.chunk_bytes
     return est

@@ -71,8 +71,6 @@ MAX_DROPPED_LISTED = 1000
 #: On object stores: present while a run on this prefix is unfinished (the prefix is ours).
 PARTIAL_KEY = ".shardconv.partial"
 STATE_ENV = "SHARDCONV_STATE_DIR"
-#: RSS TensorStore adds to a conversion (measured: bench/run.py zarr vs npz rows, 4 GiB, 256 MiB budget).
-TENSORSTORE_BYTES = 50 << 20
 #: Dtypes TensorStore cannot store in Zarr: written as this one (same bytes per element).
 STORAGE_DTYPE = {"uint4": "uint8", "uint2": "uint8"}
 ZSTD_LEVEL = 3
@@ -211,7 +209,7 @@ class ZarrSink(Sink):
 
     def baseline_bytes(self) -> int:
         # TensorStore's import and thread pools: bench peak RSS of the zarr row minus the npz row.
-        return TENSORSTORE_BYTES
+        return tsio.TENSORSTORE_BYTES
 
     def scratch_slots(self) -> int:
         # TensorStore's compressed copy of the chunk in flight, and its decoded chunks while

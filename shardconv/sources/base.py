@@ -88,6 +88,11 @@ class Source(ABC):
         Returns the checksum segments the read covered (empty if the format has none).
         """
 
+    def baseline_bytes(self) -> int:
+        """Memory the reader holds beside the budget's buffers (libraries it loads, decoder
+        state, caches), for estimates; bounded whatever the tensor sizes."""
+        return 0
+
     def units(self) -> dict[str, Unit]:
         """Checksum units by key; empty if the format records no checksums."""
         return {}
