@@ -4,7 +4,7 @@ from __future__ import annotations
 import ml_dtypes
 import numpy as np
 
-from .errors import UnsupportedError
+from .errors import FormatError, UnsupportedError
 
 #: Canonical dtype name -> NumPy dtype. Names are NumPy's (and ml_dtypes').
 NUMPY_DTYPES: dict[str, np.dtype] = {
@@ -68,6 +68,25 @@ def dtype_name(dtype: np.dtype | str | type) -> str:
 
 def itemsize(name: str) -> int:
     return numpy_dtype(name).itemsize
+
+
+INT64_MAX = (1 << 63) - 1
+
+
+def checked_nbytes(shape: "tuple[int, ...] | list[int]", dtype: str, where: str) -> int:
+    """Bytes of a tensor of ``shape`` and ``dtype`` (elements, for strings), refusing shapes
+    whose element count or size overflows int64: a declared shape is never trusted."""
+    numel = 1
+    for d in shape:
+        numel *= d
+        if numel > INT64_MAX:
+            raise FormatError(f"{where}: shape {list(shape)} has more elements than fit in int64")
+    if dtype == "string":
+        return numel
+    nbytes = numel * itemsize(dtype)
+    if nbytes > INT64_MAX:
+        raise FormatError(f"{where}: shape {list(shape)} of {dtype} is too large ({nbytes} bytes)")
+    return nbytes
 
 
 def is_ml_dtype(name: str) -> bool:

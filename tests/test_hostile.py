@@ -42,7 +42,9 @@ def deadline(seconds: int):
 
 
 def digest(d: Path) -> dict[str, str]:
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(d.iterdir()) if p.is_file()}
+    """sha256 of every file under ``d`` (checkpoint directories included), by relative path."""
+    return {str(p.relative_to(d)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(d.rglob("*")) if p.is_file() and not p.is_symlink()}
 
 
 def _log(outcome: str) -> None:
@@ -228,3 +230,131 @@ def test_crafted_npz(tmp_path, case):
     outcome, line = run_case(src, tmp_path / "o.npz", None)
     assert outcome == "error"
     assert message in line and "x.npz" in line, line
+
+
+# ----------------------------------------------------------------- crafted checkpoint directories
+# Orbax (both layouts), Zarr stores and t5x TensorStore checkpoints, each written by the real
+# library and then damaged. These formats record no checksums, so value-changing bit flips in
+# chunk data cannot be caught by anyone; the cases are damage a reader can and must detect.
+
+def _json_edit(path: Path, edit) -> None:
+    import json
+
+    obj = json.loads(path.read_text())
+    edit(obj)
+    path.write_text(json.dumps(obj))
+
+
+def _orbax(d: Path, ocdbt: bool = False) -> Path:
+    ocp = pytest.importorskip("orbax.checkpoint")
+    tree = {"params": {"w": ARRAY, "b": np.arange(5, dtype=np.int32)}}
+    with ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_ocdbt=ocdbt)) as ckptr:
+        ckptr.save(d / "ckpt", tree)
+    return d / "ckpt"
+
+
+def _zarr_store(d: Path) -> Path:
+    zarr = pytest.importorskip("zarr")
+    g = zarr.open_group(str(d / "x.zarr"), mode="w", zarr_format=3)
+    a = g.create_array("w", shape=ARRAY.shape, dtype=ARRAY.dtype, chunks=(2, 2), config={"write_empty_chunks": True})
+    a[...] = ARRAY
+    return d / "x.zarr"
+
+
+def _t5x(d: Path) -> Path:
+    from conftest import SHARED_TESTDATA
+
+    src = SHARED_TESTDATA / "t5x" / "tiny_t5" / "checkpoint_1"
+    if not src.is_dir():
+        pytest.skip("shared t5x test data not present")
+    shutil.copytree(src, d / "checkpoint_1")
+    for p in (d / "checkpoint_1").rglob("*"):
+        p.chmod(0o755 if p.is_dir() else 0o644)
+    (d / "checkpoint_1").chmod(0o755)
+    return d / "checkpoint_1"
+
+
+def _t5x_spec_edit(c: Path, edit) -> None:
+    import msgpack
+
+    tree = msgpack.unpackb((c / "checkpoint").read_bytes(), strict_map_key=False)
+    edit(tree["optimizer"]["state"]["param_states"]["bias"])
+    (c / "checkpoint").write_bytes(msgpack.packb(tree))
+
+
+def _outside_symlink(leaf: Path) -> None:
+    outside = leaf.parent.parent / "elsewhere"
+    shutil.copytree(leaf, outside)
+    shutil.rmtree(leaf)
+    os.symlink(outside, leaf)
+
+
+def _first_chunk(d: Path) -> Path:
+    return sorted(p for p in d.rglob("*") if p.is_file() and p.name[0].isdigit())[0]
+
+
+ORBAX_LEAF = ("params.w",)
+DIR_CASES = {
+    # Orbax, one directory per array
+    "orbax: leaf key '..'": (lambda d: _json_edit(_orbax(d) / "_METADATA", lambda m: next(iter(
+        m["tree_metadata"].values()))["key_metadata"].__setitem__(0, {"key": "..", "key_type": 2})), "unsafe"),
+    "orbax: array directory is a symlink out of the checkpoint": (
+        lambda d: _outside_symlink(_orbax(d) / "params.w"), "outside the checkpoint"),
+    "orbax: _METADATA names an array that is missing": (
+        lambda d: shutil.rmtree(_orbax(d) / "params.b"), "no array data"),
+    "orbax: .zarray missing": (lambda d: (_orbax(d) / "params.w" / ".zarray").unlink(), "no array data"),
+    "orbax: _METADATA not JSON": (lambda d: (_orbax(d) / "_METADATA").write_text("{oops"), "not valid JSON"),
+    "orbax: _METADATA without tree": (lambda d: (_orbax(d) / "_METADATA").write_text("{}"), "no tree_metadata"),
+    "orbax: shape overflows int64": (lambda d: _json_edit(_orbax(d) / "params.w" / ".zarray",
+                                                          lambda m: m.update(shape=[1 << 40, 1 << 40])), "int64"),
+    "orbax: negative shape": (lambda d: _json_edit(_orbax(d) / "params.w" / ".zarray",
+                                                   lambda m: m.update(shape=[-3, 4])), "bad shape"),
+    "orbax: zero chunk size": (lambda d: _json_edit(_orbax(d) / "params.w" / ".zarray",
+                                                    lambda m: m.update(chunks=[0, 4])), "chunk"),
+    "orbax: object dtype": (lambda d: _json_edit(_orbax(d) / "params.w" / ".zarray",
+                                                 lambda m: m.update(dtype="|O")), "not supported"),
+    "orbax: shape larger than the stored chunks": (lambda d: _json_edit(
+        _orbax(d) / "params.w" / ".zarray", lambda m: m.update(shape=[3, 40000], chunks=[3, 40000])), "params.w"),
+    "orbax: chunk truncated": (lambda d: (lambda c: c.write_bytes(c.read_bytes()[:9]))(
+        _first_chunk(_orbax(d) / "params.w")), "params.w"),
+    "orbax: chunk replaced by garbage": (lambda d: _first_chunk(_orbax(d) / "params.w").write_bytes(
+        b"\x28\xb5\x2f\xfd" + bytes(range(200))), "params.w"),
+    # Orbax, OCDBT
+    "ocdbt: manifest missing": (lambda d: (_orbax(d, True) / "manifest.ocdbt").unlink(), "manifest.ocdbt"),
+    "ocdbt: manifest truncated": (lambda d: (lambda m: m.write_bytes(m.read_bytes()[:20]))(
+        _orbax(d, True) / "manifest.ocdbt"), "ckpt"),
+    "ocdbt: data files missing": (lambda d: shutil.rmtree(_orbax(d, True) / "d"), "ckpt"),
+    "ocdbt: data file truncated": (lambda d: [f.write_bytes(f.read_bytes()[:10]) for f in
+                                              (_orbax(d, True) / "d").iterdir()], "ckpt"),
+    # Zarr (zarr-python v3)
+    "zarr: array symlinked out of the store": (lambda d: _outside_symlink(_zarr_store(d) / "w"), "outside"),
+    "zarr: chunk missing": (lambda d: _first_chunk(_zarr_store(d) / "w").unlink(), "missing"),
+    "zarr: zarr.json not JSON": (lambda d: (_zarr_store(d) / "w" / "zarr.json").write_text("[1,"), "zarr.json"),
+    "zarr: unknown data type": (lambda d: _json_edit(_zarr_store(d) / "w" / "zarr.json",
+                                                     lambda m: m.update(data_type="float128x")), "float128x"),
+    "zarr: shape overflows int64": (lambda d: _json_edit(_zarr_store(d) / "w" / "zarr.json",
+                                                         lambda m: m.update(shape=[1 << 40, 1 << 40])), "int64"),
+    "zarr: chunk truncated": (lambda d: (lambda c: c.write_bytes(c.read_bytes()[:5]))(
+        _first_chunk(_zarr_store(d) / "w")), "w"),
+    # t5x TensorStore checkpoint (the real one in shared/testdata, copied and damaged)
+    "t5x: spec path leads out of the checkpoint": (lambda d: _t5x_spec_edit(
+        _t5x(d), lambda b: b["kvstore"].update(path="../../x/")), "outside the checkpoint"),
+    "t5x: spec names a remote store": (lambda d: _t5x_spec_edit(
+        _t5x(d), lambda b: b["kvstore"].update(driver="gcs", bucket="b")), "kvstore driver"),
+    "t5x: array directory missing": (lambda d: shutil.rmtree(_t5x(d) / "state.param_states.bias"), "missing"),
+    "t5x: checkpoint file truncated": (lambda d: (lambda c: c.write_bytes(c.read_bytes()[:100]))(
+        _t5x(d) / "checkpoint"), "checkpoint"),
+    "t5x: gzip chunk corrupt": (lambda d: (lambda c: c.write_bytes(c.read_bytes()[:12] + b"\xff" * 8))(
+        _t5x(d) / "state.param_states.kernel" / "0.0"), "kernel"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(DIR_CASES))
+def test_crafted_checkpoint_dir(tmp_path, case):
+    make, message = DIR_CASES[case]
+    (tmp_path / "in").mkdir()
+    make(tmp_path / "in")
+    src = next(p for p in (tmp_path / "in").iterdir() if p.name != "elsewhere")
+    outcome, line = run_case(src, tmp_path / "o.npz", None)
+    assert outcome == "error"
+    assert message in line, line

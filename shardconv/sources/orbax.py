@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 
 from .. import tsio
-from ..dtypes import NUMPY_DTYPES, dtype_name, is_ml_dtype, itemsize
+from ..dtypes import NUMPY_DTYPES, checked_nbytes, dtype_name, is_ml_dtype, itemsize
 from ..errors import FormatError, SourceError, UnsupportedError
 from ..plan import check_name
 from .base import Segment, Source, TensorInfo
@@ -219,7 +219,10 @@ def zarr_array_info(meta: dict[str, Any], where: str) -> tuple[str, tuple[int, .
         grid = meta.get("chunks", list(shape))
         fmt = 2
     chunk = _shape(grid, where) if isinstance(grid, list) else shape
-    return dtype, shape, fmt, math.prod(chunk) * itemsize(dtype)
+    checked_nbytes(shape, dtype, where)
+    if len(chunk) != len(shape) or (math.prod(shape) and not all(chunk)):
+        raise FormatError(f"{where}: bad chunk shape {list(chunk)} for shape {list(shape)}")
+    return dtype, shape, fmt, checked_nbytes(chunk, dtype, where)
 
 
 # -- reading through TensorStore ---------------------------------------------------------
@@ -579,7 +582,11 @@ def t5x_array(spec: dict[str, Any], base_dir: Path, name: str, where: str) -> Ts
         dtype = _zarr_dtype(dt, arr_where)
         shape = _shape(md["shape"], arr_where)
         md.setdefault("chunks", list(shape))
-        chunk = math.prod(_shape(md["chunks"], arr_where)) * itemsize(dtype)
+        chunks = _shape(md["chunks"], arr_where)
+        checked_nbytes(shape, dtype, arr_where)
+        if len(chunks) != len(shape) or (math.prod(shape) and not all(chunks)):
+            raise FormatError(f"{arr_where}: bad chunk shape {list(chunks)} for shape {list(shape)}")
+        chunk = checked_nbytes(chunks, dtype, arr_where)
         assume = True
         open_spec = {"driver": "zarr", "dtype": dtype, "metadata": md}
         stream_meta = md

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from ..checksums import crc32c, mask, unmask
-from ..dtypes import STRING, TF_DTYPE_NAMES_UNSUPPORTED, TF_DTYPES, itemsize, numpy_dtype
+from ..dtypes import STRING, TF_DTYPE_NAMES_UNSUPPORTED, TF_DTYPES, checked_nbytes, itemsize, numpy_dtype
 from ..errors import ChecksumError, FormatError, SourceError, UnsupportedError
 from ..wire import INT64_MAX, as_int64, fields, read_varint
 from .base import Segment, Source, TensorInfo, Unit
@@ -236,17 +236,7 @@ def _parse_entry(name: str, value: bytes, where: str) -> _Entry:
 
 def _checked_nbytes(e: _Entry, where: str) -> int:
     """shape x itemsize, checked for overflow; TF's own reader had CVEs here."""
-    numel = 1
-    for d in e.shape:
-        numel *= d
-        if numel > INT64_MAX:
-            raise FormatError(f"{where}: tensor {e.name!r} shape {list(e.shape)} has more elements than fit in int64")
-    if e.dtype == STRING:
-        return numel
-    nbytes = numel * itemsize(e.dtype)
-    if nbytes > INT64_MAX:
-        raise FormatError(f"{where}: tensor {e.name!r} shape {list(e.shape)} is too large ({nbytes} bytes)")
-    return nbytes
+    return checked_nbytes(e.shape, e.dtype, f"{where}: tensor {e.name!r}")
 
 
 # ----------------------------------------------------------------- slices

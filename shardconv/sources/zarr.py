@@ -23,7 +23,7 @@ import numpy as np
 
 from .. import tsio
 from ..checksums import crc32
-from ..dtypes import NUMPY_DTYPES, dtype_name, is_ml_dtype, itemsize
+from ..dtypes import NUMPY_DTYPES, checked_nbytes, dtype_name, is_ml_dtype, itemsize
 from ..errors import FormatError, SourceError, UnsupportedError
 from ..plan import check_name
 from .base import Segment, Source, TensorInfo, Unit
@@ -253,6 +253,7 @@ class ZarrSource(Source):
                 raise FormatError(f"{where}: attributes say dtype {info['dtype']} but the array holds {storage}")
             dtype = info["dtype"]
         crc = info.get("crc32") if isinstance(info.get("crc32"), int) else None
+        checked_nbytes(shape, dtype, where)
         return _Array(name, key, fmt, dtype, storage, tuple(shape), crc)
 
     def _v3_dtype(self, meta: dict[str, Any], where: str) -> str:
