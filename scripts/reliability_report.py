@@ -54,7 +54,9 @@ def main() -> int:
             m = re.search(r"(test_\w+)", case.get("classname", ""))
             if m and not any(child.tag in ("failure", "error", "skipped") for child in case):
                 by_file[m.group(1)] += 1
-        kills = collections.Counter(line.split("\t")[0] for line in _lines(t / "kills"))
+        kill_lines = [line.split("\t") for line in _lines(t / "kills")]
+        kills = collections.Counter(sink for sink, _ in kill_lines)
+        timed = collections.Counter(sink for sink, point in kill_lines if point.startswith("time:"))
         corpus = collections.Counter(_lines(t / "corpus"))
         fuzz = collections.Counter(_lines(t / "fuzz"))
         sweep_json = t / "sweep.json"
@@ -64,7 +66,8 @@ def main() -> int:
     rows = [
         "| what | figure | where |",
         "| --- | --- | --- |",
-        *[f"| SIGKILL points survived, {sink} sink (output identical after resume) | {n} | shared sink suite |"
+        *[f"| SIGKILL points survived, {sink} sink (output identical after resume) | {n} ({n - timed[sink]} at "
+          f"code points, {timed[sink]} at times spread over the run) | shared sink suite |"
           for sink, n in sorted(kills.items())],
         f"| hostile-input cases (mutated TF checkpoints; crafted TF indexes, npz files, Orbax/OCDBT, Zarr and t5x directories) | "
         f"{sum(corpus.values())}: {', '.join(f'{v} {k}' for k, v in sorted(corpus.items()))} | tests/test_hostile.py |",

@@ -26,13 +26,21 @@ from .sinks.base import Sink
 from .staging import Staging
 
 #: Test hook: SHARDCONV_TEST_KILL=chunk:K | journal:K | finish | renamed kills the
-#: process with SIGKILL at that point, for the resume tests.
+#: process with SIGKILL at that point, for the resume tests; after:SECONDS kills it that
+#: long after the conversion starts, wherever it then is.
 _KILL = os.environ.get("SHARDCONV_TEST_KILL", "")
 
 
 def _hook(point: str) -> None:
     if _KILL and _KILL == point:
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _start_kill_timer() -> None:
+    if _KILL.startswith("after:"):
+        t = threading.Timer(float(_KILL[6:]), os.kill, (os.getpid(), signal.SIGKILL))
+        t.daemon = True
+        t.start()
 
 
 @dataclass
@@ -90,6 +98,7 @@ def run(plan: Plan, sink: Sink, dest: str | os.PathLike, *, max_memory: int, ove
         chunk_bytes: int | None = None) -> Result:
     """Convert ``plan`` into ``sink`` at ``dest``; resumes a partial output of the same run."""
     t0 = time.monotonic()
+    _start_kill_timer()
     shown = str(dest) if "://" in str(dest) else None  # URLs are reported as given
     dest = sink.local_dest(dest)
     if sink.exists(dest) and not overwrite:

@@ -102,7 +102,8 @@ def op_convert(req: dict) -> dict:
     except ShardconvError as e:
         return {"error": type(e).__name__, "message": str(e)}
     return {"result": {"chunks_written": r.chunks_written, "chunks_resumed": r.chunks_resumed,
-                       "tensors": r.tensors, "bytes_total": r.bytes_total, "chunk_bytes": r.chunk_bytes}}
+                       "tensors": r.tensors, "bytes_total": r.bytes_total, "chunk_bytes": r.chunk_bytes,
+                       "seconds": r.seconds}}
 
 
 def op_cli(req: dict) -> dict:

@@ -129,6 +129,42 @@ class SinkTests:
                     f.write(f"{self.to or self.suffix.lstrip('.')}\t{point}\n")
         assert survived == len(self.kill_points)
 
+    #: Fractions of an uninterrupted run's duration at which the time sweep kills.
+    time_kill_fractions = (0.1, 0.25, 0.4, 0.55, 0.7, 0.85)
+
+    def test_sigkill_at_times_spread_over_the_run_then_resume(self, source_npz, tmp_path):
+        """SIGKILL at moments spread over the conversion (wherever it then is: reading,
+        writing, journaling, finishing); resuming yields the same output."""
+        src, tree = source_npz
+        tree = {**tree, "bulk": np.random.default_rng(3).standard_normal((96, 65536)).astype(np.float32)}
+        src = tmp_path / "bulk.npz"
+        write_reference_npz(src, tree)  # 24 MiB more: about 30 chunks at 1 MiB
+        clean = tmp_path / f"clean{self.suffix}"
+        duration = self.convert(src, clean, max_memory="1MiB").seconds  # the engine's run, as the kill timer counts
+        want = self.snapshot(clean)
+        kills = 0
+        for frac in self.time_kill_fractions:
+            delay = duration * frac
+            for attempt in range(4):  # a run that beat its timer is checked, then retried earlier
+                dest = tmp_path / f"out-{frac}-{attempt}{self.suffix}"
+                proc = self._kill_at(src, dest, f"after:{delay:.3f}")
+                assert proc.returncode in (0, -9), (frac, proc.stderr.decode())
+                if proc.returncode == -9:
+                    break
+                assert self.snapshot(dest) == want, frac
+                delay /= 2
+            else:
+                raise AssertionError(f"the conversion always finished before {delay * 2:.3f} s")
+            kills += 1
+            self.convert(src, dest, max_memory="1MiB", overwrite=dest.exists())
+            assert self.snapshot(dest) == want, frac
+            assert not Path(str(dest) + ".partial").exists(), frac
+            log = os.environ.get("SHARDCONV_KILL_LOG")
+            if log:
+                with open(log, "a") as f:
+                    f.write(f"{self.to or self.suffix.lstrip('.')}\ttime:{frac}\n")
+        assert kills == len(self.time_kill_fractions)
+
     def test_repeated_kills_on_one_destination_then_resume(self, source_npz, tmp_path):
         src, _ = source_npz
         clean = tmp_path / f"clean{self.suffix}"
