@@ -168,7 +168,7 @@ def streams_needed(layout: StreamLayout, shape: tuple[int, ...]) -> int:
 
 def stream_bytes(layout: StreamLayout, shape: tuple[int, ...]) -> int:
     """Memory the open decoders of this array hold (fetched bytes and decoder state)."""
-    per = 0 if layout.codec == "raw" else FETCH + _STATE[layout.codec]
+    per = 0 if layout.codec == "raw" else 2 * FETCH + _STATE[layout.codec]  # pending + prefetched
     return streams_needed(layout, shape) * per + PIECE
 
 
@@ -186,6 +186,7 @@ class _Stream:
         self.eof = False
         self.missing = False
         self.size: int | None = None   # compressed size, once known
+        self.ahead: tuple[int, Any] | None = None  # (offset, future) of the next fetch, in flight
         self.decoder: Any = None
         if layout.codec == "zstd":
             self.decoder = _ZstdDecoder()
@@ -314,12 +315,17 @@ class StreamReader:
         done = 0
         while done < len(out):
             if st.at >= len(st.pending) and not st.eof:
-                data = self._fetch(kv, st, st.cpos, FETCH, at)
+                data = self._take_ahead(st)
+                if data is None:
+                    data = self._fetch(kv, st, st.cpos, FETCH, at)
                 if data is None:
                     return False
                 st.cpos += len(data)
                 st.pending, st.at = data, 0
-                st.eof = len(data) < FETCH
+                st.eof = len(data) < FETCH or (st.size is not None and st.cpos >= st.size)
+                if not st.eof:  # the next compressed bytes are read while these are decoded
+                    n = FETCH if st.size is None else min(FETCH, st.size - st.cpos)
+                    st.ahead = (st.cpos, kv.read(st.key, byte_range=slice(st.cpos, st.cpos + n)))
             try:
                 used, made = st.decoder.decode(st.pending, st.at, out[done:])
             except (ValueError, zlib.error) as e:
@@ -330,6 +336,19 @@ class StreamReader:
             if made == 0 and used == 0 and st.eof and st.at >= len(st.pending):
                 raise FormatError(f"{at}: decodes to fewer bytes than its shape needs (truncated?)")
         return True
+
+    @staticmethod
+    def _take_ahead(st: _Stream) -> bytes | None:
+        """The prefetched bytes at ``st.cpos``, or None (then they are fetched again, which
+        also reports whatever went wrong, e.g. a range past the value's end)."""
+        ahead, st.ahead = st.ahead, None
+        if ahead is None or ahead[0] != st.cpos:
+            return None
+        try:
+            r = ahead[1].result()
+        except ValueError:
+            return None
+        return bytes(r.value) if r.state == "value" and len(r.value) else None
 
     def _fetch(self, kv: Any, st: _Stream, start: int, n: int, at: str) -> bytes | None:
         """Compressed bytes [start, start+n) (fewer at the end); None if the chunk is missing."""
