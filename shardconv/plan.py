@@ -14,8 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from .dtypes import itemsize
-from .errors import PlanError
-from .sources.base import Segment, Source, TensorInfo
+from .sources.base import Segment, Source
 
 #: ``read(source_tensor, offset, out)``: fill ``out`` from the source, returning its checksum segments.
 ReadFn = Callable[[str, int, memoryview], list[Segment]]

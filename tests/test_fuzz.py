@@ -124,15 +124,7 @@ VALID_NPZ = _valid_npz()
        st.one_of(st.none(), st.integers(0, len(VALID_NPZ))))
 def test_npz_mutations(edits, cut):
     _count("npz-mutation")
-    with tempfile.TemporaryDirectory() as d:
-        p = Path(d, "x.npz")
-        p.write_bytes(_mutate(VALID_NPZ, edits, cut))
-        try:
-            with NpzSource(p) as s:
-                for t in s.tensors():
-                    s.read(t.name)
-        except ShardconvError:
-            pass
+    _read_all(NpzSource, "x.npz", _mutate(VALID_NPZ, edits, cut))
 
 
 def _valid_msgpack() -> bytes:
@@ -147,18 +139,24 @@ def _valid_msgpack() -> bytes:
 VALID_MSGPACK = _valid_msgpack()
 
 
-def _read_all_msgpack(data: bytes) -> None:
-    from shardconv.sources.flax_msgpack import FlaxMsgpackSource
-
+def _read_all(source_class: type, filename: str, data: bytes) -> None:
+    """Open ``data`` as a file with ``source_class`` and read every tensor: a ShardconvError
+    is the only acceptable failure."""
     with tempfile.TemporaryDirectory() as d:
-        p = Path(d, "c.msgpack")
+        p = Path(d, filename)
         p.write_bytes(data)
         try:
-            with FlaxMsgpackSource(p) as s:
+            with source_class(p) as s:
                 for t in s.tensors():
                     s.read(t.name)
         except ShardconvError:
             pass
+
+
+def _read_all_msgpack(data: bytes) -> None:
+    from shardconv.sources.flax_msgpack import FlaxMsgpackSource
+
+    _read_all(FlaxMsgpackSource, "c.msgpack", data)
 
 
 @FUZZ

@@ -153,6 +153,13 @@ class TestTFCheckpointSink(_TFSinkTests):
 
 # ------------------------------------------------------------------------- conversions
 
+def tree_npz(tmp_path: Path) -> tuple[Path, dict[str, np.ndarray]]:
+    """The shared reference tree written by np.savez, and the tree."""
+    tree = reference_tree()
+    write_reference_npz(tmp_path / "tree.npz", tree)
+    return tmp_path / "tree.npz", tree
+
+
 def _plan_values(src: Path, **mapping: Any) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """What the plan says each output holds, computed by shardconv without TF; and its source key."""
     p = shardconv.api.plan(src, **mapping)
@@ -180,9 +187,7 @@ def test_tf2_checkpoint_to_savedmodel_values_equal_what_tf_wrote(tf2_keras_ckpt,
 def test_pytree_npz_to_savedmodel_cli_serving_versions(tmp_path):
     """A flattened JAX-style tree ('/'-names, bfloat16) through the real CLI: DEST/3/ is a
     SavedModel whose nested modules follow the names; a second version lands beside it."""
-    tree = reference_tree()
-    src = tmp_path / "tree.npz"
-    write_reference_npz(src, tree)
+    src, tree = tree_npz(tmp_path)
     dest = tmp_path / "served"
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
     proc = subprocess.run([sys.executable, "-m", "shardconv", "convert", str(src), str(dest), "--to", "savedmodel",
@@ -201,9 +206,7 @@ def test_pytree_npz_to_savedmodel_cli_serving_versions(tmp_path):
 
 
 def test_npz_to_tf_checkpoint_readable_by_shardconv_and_tf(tmp_path):
-    tree = reference_tree()
-    src = tmp_path / "tree.npz"
-    write_reference_npz(src, tree)
+    src, tree = tree_npz(tmp_path)
     dest = tmp_path / "ckpt"
     tf_convert(src, dest, to="tf-checkpoint", max_memory="1MiB")
     assert (dest / "checkpoint").read_text().startswith('model_checkpoint_path: "ckpt"')
@@ -213,9 +216,7 @@ def test_npz_to_tf_checkpoint_readable_by_shardconv_and_tf(tmp_path):
 
 
 def test_verify_reads_a_savedmodel_output_by_its_model_names(tmp_path):
-    tree = reference_tree()
-    src = tmp_path / "tree.npz"
-    write_reference_npz(src, tree)
+    src, tree = tree_npz(tmp_path)
     dest = tmp_path / "sm"
     tf_convert(src, dest, to="savedmodel", max_memory="1MiB")
     r = shardconv.verify(dest, src)
@@ -253,9 +254,7 @@ def _groups(dest: Path) -> dict[str, tuple[int, int]]:
 
 
 def test_finished_groups_survive_kills_untouched_and_a_corrupt_one_is_redone(tmp_path):
-    tree = reference_tree()
-    src = tmp_path / "tree.npz"
-    write_reference_npz(src, tree)
+    src, tree = tree_npz(tmp_path)
     dest = tmp_path / "sm"
     argv = ("convert", src, dest, "--to", "savedmodel", "--max-memory", "1MiB")
     assert tf_cli(*argv, kill="journal:20").returncode == -9

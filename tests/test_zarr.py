@@ -23,7 +23,8 @@ from reference import load_reference, reference_prefix
 from shardconv import zarr_dtypes
 from shardconv.errors import DestinationError, FormatError, PlanError, SourceError, UnsupportedError
 from shardconv.sources.base import Source, TensorInfo
-from shardconv.sources.zarr import ZarrSource, flat_boxes
+from shardconv.sources.regions import flat_boxes
+from shardconv.sources.zarr import ZarrSource
 from shardconv.testing.sink_suite import SinkTests, reference_tree, write_reference_npz
 from shardconv.testing.source_suite import SourceTests
 

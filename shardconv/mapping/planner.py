@@ -17,7 +17,7 @@ from ..plan import Copy, OutputTensor, Plan, check_name
 from ..sources.base import Source, TensorInfo
 from .assemble import Assemble, Piece, check_piece
 from .roles import Role, role_of
-from .rules import Rule, RuleSet, parse_rules
+from .rules import Rule, parse_rules
 
 DEFAULTS = {"prefer_ema": False, "drop_optimizer": False, "allow_unmapped": False, "names": "model"}
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from ..dtypes import STRING, itemsize
+from ..errors import SourceError
 
 
 @dataclass(frozen=True)
@@ -92,6 +93,14 @@ class Source(ABC):
         """Memory the reader holds beside the budget's buffers (libraries it loads, decoder
         state, caches), for estimates; bounded whatever the tensor sizes."""
         return 0
+
+    def _region(self, name: str, offset: int, out: memoryview, nbytes: int) -> memoryview:
+        """``out`` as bytes, after checking [offset, offset+len(out)) lies within the tensor."""
+        out = out.cast("B") if out.format != "B" else out
+        if offset < 0 or offset + len(out) > nbytes:
+            raise SourceError(f"{self.location}: read [{offset}, {offset + len(out)}) outside {name!r} "
+                              f"({nbytes} bytes)")
+        return out
 
     def units(self) -> dict[str, Unit]:
         """Checksum units by key; empty if the format records no checksums."""

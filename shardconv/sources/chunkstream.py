@@ -29,6 +29,7 @@ import numpy as np
 from .. import tsio
 from ..dtypes import NUMPY_DTYPES, itemsize
 from ..errors import FormatError
+from .regions import box_views
 
 PIECE = 4 << 20          # largest decoded span held at once
 FETCH = 1 << 20          # compressed bytes fetched per kvstore read
@@ -216,17 +217,10 @@ class StreamReader:
     def read(self, layout: StreamLayout, shape: tuple[int, ...], dtype: str, lo: int, hi: int, out: memoryview,
              where: str) -> None:
         """Fill ``out`` with elements [lo, hi) of the array (C order)."""
-        from .zarr import flat_boxes
-
         npdt = NUMPY_DTYPES[dtype]
-        isz = npdt.itemsize
         c = layout.chunks
         cstrides = [math.prod(c[d + 1:]) for d in range(len(c))]
-        pos = 0
-        for box in flat_boxes(shape, lo, hi):
-            bshape = tuple(s.stop - s.start for s in box)
-            n = math.prod(bshape) * isz
-            dst = np.frombuffer(out[pos:pos + n], dtype=npdt).reshape(bshape)
+        for box, dst in box_views(shape, npdt, lo, hi, out):
             ranges = [range(s.start // cd, (s.stop - 1) // cd + 1) for s, cd in zip(box, c)]
             for cidx in itertools.product(*ranges):
                 origin = [i * cd for i, cd in zip(cidx, c)]
@@ -235,7 +229,6 @@ class StreamReader:
                 local = [(a - o, b - o) for a, b, o in zip(glo, ghi, origin)]
                 dsub = dst[tuple(slice(a - s.start, b - s.start) for a, b, s in zip(glo, ghi, box)) + (Ellipsis,)]
                 self._copy_box(layout, cidx, local, cstrides, npdt, dsub, where)
-            pos += n
 
     def _copy_box(self, layout: StreamLayout, cidx: tuple[int, ...], local: list[tuple[int, int]],
                   cstrides: list[int], npdt: np.dtype, dst: np.ndarray, where: str) -> None:

@@ -289,13 +289,11 @@ class FlaxMsgpackSource(Source):
         return self._file_fingerprint(self.path)
 
     def read_into(self, name: str, offset: int, out: memoryview) -> list[Segment]:
-        out = out.cast("B") if out.format != "B" else out
         leaf = self._leaves.get(name)
         if leaf is None:
             raise SourceError(f"{self.path}: no array named {name!r}")
         nbytes = math.prod(leaf.shape) * itemsize(leaf.dtype)
-        if offset < 0 or offset + len(out) > nbytes:
-            raise SourceError(f"{self.path}: read [{offset}, {offset + len(out)}) outside {name!r} ({nbytes} bytes)")
+        out = self._region(name, offset, out, nbytes)
         if leaf.inline is not None:
             out[:] = leaf.inline[offset:offset + len(out)]
             return []

@@ -28,6 +28,7 @@ import numpy as np
 from ..dtypes import NUMPY_DTYPES, dtype_name, itemsize
 from ..errors import FormatError, MissingDependencyError, SourceError, UnsupportedError
 from ..plan import check_name
+from .regions import box_views, read_bytes_by_elements
 from .base import Segment, Source, TensorInfo
 
 NON_ARRAYS = ("error", "drop")
@@ -248,7 +249,6 @@ class JaxTreeSource(Source):
         return list(leaf.strings)
 
     def read_into(self, name: str, offset: int, out: memoryview) -> list[Segment]:
-        out = out.cast("B") if out.format != "B" else out
         leaf = self._leaves.get(name)
         if leaf is None:
             raise SourceError(f"{self._name}: no leaf named {name!r}")
@@ -256,37 +256,20 @@ class JaxTreeSource(Source):
             raise SourceError(f"{self._name}: leaf {name!r} is a string; it has no array bytes")
         isz = itemsize(leaf.dtype)
         nbytes = math.prod(leaf.shape) * isz
-        if offset < 0 or offset + len(out) > nbytes:
-            raise SourceError(f"{self._name}: read [{offset}, {offset + len(out)}) outside {name!r} ({nbytes} bytes)")
-        if not len(out):
-            return []
+        out = self._region(name, offset, out, nbytes)
         a = leaf.array
         if a is not None and a.flags.c_contiguous and a.dtype.isnative:
             out[:] = memoryview(a.reshape(-1).view(np.uint8))[offset:offset + len(out)]
             return []
-        lo, hi = offset // isz, -(-(offset + len(out)) // isz)
-        if lo * isz == offset and hi * isz == offset + len(out):
-            self._read_elements(leaf, lo, hi, out)
-        else:  # not element-aligned: read the enclosing elements
-            tmp = bytearray((hi - lo) * isz)
-            self._read_elements(leaf, lo, hi, memoryview(tmp))
-            out[:] = tmp[offset - lo * isz: offset - lo * isz + len(out)]
+        read_bytes_by_elements(offset, out, isz, lambda lo, hi, buf: self._read_elements(leaf, lo, hi, buf))
         return []
 
     def _read_elements(self, leaf: _Leaf, lo: int, hi: int, out: memoryview) -> None:
-        from .zarr import flat_boxes
-
-        npdt = NUMPY_DTYPES[leaf.dtype]
-        pos = 0
-        for box in flat_boxes(leaf.shape, lo, hi):
-            bshape = tuple(s.stop - s.start for s in box)
-            n = math.prod(bshape) * npdt.itemsize
-            dst = np.frombuffer(out[pos:pos + n], dtype=npdt).reshape(bshape)
+        for box, dst in box_views(leaf.shape, NUMPY_DTYPES[leaf.dtype], lo, hi, out):
             if leaf.array is not None:
                 np.copyto(dst, leaf.array[box], casting="equiv")
             else:
                 self._copy_from_shards(leaf, box, dst)
-            pos += n
 
     def _copy_from_shards(self, leaf: _Leaf, box: tuple[slice, ...], dst: np.ndarray) -> None:
         for sbox, data in leaf.shards:

@@ -20,7 +20,7 @@ from typing import Any
 from .. import npyformat, zipformat
 from ..checksums import combine_crc32, crc32
 from ..dtypes import dtype_name, itemsize
-from ..errors import ChecksumError, FormatError, SourceError, UnsupportedError
+from ..errors import FormatError, SourceError, UnsupportedError
 from ..fileio import open_read
 from ..plan import check_name
 from .base import Segment, Source, TensorInfo, Unit
@@ -257,13 +257,11 @@ class NpzSource(Source):
         return self._file_fingerprint(self.path)
 
     def read_into(self, name: str, offset: int, out: memoryview) -> list[Segment]:
-        out = out.cast("B") if out.format != "B" else out
         m = self._members.get(name)
         if m is None:
             raise SourceError(f"{self.path}: no member named {name!r}")
         data_bytes = m.size - m.header_len
-        if offset < 0 or offset + len(out) > data_bytes:
-            raise SourceError(f"{self.path}: read [{offset}, {offset + len(out)}) outside {name!r} ({data_bytes} bytes)")
+        out = self._region(name, offset, out, data_bytes)
         if m.method == 0:
             done = 0
             while done < len(out):

@@ -42,9 +42,11 @@ from typing import Any
 import numpy as np
 
 from .. import tsio
-from ..dtypes import NUMPY_DTYPES, checked_nbytes, dtype_name, is_ml_dtype, itemsize
+from ..dtypes import NUMPY_DTYPES, checked_nbytes, itemsize
 from ..errors import FormatError, SourceError, UnsupportedError
 from ..plan import check_name
+from .regions import box_views, read_bytes_by_elements
+from .zarr import parse_json_object, zarr_dtype
 from .base import Segment, Source, TensorInfo
 from .chunkstream import StreamLayout, StreamReader, stream_bytes, stream_layout
 from .flax_msgpack import FlaxMsgpackSource
@@ -160,22 +162,12 @@ def is_t5x(src: Any) -> bool:
 
 # -- Zarr metadata ----------------------------------------------------------------------
 
-def _parse_json(data: bytes, where: str) -> dict[str, Any]:
-    try:
-        obj = json.loads(data)
-    except (ValueError, UnicodeDecodeError):
-        raise FormatError(f"{where}: not valid JSON") from None
-    if not isinstance(obj, dict):
-        raise FormatError(f"{where}: not a JSON object")
-    return obj
-
-
 def _read_json_file(p: Path, limit: int = _MAX_JSON) -> dict[str, Any]:
     try:
         size = p.stat().st_size
         if size > limit:
             raise FormatError(f"{p}: {size} bytes of metadata is more than the {limit} allowed")
-        return _parse_json(p.read_bytes(), str(p))
+        return parse_json_object(p.read_bytes(), str(p))
     except FileNotFoundError:
         raise SourceError(f"{p}: not found") from None
     except OSError as e:
@@ -188,25 +180,12 @@ def _shape(v: Any, where: str) -> tuple[int, ...]:
     return tuple(v)
 
 
-def _zarr_dtype(dt: Any, where: str) -> str:
-    """A Zarr v2 ``dtype`` or v3 ``data_type`` as a canonical dtype name."""
-    if isinstance(dt, str) and dt in NUMPY_DTYPES and (is_ml_dtype(dt) or not dt[:1] in "<>|="):
-        return dt
-    try:
-        npdt = np.dtype(dt)
-        if npdt.byteorder == ">":  # TensorStore reads it in native (little-endian) order
-            npdt = npdt.newbyteorder("<")
-        return dtype_name(npdt)
-    except (TypeError, ValueError, UnsupportedError):
-        raise UnsupportedError(f"{where}: dtype {dt!r} is not supported") from None
-
-
 def zarr_array_info(meta: dict[str, Any], where: str) -> tuple[str, tuple[int, ...], int, int]:
     """(dtype, shape, zarr_format, bytes of one decoded chunk) from ``.zarray`` or ``zarr.json``."""
     if meta.get("zarr_format") == 3:
         if meta.get("node_type", "array") != "array":
             raise FormatError(f"{where}: not an array")
-        dtype = _zarr_dtype(meta.get("data_type"), where)
+        dtype = zarr_dtype(meta.get("data_type"), where)
         shape = _shape(meta.get("shape"), where)
         grid = ((meta.get("chunk_grid") or {}).get("configuration") or {}).get("chunk_shape", list(shape))
         for codec in meta.get("codecs") or []:  # a sharded array is read inner chunk by inner chunk
@@ -214,7 +193,7 @@ def zarr_array_info(meta: dict[str, Any], where: str) -> tuple[str, tuple[int, .
                 grid = (codec.get("configuration") or {}).get("chunk_shape", grid)
         fmt = 3
     else:
-        dtype = _zarr_dtype(meta.get("dtype"), where)
+        dtype = zarr_dtype(meta.get("dtype"), where)
         shape = _shape(meta.get("shape"), where)
         grid = meta.get("chunks", list(shape))
         fmt = 2
@@ -297,31 +276,15 @@ class TsReader:
 
     def read(self, a: TsArray, offset: int, out: memoryview) -> None:
         """Fill ``out`` with bytes [offset, offset+len(out)) of ``a`` in C order."""
-        isz = itemsize(a.dtype)
-        if not len(out):
-            return
-        lo, hi = offset // isz, -(-(offset + len(out)) // isz)
         with self._lock:
-            if lo * isz == offset and hi * isz == offset + len(out):
-                self._read_elements(a, lo, hi, out)
-            else:  # not element-aligned: read the enclosing elements
-                tmp = bytearray((hi - lo) * isz)
-                self._read_elements(a, lo, hi, memoryview(tmp))
-                out[:] = tmp[offset - lo * isz: offset - lo * isz + len(out)]
+            read_bytes_by_elements(offset, out, itemsize(a.dtype), lambda lo, hi, buf: self._read_elements(a, lo, hi, buf))
 
     def _read_elements(self, a: TsArray, lo: int, hi: int, out: memoryview) -> None:
-        from .zarr import flat_boxes
-
         if a.stream is not None:
             self._streams.read(a.stream, a.shape, a.dtype, lo, hi, out, a.where)
             return
         store = self._handle(a)
-        npdt = NUMPY_DTYPES[a.dtype]
-        pos = 0
-        for box in flat_boxes(a.shape, lo, hi):
-            shape = tuple(s.stop - s.start for s in box)
-            n = math.prod(shape) * npdt.itemsize
-            dst = np.frombuffer(out[pos:pos + n], dtype=npdt).reshape(shape)
+        for box, dst in box_views(a.shape, NUMPY_DTYPES[a.dtype], lo, hi, out):
             src = store[box].translate_to[0] if box else store
             try:
                 self._ts.array(dst, copy=False, write=True).write(src).result()
@@ -330,7 +293,6 @@ class TsReader:
                 if "NOT_FOUND" in line or "missing" in line:
                     raise FormatError(f"{a.where}: a chunk is missing ({line}); the checkpoint is incomplete") from None
                 raise FormatError(f"{a.where}: {line}") from None
-            pos += n
 
     def close(self) -> None:
         self._handles.clear()
@@ -434,7 +396,7 @@ class OrbaxSource(Source):
             where = f"{d}: array {pname!r}"
             if len(raw) > _MAX_ARRAY_METADATA:
                 raise FormatError(f"{where}: {marker} of {len(raw)} bytes is too large")
-            zmeta = _parse_json(raw, f"{where} {marker}")
+            zmeta = parse_json_object(raw, f"{where} {marker}")
             dtype, shape, fmt, chunk = zarr_array_info(zmeta, where)
             if fmt != (3 if fmt3 else 2):
                 raise FormatError(f"{where}: {marker} says zarr_format {fmt}, _METADATA says {3 if fmt3 else 2}")
@@ -491,13 +453,11 @@ class OrbaxSource(Source):
         return [self._string(name)]
 
     def read_into(self, name: str, offset: int, out: memoryview) -> list[Segment]:
-        out = out.cast("B") if out.format != "B" else out
         a = self._arrays.get(name)
         if a is None:
             raise SourceError(f"{self.dir}: no array named {name!r}")
         nbytes = math.prod(a.shape) * itemsize(a.dtype)
-        if offset < 0 or offset + len(out) > nbytes:
-            raise SourceError(f"{self.dir}: read [{offset}, {offset + len(out)}) outside {name!r} ({nbytes} bytes)")
+        out = self._region(name, offset, out, nbytes)
         if self._reader is None:
             self._reader = TsReader(cache_bytes(self._arrays.values()))
         self._reader.read(a, offset, out)
@@ -579,7 +539,7 @@ def t5x_array(spec: dict[str, Any], base_dir: Path, name: str, where: str) -> Ts
         dt = spec.get("dtype") or md.get("dtype")
         if "shape" not in md or dt is None:
             raise FormatError(f"{arr_where}: no .zarray, and the spec does not carry shape and dtype")
-        dtype = _zarr_dtype(dt, arr_where)
+        dtype = zarr_dtype(dt, arr_where)
         shape = _shape(md["shape"], arr_where)
         md.setdefault("chunks", list(shape))
         chunks = _shape(md["chunks"], arr_where)

@@ -18,7 +18,7 @@ import numpy as np
 from ..checksums import crc32c, mask, unmask
 from ..dtypes import STRING, TF_DTYPE_NAMES_UNSUPPORTED, TF_DTYPES, checked_nbytes, itemsize, numpy_dtype
 from ..errors import ChecksumError, FormatError, SourceError, UnsupportedError
-from ..wire import INT64_MAX, as_int64, fields, read_varint
+from ..wire import as_int64, fields, read_varint
 from .base import Segment, Source, TensorInfo, Unit
 from .sstable import SSTable
 

@@ -26,6 +26,7 @@ from ..checksums import crc32
 from ..dtypes import NUMPY_DTYPES, checked_nbytes, dtype_name, is_ml_dtype, itemsize
 from ..errors import FormatError, SourceError, UnsupportedError
 from ..plan import check_name
+from .regions import box_views, read_bytes_by_elements
 from .base import Segment, Source, TensorInfo, Unit
 
 _V3_CHUNK_KEYS = {"default", "v2"}
@@ -119,13 +120,7 @@ class ZarrSource(Source):
         data = self._get(key) if data is None else data
         if data is None:
             return None
-        try:
-            obj = json.loads(data)
-        except (ValueError, UnicodeDecodeError):
-            raise FormatError(f"{self._loc}/{key}: not valid JSON") from None
-        if not isinstance(obj, dict):
-            raise FormatError(f"{self._loc}/{key}: not a JSON object")
-        return obj
+        return parse_json_object(data, f"{self._loc}/{key}")
 
     def _list(self) -> list[_Array]:
         root3 = self._json("zarr.json")
@@ -271,16 +266,7 @@ class ZarrSource(Source):
     def _v2_dtype(self, meta: dict[str, Any], where: str) -> str:
         if meta.get("dimension_separator", ".") not in _SEPARATORS:
             raise FormatError(f"{where}: dimension_separator {meta.get('dimension_separator')!r}; refused")
-        dt = meta.get("dtype")
-        if isinstance(dt, str) and is_ml_dtype(dt) and dt in NUMPY_DTYPES:
-            return dt
-        try:
-            npdt = np.dtype(dt)
-            if npdt.byteorder == ">":  # TensorStore reads it in native (little-endian) order
-                npdt = npdt.newbyteorder("<")
-            return dtype_name(npdt)
-        except (TypeError, ValueError, UnsupportedError):
-            raise UnsupportedError(f"{where}: dtype {dt!r} is not supported") from None
+        return zarr_dtype(meta.get("dtype"), where)
 
     # -- reading ----------------------------------------------------------------------
 
@@ -309,22 +295,13 @@ class ZarrSource(Source):
         return h
 
     def read_into(self, name: str, offset: int, out: memoryview) -> list[Segment]:
-        out = out.cast("B") if out.format != "B" else out
         a = self._arrays.get(name)
         if a is None:
             raise SourceError(f"{self._loc}: no array named {name!r}")
         isz = itemsize(a.storage)
         nbytes = math.prod(a.shape) * isz
-        if offset < 0 or offset + len(out) > nbytes:
-            raise SourceError(f"{self._loc}: read [{offset}, {offset + len(out)}) outside {name!r} ({nbytes} bytes)")
-        if len(out):
-            lo, hi = offset // isz, -(-(offset + len(out)) // isz)
-            if lo * isz == offset and hi * isz == offset + len(out):
-                self._read_elements(a, lo, hi, out)
-            else:  # not element-aligned: read the enclosing elements
-                tmp = bytearray((hi - lo) * isz)
-                self._read_elements(a, lo, hi, memoryview(tmp))
-                out[:] = tmp[offset - lo * isz: offset - lo * isz + len(out)]
+        out = self._region(name, offset, out, nbytes)
+        read_bytes_by_elements(offset, out, isz, lambda lo, hi, buf: self._read_elements(a, lo, hi, buf))
         if a.crc is None:
             return []
         return [Segment(name, offset, len(out), crc32(out))]
@@ -332,12 +309,7 @@ class ZarrSource(Source):
     def _read_elements(self, a: _Array, lo: int, hi: int, out: memoryview) -> None:
         ts = tsio.tensorstore()
         store = self._handle(a)
-        npdt = NUMPY_DTYPES[a.storage]
-        pos = 0
-        for box in flat_boxes(a.shape, lo, hi):
-            shape = tuple(s.stop - s.start for s in box)
-            n = math.prod(shape) * npdt.itemsize
-            dst = np.frombuffer(out[pos:pos + n], dtype=npdt).reshape(shape)
+        for box, dst in box_views(a.shape, NUMPY_DTYPES[a.storage], lo, hi, out):
             src = store[box].translate_to[0] if box else store
             msg = f"{self._loc}: array {a.key or a.name!r}"
             try:
@@ -349,7 +321,6 @@ class ZarrSource(Source):
                                       "skipped chunks equal to the fill value (then pass allow_missing_chunks=True)"
                                       ) from None
                 raise FormatError(f"{msg}: {line}") from None
-            pos += n
 
     def fingerprint(self) -> dict[str, Any]:
         fp = super().fingerprint()
@@ -365,24 +336,25 @@ class ZarrSource(Source):
         self._handles = {}
 
 
-def flat_boxes(shape: tuple[int, ...], lo: int, hi: int) -> list[tuple[slice, ...]]:
-    """Elements [lo, hi) of a C-order array as at most 2*ndim-1 boxes, in order."""
-    if lo >= hi:
-        return []
-    if not shape:
-        return [()]
-    inner = math.prod(shape[1:])
-    r0, o0 = divmod(lo, inner)
-    r1, o1 = divmod(hi, inner)
-    whole = tuple(slice(0, d) for d in shape[1:])
-    if r0 == r1:
-        return [(slice(r0, r0 + 1),) + b for b in flat_boxes(shape[1:], o0, o1)]
-    out: list[tuple[slice, ...]] = []
-    if o0:
-        out += [(slice(r0, r0 + 1),) + b for b in flat_boxes(shape[1:], o0, inner)]
-        r0 += 1
-    if r1 > r0:
-        out.append((slice(r0, r1),) + whole)
-    if o1:
-        out += [(slice(r1, r1 + 1),) + b for b in flat_boxes(shape[1:], 0, o1)]
-    return out
+def zarr_dtype(dt: Any, where: str) -> str:
+    """A Zarr v2 ``dtype`` (or a TensorStore data type name) as a canonical dtype name."""
+    if isinstance(dt, str) and dt in NUMPY_DTYPES and (is_ml_dtype(dt) or dt[:1] not in "<>|="):
+        return dt
+    try:
+        npdt = np.dtype(dt)
+        if npdt.byteorder == ">":  # TensorStore reads it in native (little-endian) order
+            npdt = npdt.newbyteorder("<")
+        return dtype_name(npdt)
+    except (TypeError, ValueError, UnsupportedError):
+        raise UnsupportedError(f"{where}: dtype {dt!r} is not supported") from None
+
+
+def parse_json_object(data: bytes, where: str) -> dict[str, Any]:
+    """Zarr/Orbax metadata: a JSON object, or one line saying what is wrong."""
+    try:
+        obj = json.loads(data)
+    except (ValueError, UnicodeDecodeError):
+        raise FormatError(f"{where}: not valid JSON") from None
+    if not isinstance(obj, dict):
+        raise FormatError(f"{where}: not a JSON object")
+    return obj
