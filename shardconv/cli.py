@@ -10,7 +10,7 @@ from typing import Sequence
 
 from . import __version__
 from .errors import ShardconvError
-from .units import format_size
+from .units import format_size, parse_size
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -48,7 +48,16 @@ def _sink_options(args: argparse.Namespace) -> dict:
             "model_builder": getattr(args, "model_builder", None),
             "model_config": getattr(args, "model_config", None)}
     opts.update({k: getattr(args, k, None) for k in ("zarr_format", "compression", "chunk_mib", "layout")})
+    if getattr(args, "max_file_size", None) is not None:
+        opts["max_file_size"] = parse_size(args.max_file_size)
     return {k: v for k, v in opts.items() if v is not None}
+
+
+def _npz_output(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("NPZ output (DEST ending in .npz, or --to npz; see docs/npz-format.md)")
+    g.add_argument("--max-file-size", metavar="SIZE",
+                   help="split into files of at most SIZE (e.g. 5GB) in directory DEST, with an index JSON "
+                        "mapping each tensor to its file (as Hugging Face shards checkpoints)")
 
 
 def _zarr_output(p: argparse.ArgumentParser) -> None:
@@ -102,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-fsync", dest="fsync", action="store_false",
                    help="skip the final fsync (the rename stays atomic, but a power loss may lose the output)")
     _mapping(p)
+    _npz_output(p)
     _tf_output(p)
     _zarr_output(p)
     _common(p)
@@ -167,7 +177,6 @@ def _plan(args: argparse.Namespace) -> int:
     from .engine import memory_estimate
     from .sinks import sink_for
     from .sources import open_source
-    from .units import parse_size
 
     with open_source(args.src, **({"step": args.step} if args.step is not None else {})) as source:
         plan = make_plan(source, **_mapping_kwargs(args))

@@ -293,7 +293,19 @@ def _first_chunk(d: Path) -> Path:
     return sorted(p for p in d.rglob("*") if p.is_file() and p.name[0].isdigit())[0]
 
 
-ORBAX_LEAF = ("params.w",)
+def _split_npz(d: Path) -> Path:
+    import shardconv
+
+    np.savez(d / "src.npz", a=np.arange(150_000, dtype=np.float32), b=np.ones((400, 400), np.float32))
+    shardconv.convert(d / "src.npz", d / "m", to="npz", sink_options={"max_file_size": 1 << 20}, progress=False)
+    (d / "src.npz").unlink()
+    return d / "m"
+
+
+def _index_edit(d: Path, edit) -> None:
+    _json_edit(_split_npz(d) / "m.npz.index.json", lambda i: edit(i["weight_map"]))
+
+
 DIR_CASES = {
     # Orbax, one directory per array
     "orbax: leaf key '..'": (lambda d: _json_edit(_orbax(d) / "_METADATA", lambda m: next(iter(
@@ -336,6 +348,17 @@ DIR_CASES = {
                                                          lambda m: m.update(shape=[1 << 40, 1 << 40])), "int64"),
     "zarr: chunk truncated": (lambda d: (lambda c: c.write_bytes(c.read_bytes()[:5]))(
         _first_chunk(_zarr_store(d) / "w")), "w"),
+    # npz split into files with an index (shardconv --max-file-size)
+    "npz-split: index points outside the directory": (lambda d: _index_edit(
+        d, lambda w: w.update(a="../m-00001-of-00002.npz")), "not a file in this directory"),
+    "npz-split: a file is missing": (lambda d: (_split_npz(d) / "m-00002-of-00002.npz").unlink(), "missing"),
+    "npz-split: index not JSON": (lambda d: (_split_npz(d) / "m.npz.index.json").write_text("{"), "not valid JSON"),
+    "npz-split: index without weight_map": (lambda d: (_split_npz(d) / "m.npz.index.json").write_text("{}"),
+                                            "weight_map"),
+    "npz-split: index maps a tensor to the wrong file": (lambda d: _index_edit(
+        d, lambda w: w.update(a=w["b"])), "which the index maps to it"),
+    "npz-split: a file truncated": (lambda d: (lambda f: f.write_bytes(f.read_bytes()[:-100]))(
+        _split_npz(d) / "m-00001-of-00002.npz"), "m-00001-of-00002.npz"),
     # t5x TensorStore checkpoint (the real one in shared/testdata, copied and damaged)
     "t5x: spec path leads out of the checkpoint": (lambda d: _t5x_spec_edit(
         _t5x(d), lambda b: b["kvstore"].update(path="../../x/")), "outside the checkpoint"),

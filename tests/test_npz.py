@@ -4,14 +4,16 @@ from __future__ import annotations
 import json
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import ml_dtypes
 import numpy as np
 import pytest
 
 import shardconv
-from shardconv.errors import FormatError, UnsupportedError
-from shardconv.sources.npz import NpzSource
+from shardconv.errors import FormatError, ResumeError, UnsupportedError, UsageError
+from procs import run_cli
+from shardconv.sources.npz import NpzSource, SplitNpzSource
 from shardconv.testing.sink_suite import SinkTests, reference_tree, write_reference_npz
 from shardconv.testing.source_suite import SourceTests
 
@@ -35,6 +37,62 @@ class TestNpzSink(SinkTests):
 
     def read_back(self, dest: Path) -> dict[str, np.ndarray]:
         return load_npz(dest)
+
+
+class TestSplitNpzSink(SinkTests):
+    """--max-file-size: several npz files and an index; every file byte-identical after resume."""
+
+    suffix = ""
+    to = "npz"
+    sink_options = {"max_file_size": 1 << 20}
+    cli_flags = ["--max-file-size", "1MiB"]
+
+    def snapshot(self, dest: Path) -> Any:
+        """Every file's bytes, by name without DEST's own name (which the file names carry)."""
+        stem = dest.name
+        snap: dict[str, Any] = {p.name[len(stem):]: p.read_bytes() for p in sorted(dest.iterdir())}
+        index = json.loads(snap.pop(".npz.index.json"))
+        snap["index"] = (index["metadata"], {k: v[len(stem):] for k, v in index["weight_map"].items()})
+        return snap
+
+    def read_back(self, dest: Path) -> dict[str, np.ndarray]:
+        index = json.loads(next(dest.glob("*.npz.index.json")).read_text())
+        out: dict[str, np.ndarray] = {}
+        for fname in sorted(set(index["weight_map"].values())):
+            part = load_npz(dest / fname)  # each file on its own, as np.load reads it
+            assert {n for n, f in index["weight_map"].items() if f == fname} == set(part)
+            out.update(part)
+        return out
+
+
+class TestSplitNpzSource(SourceTests):
+    def make(self, tmp_path):
+        tree = reference_tree()
+        write_reference_npz(tmp_path / "x.npz", tree)
+        shardconv.convert(tmp_path / "x.npz", tmp_path / "split", to="npz", sink_options={"max_file_size": 1 << 20})
+        return SplitNpzSource(tmp_path / "split"), tree
+
+
+def test_split_files_follow_the_size_and_a_large_tensor_gets_its_own(tmp_path):
+    tree = {"a": np.zeros((300, 1024), np.float32), "b": np.ones(100, np.int8),
+            "huge": np.arange(3 << 18, dtype=np.float32), "c": np.full(7, 2.5, np.float64)}
+    np.savez(tmp_path / "in.npz", **tree)
+    shardconv.convert(tmp_path / "in.npz", tmp_path / "m.npz", sink_options={"max_file_size": 2 << 20})
+    index = json.loads((tmp_path / "m.npz" / "m.npz.index.json").read_text())
+    assert index["weight_map"] == {"a": "m-00001-of-00003.npz", "b": "m-00001-of-00003.npz",
+                                   "huge": "m-00002-of-00003.npz", "c": "m-00003-of-00003.npz"}
+    assert index["metadata"]["total_size"] == sum(v.nbytes for v in tree.values())
+    assert (tmp_path / "m.npz" / "m-00001-of-00003.npz").stat().st_size <= 2 << 20
+    with SplitNpzSource(tmp_path / "m.npz" / "m.npz.index.json") as s:  # the index file works as the path too
+        assert {t.name: s.read(t.name).tobytes() for t in s.tensors()} == {k: v.tobytes() for k, v in tree.items()}
+    # a different size changes the layout: resuming a partial output with it is refused
+    p = run_cli("convert", tmp_path / "in.npz", tmp_path / "r", "--to", "npz", "--max-file-size", "2MiB",
+                "--max-memory", "1MiB", "--quiet", env={"SHARDCONV_TEST_KILL": "journal:2"})
+    assert p.returncode == -9
+    with pytest.raises(ResumeError, match="max_file_size"):
+        shardconv.convert(tmp_path / "in.npz", tmp_path / "r", to="npz", sink_options={"max_file_size": 3 << 20})
+    with pytest.raises(UsageError, match="1 MiB minimum"):
+        shardconv.convert(tmp_path / "in.npz", tmp_path / "t", to="npz", sink_options={"max_file_size": 1000})
 
 
 class TestNpzSourceFromNumpy(SourceTests):

@@ -132,3 +132,53 @@ def test_rule9_nothing_at_dest_before_complete(out, tmp_path):
                            env={**os.environ, "SHARDCONV_TEST_KILL": point})
         assert p.returncode == -signal.SIGKILL
         assert not dest.exists()
+
+
+@pytest.fixture(scope="module")
+def split(out, tmp_path_factory) -> tuple[Path, dict[str, np.ndarray]]:
+    dest = tmp_path_factory.mktemp("split") / "model.npz"
+    shardconv.convert(out[0].parent / "in.npz", dest, max_memory="1MiB", sink_options={"max_file_size": 1 << 20})
+    return dest, out[1]
+
+
+def test_rule10_split_files_manifests_and_index(split):
+    dest, tree = split
+    index = json.loads((dest / "model.npz.index.json").read_text())
+    files = sorted(p.name for p in dest.glob("*.npz"))
+    n = len(files)
+    assert n > 1 and files == [f"model-{k:05d}-of-{n:05d}.npz" for k in range(1, n + 1)]
+    assert set(index["weight_map"]) == set(tree) and set(index["weight_map"].values()) == set(files)
+    assert index["metadata"]["total_size"] == sum(v.nbytes for v in tree.values())
+    for f in files:
+        manifest = json.loads((dest / (f + ".shardconv.json")).read_text())
+        names = [t["name"] for t in manifest["tensors"]]
+        assert names == [i.filename[:-4] for i in _members(dest / f)]
+        assert all(index["weight_map"][name] == f for name in names)
+        with zipfile.ZipFile(dest / f) as z:
+            assert z.testzip() is None
+
+
+def test_rule11_plan_order_and_size(split, out):
+    dest, _ = split
+    index = json.loads((dest / "model.npz.index.json").read_text())
+    order = [i.filename[:-4] for i in sorted(_members(out[0]), key=lambda i: i.header_offset)]  # plan order
+    assert [index["weight_map"][name] for name in order] == sorted(index["weight_map"][name] for name in order)
+    for f in dest.glob("*.npz"):
+        members = _members(f)
+        end = max(i.header_offset for i in members)  # start of the last member: all before it fit
+        assert len(members) == 1 or end + members[-1].file_size <= 1 << 20, f.name
+
+
+def test_rule12_split_directory_appears_only_complete(out, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    src = out[0].parent / "in.npz"
+    dest = tmp_path / "m"
+    for point in ("journal:0", "finish"):
+        p = subprocess.run([sys.executable, "-m", "shardconv", "convert", str(src), str(dest), "--to", "npz",
+                            "--max-file-size", "1MiB", "--quiet"], env={**os.environ, "SHARDCONV_TEST_KILL": point})
+        assert p.returncode == -signal.SIGKILL
+        assert not dest.exists()

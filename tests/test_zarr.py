@@ -98,27 +98,17 @@ class ArraySource(Source):
 class TestZarrSinkV3(SinkTests):
     suffix = ".zarr"
     byte_identical = False
-    options: dict[str, Any] = {}
-    cli_flags: list[str] = []
-
-    def convert(self, src: Path, dest: Path, **kw: Any):
-        return shardconv.convert(src, dest, to=self.to, sink_options=self.options or None, **kw)
-
-    def _kill_at(self, src: Path, dest: Path, point: str) -> subprocess.CompletedProcess:
-        argv = [sys.executable, "-m", "shardconv", "convert", str(src), str(dest), "--max-memory", "1MiB", "--quiet",
-                *self.cli_flags]
-        return subprocess.run(argv, env={**os.environ, "SHARDCONV_TEST_KILL": point}, capture_output=True)
 
     def read_back(self, dest: Path) -> dict[str, np.ndarray]:
         """zarr-python's values, checked equal to TensorStore's."""
         got = read_zarr_python(dest)
-        fmt = int(self.options.get("zarr_format", 3))
+        fmt = int(self.sink_options.get("zarr_format", 3))
         assert_same(read_tensorstore({"driver": "file", "path": str(dest) + "/"}, list(got), fmt), got)
         return got
 
 
 class TestZarrSinkV2Zstd(TestZarrSinkV3):
-    options = {"zarr_format": 2, "compression": "zstd"}
+    sink_options = {"zarr_format": 2, "compression": "zstd"}
     cli_flags = ["--zarr-format", "2", "--compression", "zstd"]
     # the shared suite's 22 kill points
 

@@ -5,6 +5,14 @@ Layout per member: local header (CRC filled in at finish) | npy header | data.
 Then the central directory and zip64 end records. A sidecar
 ``DEST.shardconv.json`` manifest records true dtypes (bfloat16 is ``|V2`` in the
 header), per-tensor CRCs and where each tensor came from.
+
+With ``max_file_size`` the output is a directory DEST of several such files, as
+Hugging Face shards its checkpoints: ``STEM-00001-of-0000N.npz`` (each with its own
+sidecar manifest, each loadable by ``np.load`` alone) and ``STEM.npz.index.json``
+mapping every tensor to its file. Tensors go to files in plan order, a new file
+starting when the next tensor would take the current one over the size; a tensor
+larger than the size gets a file of its own. The assignment is a function of the
+plan and the size, so a resumed run lays out the same files.
 """
 from __future__ import annotations
 
@@ -15,15 +23,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .. import npyformat, zipformat
+from .. import __version__, npyformat, zipformat
 from ..checksums import combine_crc32, crc32
-from ..errors import DestinationError
+from ..errors import DestinationError, UsageError
 from ..fileio import fsync_file, pwrite_all, start_writeback, truncate
 from ..plan import Chunk, OutputTensor
+from ..staging import fsync_dir
 from ..units import format_size
 from .base import Sink
 
 MANIFEST_SUFFIX = ".shardconv.json"
+INDEX_SUFFIX = ".npz.index.json"
 
 
 @dataclass
@@ -33,70 +43,99 @@ class _Member:
     npy_header: bytes
     data_offset: int
     nbytes: int
+    file: int = 0
 
     @property
     def size(self) -> int:
         return len(self.npy_header) + self.nbytes
 
 
+@dataclass
+class _File:
+    path: Path
+    members: list[int]   # indices into the sink's members
+    end: int = 0         # where the central directory starts
+    fd: int = -1
+
+
 def manifest_path(dest: Path) -> Path:
     return dest.with_name(dest.name + MANIFEST_SUFFIX)
+
+
+def shard_stem(dest: Path) -> str:
+    """``model`` for DEST ``model.npz`` or ``model``: the prefix of a split output's files."""
+    return dest.name[:-4] if dest.name.lower().endswith(".npz") and len(dest.name) > 4 else dest.name
 
 
 class NpzSink(Sink):
     name = "npz"
 
-    def __init__(self) -> None:
-        self._fd = -1
+    def __init__(self, max_file_size: int | None = None) -> None:
+        if max_file_size is not None and max_file_size < 1 << 20:
+            raise UsageError(f"max_file_size {max_file_size} is below the 1 MiB minimum")
+        self.max_file_size = max_file_size
         self._members: list[_Member] = []
-        self._end = 0
+        self._files: list[_File] = []
+
+    def options(self) -> dict[str, Any]:
+        return {"max_file_size": self.max_file_size} if self.max_file_size else {}
 
     def final_paths(self, dest: Path) -> list[Path]:
-        return [manifest_path(dest), dest]
+        return [dest] if self.max_file_size else [manifest_path(dest), dest]
 
     def open(self, out: Path, outputs: list[OutputTensor], resume: bool) -> None:
         self.out = out
-        pos = 0
-        self._members = []
-        for o in outputs:
+        self._members, groups, pos = [], [[]], 0
+        for i, o in enumerate(outputs):
             name = (o.name + ".npy").encode("utf-8")
             head = npyformat.header(o.dtype, o.shape)
-            lh = zipformat.local_header_size(name)
-            self._members.append(_Member(name, pos, head, pos + lh + len(head), o.nbytes))
-            pos += lh + len(head) + o.nbytes
-        self._end = pos
-        if not resume or not out.exists():
+            size = zipformat.local_header_size(name) + len(head) + o.nbytes
+            if self.max_file_size and groups[-1] and pos + size > self.max_file_size:
+                groups.append([])
+                pos = 0
+            self._members.append(_Member(name, pos, head, pos + size - o.nbytes, o.nbytes, len(groups) - 1))
+            groups[-1].append(i)
+            pos += size
+        if self.max_file_size:
+            stem, n = shard_stem(out), len(groups)
+            out.mkdir(exist_ok=True)
+            self._files = [_File(out / f"{stem}-{k + 1:05d}-of-{n:05d}.npz", g) for k, g in enumerate(groups)]
+        else:
+            self._files = [_File(out, groups[0])]
+        for f in self._files:
+            last = self._members[f.members[-1]] if f.members else None
+            f.end = last.data_offset + last.nbytes if last else 0
+        if not resume or not all(f.path.exists() for f in self._files):
             free = shutil.disk_usage(out.parent).free
-            need = pos + 1024 * len(outputs)
+            need = sum(f.end for f in self._files) + 1024 * len(outputs)
             if need > free:
                 raise DestinationError(f"{out.parent}: needs {format_size(need)} for the output, "
                                        f"only {format_size(free)} free")
-            fd = os.open(out, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
-        else:
-            fd = os.open(out, os.O_RDWR)
-        self._fd = fd
-        truncate(fd, pos, out)
-        for m in self._members:
-            self._pwrite(m.npy_header, m.data_offset - len(m.npy_header))
-
-    def _pwrite(self, data: bytes | memoryview, offset: int) -> None:
-        pwrite_all(self._fd, data, offset, self.out)
+        for f in self._files:
+            exists = resume and f.path.exists()
+            f.fd = os.open(f.path, os.O_RDWR | (0 if exists else os.O_CREAT | os.O_TRUNC), 0o644)
+            truncate(f.fd, f.end, f.path)
+            for k in f.members:
+                m = self._members[k]
+                pwrite_all(f.fd, m.npy_header, m.data_offset - len(m.npy_header), f.path)
 
     def write(self, chunk: Chunk, data: memoryview) -> int:
         m = self._members[chunk.index]
-        self._pwrite(data, m.data_offset + chunk.offset)
+        f = self._files[m.file]
+        pwrite_all(f.fd, data, m.data_offset + chunk.offset, f.path)
         if self.durable:
-            start_writeback(self._fd, m.data_offset + chunk.offset, len(data))
+            start_writeback(f.fd, m.data_offset + chunk.offset, len(data))
         return crc32(data)
 
     def check(self, chunk: Chunk, receipt: Any) -> bool:
         m = self._members[chunk.index]
+        fd = self._files[m.file].fd
         buf = bytearray(min(chunk.length, 1 << 20))
         view = memoryview(buf)
         crc = 0
         done = 0
         while done < chunk.length:
-            n = os.preadv(self._fd, [view[: min(len(buf), chunk.length - done)]], m.data_offset + chunk.offset + done)
+            n = os.preadv(fd, [view[: min(len(buf), chunk.length - done)]], m.data_offset + chunk.offset + done)
             if n <= 0:
                 return False
             crc = crc32(view[:n], crc)
@@ -108,36 +147,59 @@ class NpzSink(Sink):
         data_crc = [0] * len(self._members)
         for chunk, crc in sorted(receipts, key=lambda r: (r[0].index, r[0].offset)):
             data_crc[chunk.index] = combine_crc32(data_crc[chunk.index], crc, chunk.length)
-        central = bytearray()
-        cd_offset = self._end
-        pos = cd_offset
-        for m, dcrc in zip(self._members, data_crc):
-            crc = combine_crc32(crc32(m.npy_header), dcrc, m.nbytes)
-            self._pwrite(zipformat.local_header(m.name, crc, m.size), m.local_offset)
-            central += zipformat.central_header(m.name, crc, m.size, m.local_offset)
-            if len(central) >= 1 << 20:
-                self._pwrite(central, pos)
-                pos += len(central)
-                central.clear()
-        self._pwrite(central, pos)
-        pos += len(central)
-        end = zipformat.end_records(len(self._members), cd_offset, pos - cd_offset)
-        self._pwrite(end, pos)
-        truncate(self._fd, pos + len(end), self.out)
         for entry, dcrc in zip(manifest["tensors"], data_crc):
             entry["crc32"] = dcrc
+        for f in self._files:
+            self._finish_file(f, data_crc, fsync)
+        if not self.max_file_size:
+            staged_manifest = self.out.with_name("manifest.json")
+            _write_json(staged_manifest, manifest, fsync)
+            return [(staged_manifest, manifest_path(dest)), (self.out, dest)]
+        weight_map = {}
+        for f in self._files:
+            part = {**manifest, "tensors": [manifest["tensors"][k] for k in f.members]}
+            _write_json(manifest_path(f.path), part, fsync)
+            weight_map.update({manifest["tensors"][k]["name"]: f.path.name for k in f.members})
+        index = {"metadata": {"format": "npz", "total_size": sum(m.nbytes for m in self._members),
+                              "files": len(self._files), "shardconv": __version__},
+                 "weight_map": weight_map}
+        _write_json(self.out / (shard_stem(self.out) + INDEX_SUFFIX), index, fsync)
         if fsync:
-            fsync_file(self._fd, self.out)
-        staged_manifest = self.out.with_name("manifest.json")
-        with open(staged_manifest, "w") as f:
-            json.dump(manifest, f, indent=1, sort_keys=True)
-            f.write("\n")
-            if fsync:
-                f.flush()
-                fsync_file(f.fileno(), staged_manifest)
-        return [(staged_manifest, manifest_path(dest)), (self.out, dest)]
+            fsync_dir(self.out)
+        return [(self.out, dest)]
+
+    def _finish_file(self, f: _File, data_crc: list[int], fsync: bool) -> None:
+        """Local headers with their CRCs, the central directory and the zip64 end records."""
+        central = bytearray()
+        pos = f.end
+        for k in f.members:
+            m = self._members[k]
+            crc = combine_crc32(crc32(m.npy_header), data_crc[k], m.nbytes)
+            pwrite_all(f.fd, zipformat.local_header(m.name, crc, m.size), m.local_offset, f.path)
+            central += zipformat.central_header(m.name, crc, m.size, m.local_offset)
+            if len(central) >= 1 << 20:
+                pwrite_all(f.fd, central, pos, f.path)
+                pos += len(central)
+                central.clear()
+        pwrite_all(f.fd, central, pos, f.path)
+        pos += len(central)
+        end = zipformat.end_records(len(f.members), f.end, pos - f.end)
+        pwrite_all(f.fd, end, pos, f.path)
+        truncate(f.fd, pos + len(end), f.path)
+        if fsync:
+            fsync_file(f.fd, f.path)
 
     def close(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+        for f in self._files:
+            if f.fd >= 0:
+                os.close(f.fd)
+                f.fd = -1
+
+
+def _write_json(path: Path, obj: dict[str, Any], fsync: bool) -> None:
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=1, sort_keys=True)
+        f.write("\n")
+        if fsync:
+            f.flush()
+            fsync_file(f.fileno(), path)

@@ -16,6 +16,7 @@ from .base import Segment, Source, TensorInfo, Unit
 
 #: (format name, module, probe function, class). Probes must be cheap and never raise.
 REGISTRY: list[tuple[str, str, str, str]] = [
+    ("npz-split", ".npz", "is_split_npz", "SplitNpzSource"),
     ("npz", ".npz", "is_npz", "NpzSource"),
     ("tf", ".tf_bundle", "is_tf_bundle", "TFBundleSource"),
     ("zarr", ".zarr", "is_zarr", "ZarrSource"),

@@ -322,3 +322,105 @@ class _Inflater:
     upos: int       # uncompressed position of pending[0]
     cpos: int       # next compressed byte to read (file offset)
     pending: bytes  # inflated bytes not yet handed out
+
+
+# -- several npz files with an index (shardconv --max-file-size, Hugging Face style) ----------
+
+INDEX_SUFFIX = ".npz.index.json"
+_MAX_INDEX = 256 << 20
+
+
+def _index_file(path: Path) -> Path | None:
+    """The index of a split npz output: ``path`` itself, or the one index in directory ``path``."""
+    if path.is_file() and path.name.endswith(INDEX_SUFFIX):
+        return path
+    if path.is_dir():
+        found = sorted(path.glob("*" + INDEX_SUFFIX))
+        if len(found) == 1:
+            return found[0]
+    return None
+
+
+def is_split_npz(path: str | os.PathLike) -> bool:
+    return _index_file(Path(path)) is not None
+
+
+class SplitNpzSource(Source):
+    """An npz output split into several files: the index names each tensor's file;
+    every file is read by NpzSource (its own manifest and CRCs included)."""
+
+    format = "npz"
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        index = _index_file(Path(path))
+        if index is None:
+            raise SourceError(f"{path}: no *{INDEX_SUFFIX} here (not a split npz output)")
+        self.index = index
+        self.dir = index.parent
+        weight_map = self._read_index()
+        self._parts: dict[str, NpzSource] = {}
+        self._where: dict[str, NpzSource] = {}
+        try:
+            for fname in sorted(set(weight_map.values())):
+                self._parts[fname] = NpzSource(self.dir / fname)
+            for fname, part in self._parts.items():
+                names = {t.name for t in part.tensors()}
+                claimed = {n for n, f in weight_map.items() if f == fname}
+                if names != claimed:
+                    extra, missing = sorted(names - claimed), sorted(claimed - names)
+                    why = [f"lacks {missing[:3]}, which the index maps to it"] if missing else []
+                    why += [f"holds {extra[:3]}, which the index maps elsewhere or not at all"] if extra else []
+                    raise FormatError(f"{self.dir / fname}: {'; '.join(why)}")
+                self._where.update({n: part for n in names})
+        except BaseException:
+            self.close()
+            raise
+        self._infos = [t for part in self._parts.values() for t in part.tensors()]
+        first = next(iter(self._parts.values()), None)
+        self.manifest_options = dict(first.manifest_options) if first is not None else {}
+
+    def _read_index(self) -> dict[str, str]:
+        try:
+            size = self.index.stat().st_size
+            if size > _MAX_INDEX:
+                raise FormatError(f"{self.index}: {size} bytes is more than an index can be")
+            data = json.loads(self.index.read_bytes())
+        except (ValueError, UnicodeDecodeError):
+            raise FormatError(f"{self.index}: not valid JSON") from None
+        except OSError as e:
+            raise SourceError(f"{self.index}: cannot read: {e.strerror}") from None
+        weight_map = data.get("weight_map") if isinstance(data, dict) else None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise FormatError(f"{self.index}: no weight_map of tensor names to file names")
+        for name, fname in weight_map.items():
+            if "/" in fname or "\\" in fname or fname in ("", ".", "..") or "\x00" in fname:
+                raise FormatError(f"{self.index}: tensor {name!r} maps to {fname!r}, not a file in this directory; refused")
+            if not (self.dir / fname).is_file():
+                raise FormatError(f"{self.index}: tensor {name!r} is in {fname}, which is missing (incomplete copy?)")
+        return weight_map
+
+    @property
+    def location(self) -> str:
+        return str(self.dir)
+
+    def tensors(self) -> list[TensorInfo]:
+        return list(self._infos)
+
+    def units(self) -> dict[str, Unit]:
+        return {k: u for part in self._parts.values() for k, u in part.units().items()}
+
+    def read_into(self, name: str, offset: int, out: memoryview) -> list[Segment]:
+        part = self._where.get(name)
+        if part is None:
+            raise SourceError(f"{self.dir}: no tensor named {name!r}")
+        return part.read_into(name, offset, out)
+
+    def fingerprint(self) -> dict[str, Any]:
+        fp = Source.fingerprint(self)
+        fp["files"] = {p.name: [p.stat().st_size, p.stat().st_mtime_ns]
+                       for p in [self.index, *(part.path for part in self._parts.values())]}
+        return fp
+
+    def close(self) -> None:
+        for part in self._parts.values():
+            part.close()

@@ -43,6 +43,9 @@ def write_reference_npz(path: Path, tree: dict[str, np.ndarray]) -> None:
 class SinkTests:
     suffix = ".npz"
     to: str | None = None
+    #: Sink options for the Python API, and the same as command-line flags.
+    sink_options: dict[str, Any] = {}
+    cli_flags: list[str] = []
     #: True if the format's bytes are a pure function of the plan (compare files), else values.
     byte_identical = True
 
@@ -64,7 +67,7 @@ class SinkTests:
         return path, tree
 
     def convert(self, src: Path, dest: Path, **kw: Any):
-        return api.convert(src, dest, to=self.to, **kw)
+        return api.convert(src, dest, to=self.to, sink_options=self.sink_options or None, **kw)
 
     def test_values_equal_the_source_exactly(self, source_npz, tmp_path):
         src, tree = source_npz
@@ -100,7 +103,8 @@ class SinkTests:
                    [f"journal:{k}" for k in (0, 1, 4, 8, 12, 16, 20, 24, 27, 30)] + ["finish", "renamed"])
 
     def _kill_at(self, src: Path, dest: Path, point: str) -> subprocess.CompletedProcess:
-        argv = [sys.executable, "-m", "shardconv", "convert", str(src), str(dest), "--max-memory", "1MiB", "--quiet"]
+        argv = [sys.executable, "-m", "shardconv", "convert", str(src), str(dest), "--max-memory", "1MiB", "--quiet",
+                 *self.cli_flags]
         if self.to:
             argv += ["--to", self.to]
         return subprocess.run(argv, env={**os.environ, "SHARDCONV_TEST_KILL": point}, capture_output=True)
