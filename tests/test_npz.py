@@ -42,6 +42,8 @@ class TestNpzSink(SinkTests):
 class TestSplitNpzSink(SinkTests):
     """--max-file-size: several npz files and an index; every file byte-identical after resume."""
 
+    label = "npz split (--max-file-size)"
+
     suffix = ""
     to = "npz"
     sink_options = {"max_file_size": 1 << 20}

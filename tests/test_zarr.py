@@ -108,6 +108,7 @@ class TestZarrSinkV3(SinkTests):
 
 
 class TestZarrSinkV2Zstd(TestZarrSinkV3):
+    label = "zarr v2 + zstd"
     sink_options = {"zarr_format": 2, "compression": "zstd"}
     cli_flags = ["--zarr-format", "2", "--compression", "zstd"]
     # the shared suite's 22 kill points

@@ -102,6 +102,15 @@ class SinkTests:
     kill_points = ([f"chunk:{k}" for k in (0, 2, 5, 9, 13, 17, 21, 25, 28, 30)] +
                    [f"journal:{k}" for k in (0, 1, 4, 8, 12, 16, 20, 24, 27, 30)] + ["finish", "renamed"])
 
+    #: Name of this sink (and its options) in the README's kill-point figures.
+    label: str = ""
+
+    def _log_kill(self, point: str) -> None:
+        log = os.environ.get("SHARDCONV_KILL_LOG")
+        if log:
+            with open(log, "a") as f:
+                f.write(f"{self.label or self.to or self.suffix.lstrip('.')}\t{point}\n")
+
     def _kill_at(self, src: Path, dest: Path, point: str) -> subprocess.CompletedProcess:
         argv = [sys.executable, "-m", "shardconv", "convert", str(src), str(dest), "--max-memory", "1MiB", "--quiet",
                  *self.cli_flags]
@@ -127,10 +136,7 @@ class SinkTests:
             assert self.snapshot(dest) == want, point
             assert not Path(str(dest) + ".partial").exists(), point
             survived += 1
-            log = os.environ.get("SHARDCONV_KILL_LOG")
-            if log:
-                with open(log, "a") as f:
-                    f.write(f"{self.to or self.suffix.lstrip('.')}\t{point}\n")
+            self._log_kill(point)
         assert survived == len(self.kill_points)
 
     #: Fractions of an uninterrupted run's duration at which the time sweep kills.
@@ -163,10 +169,7 @@ class SinkTests:
             self.convert(src, dest, max_memory="1MiB", overwrite=dest.exists())
             assert self.snapshot(dest) == want, frac
             assert not Path(str(dest) + ".partial").exists(), frac
-            log = os.environ.get("SHARDCONV_KILL_LOG")
-            if log:
-                with open(log, "a") as f:
-                    f.write(f"{self.to or self.suffix.lstrip('.')}\ttime:{frac}\n")
+            self._log_kill(f"time:{frac}")
         assert kills == len(self.time_kill_fractions)
 
     def test_repeated_kills_on_one_destination_then_resume(self, source_npz, tmp_path):
