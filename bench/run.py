@@ -54,6 +54,8 @@ CONVERTER_ROWS = [
     ("npz", _CONVERT + ["{out}/model.npz", "--max-memory", "{max_memory}", "--quiet"]),
     ("npz-nofsync", _CONVERT + ["{out}/model.npz", "--max-memory", "{max_memory}", "--quiet",
                                 "--no-fsync"]),
+    ("npz-split", _CONVERT + ["{out}/model", "--to", "npz", "--max-file-size", "1GiB", "--max-memory",
+                              "{max_memory}", "--quiet"]),
     ("zarr", _CONVERT + ["{out}/model.zarr", "--max-memory", "{max_memory}", "--quiet"]),
     ("zarr-zstd", _CONVERT + ["{out}/model.zarr", "--compression", "zstd", "--max-memory", "{max_memory}", "--quiet"]),
     ("savedmodel", _CONVERT + ["{out}/savedmodel", "--to", "savedmodel",
