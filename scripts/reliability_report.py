@@ -69,7 +69,7 @@ def main() -> int:
         *[f"| SIGKILL points survived, {sink} sink (output identical after resume) | {n} ({n - timed[sink]} at "
           f"code points, {timed[sink]} at times spread over the run) | shared sink suite |"
           for sink, n in sorted(kills.items())],
-        f"| hostile-input cases (mutated TF checkpoints; crafted TF indexes, npz files, Orbax/OCDBT, Zarr and t5x directories) | "
+        f"| hostile-input cases (mutated TF checkpoints; crafted TF indexes, npz files and split-npz indexes; Orbax/OCDBT, Zarr and t5x directories) | "
         f"{sum(corpus.values())}: {', '.join(f'{v} {k}' for k, v in sorted(corpus.items()))} | tests/test_hostile.py |",
         f"| fault-injection tests (disk full, ENOSPC/EIO writes, failed fsync, read error) | "
         f"{by_file.get('test_faults', 0)} passed | tests/test_faults.py |",

@@ -162,6 +162,24 @@ def test_step_reaches_verify_and_is_refused_where_it_does_not_apply(tmp_path):
     assert r.stderr.strip().splitlines() == [r.stderr.strip()] and "--step does not apply" in r.stderr
 
 
+@pytest.mark.parametrize("ocdbt", [False, True])
+def test_resume_refuses_an_orbax_checkpoint_rewritten_in_between(tmp_path, ocdbt):
+    rng = np.random.default_rng(1)
+    tree = {"a": rng.standard_normal((1024, 1024)).astype(np.float32), "b": np.arange(10, dtype=np.int32)}
+    _save(tmp_path / "ckpt", tree, use_ocdbt=ocdbt)
+    dest = tmp_path / "o.npz"
+    r = subprocess.run([sys.executable, "-m", "shardconv", "convert", str(tmp_path / "ckpt"), str(dest),
+                        "--max-memory", "1MiB", "--quiet"], env={**os.environ, "SHARDCONV_TEST_KILL": "journal:1"})
+    assert r.returncode == -9
+    chunk = max((p for p in (tmp_path / "ckpt").rglob("*") if p.is_file() and "_METADATA" not in p.name
+                 and "manifest" not in p.name and not p.name.startswith(".z")), key=lambda p: p.stat().st_size)
+    os.utime(chunk, ns=(chunk.stat().st_atime_ns, chunk.stat().st_mtime_ns + 10**9))  # the data was rewritten
+    with pytest.raises(shardconv.errors.ResumeError, match="changed"):
+        shardconv.convert(tmp_path / "ckpt", dest, max_memory="1MiB")
+    shardconv.convert(tmp_path / "ckpt", dest, max_memory="1MiB", restart=True)
+    assert load_npz(dest)["a"].tobytes() == tree["a"].tobytes()
+
+
 def test_orbax_to_npz_and_zarr_equal_orbax_restore(tmp_path):
     tree = nested_tree()
     _save(tmp_path / "ckpt", tree, use_ocdbt=True)

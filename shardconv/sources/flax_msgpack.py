@@ -286,7 +286,13 @@ class FlaxMsgpackSource(Source):
         return list(self._infos)
 
     def fingerprint(self) -> dict[str, Any]:
-        return self._file_fingerprint(self.path)
+        fp = self._file_fingerprint(self.path)
+        external = [leaf.external for leaf in self._leaves.values() if leaf.external is not None]
+        if external:  # t5x: the arrays stored beside the file
+            from .orbax import array_dirs, file_stats
+
+            fp["files"].update(file_stats(self.path.parent, array_dirs(external)))
+        return fp
 
     def read_into(self, name: str, offset: int, out: memoryview) -> list[Segment]:
         leaf = self._leaves.get(name)

@@ -232,6 +232,31 @@ def cache_bytes(arrays: Any) -> int:
     return max([a.chunk_bytes for a in arrays if a.stream is None] + [0])
 
 
+def file_stats(root: Path, dirs: Any) -> dict[str, list[int]]:
+    """(size, mtime) of every file under ``dirs``, by path relative to ``root``: what a
+    resume compares, so a checkpoint rewritten in between is noticed."""
+    out: dict[str, list[int]] = {}
+    stack = [Path(d) for d in dirs]
+    while stack:
+        d = stack.pop()
+        try:
+            entries = list(os.scandir(d))
+        except OSError:
+            continue
+        for e in entries:
+            if e.is_dir(follow_symlinks=False):
+                stack.append(Path(e.path))
+            elif e.is_file():
+                st = e.stat()
+                out[os.path.relpath(e.path, root)] = [st.st_size, st.st_mtime_ns]
+    return dict(sorted(out.items()))
+
+
+def array_dirs(arrays: Any) -> list[Path]:
+    """Local directories holding these arrays' chunks (per-array layouts)."""
+    return sorted({Path(a.spec["kvstore"]["path"]) for a in arrays if a.spec["kvstore"].get("driver") == "file"})
+
+
 def reader_bytes(arrays: Any) -> int:
     """What reading these arrays holds beside the budget: TensorStore itself, its chunk
     cache (chunks it decodes whole) and the largest set of open chunk streams."""
@@ -468,12 +493,8 @@ class OrbaxSource(Source):
 
     def fingerprint(self) -> dict[str, Any]:
         fp = super().fingerprint()
-        files = {}
-        for d in self._items:
-            for f in ("_METADATA", "manifest.ocdbt"):
-                if (d / f).is_file():
-                    st = os.stat(d / f)
-                    files[os.path.relpath(d / f, self.dir)] = [st.st_size, st.st_mtime_ns]
+        # every file of the checkpoint: metadata, array chunks or OCDBT manifests and data files
+        files = file_stats(self.dir, self._items)
         fp["files"] = files
         fp["step_dir"] = self.dir.name
         return fp
