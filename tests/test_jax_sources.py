@@ -602,6 +602,19 @@ class TestT5xChunkStreamsInTinyPieces(TestT5xChunkStreams):
         monkeypatch.setattr(cs, "FETCH", 16)
 
 
+class TestT5xChunkStreamsDecodedByFourThreads(TestT5xChunkStreams):
+    """Reads spanning several chunks decode them on 4 threads (whatever this machine has),
+    in tiny pieces so the threads interleave a lot."""
+
+    @pytest.fixture(autouse=True)
+    def four_threads(self, monkeypatch):
+        import shardconv.sources.chunkstream as cs
+
+        monkeypatch.setattr(cs, "WORKERS", 4)
+        monkeypatch.setattr(cs, "PIECE", 64)
+        monkeypatch.setattr(cs, "FETCH", 32)
+
+
 def test_corrupt_or_truncated_chunk_is_one_clear_line(tmp_path):
     _stream_checkpoint(tmp_path / "checkpoint_1")
     chunk = tmp_path / "checkpoint_1" / "target.gzip_3d_bf16" / "0.0.0"

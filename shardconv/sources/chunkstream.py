@@ -8,8 +8,9 @@ bytes come from the TensorStore kvstore in 1 MiB byte ranges (file or OCDBT alik
 zstd streams through the system ``libzstd`` (``ZSTD_decompressStream``, window capped
 at 16 MiB) and gzip/zlib through ``zlib`` with ``max_length``. A region becomes at most
 a few pieces of each chunk's decoded bytes, each at most ``PIECE`` bytes, decoded in
-order; reading backwards restarts that chunk's decoder. Arrays with other codecs (or
-without libzstd) are read by TensorStore.
+order; reading backwards restarts that chunk's decoder. Different chunks of one read
+are decoded on a small thread pool (the decoders release the GIL). Arrays with other
+codecs (or without libzstd) are read by TensorStore.
 """
 from __future__ import annotations
 
@@ -17,8 +18,10 @@ import ctypes
 import ctypes.util
 import itertools
 import math
+import os
 import re
 import threading
+from concurrent.futures import ThreadPoolExecutor, wait
 import zlib
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -34,6 +37,10 @@ from .regions import box_views
 PIECE = 4 << 20          # largest decoded span held at once
 FETCH = 1 << 20          # compressed bytes fetched per kvstore read
 MAX_STREAMS = 32         # open chunk decoders (each: a zstd window <= 16 MiB, one fetch)
+#: Chunks decoded at once when one read spans several (each holds at most a PIECE): a
+#: core is left to the engine's writer; more than 8 did not help (measured on 16 cores).
+#: SHARDCONV_DECODE_THREADS overrides (1: no threads).
+WORKERS = max(1, int(os.environ.get("SHARDCONV_DECODE_THREADS", "0") or 0) or min(8, (os.cpu_count() or 1) - 1))
 _ZSTD_WINDOW_LOG_MAX = 24
 #: Decoder state per open stream, for estimates: zstd's window at the levels TensorStore
 #: writes (3: 2 MiB at most; higher levels may use up to 16 MiB) or zlib's 32 KiB.
@@ -163,14 +170,16 @@ def stream_layout(meta: dict[str, Any], dtype: str, kvstore: dict[str, Any], fil
 
 
 def streams_needed(layout: StreamLayout, shape: tuple[int, ...]) -> int:
-    """Chunks one C-order read can keep open at once: those across one row of chunks."""
-    return min(MAX_STREAMS, math.prod(-(-s // c) for s, c in zip(shape[1:], layout.chunks[1:])) or 1)
+    """Chunks kept open at once: those across one row of chunks (C-order reads cross them all)
+    plus one a read ended inside, or one per decoding thread, whichever is more."""
+    row = math.prod(-(-s // c) for s, c in zip(shape[1:], layout.chunks[1:])) or 1
+    return min(MAX_STREAMS, max(row + 1, WORKERS))
 
 
 def stream_bytes(layout: StreamLayout, shape: tuple[int, ...]) -> int:
     """Memory the open decoders of this array hold (fetched bytes and decoder state)."""
     per = 0 if layout.codec == "raw" else 2 * FETCH + _STATE[layout.codec]  # pending + prefetched
-    return streams_needed(layout, shape) * per + PIECE
+    return streams_needed(layout, shape) * per + WORKERS * (PIECE + (1 << 20))  # + each thread's piece and skip buffer
 
 
 # -- reading --------------------------------------------------------------------------------
@@ -203,16 +212,28 @@ class StreamReader:
         self._ctx = context
         self._kv: OrderedDict[int, Any] = OrderedDict()
         self._streams: OrderedDict[tuple[int, tuple[int, ...]], _Stream] = OrderedDict()
-        self._skip = bytearray(min(PIECE, 1 << 20))
+        self._lock = threading.Lock()       # the two maps above, shared by the decoding threads
+        self._local = threading.local()     # per-thread scratch for skipped bytes
+        self._pool: ThreadPoolExecutor | None = None
 
     def _kvstore(self, layout: StreamLayout, where: str) -> Any:
-        kv = self._kv.pop(id(layout), None)
-        if kv is None:
-            kv = tsio.wrap(FormatError, where, lambda: self._ts.KvStore.open(layout.kvstore, context=self._ctx).result())
+        with self._lock:
+            kv = self._kv.pop(id(layout), None)
+            if kv is not None:
+                self._kv[id(layout)] = kv
+                return kv
+        kv = tsio.wrap(FormatError, where, lambda: self._ts.KvStore.open(layout.kvstore, context=self._ctx).result())
+        with self._lock:
             if len(self._kv) >= 8:
                 self._kv.popitem(last=False)
-        self._kv[id(layout)] = kv
+            self._kv[id(layout)] = kv
         return kv
+
+    def _skip_buffer(self) -> memoryview:
+        buf = getattr(self._local, "skip", None)
+        if buf is None:
+            buf = self._local.skip = memoryview(bytearray(1 << 20))
+        return buf
 
     def read(self, layout: StreamLayout, shape: tuple[int, ...], dtype: str, lo: int, hi: int, out: memoryview,
              where: str) -> None:
@@ -220,6 +241,7 @@ class StreamReader:
         npdt = NUMPY_DTYPES[dtype]
         c = layout.chunks
         cstrides = [math.prod(c[d + 1:]) for d in range(len(c))]
+        tasks = []
         for box, dst in box_views(shape, npdt, lo, hi, out):
             ranges = [range(s.start // cd, (s.stop - 1) // cd + 1) for s, cd in zip(box, c)]
             for cidx in itertools.product(*ranges):
@@ -228,7 +250,27 @@ class StreamReader:
                 ghi = [min(s.stop, o + cd) for s, o, cd in zip(box, origin, c)]
                 local = [(a - o, b - o) for a, b, o in zip(glo, ghi, origin)]
                 dsub = dst[tuple(slice(a - s.start, b - s.start) for a, b, s in zip(glo, ghi, box)) + (Ellipsis,)]
+                tasks.append((cidx, local, dsub))
+        # Different chunks are independent streams writing disjoint parts of ``out``: decode
+        # them at once (libzstd and zlib run without the GIL). One chunk's pieces stay in order.
+        by_chunk: dict[tuple[int, ...], list] = {}
+        for cidx, local, dsub in tasks:
+            by_chunk.setdefault(cidx, []).append((local, dsub))
+
+        def run(cidx: tuple[int, ...]) -> None:
+            for local, dsub in by_chunk[cidx]:
                 self._copy_box(layout, cidx, local, cstrides, npdt, dsub, where)
+
+        if len(by_chunk) < 2 or WORKERS < 2 or layout.codec == "raw":
+            for cidx in by_chunk:
+                run(cidx)
+            return
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(WORKERS, thread_name_prefix="shardconv-decode")
+        futures = [self._pool.submit(run, cidx) for cidx in by_chunk]
+        wait(futures)  # all of them, so none still writes into ``out`` once this returns or raises
+        for f in futures:
+            f.result()
 
     def _copy_box(self, layout: StreamLayout, cidx: tuple[int, ...], local: list[tuple[int, int]],
                   cstrides: list[int], npdt: np.dtype, dst: np.ndarray, where: str) -> None:
@@ -273,12 +315,13 @@ class StreamReader:
 
     def _stream(self, layout: StreamLayout, cidx: tuple[int, ...], start: int) -> _Stream:
         key = (id(layout), cidx)
-        st = self._streams.pop(key, None)
-        if st is None or st.pos > start:  # new, or a read behind the decoder: start over
-            st = _Stream(layout, layout.separator.join(map(str, cidx)) or "0")
-            if len(self._streams) >= MAX_STREAMS:
-                self._streams.popitem(last=False)
-        self._streams[key] = st
+        with self._lock:
+            st = self._streams.pop(key, None)
+            if st is None or st.pos > start:  # new, or a read behind the decoder: start over
+                st = _Stream(layout, layout.separator.join(map(str, cidx)) or "0")
+                if len(self._streams) >= MAX_STREAMS:
+                    self._streams.popitem(last=False)
+            self._streams[key] = st
         return st
 
     def _decoded(self, layout: StreamLayout, cidx: tuple[int, ...], start: int, out: memoryview, where: str) -> None:
@@ -294,14 +337,16 @@ class StreamReader:
                 raise FormatError(f"{at}: holds fewer bytes than its shape needs (truncated?)")
             out[:] = data
             return
+        skip = self._skip_buffer()
         while st.pos < start:  # skip forward
-            n = min(len(self._skip), start - st.pos)
-            if not self._pump(kv, st, memoryview(self._skip)[:n], at):
+            n = min(len(skip), start - st.pos)
+            if not self._pump(kv, st, skip[:n], at):
                 return self._fill(layout, out, at)
         if not self._pump(kv, st, out, at):
             self._fill(layout, out, at)
         if st.pos >= layout.chunk_nbytes:  # fully decoded: free its decoder and buffer now
-            self._streams.pop((id(layout), cidx), None)
+            with self._lock:
+                self._streams.pop((id(layout), cidx), None)
 
     def _pump(self, kv: Any, st: _Stream, out: memoryview, at: str) -> bool:
         """Decode exactly len(out) bytes from the stream; False if the chunk is missing."""
@@ -382,5 +427,8 @@ class StreamReader:
             out[:] = (pattern * (len(out) // len(pattern) + 1))[:len(out)]
 
     def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
         self._streams.clear()
         self._kv.clear()
