@@ -241,7 +241,9 @@ class StreamReader:
         npdt = NUMPY_DTYPES[dtype]
         c = layout.chunks
         cstrides = [math.prod(c[d + 1:]) for d in range(len(c))]
-        tasks = []
+        # Different chunks are independent streams writing disjoint parts of ``out``: decode
+        # them at once (libzstd and zlib run without the GIL). One chunk's pieces stay in order.
+        by_chunk: dict[tuple[int, ...], list] = {}
         for box, dst in box_views(shape, npdt, lo, hi, out):
             ranges = [range(s.start // cd, (s.stop - 1) // cd + 1) for s, cd in zip(box, c)]
             for cidx in itertools.product(*ranges):
@@ -250,12 +252,7 @@ class StreamReader:
                 ghi = [min(s.stop, o + cd) for s, o, cd in zip(box, origin, c)]
                 local = [(a - o, b - o) for a, b, o in zip(glo, ghi, origin)]
                 dsub = dst[tuple(slice(a - s.start, b - s.start) for a, b, s in zip(glo, ghi, box)) + (Ellipsis,)]
-                tasks.append((cidx, local, dsub))
-        # Different chunks are independent streams writing disjoint parts of ``out``: decode
-        # them at once (libzstd and zlib run without the GIL). One chunk's pieces stay in order.
-        by_chunk: dict[tuple[int, ...], list] = {}
-        for cidx, local, dsub in tasks:
-            by_chunk.setdefault(cidx, []).append((local, dsub))
+                by_chunk.setdefault(cidx, []).append((local, dsub))
 
         def run(cidx: tuple[int, ...]) -> None:
             for local, dsub in by_chunk[cidx]:

@@ -417,8 +417,8 @@ class SplitNpzSource(Source):
 
     def fingerprint(self) -> dict[str, Any]:
         fp = Source.fingerprint(self)
-        fp["files"] = {p.name: [p.stat().st_size, p.stat().st_mtime_ns]
-                       for p in [self.index, *(part.path for part in self._parts.values())]}
+        fp["files"] = {p.name: [st.st_size, st.st_mtime_ns]
+                       for p in [self.index, *(part.path for part in self._parts.values())] for st in [p.stat()]}
         return fp
 
     def close(self) -> None:

@@ -197,7 +197,7 @@ def zarr_array_info(meta: dict[str, Any], where: str) -> tuple[str, tuple[int, .
         shape = _shape(meta.get("shape"), where)
         grid = meta.get("chunks", list(shape))
         fmt = 2
-    chunk = _shape(grid, where) if isinstance(grid, list) else shape
+    chunk = _shape(grid, where)
     checked_nbytes(shape, dtype, where)
     if len(chunk) != len(shape) or (math.prod(shape) and not all(chunk)):
         raise FormatError(f"{where}: bad chunk shape {list(chunk)} for shape {list(shape)}")
@@ -560,14 +560,8 @@ def t5x_array(spec: dict[str, Any], base_dir: Path, name: str, where: str) -> Ts
         dt = spec.get("dtype") or md.get("dtype")
         if "shape" not in md or dt is None:
             raise FormatError(f"{arr_where}: no .zarray, and the spec does not carry shape and dtype")
-        dtype = zarr_dtype(dt, arr_where)
-        shape = _shape(md["shape"], arr_where)
+        dtype, shape, _, chunk = zarr_array_info({**md, "dtype": dt, "zarr_format": 2}, arr_where)
         md.setdefault("chunks", list(shape))
-        chunks = _shape(md["chunks"], arr_where)
-        checked_nbytes(shape, dtype, arr_where)
-        if len(chunks) != len(shape) or (math.prod(shape) and not all(chunks)):
-            raise FormatError(f"{arr_where}: bad chunk shape {list(chunks)} for shape {list(shape)}")
-        chunk = checked_nbytes(chunks, dtype, arr_where)
         assume = True
         open_spec = {"driver": "zarr", "dtype": dtype, "metadata": md}
         stream_meta = md

@@ -145,7 +145,7 @@ class SinkTests:
     def test_sigkill_at_times_spread_over_the_run_then_resume(self, source_npz, tmp_path):
         """SIGKILL at moments spread over the conversion (wherever it then is: reading,
         writing, journaling, finishing); resuming yields the same output."""
-        src, tree = source_npz
+        _, tree = source_npz
         tree = {**tree, "bulk": np.random.default_rng(3).standard_normal((96, 65536)).astype(np.float32)}
         src = tmp_path / "bulk.npz"
         write_reference_npz(src, tree)  # 24 MiB more: about 30 chunks at 1 MiB
