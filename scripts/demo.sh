@@ -14,7 +14,7 @@ echo "== writing a TensorFlow checkpoint with Keras (TensorFlow is only used for
 python scripts/make_demo_checkpoint.py "$OUT/ckpt"
 du -sh "$OUT/ckpt"
 
-echo "== shardconv ls (reads the index only; names come from the checkpoint's object graph)"
+echo "== shardconv ls (reads the index only; model names from the checkpoint's object graph, role, raw key)"
 shardconv ls "$OUT/ckpt" | head -n 8
 
 echo "== shardconv plan --preset keras-ema (EMA weights under model names, optimizer state left out)"

@@ -89,6 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("src")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--step", type=int, help="checkpoint step in a directory of several")
+    p.add_argument("--names", choices=["model", "keys"], default="model",
+                   help="TF2: show model variable paths, the names rules match (default), or raw checkpoint keys")
     _common(p)
 
     p = sub.add_parser("plan", help="show what convert would write, reading no values")
@@ -127,19 +129,28 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _ls(args: argparse.Namespace) -> int:
     from .api import list_tensors
+    from .mapping.roles import role_of
 
     opts = {"step": args.step} if args.step is not None else {}
-    tensors = list_tensors(args.src, **opts)
+    rows = []
+    for t in list_tensors(args.src, **opts):
+        role = role_of(t)
+        rows.append({"name": role.name if args.names == "model" else t.name, "key": t.name,
+                     "role": role.kind, "ema_of": role.ema_of, "dtype": t.dtype, "shape": list(t.shape),
+                     "nbytes": t.nbytes, "checksum": t.checksum})
+    rows.sort(key=lambda r: r["name"])
     if args.json:
-        json.dump([{"name": t.name, "dtype": t.dtype, "shape": list(t.shape), "nbytes": t.nbytes,
-                    "checksum": t.checksum} for t in tensors], sys.stdout, indent=1)
+        json.dump(rows, sys.stdout, indent=1)
         sys.stdout.write("\n")
         return 0
-    width = max([len(t.name) for t in tensors] + [4])
-    for t in tensors:
-        print(f"{t.name:<{width}}  {t.dtype:<9} {str(list(t.shape)):<20} {format_size(t.nbytes):>10}")
+    width = max([len(r["name"]) for r in rows] + [4])
+    for r in rows:
+        role = f"ema of {r['ema_of']}" if r["ema_of"] else r["role"]
+        key = f"  <- {r['key']}" if r["key"] != r["name"] else ""
+        print(f"{r['name']:<{width}}  {r['dtype']:<9} {str(r['shape']):<20} {format_size(r['nbytes']):>10}  "
+              f"{role}{key}")
     if not args.quiet:
-        print(f"{len(tensors)} tensors, {format_size(sum(t.nbytes for t in tensors))}", file=sys.stderr)
+        print(f"{len(rows)} tensors, {format_size(sum(r['nbytes'] for r in rows))}", file=sys.stderr)
     return 0
 
 

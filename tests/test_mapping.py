@@ -3,9 +3,6 @@ transforms checked against NumPy, and rule errors reported together."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import ml_dtypes
 import numpy as np
@@ -14,7 +11,6 @@ import pytest
 import shardconv
 from procs import peak_rss, run_cli, shardconv_cmd
 from reference import load_model_values, reference_prefix
-from shardconv.api import make_plan
 from shardconv.errors import PlanError
 from shardconv.sources import open_source
 from test_npz import load_npz
@@ -52,6 +48,24 @@ def test_without_prefer_ema_the_raw_weights_are_written(keras_ema_ckpt, tmp_path
     assert set(got) == set(model)
     for name, vals in model.items():
         assert got[name].tobytes() == vals["raw"].tobytes(), name
+
+
+def test_ls_shows_the_names_rules_see_with_roles_and_raw_keys(keras_ema_ckpt):
+    """TF2: ls lists model variable paths (what rules match) with each tensor's role and key."""
+    model = load_model_values(keras_ema_ckpt)
+    prefix = reference_prefix(keras_ema_ckpt)
+    rows = json.loads(run_cli("ls", prefix, "--json").stdout)
+    params = {r["name"] for r in rows if r["role"] == "param"}
+    assert set(model) <= params
+    emas = {r["ema_of"] for r in rows if r["role"] == "ema"}
+    assert emas == {n for n, v in model.items() if "ema" in v}
+    trainable = [r for r in rows if r["key"].startswith("optimizer/_trainable_variables/")]
+    assert trainable and all(r["name"] in model for r in trainable)
+    keys = json.loads(run_cli("ls", prefix, "--json", "--names", "keys").stdout)
+    assert {r["name"] for r in keys} == {r["key"] for r in rows}
+    text = run_cli("ls", prefix).stdout
+    some = trainable[0]
+    assert f"<- {some['key']}" in text and text.count("ema of ") == len(emas)
 
 
 def test_optimizer_slot_variables_are_dropped_and_named_by_the_object_graph(tf2_v1_slots_ckpt, tmp_path):
