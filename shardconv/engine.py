@@ -141,7 +141,8 @@ def run(plan: Plan, sink: Sink, dest: str | os.PathLike, *, max_memory: int, ove
                     continue
                 done[i] = rec
                 tracker.add(rec.get("s", []))
-        journal.start({**header, "chunk_bytes": budget.chunk_bytes, "dest": dest.name}, [done[i] for i in sorted(done)])
+        journal.start({**header, "chunk_bytes": budget.chunk_bytes, "dest": dest.name}, [done[i] for i in sorted(done)],
+                      durable=fsync)
 
         todo = [(i, c) for i, c in enumerate(chunks) if i not in done]
         total = plan.total_bytes
@@ -154,7 +155,7 @@ def run(plan: Plan, sink: Sink, dest: str | os.PathLike, *, max_memory: int, ove
         moves = sink.finish(receipts, manifest_for(plan, sink), fsync, dest)
         journal.close()
         _hook("finish")
-        staging.commit(moves, overwrite)
+        staging.commit(moves, overwrite, fsync)
         committed = True
         _hook("renamed")
         return Result(shown or dest, len(plan.outputs), total, total - resumed_bytes, len(todo), resumed_chunks,

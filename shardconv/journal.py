@@ -43,25 +43,25 @@ class Journal:
             raise ResumeError(f"{self.path}: not a journal this version of shardconv can resume; rerun with --restart")
         return header, records
 
-    def start(self, header: dict[str, Any], records: list[dict[str, Any]] = ()) -> None:
-        """Write a fresh journal (header plus records kept from a verified resume)."""
+    def start(self, header: dict[str, Any], records: list[dict[str, Any]] = (), durable: bool = True) -> None:
+        """Write a fresh journal (header plus records kept from a verified resume).
+
+        ``durable=False`` (``--no-fsync``) skips its fsync: a resume re-checks every
+        journaled chunk against the output anyway, so a lost journal only costs redoing work."""
         tmp = self.path.with_name(self.path.name + ".tmp")
         with open(tmp, "wb") as f:
             f.write(json.dumps({"format": FORMAT, "version": VERSION, **header}, sort_keys=True).encode() + b"\n")
             for r in records:
                 f.write(json.dumps(r, separators=(",", ":")).encode() + b"\n")
             f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                os.fsync(f.fileno())
         os.replace(tmp, self.path)
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
 
     def append(self, record: dict[str, Any]) -> None:
         line = json.dumps(record, separators=(",", ":")).encode() + b"\n"
         os.write(self._fd, line)
-
-    def sync(self) -> None:
-        if self._fd >= 0:
-            os.fsync(self._fd)
 
     def close(self) -> None:
         if self._fd >= 0:

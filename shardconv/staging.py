@@ -66,8 +66,9 @@ class Staging:
             else:
                 p.unlink()
 
-    def commit(self, moves: list[tuple[Path, Path]], overwrite: bool) -> None:
-        """Rename staged paths to their final places; the last move is the main output."""
+    def commit(self, moves: list[tuple[Path, Path]], overwrite: bool, fsync: bool = True) -> None:
+        """Rename staged paths to their final places; the last move is the main output.
+        With ``fsync`` the directories renamed into are fsynced, so the renames survive a power loss."""
         for src, dst in moves:
             if dst.is_dir() and not dst.is_symlink():
                 if not overwrite:
@@ -78,8 +79,9 @@ class Staging:
                 shutil.rmtree(old)
             else:
                 os.replace(src, dst)
-        for parent in sorted({dst.parent for _, dst in moves} | {self.dest.parent}):
-            fsync_dir(parent)
+        if fsync:
+            for parent in sorted({dst.parent for _, dst in moves} | {self.dest.parent}):
+                fsync_dir(parent)
 
     def release(self, remove: bool) -> None:
         if remove:
