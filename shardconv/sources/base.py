@@ -11,10 +11,12 @@ import math
 import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any, Mapping, NamedTuple, TypeVar
 
 from ..dtypes import STRING, itemsize
 from ..errors import SourceError
+
+E = TypeVar("E")
 
 
 @dataclass(frozen=True)
@@ -93,6 +95,13 @@ class Source(ABC):
         """Memory the reader holds beside the budget's buffers (libraries it loads, decoder
         state, caches), for estimates; bounded whatever the tensor sizes."""
         return 0
+
+    def _entry(self, table: Mapping[str, E], name: str, kind: str = "array") -> E:
+        """``table[name]``, or a SourceError naming this input and the unknown name."""
+        entry = table.get(name)
+        if entry is None:
+            raise SourceError(f"{self.location}: no {kind} named {name!r}")
+        return entry
 
     def _region(self, name: str, offset: int, out: memoryview, nbytes: int) -> memoryview:
         """``out`` as bytes, after checking [offset, offset+len(out)) lies within the tensor."""

@@ -295,9 +295,7 @@ class FlaxMsgpackSource(Source):
         return fp
 
     def read_into(self, name: str, offset: int, out: memoryview) -> list[Segment]:
-        leaf = self._leaves.get(name)
-        if leaf is None:
-            raise SourceError(f"{self.path}: no array named {name!r}")
+        leaf = self._entry(self._leaves, name)
         nbytes = math.prod(leaf.shape) * itemsize(leaf.dtype)
         out = self._region(name, offset, out, nbytes)
         if leaf.inline is not None:

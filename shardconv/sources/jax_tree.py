@@ -249,9 +249,7 @@ class JaxTreeSource(Source):
         return list(leaf.strings)
 
     def read_into(self, name: str, offset: int, out: memoryview) -> list[Segment]:
-        leaf = self._leaves.get(name)
-        if leaf is None:
-            raise SourceError(f"{self._name}: no leaf named {name!r}")
+        leaf = self._entry(self._leaves, name, "leaf")
         if leaf.strings is not None:
             raise SourceError(f"{self._name}: leaf {name!r} is a string; it has no array bytes")
         isz = itemsize(leaf.dtype)

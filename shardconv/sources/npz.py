@@ -257,9 +257,7 @@ class NpzSource(Source):
         return self._file_fingerprint(self.path)
 
     def read_into(self, name: str, offset: int, out: memoryview) -> list[Segment]:
-        m = self._members.get(name)
-        if m is None:
-            raise SourceError(f"{self.path}: no member named {name!r}")
+        m = self._entry(self._members, name, "member")
         data_bytes = m.size - m.header_len
         out = self._region(name, offset, out, data_bytes)
         if m.method == 0:
@@ -410,9 +408,7 @@ class SplitNpzSource(Source):
         return {k: u for part in self._parts.values() for k, u in part.units().items()}
 
     def read_into(self, name: str, offset: int, out: memoryview) -> list[Segment]:
-        part = self._where.get(name)
-        if part is None:
-            raise SourceError(f"{self.dir}: no tensor named {name!r}")
+        part = self._entry(self._where, name, "tensor")
         return part.read_into(name, offset, out)
 
     def fingerprint(self) -> dict[str, Any]:

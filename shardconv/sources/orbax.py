@@ -478,9 +478,7 @@ class OrbaxSource(Source):
         return [self._string(name)]
 
     def read_into(self, name: str, offset: int, out: memoryview) -> list[Segment]:
-        a = self._arrays.get(name)
-        if a is None:
-            raise SourceError(f"{self.dir}: no array named {name!r}")
+        a = self._entry(self._arrays, name)
         nbytes = math.prod(a.shape) * itemsize(a.dtype)
         out = self._region(name, offset, out, nbytes)
         if self._reader is None:

@@ -455,9 +455,7 @@ class TFBundleSource(Source):
 
     def read_into(self, name: str, offset: int, out: memoryview) -> list[Segment]:
         out = out.cast("B") if out.format != "B" else out
-        e = self._entries.get(name)
-        if e is None:
-            raise SourceError(f"{self.location}: no tensor named {name!r}")
+        e = self._entry(self._entries, name, "tensor")
         if e.dtype == STRING:
             raise SourceError(f"{self.location}: {name!r} is a string tensor; use read_strings")
         if name in self._parts:
@@ -511,9 +509,7 @@ class TFBundleSource(Source):
             self._read_block(e, shape, parts, e0 + nrows * row, out[nrows * row:], segs)
 
     def read_strings(self, name: str) -> list[bytes]:
-        e = self._entries.get(name)
-        if e is None:
-            raise SourceError(f"{self.location}: no tensor named {name!r}")
+        e = self._entry(self._entries, name, "tensor")
         if e.dtype != STRING:
             raise SourceError(f"{self.location}: {name!r} is not a string tensor")
         if e.size > MAX_STRING_TENSOR_BYTES:

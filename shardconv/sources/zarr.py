@@ -295,9 +295,7 @@ class ZarrSource(Source):
         return h
 
     def read_into(self, name: str, offset: int, out: memoryview) -> list[Segment]:
-        a = self._arrays.get(name)
-        if a is None:
-            raise SourceError(f"{self._loc}: no array named {name!r}")
+        a = self._entry(self._arrays, name)
         isz = itemsize(a.storage)
         nbytes = math.prod(a.shape) * isz
         out = self._region(name, offset, out, nbytes)
