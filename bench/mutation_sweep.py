@@ -13,7 +13,6 @@ import argparse
 import collections
 import hashlib
 import json
-import os
 import random
 import shutil
 import subprocess

@@ -62,7 +62,11 @@ def main() -> int:
         sweep_json = t / "sweep.json"
         s = subprocess.run([sys.executable, str(ROOT / "bench" / "mutation_sweep.py"), "--cases", str(args.sweep_cases),
                             "--json", str(sweep_json)], cwd=ROOT, capture_output=True, text=True)
-        sweep = json.loads(sweep_json.read_text()) if sweep_json.exists() else {"outcomes": {}, "failures": ["did not run"]}
+        if sweep_json.exists():
+            sweep = json.loads(sweep_json.read_text())
+        else:
+            why = (s.stderr.strip().splitlines() or [f"exit {s.returncode}"])[-1]
+            sweep = {"outcomes": {}, "failures": [f"did not run: {why}"]}
     rows = [
         "| what | figure | where |",
         "| --- | --- | --- |",

@@ -9,10 +9,7 @@ import os
 import resource
 import signal
 import subprocess
-import sys
-from pathlib import Path
 
-import numpy as np
 import pytest
 
 import shardconv

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import struct
 
 import ml_dtypes
 import numpy as np
@@ -10,7 +9,7 @@ import pytest
 
 import shardconv
 from conftest import SHARED_TESTDATA
-from shardconv.errors import FormatError, ShardconvError
+from shardconv.errors import ShardconvError
 from shardconv.sources.flax_msgpack import FlaxMsgpackSource
 from shardconv.testing.source_suite import SourceTests
 from test_npz import load_npz

@@ -420,7 +420,14 @@ def test_sharded_array_larger_than_the_budget_converts_within_the_budget(tmp_pat
     grew = peak - before
     print(f"RSS before {before >> 20} MiB, peak {peak >> 20} MiB, grew {grew >> 20} MiB")
     assert grew <= budget, f"peak RSS grew by {grew >> 20} MiB during the conversion (budget {budget >> 20} MiB)"
-    assert (tmp_path / "o.npz").stat().st_size > array_bytes
+    rows = array_bytes // (4096 * 4)
+    with np.load(tmp_path / "o.npz") as z:
+        w = z["w"]
+        assert w.shape == (rows, 4096) and w.dtype == np.float32
+        for lo in range(0, rows, 2048):  # jnp.arange in float32 is iota: integers rounded to float32
+            want = np.arange(lo * 4096, min(lo + 2048, rows) * 4096, dtype=np.int64).astype(np.float32)
+            assert np.array_equal(w[lo:lo + 2048].reshape(-1), want), lo
+        assert np.array_equal(z["small"], np.ones(10, np.float32))
 
 
 # -- t5x ----------------------------------------------------------------------------------

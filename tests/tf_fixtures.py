@@ -309,18 +309,25 @@ def make_tf1_dtypes(outdir: Path) -> Path:
     return prefix
 
 
+def _conv_bn_dense(size: int, filters: int, units: int):
+    """A small Keras model named ``net``: conv, batch norm, flatten, dense (on size x size x 2 inputs)."""
+    import keras
+
+    return keras.Sequential([
+        keras.Input(shape=(size, size, 2)),
+        keras.layers.Conv2D(filters, 3, name="conv"),
+        keras.layers.BatchNormalization(name="bn"),
+        keras.layers.Flatten(name="flatten"),
+        keras.layers.Dense(units, name="dense"),
+    ], name="net")
+
+
 def make_tf2_keras(outdir: Path) -> Path:
     import keras
 
     keras.utils.set_random_seed(42)
     rng = np.random.default_rng(42)
-    model = keras.Sequential([
-        keras.Input(shape=(6, 6, 2)),
-        keras.layers.Conv2D(3, 3, name="conv"),
-        keras.layers.BatchNormalization(name="bn"),
-        keras.layers.Flatten(name="flatten"),
-        keras.layers.Dense(4, name="dense"),
-    ], name="net")
+    model = _conv_bn_dense(size=6, filters=3, units=4)
     opt = keras.optimizers.Adam(learning_rate=0.01)
     loss_fn = keras.losses.MeanSquaredError()
 
@@ -369,13 +376,7 @@ def make_keras_ema(outdir: Path) -> Path:
 
     keras.utils.set_random_seed(7)
     rng = np.random.default_rng(7)
-    model = keras.Sequential([
-        keras.Input(shape=(5, 5, 2)),
-        keras.layers.Conv2D(4, 3, name="conv"),
-        keras.layers.BatchNormalization(name="bn"),
-        keras.layers.Flatten(name="flatten"),
-        keras.layers.Dense(3, name="dense"),
-    ], name="net")
+    model = _conv_bn_dense(size=5, filters=4, units=3)
     opt = keras.optimizers.Adam(learning_rate=0.05, use_ema=True, ema_momentum=0.5,
                                 ema_overwrite_frequency=None)
     model.compile(optimizer=opt, loss="mse")
