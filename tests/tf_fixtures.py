@@ -601,23 +601,13 @@ def main(argv: list[str] | None = None) -> int:
     outdir = args.outdir.resolve()
     outdir.mkdir(parents=True, exist_ok=True)
     tf.compat.v1.reset_default_graph()
-    if args.kind == "tf1_dtypes":
-        make_tf1_dtypes(outdir)
-    elif args.kind == "tf2_keras":
-        make_tf2_keras(outdir)
-    elif args.kind == "savedmodel":
-        make_savedmodel(outdir)
-    elif args.kind == "exotic_dtypes":
-        make_exotic_dtypes(outdir)
-    elif args.kind == "keras_ema":
-        make_keras_ema(outdir)
-    elif args.kind == "tf1_ema":
-        make_tf1_ema(outdir)
-    elif args.kind == "tf2_v1_slots":
-        make_tf2_v1_slots(outdir)
-    elif args.kind == "big":
-        make_big(outdir, args.mib, args.shards, reference=not args.no_reference,
-                 digests=args.digests)
+    if args.kind == "big":
+        make_big(outdir, args.mib, args.shards, reference=not args.no_reference, digests=args.digests)
+    else:
+        makers = {"tf1_dtypes": make_tf1_dtypes, "tf2_keras": make_tf2_keras, "savedmodel": make_savedmodel,
+                  "exotic_dtypes": make_exotic_dtypes, "keras_ema": make_keras_ema, "tf1_ema": make_tf1_ema,
+                  "tf2_v1_slots": make_tf2_v1_slots}
+        makers[args.kind](outdir)
     return 0
 
 
