@@ -55,6 +55,13 @@ class Sink(ABC):
         """Memory the sink's libraries take once loaded (e.g. TensorFlow), for estimates."""
         return 0
 
+    def check_outputs(self, outputs: list[OutputTensor]) -> list[str]:
+        """Problems with names, dtypes or shapes this format cannot hold, one line each.
+
+        Called before anything is written (no lock, no ``DEST.partial``), so a refusal
+        leaves nothing behind."""
+        return []
+
     def scratch_slots(self) -> int:
         """Chunk-sized buffers the sink needs beside the pool (charged to the budget)."""
         return 0

@@ -133,6 +133,14 @@ class Source(ABC):
         fp["files"] = {os.path.basename(path): [st.st_size, st.st_mtime_ns]}
         return fp
 
+    def input_files(self) -> list[str]:
+        """Every file this source reads, as absolute paths (empty for in-memory sources).
+
+        Fingerprinted for resume and change detection, and guarded: no output may be
+        written over or inside any of them."""
+        loc = self.location
+        return [os.path.abspath(loc)] if isinstance(loc, str) and os.path.isfile(loc) else []
+
     def info(self, name: str) -> TensorInfo:
         for t in self.tensors():
             if t.name == name:
