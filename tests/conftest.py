@@ -1,5 +1,5 @@
 """Shared pytest fixtures: TensorFlow-written checkpoints (made in a subprocess,
-so this process never imports TF) and the path of the shared test data."""
+so this process never imports TF) and the path of the vendored test data (``tests/data``)."""
 
 from __future__ import annotations
 
@@ -18,9 +18,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from reference import write_fixture  # noqa: E402
 
 _HERE = Path(__file__).resolve()
-SHARED_TESTDATA = (_HERE.parents[2] / "shared" / "testdata"
-                   if (_HERE.parents[2] / "shared" / "testdata").exists()
-                   else _HERE.parents[1] / "shared" / "testdata")
+# Real checkpoints written by other software, vendored with their sources and licence (see its README.md).
+TESTDATA = _HERE.parent / "data"
+SHARED_TESTDATA = TESTDATA  # former name, still imported by tests written before the data was vendored
 
 
 def _tf_checkpoint(kind: str, *args: str, doc: str):

@@ -8,14 +8,14 @@ import numpy as np
 import pytest
 
 import shardconv
-from conftest import SHARED_TESTDATA
+from conftest import TESTDATA
 from shardconv.errors import ShardconvError
 from shardconv.sources.flax_msgpack import FlaxMsgpackSource
 from shardconv.testing.source_suite import SourceTests
 from test_npz import load_npz
 
 serialization = pytest.importorskip("flax.serialization")
-T5X = SHARED_TESTDATA / "t5x"
+T5X = TESTDATA / "t5x"
 
 
 def flatten(tree, prefix=""):

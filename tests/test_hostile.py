@@ -262,11 +262,9 @@ def _zarr_store(d: Path) -> Path:
 
 
 def _t5x(d: Path) -> Path:
-    from conftest import SHARED_TESTDATA
+    from conftest import TESTDATA
 
-    src = SHARED_TESTDATA / "t5x" / "tiny_t5" / "checkpoint_1"
-    if not src.is_dir():
-        pytest.skip("shared t5x test data not present")
+    src = TESTDATA / "t5x" / "tiny_t5" / "checkpoint_1"
     shutil.copytree(src, d / "checkpoint_1")
     for p in (d / "checkpoint_1").rglob("*"):
         p.chmod(0o755 if p.is_dir() else 0o644)
@@ -359,7 +357,7 @@ DIR_CASES = {
         d, lambda w: w.update(a=w["b"])), "which the index maps to it"),
     "npz-split: a file truncated": (lambda d: (lambda f: f.write_bytes(f.read_bytes()[:-100]))(
         _split_npz(d) / "m-00001-of-00002.npz"), "m-00001-of-00002.npz"),
-    # t5x TensorStore checkpoint (the real one in shared/testdata, copied and damaged)
+    # t5x TensorStore checkpoint (the real one in tests/data, copied and damaged)
     "t5x: spec path leads out of the checkpoint": (lambda d: _t5x_spec_edit(
         _t5x(d), lambda b: b["kvstore"].update(path="../../x/")), "outside the checkpoint"),
     "t5x: spec names a remote store": (lambda d: _t5x_spec_edit(

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import shardconv
-from conftest import SHARED_TESTDATA
+from conftest import TESTDATA
 from shardconv.errors import FormatError, ShardconvError, SourceError, UnsupportedError
 from shardconv.sources import open_source
 from shardconv.sources.flax_msgpack import FlaxMsgpackSource
@@ -31,8 +31,8 @@ ocp = pytest.importorskip("orbax.checkpoint")
 msgpack = pytest.importorskip("msgpack")
 from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
-T5X = SHARED_TESTDATA / "t5x"
-EXPECTED = json.loads((T5X / "expected.json").read_text()) if (T5X / "expected.json").exists() else {}
+T5X = TESTDATA / "t5x"
+EXPECTED = json.loads((T5X / "expected.json").read_text())
 needs_8_devices = pytest.mark.skipif(len(jax.devices()) < 8, reason="needs XLA_FLAGS=--xla_force_host_platform_device_count=8 "
                                                                     "(set by conftest before JAX starts)")
 
@@ -354,10 +354,10 @@ def test_pytree_leaf_problems_name_the_leaf():
 
 
 def test_plain_numpy_tree_converts_without_importing_jax(tmp_path):
-    # t5x's TensorStore checkpoints are read without JAX too (from the shared test data, if present)
+    # t5x's TensorStore checkpoints are read without JAX too (the real one in tests/data)
     t5x = f"""
         with shardconv.open_source({str(T5X / "tiny_t5")!r}) as s:
-            s.read("optimizer/state/param_states/kernel")""" if (T5X / "tiny_t5").is_dir() else ""
+            s.read("optimizer/state/param_states/kernel")"""
     code = textwrap.dedent(f"""
         import sys, numpy as np, shardconv
         shardconv.convert({{"a": {{"b": np.arange(3.0)}}, "c": [np.int8(1)]}}, {str(tmp_path / "o.npz")!r}){t5x}
@@ -444,7 +444,6 @@ def _check_expected(src, expected: dict[str, Any]) -> None:
         assert float(got.astype(np.float64).sum()) == pytest.approx(want["sum"], rel=1e-6, abs=1e-9), name
 
 
-@pytest.mark.skipif(not EXPECTED, reason="shared t5x test data not present")
 @pytest.mark.parametrize("where", ["tiny_t5", "tiny_t5/checkpoint_1", "tiny_t5/checkpoint_1/checkpoint"])
 def test_real_t5x_tensorstore_checkpoint_matches_expected(where, tmp_path):
     with open_source(T5X / where) as s:
@@ -456,7 +455,6 @@ def test_real_t5x_tensorstore_checkpoint_matches_expected(where, tmp_path):
         open_source(T5X / "tiny_t5", step=2)
 
 
-@pytest.mark.skipif(not EXPECTED, reason="shared t5x test data not present")
 def test_real_t5x_checkpoints_convert_exactly(tmp_path):
     for key, path in (("tiny_t5/checkpoint_1", T5X / "tiny_t5"),
                       ("test_t5_tiny.checkpoint_0", T5X / "test_t5_tiny.checkpoint_0")):

@@ -1,4 +1,4 @@
-"""The TF bundle reader: TF-written fixtures and the real checkpoints in shared/testdata."""
+"""The TF bundle reader: TF-written fixtures and the real checkpoints in tests/data."""
 from __future__ import annotations
 
 import json
@@ -7,14 +7,14 @@ import shutil
 import pytest
 
 import shardconv
-from conftest import SHARED_TESTDATA
+from conftest import TESTDATA
 from reference import load_reference, reference_prefix
 from shardconv.errors import SourceError
 from shardconv.sources.tf_bundle import TFBundleSource, resolve_prefix, slice_key
 from shardconv.testing.source_suite import SourceTests
 
-TF_SERVING = SHARED_TESTDATA / "tf-serving"
-T5X = SHARED_TESTDATA / "t5x"
+TF_SERVING = TESTDATA / "tf-serving"
+T5X = TESTDATA / "t5x"
 
 
 class TestTF1Dtypes(SourceTests):
