@@ -296,17 +296,23 @@ class NpzSource(Source):
             self._inflate[m.name] = st
 
     def _inflate_more(self, st: "_Inflater", m: _Member) -> bytes:
-        if st.d.unconsumed_tail:
-            return st.d.decompress(st.d.unconsumed_tail, 1 << 20)
+        """The next inflated bytes: at most 1 MiB, possibly none while zlib takes input in.
+
+        Once every compressed byte is read, zlib may still hold output (very compressible
+        data: the last input is taken in before all its output fits ``max_length``); it is
+        drained a MiB at a time before the data counts as ending early."""
         end = m.data_start + m.stored
-        if st.cpos >= end or st.d.eof:
-            raise self._err(f"member {m.name!r}: compressed data ends before the declared size")
-        raw = self._pread(min(1 << 20, end - st.cpos), st.cpos)
-        st.cpos += len(raw)
+        raw = st.d.unconsumed_tail
+        if not raw and st.cpos < end and not st.d.eof:
+            raw = self._pread(min(1 << 20, end - st.cpos), st.cpos)
+            st.cpos += len(raw)
         try:
-            return st.d.decompress(raw, 1 << 20)
+            out = st.d.decompress(raw, 1 << 20)
         except zlib.error as e:
             raise self._err(f"member {m.name!r}: corrupt deflate data ({e})") from None
+        if not out and not raw:
+            raise self._err(f"member {m.name!r}: compressed data ends before the declared size")
+        return out
 
     def close(self) -> None:
         if self._fd >= 0:
