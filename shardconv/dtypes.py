@@ -1,31 +1,57 @@
 """Dtype names, their NumPy types (ml_dtypes for bfloat16 and float8) and TF enums."""
 from __future__ import annotations
 
-import ml_dtypes
+from typing import Iterator, Mapping
+
 import numpy as np
 
 from .errors import FormatError, UnsupportedError
 
-#: Canonical dtype name -> NumPy dtype. Names are NumPy's (and ml_dtypes').
-NUMPY_DTYPES: dict[str, np.dtype] = {
-    name: np.dtype(t)
-    for name, t in {
-        "bool": np.bool_,
-        "int8": np.int8, "int16": np.int16, "int32": np.int32, "int64": np.int64,
-        "uint8": np.uint8, "uint16": np.uint16, "uint32": np.uint32, "uint64": np.uint64,
-        "float16": np.float16, "float32": np.float32, "float64": np.float64,
-        "complex64": np.complex64, "complex128": np.complex128,
-        "bfloat16": ml_dtypes.bfloat16,
-        "float8_e4m3fn": ml_dtypes.float8_e4m3fn,
-        "float8_e5m2": ml_dtypes.float8_e5m2,
-        "float8_e4m3fnuz": ml_dtypes.float8_e4m3fnuz,
-        "float8_e5m2fnuz": ml_dtypes.float8_e5m2fnuz,
-        "float8_e4m3b11fnuz": ml_dtypes.float8_e4m3b11fnuz,
-        # One element per byte, value in the low bits: TF's and ml_dtypes' layout alike.
-        "int4": ml_dtypes.int4, "uint4": ml_dtypes.uint4,
-        "int2": ml_dtypes.int2, "uint2": ml_dtypes.uint2,
-    }.items()
+_NUMPY_TYPES: dict[str, type] = {
+    "bool": np.bool_,
+    "int8": np.int8, "int16": np.int16, "int32": np.int32, "int64": np.int64,
+    "uint8": np.uint8, "uint16": np.uint16, "uint32": np.uint32, "uint64": np.uint64,
+    "float16": np.float16, "float32": np.float32, "float64": np.float64,
+    "complex64": np.complex64, "complex128": np.complex128,
 }
+#: ml_dtypes types (bfloat16, float8, sub-byte ints; one element per byte, value in the low
+#: bits: TF's and ml_dtypes' layout alike) with their item sizes, known without importing it.
+_ML_ITEMSIZES: dict[str, int] = {
+    "bfloat16": 2, "float8_e4m3fn": 1, "float8_e5m2": 1, "float8_e4m3fnuz": 1, "float8_e5m2fnuz": 1,
+    "float8_e4m3b11fnuz": 1, "int4": 1, "uint4": 1, "int2": 1, "uint2": 1,
+}
+_ITEMSIZES: dict[str, int] = {**{n: np.dtype(t).itemsize for n, t in _NUMPY_TYPES.items()}, **_ML_ITEMSIZES}
+
+
+class _DtypeTable(Mapping[str, np.dtype]):
+    """Canonical name -> NumPy dtype; ``ml_dtypes`` (over a second to import, for its ufunc
+    registration) is imported only when one of its types is first looked up."""
+
+    def __init__(self) -> None:
+        self._dtypes = {n: np.dtype(t) for n, t in _NUMPY_TYPES.items()}
+
+    def __getitem__(self, name: str) -> np.dtype:
+        dt = self._dtypes.get(name)
+        if dt is None:
+            if name not in _ML_ITEMSIZES:
+                raise KeyError(name)
+            import ml_dtypes
+
+            dt = self._dtypes[name] = np.dtype(getattr(ml_dtypes, name))
+        return dt
+
+    def __contains__(self, name: object) -> bool:
+        return name in _ITEMSIZES
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(_ITEMSIZES)
+
+    def __len__(self) -> int:
+        return len(_ITEMSIZES)
+
+
+#: Canonical dtype name -> NumPy dtype. Names are NumPy's (and ml_dtypes').
+NUMPY_DTYPES: Mapping[str, np.dtype] = _DtypeTable()
 
 #: Name used for variable-length byte strings (TF DT_STRING); not an array dtype.
 STRING = "string"
@@ -67,7 +93,11 @@ def dtype_name(dtype: np.dtype | str | type) -> str:
 
 
 def itemsize(name: str) -> int:
-    return numpy_dtype(name).itemsize
+    """Bytes per element of a canonical dtype name (no ml_dtypes import needed)."""
+    try:
+        return _ITEMSIZES[name]
+    except KeyError:
+        raise UnsupportedError(f"dtype {name!r} has no array representation") from None
 
 
 INT64_MAX = (1 << 63) - 1
