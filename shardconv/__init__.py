@@ -2,12 +2,30 @@
 
 Pipeline: source (reads regions) -> plan (names, transforms) -> engine (budget,
 journal) -> sink (writes chunks). TensorFlow, JAX and TensorStore are imported
-only by the modules that need them, when they are used.
+only by the modules that need them, when they are used; the API functions below
+load on first use, so ``shardconv --help`` starts without NumPy.
 """
 from __future__ import annotations
 
+import importlib
+from typing import Any
+
 __version__ = "0.1.0"
 
-from .api import convert, list_tensors, open_source, verify  # noqa: E402
+#: Public name -> module it lives in (imported on first access).
+_EXPORTS = {"convert": ".api", "list_tensors": ".api", "open_source": ".api", "verify": ".api"}
 
-__all__ = ["convert", "list_tensors", "open_source", "verify", "__version__"]
+__all__ = [*_EXPORTS, "__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'shardconv' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])
