@@ -6,7 +6,9 @@ and flax's ``__msgpack_chunked_array__`` dicts for arrays over 1 GiB) is recorde
 as a byte range of the file, never loaded. Every declared length is checked
 against the file size before anything is read; nesting depth is bounded.
 A leaf that is a TensorStore spec (t5x's TensorStore checkpoints) is an array stored
-beside the file; ``orbax.t5x_array`` resolves it (read through TensorStore).
+beside the file; ``orbax.t5x_array`` resolves it (read through TensorStore). So is a
+``PLACEHOLDER://name`` string (legacy Orbax ``checkpoint`` files: the array is the Zarr
+array ``name/`` beside the file).
 """
 from __future__ import annotations
 
@@ -29,7 +31,8 @@ MAX_DEPTH = 64
 WINDOW = 1 << 16
 _EXT_NDARRAY, _EXT_COMPLEX, _EXT_SCALAR = 1, 2, 3
 _CHUNKED = "__msgpack_chunked_array__"
-
+#: Legacy Orbax ``checkpoint`` leaves naming an array written beside the file (orbax.checkpoint.utils).
+PLACEHOLDER_PREFIXES = ("PLACEHOLDER://", "AGGREGATED://")
 
 @dataclass
 class _Bin:
@@ -61,9 +64,11 @@ class _Reader:
         self.pos = 0
         self._win_start = 0
         self._win = b""
+        self.keys: list[str] = []  # path of the value being parsed, for messages
 
     def _err(self, msg: str) -> FormatError:
-        return FormatError(f"{self.where}: corrupt msgpack at byte {self.pos}: {msg}")
+        at = f" (in {'/'.join(self.keys)!r})" if self.keys else ""
+        return FormatError(f"{self.where}: corrupt msgpack at byte {self.pos}{at}: {msg}")
 
     def take(self, n: int) -> bytes:
         if n < 0 or self.pos + n > self.size:
@@ -141,7 +146,13 @@ class _Reader:
             raise self._err("string is not UTF-8") from None
 
     def _array(self, n: int, depth: int) -> list[Any]:
-        return [self.value(depth + 1) for _ in range(self._count(n, "array"))]
+        return [self._keyed(i, depth) for i in range(self._count(n, "array"))]
+
+    def _keyed(self, key: Any, depth: int) -> Any:
+        self.keys.append(str(key))
+        v = self.value(depth + 1)
+        self.keys.pop()
+        return v
 
     def _map(self, n: int, depth: int) -> dict[Any, Any]:
         out: dict[Any, Any] = {}
@@ -151,7 +162,7 @@ class _Reader:
                 raise self._err("map key is not a string or number")
             if k in out:
                 raise self._err(f"duplicate key {k!r}")
-            out[k] = self.value(depth + 1)
+            out[k] = self._keyed(k, depth)
         return out
 
 
@@ -214,7 +225,19 @@ class FlaxMsgpackSource(Source):
             for i, v in enumerate(node):
                 self._walk(v, f"{prefix}/{i}" if prefix else str(i))
             return
+        if isinstance(node, str):
+            self._text(prefix, node)
+            return
         self._add(prefix, self._leaf(node, prefix))
+
+    def _text(self, name: str, value: str) -> None:
+        """A string leaf: a legacy Orbax placeholder is the array stored beside the file
+        (checkpoints written before Orbax's ``_METADATA``); other strings are not arrays."""
+        if value.startswith(PLACEHOLDER_PREFIXES):
+            from .orbax import placeholder_array
+
+            a = placeholder_array(value.split("://", 1)[1], self.path.parent, name, str(self.path))
+            self._add(name, _Leaf(a.dtype, a.shape, external=a))
 
     def _add(self, name: str, leaf: _Leaf | None) -> None:
         if leaf is None:

@@ -10,6 +10,11 @@ kvstore spec Orbax itself uses (OCDBT included), never through Orbax's restore. 
 directory of steps (``ckpt_dir/1234/...``, also ``ckpt_dir/1234/<item>/...`` as
 ``CheckpointManager`` writes them) opens the latest step, or ``step=N``; several items
 in one step are listed under their item names, or one is chosen with ``item=``.
+The legacy aggregate layout (Orbax before about 0.5) also has a msgpack ``checkpoint``
+file in the item: a leaf whose value is stored there (``skip_deserialize``) is read from it
+by offset (``flax_msgpack``), a ``PLACEHOLDER://`` leaf from its array, as Orbax restores
+them. Without ``_METADATA`` such a directory is read by ``T5xSource``: the placeholders
+then name the array directories beside the file.
 
 **t5x** TensorStore checkpoints: a msgpack ``checkpoint`` file whose leaves are inline
 values or TensorStore specs (``{"driver": "zarr", "kvstore": {"driver": "gfile",
@@ -49,7 +54,7 @@ from .regions import box_views, read_bytes_by_elements
 from .zarr import parse_json_object, zarr_dtype
 from .base import Segment, Source, TensorInfo
 from .chunkstream import StreamLayout, StreamReader, stream_bytes, stream_layout
-from .flax_msgpack import FlaxMsgpackSource
+from .flax_msgpack import PLACEHOLDER_PREFIXES, FlaxMsgpackSource
 
 _MAX_JSON = 256 << 20          # _METADATA of a very large tree is a few MB
 _MAX_ARRAY_METADATA = 1 << 20  # one .zarray / zarr.json
@@ -330,6 +335,33 @@ class TsReader:
 class _StringLeaf:
     item: Path
     key: str
+    value: bytes | None = None  # stored inline in a legacy aggregate file
+
+
+@dataclass
+class _InlineLeaf:
+    file: "_AggregateFile"
+    key: str   # its name in the aggregate file
+    info: TensorInfo
+
+
+class _AggregateFile(FlaxMsgpackSource):
+    """The msgpack ``checkpoint`` file of a legacy Orbax item, walked lazily: leaves stored
+    inline are read from it by offset; placeholders and strings are only recorded (the
+    item's ``_METADATA`` says where placeholder arrays are, OCDBT included)."""
+
+    format = "orbax-aggregate"
+
+    def __init__(self, path: Path) -> None:
+        self.placeholders: dict[str, str] = {}
+        self.strings: dict[str, str] = {}
+        super().__init__(path)
+
+    def _text(self, name: str, value: str) -> None:
+        if value.startswith(PLACEHOLDER_PREFIXES):
+            self.placeholders[name] = value.split("://", 1)[1]
+        else:
+            self.strings[name] = value
 
 
 class OrbaxSource(Source):
@@ -352,18 +384,25 @@ class OrbaxSource(Source):
         self._arrays: dict[str, TsArray] = {}
         self._strings: dict[str, _StringLeaf] = {}
         self._string_cache: dict[Path, dict[str, Any]] = {}
+        self._inline: dict[str, _InlineLeaf] = {}
+        self._aggregates: list[_AggregateFile] = []
         self._order: list[str] = []
-        for d in items:
-            self._list_item(d, f"{d.name}/" if len(items) > 1 else "")
-        self._infos: list[TensorInfo] = []
-        for name in self._order:
-            if name in self._arrays:
-                a = self._arrays[name]
-                self._infos.append(TensorInfo(name, a.dtype, a.shape, math.prod(a.shape) * itemsize(a.dtype),
-                                              extra=a.extra))
-            else:
-                self._infos.append(TensorInfo(name, "string", (), len(self._string(name))))
         self._reader: TsReader | None = None
+        try:
+            for d in items:
+                self._list_item(d, f"{d.name}/" if len(items) > 1 else "")
+            self._infos = [self._make_info(name) for name in self._order]
+        except BaseException:
+            self.close()
+            raise
+
+    def _make_info(self, name: str) -> TensorInfo:
+        if name in self._inline:
+            return self._inline[name].info
+        if name in self._arrays:
+            a = self._arrays[name]
+            return TensorInfo(name, a.dtype, a.shape, math.prod(a.shape) * itemsize(a.dtype), extra=a.extra)
+        return TensorInfo(name, "string", (), len(self._string(name)))
 
     @property
     def location(self) -> str:
@@ -389,6 +428,7 @@ class OrbaxSource(Source):
         ctx = context(0)
         kv = tsio.wrap(SourceError, str(d), lambda: ts.KvStore.open(base, context=ctx).result())
         marker = "zarr.json" if fmt3 else ".zarray"
+        agg = self._aggregate_file(d)
         pending = []
         for entry in tree.values():
             keys = self._keys(entry, d)
@@ -403,6 +443,9 @@ class OrbaxSource(Source):
             if name in self._arrays or name in self._strings:
                 raise FormatError(f"{d}/_METADATA: two leaves are named {name!r}")
             pname = ".".join(keys)
+            if self._take_inline(agg, "/".join(keys), name, pname, vm, d):
+                self._order.append(name)
+                continue
             if vtype == "string":
                 self._strings[name] = _StringLeaf(d, pname)
                 self._order.append(name)
@@ -436,6 +479,36 @@ class OrbaxSource(Source):
                                          stream=stream_layout(zmeta, dtype, spec["kvstore"], fill_missing))
             self._order.append(name)
 
+    def _aggregate_file(self, d: Path) -> _AggregateFile | None:
+        """The item's legacy msgpack ``checkpoint`` file, if it has one (walked, not loaded)."""
+        if not _is_msgpack_map(d / "checkpoint"):
+            return None
+        agg = _AggregateFile(d / "checkpoint")
+        self._aggregates.append(agg)
+        return agg
+
+    def _take_inline(self, agg: _AggregateFile | None, key: str, name: str, pname: str,
+                     vm: dict[str, Any], d: Path) -> bool:
+        """Record leaf ``name`` when its value is stored in the aggregate file (as Orbax
+        restores it: any value there but a placeholder); False when it is an array."""
+        if agg is not None and key in agg._leaves:
+            leaf = agg._leaves[key]
+            info = TensorInfo(name, leaf.dtype, leaf.shape, math.prod(leaf.shape) * itemsize(leaf.dtype),
+                              extra={"value_type": vm.get("value_type")})
+            self._inline[name] = _InlineLeaf(agg, key, info)
+            return True
+        if agg is not None and key in agg.strings:
+            self._strings[name] = _StringLeaf(d, pname, agg.strings[key].encode("utf-8"))
+            return True
+        if agg is not None and key in agg.placeholders and agg.placeholders[key] != pname:
+            raise FormatError(f"{agg.path}: leaf {name!r} is a placeholder for {agg.placeholders[key]!r}, "
+                              f"but _METADATA stores it as {pname!r}")
+        if vm.get("skip_deserialize"):
+            where = f"{agg.path} has no value for it" if agg is not None else f"{d}/checkpoint is missing"
+            raise FormatError(f"{d}: leaf {name!r} is stored in the msgpack checkpoint file "
+                              f"(skip_deserialize), but {where}")
+        return False
+
     @staticmethod
     def _keys(entry: Any, d: Path) -> list[str]:
         km = entry.get("key_metadata") if isinstance(entry, dict) else None
@@ -460,6 +533,8 @@ class OrbaxSource(Source):
 
     def _string(self, name: str) -> str:
         leaf = self._strings[name]
+        if leaf.value is not None:
+            return leaf.value
         table = self._string_cache.get(leaf.item)
         if table is None:
             table = _read_json_file(leaf.item / "_strings.json")
@@ -478,6 +553,9 @@ class OrbaxSource(Source):
         return [self._string(name)]
 
     def read_into(self, name: str, offset: int, out: memoryview) -> list[Segment]:
+        if name in self._inline:
+            leaf = self._inline[name]
+            return leaf.file.read_into(leaf.key, offset, self._region(name, offset, out, leaf.info.nbytes))
         a = self._entry(self._arrays, name)
         nbytes = math.prod(a.shape) * itemsize(a.dtype)
         out = self._region(name, offset, out, nbytes)
@@ -501,6 +579,8 @@ class OrbaxSource(Source):
         if self._reader is not None:
             self._reader.close()
             self._reader = None
+        for agg in self._aggregates:
+            agg.close()
 
 
 
@@ -568,6 +648,13 @@ def t5x_array(spec: dict[str, Any], base_dir: Path, name: str, where: str) -> Ts
     # t5x restores through TensorStore's defaults: a chunk not stored holds the fill value
     stream = stream_layout(stream_meta, dtype, kvstore, True) if driver == "zarr" else None
     return TsArray(arr_where, open_spec, dtype, shape, chunk, assume_metadata=assume, stream=stream)
+
+
+def placeholder_array(param: str, base_dir: Path, name: str, where: str) -> TsArray:
+    """The array a legacy Orbax ``PLACEHOLDER://param`` leaf names: the Zarr array
+    ``param/`` beside the msgpack file (``.zarray``, or ``zarr.json`` for zarr3)."""
+    driver = "zarr3" if (base_dir / param / "zarr.json").is_file() else "zarr"
+    return t5x_array({"driver": driver, "kvstore": {"driver": "file", "path": f"{param}/"}}, base_dir, name, where)
 
 
 class T5xSource(FlaxMsgpackSource):
