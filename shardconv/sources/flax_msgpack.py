@@ -34,6 +34,7 @@ _CHUNKED = "__msgpack_chunked_array__"
 #: Legacy Orbax ``checkpoint`` leaves naming an array written beside the file (orbax.checkpoint.utils).
 PLACEHOLDER_PREFIXES = ("PLACEHOLDER://", "AGGREGATED://")
 
+
 @dataclass
 class _Bin:
     offset: int
