@@ -20,7 +20,6 @@ from reference import write_fixture  # noqa: E402
 _HERE = Path(__file__).resolve()
 # Real checkpoints written by other software, vendored with their sources and licence (see its README.md).
 TESTDATA = _HERE.parent / "data"
-SHARED_TESTDATA = TESTDATA  # former name, still imported by tests written before the data was vendored
 
 
 def _tf_checkpoint(kind: str, *args: str, doc: str):
