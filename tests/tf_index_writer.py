@@ -3,7 +3,7 @@
 Real checkpoints come from TensorFlow (tests/tf_fixtures.py); this writer exists
 only to produce the hostile cases TensorFlow never writes (absurd shapes,
 offsets past the file, duplicate keys, bad compression). It follows the layout
-documented in shared/DESIGN.md and is checked against TF-written indexes.
+documented in docs/design.md and is checked against TF-written indexes.
 """
 from __future__ import annotations
 
