@@ -77,7 +77,10 @@ def describe_changes(old: Any, new: Any, path: str = "", out: list[str] | None =
     if isinstance(old, dict) and isinstance(new, dict):
         for k in sorted(set(old) | set(new), key=str):
             p = f"{path}/{k}" if path else str(k)
-            if k not in old:
+            if path == "files":  # a source's input files, by relative path
+                if old.get(k) != new.get(k):
+                    out.append(_file_change(k, old.get(k), new.get(k)))
+            elif k not in old:
                 out.append(f"{p} added")
             elif k not in new:
                 out.append(f"{p} removed")
@@ -88,3 +91,15 @@ def describe_changes(old: Any, new: Any, path: str = "", out: list[str] | None =
     elif old != new:
         out.append(f"{path}: {old!r} -> {new!r}")
     return out
+
+
+def _file_change(name: str, old: Any, new: Any) -> str:
+    """One input file's change, named (quoted): added, removed, or which stats differ."""
+    if old is None:
+        return f"file {name!r} appeared"
+    if new is None:
+        return f"file {name!r} was removed"
+    if isinstance(old, dict) and isinstance(new, dict):
+        what = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+        return f"file {name!r} changed ({', '.join(what)})"
+    return f"file {name!r} changed"

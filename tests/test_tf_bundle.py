@@ -17,6 +17,11 @@ TF_SERVING = TESTDATA / "tf-serving"
 T5X = TESTDATA / "t5x"
 
 
+def _private_copy(fixture, tmp_path):
+    """A copy of a session fixture that this test may change (SourceTests.mutate_input does)."""
+    return shutil.copytree(fixture, tmp_path / fixture.name)
+
+
 class TestTF1Dtypes(SourceTests):
     """tf.compat.v1 sharded Saver: every dtype, strings, partitioned variables, 3 shards."""
 
@@ -25,7 +30,8 @@ class TestTF1Dtypes(SourceTests):
         self.dir = tf1_dtypes_ckpt
 
     def make(self, tmp_path):
-        return TFBundleSource(reference_prefix(self.dir)), load_reference(self.dir)
+        d = _private_copy(self.dir, tmp_path)
+        return TFBundleSource(reference_prefix(d)), load_reference(d)
 
 
 class TestTF2Keras(SourceTests):
@@ -34,7 +40,8 @@ class TestTF2Keras(SourceTests):
         self.dir = tf2_keras_ckpt
 
     def make(self, tmp_path):
-        return TFBundleSource(reference_prefix(self.dir)), load_reference(self.dir)
+        d = _private_copy(self.dir, tmp_path)
+        return TFBundleSource(reference_prefix(d)), load_reference(d)
 
 
 class TestSavedModel(SourceTests):
@@ -44,7 +51,8 @@ class TestSavedModel(SourceTests):
 
     def make(self, tmp_path):
         # The SavedModel directory itself, not the variables prefix.
-        return TFBundleSource(self.dir / "sm"), load_reference(self.dir)
+        d = _private_copy(self.dir, tmp_path)
+        return TFBundleSource(d / "sm"), load_reference(d)
 
 
 class TestExoticDtypes(SourceTests):
@@ -55,7 +63,8 @@ class TestExoticDtypes(SourceTests):
         self.dir = exotic_dtypes_ckpt
 
     def make(self, tmp_path):
-        return TFBundleSource(reference_prefix(self.dir)), load_reference(self.dir)
+        d = _private_copy(self.dir, tmp_path)
+        return TFBundleSource(reference_prefix(d)), load_reference(d)
 
 
 def _expected_bundles():

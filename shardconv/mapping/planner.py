@@ -163,6 +163,9 @@ def build_plan(source: Source, rules: list[dict[str, Any]] | None = None, *, opt
     if problems:
         raise PlanError([p.removeprefix(f"{loc}: ") for p in problems], where=loc)
     plan_options = {**opts, "rules": [r.raw for r in ruleset.rules]}
+    if not source.stores_checksums and source.input_files():
+        notes.append(f"{source.format} input stores no checksums: a change to it during the run is detected "
+                     "only from file metadata (size, times, inode)")
     plan = Plan(source, outputs, dropped, plan_options)
     plan.notes = notes
     return plan

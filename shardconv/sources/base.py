@@ -69,11 +69,51 @@ class Unit(NamedTuple):
     file: str         # file holding it (for messages)
 
 
+def walk_files(*dirs: "str | os.PathLike[str]") -> list[str]:
+    """Every file under ``dirs`` (links to directories are not followed), as absolute
+    paths, found with one ``os.scandir`` per directory (no stat per file)."""
+    out: list[str] = []
+    stack = [os.path.abspath(d) for d in dirs]
+    while stack:
+        d = stack.pop()
+        try:
+            with os.scandir(d) as it:
+                entries = list(it)
+        except OSError:
+            continue
+        for e in entries:
+            if e.is_dir(follow_symlinks=False):
+                stack.append(e.path)
+            elif e.is_file():
+                out.append(e.path)
+    return sorted(out)
+
+
+def file_stats(paths: "list[str]", root: str) -> dict[str, dict[str, int] | None]:
+    """Size, mtime, ctime and inode of each file (None if it is gone), by its path relative
+    to ``root`` with ``/`` separators: what a resume and the final check compare."""
+    prefix = os.path.join(root, "")
+    out: dict[str, dict[str, int] | None] = {}
+    for p in paths:
+        rel = p[len(prefix):] if p.startswith(prefix) else os.path.relpath(p, root)
+        rel = rel.replace(os.sep, "/")
+        try:
+            st = os.stat(p)
+        except FileNotFoundError:
+            out[rel] = None
+            continue
+        out[rel] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns, "inode": st.st_ino}
+    return dict(sorted(out.items()))
+
+
 class Source(ABC):
     """A checkpoint opened for reading. Subclasses: one module per format."""
 
     #: Short format name shown by ``ls`` and recorded in manifests.
     format: str = "?"
+    #: Whether the format stores checksums of the values that reads verify. Without them a
+    #: change to the input during a run is seen only in file metadata (``fingerprint``).
+    stores_checksums: bool = False
 
     @property
     @abstractmethod
@@ -120,18 +160,21 @@ class Source(ABC):
         raise NotImplementedError(f"{self.location}: {name} is not a string tensor")
 
     def fingerprint(self) -> dict[str, Any]:
-        """What identifies this input for resume: files (size, mtime) and tensors."""
-        return {
+        """What identifies this input for resume and change detection: the tensor table and
+        every input file's size, mtime, ctime and inode (a rewrite cannot restore ctime)."""
+        fp: dict[str, Any] = {
             "format": self.format,
             "tensors": {t.name: [t.dtype, list(t.shape), t.nbytes, t.checksum] for t in self.tensors()},
         }
-
-    def _file_fingerprint(self, path: "os.PathLike[str]") -> dict[str, Any]:
-        """``fingerprint()`` for a format stored in one file: tensors plus the file's size and mtime."""
-        fp = Source.fingerprint(self)
-        st = os.stat(path)
-        fp["files"] = {os.path.basename(path): [st.st_size, st.st_mtime_ns]}
+        files = self.input_files()
+        if files:
+            fp["files"] = file_stats(files, self._input_root())
         return fp
+
+    def _input_root(self) -> str:
+        """The directory ``fingerprint()`` keys input files by: the location, or its parent."""
+        loc = os.path.abspath(self.location)
+        return loc if os.path.isdir(loc) else os.path.dirname(loc)
 
     def input_files(self) -> list[str]:
         """Every file this source reads, as absolute paths (empty for in-memory sources).

@@ -25,7 +25,7 @@ from ..dtypes import dtype_name, itemsize
 from ..errors import FormatError, SourceError, UnsupportedError
 from ..fileio import open_read
 from ..plan import check_name
-from .base import Segment, Source, TensorInfo
+from .base import Segment, Source, TensorInfo, walk_files
 
 MAX_DEPTH = 64
 WINDOW = 1 << 16
@@ -309,14 +309,14 @@ class FlaxMsgpackSource(Source):
     def tensors(self) -> list[TensorInfo]:
         return list(self._infos)
 
-    def fingerprint(self) -> dict[str, Any]:
-        fp = self._file_fingerprint(self.path)
+    def input_files(self) -> list[str]:
+        """The msgpack file and, for t5x, every file of the arrays stored beside it."""
         external = [leaf.external for leaf in self._leaves.values() if leaf.external is not None]
-        if external:  # t5x: the arrays stored beside the file
-            from .orbax import array_dirs, file_stats
+        if not external:
+            return [os.path.abspath(self.path)]
+        from .orbax import array_dirs
 
-            fp["files"].update(file_stats(self.path.parent, array_dirs(external)))
-        return fp
+        return [os.path.abspath(self.path), *walk_files(*array_dirs(external))]
 
     def read_into(self, name: str, offset: int, out: memoryview) -> list[Segment]:
         leaf = self._entry(self._leaves, name)

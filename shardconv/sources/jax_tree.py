@@ -234,6 +234,10 @@ class JaxTreeSource(Source):
     def tensors(self) -> list[TensorInfo]:
         return list(self._infos)
 
+    def input_files(self) -> list[str]:
+        """None: the values are in memory."""
+        return []
+
     def fingerprint(self) -> dict[str, Any]:
         fp = super().fingerprint()
         # Values in memory cannot be compared across runs: resume only within the same tree object.

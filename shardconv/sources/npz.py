@@ -51,6 +51,7 @@ def is_npz(path: str | os.PathLike) -> bool:
 
 class NpzSource(Source):
     format = "npz"
+    stores_checksums = True
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
@@ -253,8 +254,10 @@ class NpzSource(Source):
     def units(self) -> dict[str, Unit]:
         return dict(getattr(self, "_units", {}))
 
-    def fingerprint(self) -> dict[str, Any]:
-        return self._file_fingerprint(self.path)
+    def input_files(self) -> list[str]:
+        """The archive, and the shardconv manifest beside it if there is one (its options are read)."""
+        manifest = self.path.with_name(self.path.name + ".shardconv.json")
+        return [os.path.abspath(p) for p in (self.path, manifest) if p.is_file()]
 
     def read_into(self, name: str, offset: int, out: memoryview) -> list[Segment]:
         m = self._entry(self._members, name, "member")
@@ -354,6 +357,7 @@ class SplitNpzSource(Source):
     every file is read by NpzSource (its own manifest and CRCs included)."""
 
     format = "npz"
+    stores_checksums = True
 
     def __init__(self, path: str | os.PathLike) -> None:
         index = _index_file(Path(path))
@@ -417,11 +421,9 @@ class SplitNpzSource(Source):
         part = self._entry(self._where, name, "tensor")
         return part.read_into(name, offset, out)
 
-    def fingerprint(self) -> dict[str, Any]:
-        fp = Source.fingerprint(self)
-        fp["files"] = {p.name: [st.st_size, st.st_mtime_ns]
-                       for p in [self.index, *(part.path for part in self._parts.values())] for st in [p.stat()]}
-        return fp
+    def input_files(self) -> list[str]:
+        """The index and every part (with their manifests)."""
+        return [os.path.abspath(self.index)] + [f for part in self._parts.values() for f in part.input_files()]
 
     def close(self) -> None:
         for part in self._parts.values():

@@ -52,7 +52,7 @@ from ..errors import FormatError, SourceError, UnsupportedError
 from ..plan import check_name
 from .regions import box_views, read_bytes_by_elements
 from .zarr import parse_json_object, zarr_dtype
-from .base import Segment, Source, TensorInfo
+from .base import Segment, Source, TensorInfo, walk_files
 from .chunkstream import StreamLayout, StreamReader, stream_bytes, stream_layout
 from .flax_msgpack import PLACEHOLDER_PREFIXES, FlaxMsgpackSource
 
@@ -235,26 +235,6 @@ def context(chunk_cache: int) -> Any:
 def cache_bytes(arrays: Any) -> int:
     """Chunk cache for the arrays TensorStore decodes whole: their largest chunk."""
     return max([a.chunk_bytes for a in arrays if a.stream is None] + [0])
-
-
-def file_stats(root: Path, dirs: Any) -> dict[str, list[int]]:
-    """(size, mtime) of every file under ``dirs``, by path relative to ``root``: what a
-    resume compares, so a checkpoint rewritten in between is noticed."""
-    out: dict[str, list[int]] = {}
-    stack = [Path(d) for d in dirs]
-    while stack:
-        d = stack.pop()
-        try:
-            entries = list(os.scandir(d))
-        except OSError:
-            continue
-        for e in entries:
-            if e.is_dir(follow_symlinks=False):
-                stack.append(Path(e.path))
-            elif e.is_file():
-                st = e.stat()
-                out[os.path.relpath(e.path, root)] = [st.st_size, st.st_mtime_ns]
-    return dict(sorted(out.items()))
 
 
 def array_dirs(arrays: Any) -> list[Path]:
@@ -567,13 +547,12 @@ class OrbaxSource(Source):
     def baseline_bytes(self) -> int:
         return reader_bytes(self._arrays.values())
 
+    def input_files(self) -> list[str]:
+        """Every file of the items read: metadata, array chunks or OCDBT manifests and data files."""
+        return walk_files(*self._items)
+
     def fingerprint(self) -> dict[str, Any]:
-        fp = super().fingerprint()
-        # every file of the checkpoint: metadata, array chunks or OCDBT manifests and data files
-        files = file_stats(self.dir, self._items)
-        fp["files"] = files
-        fp["step_dir"] = self.dir.name
-        return fp
+        return {**super().fingerprint(), "step_dir": self.dir.name}
 
     def close(self) -> None:
         if self._reader is not None:

@@ -11,7 +11,6 @@ import re
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -99,6 +98,15 @@ def resolve_prefix(path: str | os.PathLike, step: int | None = None) -> Path:
     if not p.exists() and not p.parent.is_dir():
         raise SourceError(f"{p}: no such file or directory")
     raise SourceError(f"{p}: not a TensorFlow checkpoint ({p}.index does not exist)")
+
+
+def _state_file_used(path: Path, step: int | None, prefix: Path) -> Path | None:
+    """The ``checkpoint`` state file ``resolve_prefix`` read to choose ``prefix``, if any."""
+    state = path / "checkpoint"
+    if step is not None or not path.is_dir() or not state.is_file() or \
+            prefix in (path / "variables" / "variables", path / "variables"):
+        return None
+    return state
 
 
 def is_tf_bundle(path: str | os.PathLike) -> bool:
@@ -260,10 +268,12 @@ class TFBundleSource(Source):
     """A TensorFlow bundle checkpoint, read without TensorFlow."""
 
     format = "tf-checkpoint"
+    stores_checksums = True
 
     def __init__(self, path: str | os.PathLike, step: int | None = None) -> None:
         self.prefix = resolve_prefix(path, step)
         self.index_path = Path(str(self.prefix) + ".index")
+        self._state_file = _state_file_used(Path(path), step, self.prefix)
         self._fds: dict[int, int] = {}
         self._fd_lock = threading.Lock()
         self._load_index()
@@ -408,17 +418,12 @@ class TFBundleSource(Source):
     def units(self) -> dict[str, Unit]:
         return dict(self._units)
 
-    def fingerprint(self) -> dict[str, Any]:
-        fp = super().fingerprint()
-        files = {}
-        for p in [self.index_path] + [self.data_path(s) for s in range(self.num_shards)]:
-            try:
-                st = os.stat(p)
-                files[p.name] = [st.st_size, st.st_mtime_ns]
-            except FileNotFoundError:
-                files[p.name] = None
-        fp["files"] = files
-        return fp
+    def input_files(self) -> list[str]:
+        """The .index, every .data shard that exists and the ``checkpoint`` state file if it chose the prefix."""
+        files = [self.index_path] + [self.data_path(s) for s in range(self.num_shards) if self._sizes.get(s) is not None]
+        if self._state_file is not None:
+            files.append(self._state_file)
+        return [os.path.abspath(f) for f in files]
 
     # -- reading
 

@@ -27,7 +27,7 @@ from ..dtypes import NUMPY_DTYPES, checked_nbytes, dtype_name, is_ml_dtype, item
 from ..errors import FormatError, SourceError, UnsupportedError
 from ..plan import check_name
 from .regions import box_views, read_bytes_by_elements
-from .base import Segment, Source, TensorInfo, Unit
+from .base import Segment, Source, TensorInfo, Unit, walk_files
 
 _V3_CHUNK_KEYS = {"default", "v2"}
 _SEPARATORS = {"/", "."}
@@ -320,15 +320,15 @@ class ZarrSource(Source):
                                       ) from None
                 raise FormatError(f"{msg}: {line}") from None
 
-    def fingerprint(self) -> dict[str, Any]:
-        fp = super().fingerprint()
-        if self._root is not None:
-            marker = next((m for m in ("zarr.json", ".zgroup", ".zarray", "_METADATA") if (self._root / m).exists()),
-                          None)
-            if marker:
-                st = os.stat(self._root / marker)
-                fp["files"] = {marker: [st.st_size, st.st_mtime_ns]}
-        return fp
+    @property
+    def stores_checksums(self) -> bool:  # type: ignore[override]
+        """Only shardconv's own stores record a CRC per array (in their manifest)."""
+        return bool(self._arrays) and all(a.crc is not None for a in self._arrays.values())
+
+    def input_files(self) -> list[str]:
+        """Every metadata and chunk file of a local store; none for a URL (its fingerprint is
+        the metadata's tensor table)."""
+        return [] if self._root is None else walk_files(self._root)
 
     def close(self) -> None:
         self._handles = {}

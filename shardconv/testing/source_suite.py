@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import json
+import os
 import random
+import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -10,6 +13,7 @@ import pytest
 
 from ..errors import SourceError
 from ..integrity import IntegrityTracker
+from ..journal import describe_changes
 from ..sources.base import Source
 
 
@@ -95,7 +99,50 @@ class SourceTests:
         with pytest.raises((SourceError, KeyError)):
             src.read_into("no/such/tensor", 0, memoryview(bytearray(1)))
 
-    def test_fingerprint_is_json_and_stable(self, case):
+    def mutate_input(self, src: Source, tmp_path) -> str:
+        """Rewrite one file ``src`` reads with other bytes of the same size, its mtime restored
+        (what size and mtime cannot see); return its path. Default: the largest input file
+        with one byte flipped in place. Override where another file matters more."""
+        path = max(src.input_files(), key=os.path.getsize)
+        assert Path(path).is_relative_to(tmp_path), f"{path}: make() must build the source under tmp_path"
+        flip_byte_keeping_mtime(path, os.path.getsize(path) // 2)
+        return path
+
+    def test_input_files_exist_and_are_absolute(self, case):
         src, _ = case
-        a = json.dumps(src.fingerprint(), sort_keys=True)
-        assert a == json.dumps(src.fingerprint(), sort_keys=True)
+        files = src.input_files()
+        assert len(set(files)) == len(files)
+        for f in files:
+            assert os.path.isabs(f) and os.path.isfile(f), f
+        if isinstance(src.location, str) and os.path.exists(src.location):
+            assert files, "a source on disk lists the files it reads"
+
+    def test_fingerprint_changes_when_an_input_file_is_rewritten(self, case, tmp_path):
+        """Same size, same mtime, other bytes: the fingerprint still changes (ctime)."""
+        src, _ = case
+        before = json.dumps(src.fingerprint(), sort_keys=True)
+        assert before == json.dumps(src.fingerprint(), sort_keys=True)
+        if not src.input_files():
+            pytest.skip("in-memory source: no input file to change")
+        path = self.mutate_input(src, tmp_path)
+        after = src.fingerprint()
+        assert json.dumps(after, sort_keys=True) != before, path
+        changes = describe_changes(json.loads(before), after)
+        assert any(c.startswith("file '") and f"{os.path.basename(path)}' changed (ctime_ns)" in c
+                   for c in changes), changes
+
+
+def flip_byte_keeping_mtime(path: str, offset: int) -> None:
+    """Flip the bits of byte ``offset`` of ``path`` in place and restore its atime and mtime,
+    after waiting out the clock tick the file was last changed in (so its ctime moves)."""
+    st = os.stat(path)
+    while time.time_ns() - st.st_ctime_ns < 20_000_000:
+        time.sleep(0.005)
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        b = f.read(1)
+        f.seek(offset)
+        f.write(bytes([b[0] ^ 0xFF]))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    after = os.stat(path)
+    assert (after.st_size, after.st_mtime_ns) == (st.st_size, st.st_mtime_ns)
