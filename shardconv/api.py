@@ -94,7 +94,7 @@ def verify(dest: str | os.PathLike, src: Any = None, *, max_memory: str | int = 
         tracker = IntegrityTracker(out.units())
         # Output tensors under the names the output's own metadata gives them (a SavedModel's
         # object graph); string tensors and bookkeeping are the format's, not the model's.
-        stored = [t for t in out.tensors() if not t.is_string and role_of(t).kind != "meta"]
+        stored = [t for t in out.tensors() if not t.is_string and (t.extra or {}).get("role") != "meta"]
         outputs = {role_of(t).name: t for t in stored}
         if ref is not None and not mapping:
             mapping = _recorded_mapping(out)

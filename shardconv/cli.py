@@ -129,14 +129,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _ls(args: argparse.Namespace) -> int:
     from .api import list_tensors
-    from .mapping.roles import role_of
+    from .mapping.roles import assign_roles
 
     opts = {"step": args.step} if args.step is not None else {}
     rows = []
-    for t in list_tensors(args.src, **opts):
-        role = role_of(t)
+    infos = list_tensors(args.src, **opts)
+    for t, role in zip(infos, assign_roles(infos)):
         rows.append({"name": role.name if args.names == "model" else t.name, "key": t.name,
-                     "role": role.kind, "ema_of": role.ema_of, "dtype": t.dtype, "shape": list(t.shape),
+                     "role": role.kind, "ema_of": role.ema_of, "slot_of": role.slot_of,
+                     "dtype": t.dtype, "shape": list(t.shape),
                      "nbytes": t.nbytes, "checksum": t.checksum})
     rows.sort(key=lambda r: r["name"])
     if args.json:
@@ -145,7 +146,8 @@ def _ls(args: argparse.Namespace) -> int:
         return 0
     width = max([len(r["name"]) for r in rows] + [4])
     for r in rows:
-        role = f"ema of {r['ema_of']}" if r["ema_of"] else r["role"]
+        role = (f"ema of {r['ema_of']}" if r["ema_of"] else
+                f"optimizer, slot of {r['slot_of']}" if r["slot_of"] else r["role"])
         key = f"  <- {r['key']}" if r["key"] != r["name"] else ""
         print(f"{r['name']:<{width}}  {r['dtype']:<9} {str(r['shape']):<20} {format_size(r['nbytes']):>10}  "
               f"{role}{key}")

@@ -16,7 +16,7 @@ from ..errors import PlanError
 from ..plan import Copy, OutputTensor, Plan, check_name
 from ..sources.base import Source, TensorInfo
 from .assemble import Assemble, Piece, check_piece
-from .roles import Role, role_of
+from .roles import Role, assign_roles
 from .rules import Rule, parse_rules
 
 DEFAULTS = {"prefer_ema": False, "drop_optimizer": False, "allow_unmapped": False, "names": "model"}
@@ -64,8 +64,8 @@ def build_plan(source: Source, rules: list[dict[str, Any]] | None = None, *, opt
     loc = source.location
 
     items: list[_Item] = []
-    for t in source.tensors():
-        role = role_of(t)
+    infos = list(source.tensors())
+    for t, role in zip(infos, assign_roles(infos)):
         if t.is_string:
             dropped.append((t.name, "string tensor (array outputs hold numbers only)"))
             continue
@@ -105,20 +105,12 @@ def build_plan(source: Source, rules: list[dict[str, Any]] | None = None, *, opt
         if raw:
             notes.append(f"--prefer-ema: {len(raw)} parameter(s) have no EMA and keep their raw value "
                          f"(e.g. {', '.join(raw[:3])})")
+    elif emas:
+        shown = ", ".join(sorted({e.role.ema_of or e.name for e in emas})[:3])
+        notes.append(f"the checkpoint holds EMA averages of {len(emas)} weight(s) (e.g. {shown}); "
+                     "--prefer-ema writes them under the weights' names")
     if opts["drop_optimizer"]:
-        keep = []
-        for it in items:
-            k = it.role.kind
-            if k == "optimizer":
-                dropped.append((it.src.name, "optimizer state (--drop-optimizer)"))
-            elif k == "meta":
-                dropped.append((it.src.name, "checkpoint bookkeeping (--drop-optimizer)"))
-            elif k == "ema":
-                dropped.append((it.src.name, "EMA copy (--drop-optimizer; add --prefer-ema to write it "
-                                             "instead of the raw weight)"))
-            else:
-                keep.append(it)
-        items = keep
+        items = _drop_optimizer(items, dropped, notes)
 
     # -- rules
     outputs: list[OutputTensor] = []
@@ -169,6 +161,23 @@ def build_plan(source: Source, rules: list[dict[str, Any]] | None = None, *, opt
     plan = Plan(source, outputs, dropped, plan_options)
     plan.notes = notes
     return plan
+
+
+_DROP_REASONS = {
+    "optimizer": "optimizer state (--drop-optimizer)",
+    "meta": "training counter, metric or checkpoint bookkeeping (--drop-optimizer)",
+    "ema": "EMA copy (--drop-optimizer; add --prefer-ema to write it instead of the raw weight)",
+}
+
+
+def _drop_optimizer(items: list[_Item], dropped: list[tuple[str, str]], notes: list[str]) -> list[_Item]:
+    """``items`` without optimizer state, counters, bookkeeping and EMA copies; says so when there is none."""
+    keep = [it for it in items if it.role.kind not in _DROP_REASONS]
+    dropped.extend((it.src.name, _DROP_REASONS[it.role.kind]) for it in items if it.role.kind in _DROP_REASONS)
+    if len(keep) == len(items):
+        notes.append("--drop-optimizer: the checkpoint holds no optimizer state, counters or EMA copies; "
+                     "nothing was left out")
+    return keep
 
 
 def _base(it: _Item, rule: Rule | None, problems: list[str]) -> tuple[tuple[int, ...], tuple[int, ...]] | None:

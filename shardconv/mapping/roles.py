@@ -1,24 +1,76 @@
 """What a source tensor is: a model parameter, optimizer state, an EMA average, or bookkeeping.
 
-Sources that know (the TF2 object graph) put ``role``, ``model_name`` and
-``ema_of`` in ``TensorInfo.extra``. For the rest (TF1 names, flat trees) the
-naming conventions of the common trainers decide.
+Decided in this order (the table in docs/mapping.md lists every convention):
+
+1. what the source recorded: the TF2 object graph puts ``role``, ``model_name``,
+   ``ema_of`` and ``slot_of`` in ``TensorInfo.extra``;
+2. the structure of a saved tree: a flax ``TrainState``'s ``opt_state``, t5x's
+   ``optimizer/state`` (its ``optimizer/target`` is the model), optax state records
+   recognised by their fields anywhere (``count``/``mu``/``nu``, ``hyperparams``/
+   ``inner_state``, ``MultiStepsState``, ...), EMA copies (``ema_params``, an
+   ``EmaState`` outside the optimizer);
+3. the naming conventions of TF1 and tf.estimator optimizers and
+   ``ExponentialMovingAverage``;
+4. whatever the source said: integer scalars named like training counters
+   (``step``, ``global_step``, ``iterations``, ...) and variables of metrics are ``meta``.
+
+Slots and EMAs are then linked to their weight (``slot_of``, ``ema_of``): the weight is
+the param whose path is the longest unique match inside the slot's own path.
 """
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from collections import defaultdict
+from dataclasses import dataclass, replace
+from typing import Iterable, Sequence
 
 from ..sources.base import TensorInfo
+from ..sources.tf_object_graph import METRIC_CONTAINERS
 
 #: TF1 slot suffixes (tf.compat.v1.train optimizers), Keras/optax names, Mesh TF Adafactor slots.
 _OPT_SLOT = re.compile(
-    r"(.+)/(Adam(?:_\d+)?|Momentum|RMSProp(?:_\d+)?|Adagrad(?:DA)?|Adadelta(?:_\d+)?|Ftrl(?:_\d+)?|"
-    r"AdamW(?:_\d+)?|LAMB(?:_\d+)?|LARS|Nadam(?:_\d+)?|adam_[mv]|accumulator|gradient_accumulator|"
-    r"\.OPTIMIZER_SLOT/.*)$"
+    r"(.+)/(Adam(?:_\d+)?|Momentum|RMSProp(?:_\d+)?|Adagrad(?:DA(?:_\d+)?)?|ProximalAdagrad|Adadelta(?:_\d+)?|"
+    r"Ftrl(?:_\d+)?|AdamW(?:_\d+)?|Adamax(?:_\d+)?|LazyAdam(?:_\d+)?|LAMB(?:_\d+)?|LARS|Nadam(?:_\d+)?|"
+    r"adam_[mv]|accumulator|gradient_accumulator|\.OPTIMIZER_SLOT/.*)$"
     r"|(.+)_slot_(?:v|vr|vc|m)$")
-_OPT_NAME = re.compile(r"^(global_step|beta[12]_power|(?:.*/)?(?:beta[12]_power|learning_rate|iterations?)|optimizer/.*)$")
+_OPT_NAME = re.compile(r"^(global_step|(?:.*/)?(?:beta[12]_power|learning_rate|iterations?)|optimizer/.*)$")
 _EMA = re.compile(r"^(?P<base>.+)/ExponentialMovingAverage$")
+
+#: Keras optimizer class names (tf.keras v2, Keras 3): tf.estimator puts their state under ``training/<Name>/``.
+_KERAS_OPTIMIZERS = frozenset(
+    "Adadelta Adafactor Adagrad Adam AdamW Adamax Ftrl Lamb Lion Nadam RMSprop SGD LossScaleOptimizer".split())
+#: Their slot names (``<optimizer>/<weight>/<slot>``) and hyperparameter variables (``<optimizer>/<name>``).
+_KERAS_SLOTS = frozenset("m v vhat momentum velocity velocity_hat rms mg accumulator linear accum_grad accum_var "
+                         "average_gradient accumulated_grad accumulated_delta_var norm".split())
+_KERAS_HYPER = frozenset("learning_rate lr decay beta beta_1 beta_2 epsilon iter iterations momentum rho "
+                         "l1_regularization_strength l2_regularization_strength learning_rate_power "
+                         "l2_shrinkage_regularization_strength initial_accumulator_value weight_decay "
+                         "momentum_cache".split())
+
+#: Integer scalars with these names count training steps (TF, Keras, optax/flax TrainState, t5x).
+COUNTERS = frozenset("step global_step save_counter iterations iteration iter _iterations".split())
+#: Variables of metrics (under one of ``METRIC_CONTAINERS``).
+_METRIC_VARS = frozenset("total count true_positives false_positives true_negatives false_negatives "
+                         "accumulator confusion_matrix".split())
+
+#: Tree fields whose subtree is optimizer state: flax TrainState, t5x ``param_states``.
+_OPT_TREE_FIELDS = frozenset({"opt_state", "optimizer_state", "param_states"})
+#: optax state records, by their exact set of fields (a NamedTuple is saved as a dict of its fields).
+_OPTAX_STATES = tuple(frozenset(s.split()) for s in (
+    "count mu nu",                                  # ScaleByAdamState (adam, adamw, yogi, novograd, ...)
+    "count mu nu nu_max",                           # ScaleByAmsgradState
+    "count mu",                                     # ScaleByLionState
+    "count hyperparams inner_state",                # InjectHyperparamsState
+    "count hyperparams hyperparams_states inner_state",  # InjectStatefulHyperparamsState
+    "mini_step gradient_step inner_opt_state acc_grads",  # MultiStepsState
+    "mini_step gradient_step inner_opt_state acc_grads skip_state",
+    "count v_row v_col v",                          # FactoredState (adafactor)
+    "e_g e_x",                                      # ScaleByAdaDeltaState
+))
+_EMA_STATE = frozenset({"count", "ema"})            # optax EmaState: outside an optimizer, an EMA of params
+_EMA_TREE_FIELDS = frozenset({"ema_params", "params_ema"})
+#: Slots whose shape is not their weight's (Adafactor's factored second moments).
+_FACTORED_SLOTS = frozenset({"v_row", "v_col", "vr", "vc", "v", "m"})
 
 
 @dataclass(frozen=True)
@@ -26,15 +78,140 @@ class Role:
     kind: str          # param | optimizer | ema | meta
     name: str          # model-facing name
     ema_of: str | None = None
+    slot_of: str | None = None
 
 
-def role_of(t: TensorInfo) -> Role:
-    e = t.extra or {}
-    if "role" in e:
-        return Role(e["role"], e.get("model_name") or t.name, e.get("ema_of"))
+class _Tree:
+    """The names of one source as a tree: which groups are optimizer state or EMA copies."""
+
+    def __init__(self, infos: Sequence[TensorInfo]) -> None:
+        self.names = {t.name: t for t in infos}
+        children: dict[str, set[str]] = defaultdict(set)
+        for name in self.names:
+            parts = name.split("/")
+            for i in range(len(parts)):
+                children["/".join(parts[:i])].add(parts[i])
+        self.opt_roots = {g for g, c in children.items() if c in _OPTAX_STATES}
+        self.ema_roots = {g for g, c in children.items() if c == _EMA_STATE}
+        self.t5x = "target" in children.get("optimizer", ()) and "state" in children.get("optimizer", ())
+
+    def role(self, t: TensorInfo) -> Role | None:
+        parts = t.name.split("/")
+        if self.t5x and parts[0] == "optimizer" and len(parts) > 2:
+            return Role("param" if parts[1] == "target" else "optimizer", t.name)
+        if self.t5x and t.name == "version":
+            return Role("meta", t.name)
+        groups = ["/".join(parts[:i]) for i in range(len(parts))]  # groups[i] holds parts[i]
+        for i, g in enumerate(groups):
+            if g in self.opt_roots or (i < len(parts) - 1 and parts[i] in _OPT_TREE_FIELDS):
+                return Role("optimizer", t.name)
+        for i, g in enumerate(groups):
+            if g in self.ema_roots:
+                return Role("ema" if parts[i] == "ema" else "meta", t.name)
+            if i < len(parts) - 1 and parts[i] in _EMA_TREE_FIELDS:
+                return Role("ema", t.name, "/".join(parts[:i] + ["params"] + parts[i + 1:]))
+        return None
+
+
+def _keras_optimizer_state(t: TensorInfo, tree: _Tree) -> bool:
+    """``[scope/]<KerasOptimizer>/<weight>/<slot>`` or ``.../<KerasOptimizer>/<hyperparameter>`` (tf.estimator)."""
+    parts = t.name.split("/")
+    for i, p in enumerate(parts[:-1]):
+        if p in _KERAS_OPTIMIZERS:
+            rest = parts[i + 1:]
+            if len(rest) == 1:
+                return rest[0] in _KERAS_HYPER
+            weight = tree.names.get("/".join(rest[:-1]))
+            return rest[-1] in _KERAS_SLOTS and weight is not None and weight.shape == t.shape
+    return False
+
+
+def _by_name(t: TensorInfo, tree: _Tree) -> Role | None:
     m = _EMA.match(t.name)
     if m:
         return Role("ema", t.name, m.group("base"))
-    if _OPT_SLOT.match(t.name) or _OPT_NAME.match(t.name):
+    m = _OPT_SLOT.match(t.name)
+    if m:
+        base = m.group(1) or m.group(3)
+        return Role("optimizer", t.name, slot_of=base if base in tree.names else None)
+    if _OPT_NAME.match(t.name) or _keras_optimizer_state(t, tree):
         return Role("optimizer", t.name)
-    return Role("param", t.name)
+    return None
+
+
+def _is_counter(t: TensorInfo, name: str) -> bool:
+    return not t.shape and t.dtype.startswith(("int", "uint")) and name.rsplit("/", 1)[-1] in COUNTERS
+
+
+def _is_metric(name: str) -> bool:
+    parts = name.split("/")
+    return parts[-1] in _METRIC_VARS and any(p in METRIC_CONTAINERS for p in parts[:-1])
+
+
+def _decide(t: TensorInfo, tree: _Tree) -> Role:
+    e = t.extra or {}
+    if "role" in e:
+        role = Role(e["role"], e.get("model_name") or t.name, e.get("ema_of"), e.get("slot_of"))
+    else:
+        role = tree.role(t) or _by_name(t, tree) or Role("param", t.name)
+    if role.kind in ("param", "optimizer") and _is_counter(t, role.name):
+        return replace(role, kind="meta")
+    if role.kind == "param" and _is_metric(role.name):
+        return replace(role, kind="meta")
+    return role
+
+
+class _Weights:
+    """Params indexed by every tail of their path, to find the weight a slot or EMA belongs to."""
+
+    def __init__(self, params: Iterable[tuple[Role, TensorInfo]]) -> None:
+        self.tails: dict[tuple[str, ...], list[tuple[Role, TensorInfo]]] = defaultdict(list)
+        self.flat: dict[str, Role] = {}
+        for role, t in params:
+            parts = tuple(role.name.split("/"))
+            for i in range(len(parts)):
+                self.tails[parts[i:]].append((role, t))
+            self.flat[role.name.replace("/", "_")] = role
+
+    def owner(self, name: str, t: TensorInfo) -> str | None:
+        """The longest run of ``name``'s components that is the tail of exactly one param of the
+        same shape, ending at the last component or just before it (``<weight>/<slot>``; a factored
+        slot such as Adafactor's ``v_row`` may differ in shape)."""
+        parts = name.split("/")
+        n = len(parts)
+        for length in range(n, 0, -1):
+            for end in (n, n - 1):
+                hits = self.tails.get(tuple(parts[end - length:end])) if end - length >= 0 else None
+                if hits and len(hits) == 1 and (hits[0][1].shape == t.shape
+                                                or end < n and parts[-1] in _FACTORED_SLOTS):
+                    return hits[0][0].name
+        return self._keras3_owner(parts[-1])
+
+    def _keras3_owner(self, leaf: str) -> str | None:
+        """Keras 3 names a slot ``<weight path with _>_<slot>`` (``dense_kernel_momentum``)."""
+        cut = leaf.rfind("_")
+        while cut > 0:
+            hit = self.flat.get(leaf[:cut])
+            if hit is not None:
+                return hit.name
+            cut = leaf.rfind("_", 0, cut)
+        return None
+
+
+def assign_roles(infos: Sequence[TensorInfo]) -> list[Role]:
+    """The role of each of ``infos`` (one source's tensors), in order, with slots and EMAs linked."""
+    tree = _Tree(infos)
+    roles = [_decide(t, tree) for t in infos]
+    weights = _Weights((r, t) for r, t in zip(roles, infos) if r.kind == "param" and not t.is_string)
+    for i, (r, t) in enumerate(zip(roles, infos)):
+        if r.kind == "optimizer" and r.slot_of is None:
+            roles[i] = replace(r, slot_of=weights.owner(r.name, t))
+        elif r.kind == "ema" and r.ema_of is None:
+            owner = weights.owner(r.name, t)
+            roles[i] = replace(r, ema_of=owner) if owner else replace(r, kind="param")
+    return roles
+
+
+def role_of(t: TensorInfo) -> Role:
+    """The role of one tensor seen alone (no tree structure, no links); prefer ``assign_roles``."""
+    return assign_roles([t])[0]

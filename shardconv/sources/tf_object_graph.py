@@ -97,6 +97,9 @@ def all_paths(nodes: list[Node], limit: int = 16) -> dict[int, list[str]]:
     return paths
 
 
+#: Attributes holding metric objects (Keras 2 ``keras_api/metrics``, compiled metrics): their variables are ``meta``.
+METRIC_CONTAINERS = frozenset({"metrics", "_metrics", "compiled_metrics", "_compile_metrics", "metrics_variables"})
+
 #: Keras 3 optimizer lists whose K-th entry belongs to ``_trainable_variables/K``.
 _KERAS_EMA_LIST = "_model_variables_moving_average"
 _KERAS_TRAINABLE_LIST = "_trainable_variables"
@@ -112,7 +115,7 @@ def annotate(nodes: list[Node]) -> dict[str, dict[str, str]]:
 
     ``role`` is ``param`` (a model weight or statistic), ``optimizer`` (slots,
     moments, counters), ``ema`` (an average of the param named in ``ema_of``) or
-    ``meta`` (``save_counter``). ``model_name`` is Keras's readable variable path
+    ``meta`` (``save_counter``, variables of metrics). ``model_name`` is Keras's readable variable path
     (``full_name``) when it is a scoped, unique name, otherwise the object path
     that does not pass through an optimizer.
     """
@@ -161,7 +164,8 @@ def annotate(nodes: list[Node]) -> dict[str, dict[str, str]]:
             role = "param"
         elif paths.get(nid) and all(under_optimizer(p) for p in paths[nid]):
             role = "optimizer"
-        elif paths.get(nid) == ["save_counter"]:
+        elif paths.get(nid) == ["save_counter"] or paths.get(nid) and all(
+                METRIC_CONTAINERS.intersection(p.split("/")) for p in paths[nid]):
             role = "meta"
         else:
             role = "param"
