@@ -18,22 +18,28 @@ import numpy as np
 
 from . import __version__
 from .budget import Budget, BufferPool
-from .errors import DestinationError, DurabilityError, ResumeError
+from . import safefs
+from .errors import DestinationError, DurabilityError, PlanError, ResumeError, SourceChangedError
 from .integrity import IntegrityTracker
 from .journal import Journal, describe_changes
 from .plan import Chunk, Plan, chunk_plan
 from .sinks.base import Sink
 from .staging import Staging
 
-#: Test hook: SHARDCONV_TEST_KILL=chunk:K | journal:K | finish | renamed kills the
+#: Test hook: SHARDCONV_TEST_KILL=chunk:K | journal:K | lock | finish | renamed kills the
 #: process with SIGKILL at that point, for the resume tests; after:SECONDS kills it that
-#: long after the conversion starts, wherever it then is.
+#: long after the conversion starts, wherever it then is. race:POINT (lock | finish) instead
+#: moves ``DEST.race`` to DEST at that point: another writer publishing DEST in that instant.
 _KILL = os.environ.get("SHARDCONV_TEST_KILL", "")
 
 
-def _hook(point: str) -> None:
-    if _KILL and _KILL == point:
+def _hook(point: str, dest: Path | None = None) -> None:
+    if not _KILL:
+        return
+    if _KILL == point:
         os.kill(os.getpid(), signal.SIGKILL)
+    elif _KILL == f"race:{point}" and dest is not None:
+        os.rename(f"{dest}.race", dest)
 
 
 def _start_kill_timer() -> None:
@@ -96,78 +102,155 @@ def manifest_for(plan: Plan, sink: Sink) -> dict[str, Any]:
 def run(plan: Plan, sink: Sink, dest: str | os.PathLike, *, max_memory: int, overwrite: bool = False,
         restart: bool = False, fsync: bool = True, progress: bool = True,
         chunk_bytes: int | None = None) -> Result:
-    """Convert ``plan`` into ``sink`` at ``dest``; resumes a partial output of the same run."""
+    """Convert ``plan`` into ``sink`` at ``dest``; resumes a partial output of the same run.
+
+    Every refusal that does not depend on a partial output (names the sink cannot hold,
+    the budget, the destination's kind, an output over or inside the input) comes before
+    the lock: it leaves no ``DEST.partial`` behind."""
     t0 = time.monotonic()
     _start_kill_timer()
     shown = str(dest) if "://" in str(dest) else None  # URLs are reported as given
+    problems = sink.check_outputs(plan.outputs)
+    if problems:
+        raise PlanError(problems, where=os.fspath(dest))
     dest = sink.local_dest(dest)
-    if sink.exists(dest) and not overwrite:
-        raise DestinationError(f"{shown or dest}: already exists; pass --overwrite to replace it")
+    scratch = _scratch_slots(plan, sink)
+    Budget.for_limit(max_memory, chunk_bytes, scratch_factor=scratch, reserve=plan.source.budget_reserve())
+    check_destination(plan, sink, dest, overwrite, shown or str(dest))
     staging = Staging(dest)
     staging.acquire()
-    committed = False
+    journal = Journal(staging.journal_path)
+    journaled = committed = discard = False
     try:
-        journal = Journal(staging.journal_path)
+        _hook("lock", dest)
+        if not overwrite and sink.exists(dest):  # another run may have published it meanwhile
+            raise DestinationError(f"{shown or dest}: already exists; pass --overwrite to replace it")
         header = {"sink": sink.name, "sink_options": sink.options(), "source": plan.source.fingerprint(),
                   "plan": plan.digest()}
-        prior = None
-        if restart:
-            staging.reset()
-        else:
-            prior = journal.load()
-            if prior is None and any(p.name != "lock" for p in staging.dir.iterdir()):
-                staging.reset()  # leftovers without a journal: nothing to resume
-        if prior:
-            _check_resumable(prior[0], header, staging)
-            chunk_bytes = int(prior[0]["chunk_bytes"])
-        unit = 1 << 20
-        scratch = max([-(-o.producer.scratch_bytes(unit) // unit) for o in plan.outputs] + [0]) + 1 + sink.scratch_slots()
-        budget = Budget.for_limit(max_memory, chunk_bytes, scratch_factor=scratch)
-        resume = bool(prior) and staging.out.exists()
+        prior = _prior_run(journal, staging, header, restart)
+        budget = Budget.for_limit(max_memory, prior[0]["chunk_bytes"] if prior else chunk_bytes,
+                                  scratch_factor=scratch, reserve=plan.source.budget_reserve())
+        resume = bool(prior) and safefs.lstat(staging.out) is not None
         sink.durable = fsync
         sink.chunk_bytes = budget.chunk_bytes
         sink.open(staging.out, plan.outputs, resume=resume)
         chunks = chunk_plan(plan.outputs, budget.chunk_bytes, sink.row_multiple)
-
         tracker = IntegrityTracker(plan.source.units())
-        done: dict[int, dict[str, Any]] = {}
-        if resume:
-            for rec in prior[1]:
-                i = rec.get("i")
-                if not isinstance(i, int) or not 0 <= i < len(chunks) or i in done:
-                    continue
-                c = chunks[i]
-                if (rec.get("o"), rec.get("n")) != (c.offset, c.length) or not sink.check(c, rec.get("r")):
-                    continue
-                done[i] = rec
-                tracker.add(rec.get("s", []))
+        done = _kept_chunks(prior[1], chunks, sink, tracker) if resume else {}
         journal.start({**header, "chunk_bytes": budget.chunk_bytes, "dest": dest.name}, [done[i] for i in sorted(done)],
                       durable=fsync)
-
+        journaled = True
         todo = [(i, c) for i, c in enumerate(chunks) if i not in done]
         total = plan.total_bytes
         resumed_bytes = sum(chunks[i].length for i in done)
         resumed_chunks = len(done)
         _pipeline(plan, sink, journal, tracker, todo, done, budget, progress, total, resumed_bytes, dest.name)
         verify_inputs(plan, tracker, budget.chunk_bytes)
+        check_source_unchanged(plan, header["source"], shown or str(dest))
 
         receipts = [(chunks[i], done[i]["r"]) for i in range(len(chunks))]
         moves = sink.finish(receipts, manifest_for(plan, sink), fsync, dest)
         journal.close()
-        _hook("finish")
+        _hook("finish", dest)
         staging.commit(moves, overwrite, fsync)
         committed = True
         _hook("renamed")
         return Result(shown or dest, len(plan.outputs), total, total - resumed_bytes, len(todo), resumed_chunks,
                       time.monotonic() - t0, len(tracker.verified), list(plan.dropped), budget.chunk_bytes,
                       list(plan.notes))
-    except DurabilityError:
-        sink.close()
-        staging.reset()  # after a failed fsync nothing written is trusted
+    except (DurabilityError, SourceChangedError):
+        discard = True  # after a failed fsync nothing written is trusted; a changed source's chunks never are
         raise
     finally:
+        journal.close()
         sink.close()
-        staging.release(remove=committed)
+        staging.release(remove=committed or discard or (staging.created and not journaled))
+
+
+def _scratch_slots(plan: Plan, sink: Sink) -> int:
+    """Chunk-sized scratch buffers the plan's producers and the sink need beside the pool."""
+    unit = 1 << 20
+    return max([-(-o.producer.scratch_bytes(unit) // unit) for o in plan.outputs] + [0]) + 1 + sink.scratch_slots()
+
+
+def _prior_run(journal: Journal, staging: Staging, header: dict[str, Any],
+               restart: bool) -> tuple[dict[str, Any], list[dict[str, Any]]] | None:
+    """The journal of a partial output this run continues, or None (leftovers discarded)."""
+    if restart:
+        staging.reset()
+        return None
+    prior = journal.load()
+    if prior is None:
+        if staging.has_leftovers():
+            staging.reset()  # leftovers without a journal: nothing to resume
+        return None
+    _check_resumable(prior[0], header, staging)
+    return prior
+
+
+def _kept_chunks(records: list[dict[str, Any]], chunks: list[Chunk], sink: Sink,
+                 tracker: IntegrityTracker) -> dict[int, dict[str, Any]]:
+    """Journaled chunks of an earlier run that are intact in the partial output, by index."""
+    done: dict[int, dict[str, Any]] = {}
+    for rec in records:
+        i = rec.get("i")
+        if not isinstance(i, int) or not 0 <= i < len(chunks) or i in done:
+            continue
+        c = chunks[i]
+        if (rec.get("o"), rec.get("n")) != (c.offset, c.length) or not sink.check(c, rec.get("r")):
+            continue
+        done[i] = rec
+        tracker.add(rec.get("s", []))
+    return done
+
+
+def check_destination(plan: Plan, sink: Sink, dest: Path, overwrite: bool, label: str) -> None:
+    """Refuse, before anything is written: an output over, around or inside the input; an
+    existing output without ``overwrite``; with it, one of another kind (a file where a
+    directory goes, or the reverse). A symbolic link at DEST is replaced as a link: its
+    target is never followed, written or removed."""
+    finals = sink.final_paths(dest)
+    _check_apart_from_input(plan, [*finals, Staging(dest).dir], label)
+    if not overwrite:
+        if sink.exists(dest):
+            raise DestinationError(f"{label}: already exists; pass --overwrite to replace it")
+        return
+    for k, path in enumerate(finals):
+        want = sink.output_kind if k == len(finals) - 1 else "file"
+        have = safefs.kind(safefs.lstat(path))
+        if os.path.lexists(path.parent) and not path.parent.is_dir():
+            have = f"path below a {safefs.kind(safefs.lstat(path.parent))}"
+        elif have in ("missing", "link", want):
+            continue
+        raise DestinationError(f"{path}: is a {have}, and the {sink.name} output is a {want}; --overwrite replaces "
+                               "an output of the same kind only (remove it or choose another destination)")
+
+
+def _check_apart_from_input(plan: Plan, writes: list[Path], label: str) -> None:
+    """No path the run writes, replaces or removes may be an input file, hold one, or lie
+    inside the input's directory (both sides resolved through symbolic links)."""
+    inputs = [os.path.realpath(f) for f in plan.source.input_files()]
+    loc = plan.source.location
+    root = os.path.realpath(loc) if isinstance(loc, str) and os.path.lexists(loc) else None
+    for w in map(safefs.where_written, writes):
+        for i in inputs + ([root] if root else []):
+            if not safefs.outside(i, w):
+                what = "is the input" if i == w else f"would hold the input {i}"
+                raise DestinationError(f"{label}: {what} (writing there would replace it); choose a destination "
+                                       "apart from the input")
+        if root and os.path.isdir(root) and not safefs.outside(w, root):
+            raise DestinationError(f"{label}: is inside the input {root} (writing there would change it); choose a "
+                                   "destination outside it")
+
+
+def check_source_unchanged(plan: Plan, recorded: dict[str, Any], label: str) -> None:
+    """Once every byte has been read, the source must still be what it was at the start."""
+    now = plan.source.fingerprint()
+    if now != recorded:
+        changes = describe_changes(recorded, now)
+        raise SourceChangedError(f"{plan.source.location}: the input changed while it was being converted "
+                                 f"({'; '.join(changes[:5]) or 'fingerprint differs'}); nothing was written to "
+                                 f"{label}: rerun to convert it as it is now")
 
 
 #: RSS of the interpreter with numpy and shardconv loaded, measured (bench/run.py "import shardconv").
@@ -176,13 +259,14 @@ BASELINE_RSS = 40 << 20
 
 def memory_estimate(plan: Plan, sink: Sink, max_memory: int) -> dict[str, int]:
     """What a conversion of ``plan`` into ``sink`` will hold at its peak, by part."""
-    unit = 1 << 20
-    scratch = max([-(-o.producer.scratch_bytes(unit) // unit) for o in plan.outputs] + [0]) + 1 + sink.scratch_slots()
-    budget = Budget.for_limit(max_memory, scratch_factor=scratch)
+    scratch = _scratch_slots(plan, sink)
+    reserve = plan.source.budget_reserve()
+    budget = Budget.for_limit(max_memory, scratch_factor=scratch, reserve=reserve)
     est = {"chunk_bytes": budget.chunk_bytes, "buffers": budget.n_buffers * budget.chunk_bytes,
-           "scratch": scratch * budget.chunk_bytes, "baseline": BASELINE_RSS + plan.source.baseline_bytes() + sink.baseline_bytes()}
+           "scratch": scratch * budget.chunk_bytes, "baseline": BASELINE_RSS + plan.source.baseline_bytes() + sink.baseline_bytes(),
+           "source_held": reserve[0]}
     # Source scratch (partitioned reads) is rarely all live at once; buffers are touched in full.
-    est["peak"] = est["baseline"] + est["buffers"] + (scratch - 1) * budget.chunk_bytes
+    est["peak"] = est["baseline"] + est["buffers"] + (scratch - 1) * budget.chunk_bytes + reserve[0]
     return est
 
 

@@ -22,6 +22,10 @@ class SourceError(ShardconvError):
     """The input cannot be opened or listed (missing, wrong kind, unreadable)."""
 
 
+class SourceChangedError(SourceError):
+    """The input changed while it was being converted (its fingerprint differs from the start)."""
+
+
 class FormatError(SourceError):
     """The input is malformed: bad magic, truncated, impossible header fields."""
 

@@ -11,7 +11,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .errors import ResumeError
+from . import safefs
+from .errors import DestinationError, ResumeError
 
 FORMAT = "shardconv-journal"
 VERSION = 1
@@ -25,9 +26,13 @@ class Journal:
     def load(self) -> tuple[dict[str, Any], list[dict[str, Any]]] | None:
         """(header, records) of an existing journal, or None if there is none."""
         try:
-            data = self.path.read_bytes()
+            fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         except FileNotFoundError:
             return None
+        except OSError as e:
+            raise ResumeError(f"{self.path}: cannot read the journal ({e.strerror}); rerun with --restart") from None
+        with os.fdopen(fd, "rb") as f:
+            data = f.read()
         lines = data.split(b"\n")
         if lines and lines[-1] != b"":
             lines = lines[:-1]  # torn last line: the chunk it recorded is redone
@@ -39,9 +44,12 @@ class Journal:
             records = [json.loads(ln) for ln in lines[1:]]
         except (ValueError, UnicodeDecodeError):
             raise ResumeError(f"{self.path}: journal is damaged; rerun with --restart") from None
-        if header.get("format") != FORMAT or header.get("version") != VERSION:
+        if not isinstance(header, dict) or header.get("format") != FORMAT or header.get("version") != VERSION:
             raise ResumeError(f"{self.path}: not a journal this version of shardconv can resume; rerun with --restart")
-        return header, records
+        size = header.get("chunk_bytes")
+        if not isinstance(size, int) or isinstance(size, bool) or size <= 0:
+            raise ResumeError(f"{self.path}: journal header has no valid chunk size; rerun with --restart")
+        return header, [r for r in records if isinstance(r, dict)]
 
     def start(self, header: dict[str, Any], records: list[dict[str, Any]] = (), durable: bool = True) -> None:
         """Write a fresh journal (header plus records kept from a verified resume).
@@ -49,19 +57,21 @@ class Journal:
         ``durable=False`` (``--no-fsync``) skips its fsync: a resume re-checks every
         journaled chunk against the output anyway, so a lost journal only costs redoing work."""
         tmp = self.path.with_name(self.path.name + ".tmp")
-        with open(tmp, "wb") as f:
-            f.write(json.dumps({"format": FORMAT, "version": VERSION, **header}, sort_keys=True).encode() + b"\n")
-            for r in records:
-                f.write(json.dumps(r, separators=(",", ":")).encode() + b"\n")
-            f.flush()
-            if durable:
-                os.fsync(f.fileno())
-        os.replace(tmp, self.path)
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
+        lines = [json.dumps({"format": FORMAT, "version": VERSION, **header}, sort_keys=True).encode()]
+        lines += [json.dumps(r, separators=(",", ":")).encode() for r in records]
+        safefs.write_file(tmp, b"\n".join(lines) + b"\n", durable)
+        try:
+            os.replace(tmp, self.path)
+        except OSError as e:
+            raise DestinationError(f"{self.path}: cannot write the journal: {e.strerror}") from None
+        self._fd = safefs.open_file(self.path, os.O_WRONLY | os.O_APPEND)
 
     def append(self, record: dict[str, Any]) -> None:
         line = json.dumps(record, separators=(",", ":")).encode() + b"\n"
-        os.write(self._fd, line)
+        try:
+            os.write(self._fd, line)
+        except OSError as e:
+            raise DestinationError(f"{self.path}: cannot append to the journal: {e.strerror}") from None
 
     def close(self) -> None:
         if self._fd >= 0:

@@ -280,3 +280,122 @@ def test_manifest_disagreeing_with_the_archive_is_reported(small_ckpt, tmp_path)
     m.write_text(json.dumps(doc))
     p = run_cli("verify", tmp_path / "o.npz")
     assert p.returncode != 0 and "in the manifest" in p.stderr
+
+
+# ----------------------------------------------------------------- the filesystem (issue 12)
+
+def test_planted_link_at_the_staging_directory_fails_in_one_line_and_keeps_the_target(tmp_path):
+    np.savez(tmp_path / "in.npz", a=np.arange(10))
+    target = tmp_path / "precious"
+    target.mkdir()
+    (target / "keep.txt").write_bytes(b"mine")
+    dest = tmp_path / "o.npz"
+    Path(f"{dest}.partial").symlink_to(target)
+    p = run_cli("convert", tmp_path / "in.npz", dest, "--quiet")
+    assert p.returncode == 1 and p.stderr.strip().splitlines() == [
+        f"shardconv: error: {dest}.partial: is a symbolic link; shardconv stages only in a directory it made "
+        "(remove it)"]
+    assert [(f.name, f.read_bytes()) for f in target.iterdir()] == [("keep.txt", b"mine")]
+    assert not dest.exists()
+
+
+@pytest.mark.parametrize("case", ["foreign files", "another user"])
+def test_a_staging_directory_shardconv_did_not_make_is_refused_and_kept(tmp_path, case):
+    np.savez(tmp_path / "in.npz", a=np.arange(10))
+    dest = tmp_path / "o.npz"
+    partial = Path(f"{dest}.partial")
+    partial.mkdir()
+    (partial / "notes.txt").write_bytes(b"mine")
+    if case == "another user":
+        (partial / "lock").write_bytes(b"")
+        if os.geteuid() != 0:
+            pytest.skip("needs root to give the directory to another user")
+        os.chown(partial, 65534, 65534)
+    with pytest.raises(DestinationError, match="has no lock" if case == "foreign files" else "another user"):
+        shardconv.convert(tmp_path / "in.npz", dest)
+    assert (partial / "notes.txt").read_bytes() == b"mine" and not dest.exists()
+
+
+@pytest.mark.parametrize("renameat2", [True, False], ids=["renameat2", "fallback"])
+@pytest.mark.parametrize("kind", ["file", "directory"])
+def test_publish_without_overwrite_never_replaces(tmp_path, monkeypatch, renameat2, kind):
+    """The final rename itself cannot replace what appeared at DEST: renameat2(RENAME_NOREPLACE),
+    or where it is missing, link-then-unlink (files) and lstat-then-rename (directories)."""
+    from shardconv import safefs
+
+    if not renameat2:
+        monkeypatch.setattr(safefs, "_renameat2", None)
+    elif safefs._renameat2 is None:
+        pytest.skip("no renameat2 in this libc")
+    src, dst = tmp_path / "staged", tmp_path / "dest"
+    for p, data in ((src, b"new"), (dst, b"old")):
+        if kind == "directory":
+            p.mkdir()
+            (p / "f").write_bytes(data)
+        else:
+            p.write_bytes(data)
+    with pytest.raises(DestinationError, match="not replaced without --overwrite"):
+        safefs.publish(src, dst, overwrite=False, aside=tmp_path / "aside")
+    read = (lambda p: (p / "f").read_bytes()) if kind == "directory" else (lambda p: p.read_bytes())
+    assert read(dst) == b"old" and read(src) == b"new"
+    dst_link = tmp_path / "dangling"
+    dst_link.symlink_to(tmp_path / "nowhere")
+    with pytest.raises(DestinationError):
+        safefs.publish(src, dst_link, overwrite=False, aside=tmp_path / "aside")
+    assert dst_link.is_symlink() and not (tmp_path / "nowhere").exists()
+    safefs.publish(src, tmp_path / "fresh", overwrite=False, aside=tmp_path / "aside")
+    assert read(tmp_path / "fresh") == b"new" and not src.exists()
+
+
+def test_a_source_changed_during_the_run_is_refused_and_nothing_reaches_dest(tmp_path, monkeypatch):
+    """The npz is replaced (new inode, new bytes) after the first chunk: the reader still holds
+    the old file, so only the fingerprint taken again before the final rename can notice."""
+    from shardconv.errors import SourceError
+    from shardconv.sinks import npz as npz_sink
+
+    src = tmp_path / "in.npz"
+    np.savez(src, a=np.arange(300_000, dtype=np.int64), b=np.ones(300_000))
+    np.savez(tmp_path / "new.npz", a=np.arange(300_000, dtype=np.int64) + 1, b=np.ones(300_000))
+    real = npz_sink.NpzSink.write
+
+    def write_then_change(self, chunk, data):
+        if (tmp_path / "new.npz").exists():
+            os.replace(tmp_path / "new.npz", src)
+        return real(self, chunk, data)
+
+    monkeypatch.setattr(npz_sink.NpzSink, "write", write_then_change)
+    dest = tmp_path / "o.npz"
+    with pytest.raises(SourceError, match=r"in\.npz: the input changed while it was being converted \(.*in\.npz"):
+        shardconv.convert(src, dest, max_memory="1MiB")
+    assert not os.path.lexists(dest) and not os.path.lexists(f"{dest}.partial")
+    monkeypatch.undo()
+    shardconv.convert(src, dest, max_memory="1MiB")
+    assert _member_digests(dest) == _member_digests(src)
+
+
+def test_a_sink_refusing_the_plan_leaves_no_partial(tmp_path, monkeypatch):
+    from shardconv.errors import PlanError
+    from shardconv.sinks import npz as npz_sink
+
+    np.savez(tmp_path / "in.npz", a=np.arange(10))
+    monkeypatch.setattr(npz_sink.NpzSink, "check_outputs", lambda self, outputs: [f"{outputs[0].name!r}: refused"])
+    dest = tmp_path / "o.npz"
+    with pytest.raises(PlanError, match=f"^{dest}: 'a': refused$"):
+        shardconv.convert(tmp_path / "in.npz", dest)
+    assert not os.path.lexists(f"{dest}.partial") and not os.path.lexists(dest)
+
+
+def test_a_journal_header_without_a_chunk_size_is_a_resume_error(tmp_path):
+    np.savez(tmp_path / "in.npz", a=np.arange(10))
+    dest = tmp_path / "o.npz"
+    p = run_cli("convert", tmp_path / "in.npz", dest, "--quiet", env={"SHARDCONV_TEST_KILL": "journal:0"})
+    assert p.returncode == -signal.SIGKILL
+    journal = Path(f"{dest}.partial") / "journal.jsonl"
+    lines = journal.read_bytes().split(b"\n")
+    header = json.loads(lines[0])
+    del header["chunk_bytes"]
+    journal.write_bytes(b"\n".join([json.dumps(header).encode(), *lines[1:]]))
+    with pytest.raises(ResumeError, match="no valid chunk size; rerun with --restart"):
+        shardconv.convert(tmp_path / "in.npz", dest)
+    shardconv.convert(tmp_path / "in.npz", dest, restart=True)
+    assert dest.exists()

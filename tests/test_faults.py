@@ -98,3 +98,51 @@ def test_read_error_mid_shard_is_reported_and_the_next_run_resumes(ckpt, clean, 
     r = shardconv.convert(ckpt, dest, max_memory="1MiB")
     assert r.chunks_resumed > 0
     assert dest.read_bytes() == clean
+
+
+def _fsync_fails_on(kind: str):
+    """os.fsync that fails with EIO on directories or on regular files."""
+    import stat
+
+    real = os.fsync
+
+    def fsync(fd: int) -> None:
+        if stat.S_ISDIR(os.fstat(fd).st_mode) == (kind == "directory"):
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        real(fd)
+    return fsync
+
+
+def test_failed_fsync_closes_the_sink_once(ckpt, tmp_path, monkeypatch):
+    closes = []
+    real_close = npz_sink.NpzSink.close
+    monkeypatch.setattr(npz_sink.NpzSink, "close", lambda self: (closes.append(1), real_close(self))[1])
+    monkeypatch.setattr(npz_sink, "fsync_file", lambda fd, path: (_ for _ in ()).throw(
+        DurabilityError(f"{path}: fsync failed (Input/output error)")))
+    with pytest.raises(DurabilityError):
+        shardconv.convert(ckpt, tmp_path / "o.npz", max_memory="1MiB")
+    assert len(closes) == 1
+
+
+def test_failed_fsync_of_the_journal_is_one_line_and_discards_the_partial(ckpt, clean, tmp_path, monkeypatch):
+    dest = tmp_path / "o.npz"
+    monkeypatch.setattr(os, "fsync", _fsync_fails_on("file"))
+    with pytest.raises(DurabilityError, match=r"journal\.jsonl\.tmp: fsync failed \(Input/output error\)"):
+        shardconv.convert(ckpt, dest, max_memory="1MiB")
+    assert not dest.exists() and not (tmp_path / "o.npz.partial").exists()
+    monkeypatch.undo()
+    shardconv.convert(ckpt, dest, max_memory="1MiB")
+    assert dest.read_bytes() == clean
+
+
+def test_failed_fsync_of_a_directory_is_a_durability_error(ckpt, tmp_path, monkeypatch):
+    monkeypatch.setattr(os, "fsync", _fsync_fails_on("directory"))
+    with pytest.raises(DurabilityError, match=f"{tmp_path}: fsync failed"):
+        shardconv.convert(ckpt, tmp_path / "o.npz", max_memory="1MiB")
+
+
+def test_a_lock_that_cannot_be_opened_is_one_line(ckpt, tmp_path):
+    dest = tmp_path / "o.npz"
+    (tmp_path / "o.npz.partial" / "lock").mkdir(parents=True)
+    with pytest.raises(DestinationError, match=r"o\.npz\.partial/lock: cannot open for writing: Is a directory"):
+        shardconv.convert(ckpt, dest, max_memory="1MiB")

@@ -24,6 +24,9 @@ class Sink(ABC):
     durable: bool = True
     #: Set by the engine before ``open``: its chunk size (sizes a sink's own scratch buffers).
     chunk_bytes: int = 0
+    #: What the main output is at its final path: "file" or "directory". Checked before the
+    #: first byte: ``--overwrite`` replaces an output of the same kind only.
+    output_kind: str = "directory"
 
     def options(self) -> dict[str, Any]:
         """Options that change the output bytes; a resume with different ones is refused."""
@@ -43,8 +46,9 @@ class Sink(ABC):
         return Path(dest).absolute()
 
     def exists(self, dest: Path) -> bool:
-        """True if a complete output is already there (refused without ``overwrite``)."""
-        return any(p.exists() for p in self.final_paths(dest)[-1:])
+        """True if anything is at the main output's place, a dangling link too (refused without
+        ``overwrite``)."""
+        return any(os.path.lexists(p) for p in self.final_paths(dest)[-1:])
 
     def row_multiple(self, output: OutputTensor) -> int:
         """Chunks of ``output`` should hold a multiple of this many rows (the sink's own

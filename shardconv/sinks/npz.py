@@ -23,12 +23,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .. import __version__, npyformat, zipformat
+from .. import __version__, npyformat, safefs, zipformat
 from ..checksums import combine_crc32, crc32
 from ..errors import DestinationError, UsageError
 from ..fileio import fsync_file, pwrite_all, start_writeback, truncate
 from ..plan import Chunk, OutputTensor
-from ..staging import fsync_dir
+from ..safefs import fsync_dir
 from ..units import format_size
 from .base import Sink
 
@@ -80,6 +80,10 @@ class NpzSink(Sink):
     def options(self) -> dict[str, Any]:
         return {"max_file_size": self.max_file_size} if self.max_file_size else {}
 
+    @property
+    def output_kind(self) -> str:  # type: ignore[override]
+        return "directory" if self.max_file_size else "file"
+
     def final_paths(self, dest: Path) -> list[Path]:
         return [dest] if self.max_file_size else [manifest_path(dest), dest]
 
@@ -113,7 +117,7 @@ class NpzSink(Sink):
                                        f"only {format_size(free)} free")
         for f in self._files:
             exists = resume and f.path.exists()
-            f.fd = os.open(f.path, os.O_RDWR | (0 if exists else os.O_CREAT | os.O_TRUNC), 0o644)
+            f.fd = safefs.open_file(f.path, os.O_RDWR | (0 if exists else os.O_CREAT | os.O_TRUNC))
             truncate(f.fd, f.end, f.path)
             for k in f.members:
                 m = self._members[k]
@@ -197,9 +201,4 @@ class NpzSink(Sink):
 
 
 def _write_json(path: Path, obj: dict[str, Any], fsync: bool) -> None:
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=1, sort_keys=True)
-        f.write("\n")
-        if fsync:
-            f.flush()
-            fsync_file(f.fileno(), path)
+    safefs.write_file(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode(), fsync)

@@ -39,6 +39,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from .. import safefs
 from ..checksums import crc32c, mask
 from ..dtypes import itemsize, numpy_dtype
 from ..errors import (DestinationError, DurabilityError, MissingDependencyError, PlanError, ResumeError,
@@ -83,7 +84,7 @@ def _ident(c: Chunk) -> Ident:
 def _write_json(path: Path, obj: Any) -> None:
     """Atomic JSON write (tmp + rename): a reader sees the old file or the new one."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, sort_keys=True, separators=(",", ":")))
+    safefs.write_file(tmp, json.dumps(obj, sort_keys=True, separators=(",", ":")).encode(), fsync=False)
     os.replace(tmp, path)
 
 
@@ -95,10 +96,7 @@ def _read_json(path: Path) -> Any:
 
 
 def _rm(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
-    elif path.exists() or path.is_symlink():
-        path.unlink()
+    safefs.remove(path)  # a directory with its contents, a link as a link
 
 
 def _prefix_files(prefix: Path) -> list[Path]:

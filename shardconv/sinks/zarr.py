@@ -53,7 +53,7 @@ from typing import Any
 
 import numpy as np
 
-from .. import __version__, tsio
+from .. import __version__, safefs, tsio
 from ..checksums import combine_crc32, crc32
 from ..dtypes import STRING, is_ml_dtype, itemsize, numpy_dtype
 from ..errors import DestinationError, DurabilityError, PlanError, UsageError
@@ -297,8 +297,8 @@ class ZarrSink(Sink):
         self._handles = {}
         if self.url is None:
             self._kv_spec = tsio.kvstore_spec(out)
-            if not resume and out.exists():
-                shutil.rmtree(out)
+            if not resume:
+                safefs.remove(out)
             out.mkdir(exist_ok=True)
             need = sum(o.nbytes for o in outputs) if self.compression == "none" and not resume else 0
             free = shutil.disk_usage(out.parent).free
@@ -307,7 +307,7 @@ class ZarrSink(Sink):
                                        f"only {format_size(free)} free")
         else:
             out.mkdir(exist_ok=True)  # local placeholder: tells the engine a partial run exists
-            (out.parent / "destination.txt").write_text(self.url + "\n")
+            safefs.write_file(out.parent / "destination.txt", (self.url + "\n").encode(), fsync=False)
             self._prepare_remote(resume)
 
     def _prepare_remote(self, resume: bool) -> None:

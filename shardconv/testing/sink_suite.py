@@ -183,3 +183,117 @@ class SinkTests:
         r = self.convert(src, dest, max_memory="1MiB")
         assert r.chunks_resumed > 15
         assert self.snapshot(dest) == self.snapshot(clean)
+
+    # -- the filesystem: planted links, races, the input, refusals before the first byte ------
+
+    def _output_kind(self, dest: Path) -> str:
+        from ..sinks import sink_for
+
+        return sink_for(dest, self.to, **self.sink_options).output_kind
+
+    def test_planted_link_at_the_staging_directory_is_refused_and_its_target_untouched(self, source_npz, tmp_path):
+        src, _ = source_npz
+        target = _plant(tmp_path / "precious", "directory")
+        dest = tmp_path / f"out{self.suffix}"
+        Path(f"{dest}.partial").symlink_to(target)
+        with pytest.raises(DestinationError, match="symbolic link"):
+            self.convert(src, dest)
+        assert _contents(target) == PLANTED["directory"] and not os.path.lexists(dest)
+
+    def test_planted_link_at_the_lock_is_refused_and_its_target_untouched(self, source_npz, tmp_path):
+        src, _ = source_npz
+        victim = _plant(tmp_path / "victim", "file")
+        dest = tmp_path / f"out{self.suffix}"
+        Path(f"{dest}.partial").mkdir()
+        Path(f"{dest}.partial", "lock").symlink_to(victim)
+        with pytest.raises(DestinationError, match="symbolic link"):
+            self.convert(src, dest)
+        assert _contents(victim) == PLANTED["file"] and not os.path.lexists(dest)
+
+    @pytest.mark.parametrize("point", ["lock", "finish"])
+    def test_destination_published_by_another_writer_meanwhile_is_never_replaced(self, source_npz, tmp_path, point):
+        """Another writer publishes DEST after this run checked it: just after the lock is
+        taken, or just before the final rename. Without --overwrite it is never replaced."""
+        src, tree = source_npz
+        dest = tmp_path / f"out{self.suffix}"
+        kind = self._output_kind(dest)
+        _plant(Path(f"{dest}.race"), kind)
+        proc = self._kill_at(src, dest, f"race:{point}")
+        lines = proc.stderr.decode().strip().splitlines()
+        assert proc.returncode == 1 and len(lines) == 1 and "--overwrite" in lines[0], proc.stderr.decode()
+        assert _contents(dest) == PLANTED[kind]
+        assert os.path.lexists(f"{dest}.partial") == (point == "finish")  # a finished output is kept
+        if point == "finish":
+            r = self.convert(src, dest, max_memory="1MiB", overwrite=True)
+            assert r.chunks_written == 0
+            got = self.read_back(dest)
+            assert {k: v.tobytes() for k, v in got.items()} == {k: v.tobytes() for k, v in tree.items()}
+
+    def test_output_over_around_or_inside_the_input_is_refused(self, source_npz, tmp_path):
+        src, _ = source_npz
+        holder = tmp_path / f"holder{self.suffix}"
+        holder.mkdir()
+        inner = holder / "in.npz"
+        inner.write_bytes(src.read_bytes())
+        split = tmp_path / "split"
+        api.convert(src, split, to="npz", sink_options={"max_file_size": 1 << 20})
+        before = {"holder": _contents(holder), "split": _contents(split)}
+        cases = [(inner, holder, "would hold the input"), (split, split / f"out{self.suffix}", "inside the input")]
+        if self.to is not None or self.suffix == ".npz":
+            cases.append((inner, inner, "is the input"))
+        for s, d, why in cases:
+            with pytest.raises(DestinationError, match=why):
+                self.convert(s, d, overwrite=True)
+        assert {"holder": _contents(holder), "split": _contents(split)} == before
+        assert not list(tmp_path.glob("**/*.partial"))
+
+    def test_refusals_before_the_first_byte_leave_no_partial(self, source_npz, tmp_path):
+        """A too-small budget, or --overwrite of something of the other kind (a file where the
+        output is a directory, or the reverse): refused before the lock, nothing left behind."""
+        from ..errors import BudgetError
+
+        src, _ = source_npz
+        dest = tmp_path / f"out{self.suffix}"
+        with pytest.raises(BudgetError, match="too small"):
+            self.convert(src, dest, max_memory="16KiB")
+        assert not os.path.lexists(f"{dest}.partial") and not os.path.lexists(dest)
+        other = "file" if self._output_kind(dest) == "directory" else "directory"
+        _plant(dest, other)
+        with pytest.raises(DestinationError, match=f"is a {other}"):
+            self.convert(src, dest, overwrite=True)
+        assert _contents(dest) == PLANTED[other] and not os.path.lexists(f"{dest}.partial")
+
+    def test_link_at_the_destination_is_replaced_as_a_link_never_followed(self, source_npz, tmp_path):
+        src, tree = source_npz
+        dest = tmp_path / f"out{self.suffix}"
+        kind = self._output_kind(dest)
+        target = _plant(tmp_path / "target", kind)
+        dest.symlink_to(target)
+        with pytest.raises(DestinationError, match="already exists"):
+            self.convert(src, dest)
+        self.convert(src, dest, overwrite=True)
+        assert not dest.is_symlink() and _contents(target) == PLANTED[kind]
+        got = self.read_back(dest)
+        assert {k: v.tobytes() for k, v in got.items()} == {k: v.tobytes() for k, v in tree.items()}
+
+
+#: What the filesystem tests plant where shardconv must not write: a directory or a file.
+PLANTED: dict[str, Any] = {"directory": {"a": b"precious a\n", "sub/b": b"precious b\n"}, "file": b"precious\n"}
+
+
+def _plant(path: Path, kind: str) -> Path:
+    """Write ``PLANTED[kind]`` at ``path``."""
+    if kind == "file":
+        path.write_bytes(PLANTED["file"])
+        return path
+    for rel, data in PLANTED["directory"].items():
+        (path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (path / rel).write_bytes(data)
+    return path
+
+
+def _contents(path: Path) -> Any:
+    """A file's bytes, or a directory's files by relative path (links not followed)."""
+    if not path.is_dir():
+        return path.read_bytes()
+    return {p.relative_to(path).as_posix(): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
