@@ -264,6 +264,16 @@ _TF_WRITER = textwrap.dedent('''
     print(tf.train.Checkpoint(model=m, optimizer=m.optimizer).save(os.path.join(out, "keras3", "ckpt")))
     keep("keras3", m.weights)
 
+    # Keras 3 optimizers: every slot and hyperparameter.
+    for opt in ["Adam", "AdamW", "Adamax", "Adagrad", "Ftrl", "RMSprop", "SGD", "Adadelta", "Nadam", "Lion"]:
+        kw = {"momentum": 0.5} if opt in ("SGD", "RMSprop") else {}
+        k = keras.Sequential([keras.Input((3,)), keras.layers.Dense(4, name="a"), keras.layers.Dense(2, name="b")],
+                             name="k_" + opt.lower())
+        k.compile(optimizer=getattr(keras.optimizers, opt)(learning_rate=0.01, **kw), loss="mse")
+        k.fit(rng.random((8, 3), dtype=np.float32), rng.random((8, 2), dtype=np.float32), epochs=2, verbose=0)
+        print(tf.train.Checkpoint(model=k, optimizer=k.optimizer).save(os.path.join(out, "keras3-" + opt, "ckpt")))
+        keep("keras3-" + opt, k.weights)
+
     # Metric objects tracked beside a model (Keras 2 keeps them under keras_api/metrics).
     class Metric(tf.Module):
         def __init__(self):
@@ -347,6 +357,22 @@ def test_keras3_compiled_with_metrics_drop_optimizer_gives_its_weights(tf_writte
     trainable = {n for n in want if not n.endswith(("moving_mean", "moving_variance"))}
     for kind in ("momentum", "velocity"):
         assert sorted(r.slot_of for r in roles if r.name.endswith("_" + kind)) == sorted(trainable)
+    shardconv.convert(ckpt, tmp_path / "o.npz", drop_optimizer=True)
+    assert_exactly(tmp_path / "o.npz", want)
+
+
+@pytest.mark.parametrize("optimizer", ["Adam", "AdamW", "Adamax", "Adagrad", "Ftrl", "RMSprop", "SGD", "Adadelta",
+                                       "Nadam", "Lion"])
+def test_keras3_optimizer_slots_link_to_their_weights(tf_written, optimizer, tmp_path):
+    ckpt = tf_written / f"keras3-{optimizer}"
+    want = model_values(tf_written, f"keras3-{optimizer}")
+    infos = shardconv.list_tensors(ckpt)
+    roles = assign_roles(infos)
+    assert {r.name for r in roles if r.kind == "param"} == set(want)
+    slots = [(r, t) for r, t in zip(roles, infos) if r.kind == "optimizer" and t.shape]
+    assert slots and all(r.slot_of in want and t.shape == want[r.slot_of].shape for r, t in slots), slots
+    assert {r.slot_of for r, _ in slots} == set(want)
+    assert all(r.slot_of is None for r, t in zip(roles, infos) if not t.shape)  # iterations, learning rate
     shardconv.convert(ckpt, tmp_path / "o.npz", drop_optimizer=True)
     assert_exactly(tmp_path / "o.npz", want)
 

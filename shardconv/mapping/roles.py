@@ -88,9 +88,10 @@ class _Tree:
         self.names = {t.name: t for t in infos}
         children: dict[str, set[str]] = defaultdict(set)
         for name in self.names:
-            parts = name.split("/")
-            for i in range(len(parts)):
-                children["/".join(parts[:i])].add(parts[i])
+            group = ""
+            for part in name.split("/"):
+                children[group].add(part)
+                group = f"{group}/{part}" if group else part
         self.opt_roots = {g for g, c in children.items() if c in _OPTAX_STATES}
         self.ema_roots = {g for g, c in children.items() if c == _EMA_STATE}
         self.t5x = "target" in children.get("optimizer", ()) and "state" in children.get("optimizer", ())
@@ -101,16 +102,17 @@ class _Tree:
             return Role("param" if parts[1] == "target" else "optimizer", t.name)
         if self.t5x and t.name == "version":
             return Role("meta", t.name)
-        groups = ["/".join(parts[:i]) for i in range(len(parts))]  # groups[i] holds parts[i]
-        for i, g in enumerate(groups):
-            if g in self.opt_roots or (i < len(parts) - 1 and parts[i] in _OPT_TREE_FIELDS):
+        ema: Role | None = None
+        group, last = "", len(parts) - 1
+        for i, part in enumerate(parts):  # ``group`` holds ``part``
+            if group in self.opt_roots or (i < last and part in _OPT_TREE_FIELDS):
                 return Role("optimizer", t.name)
-        for i, g in enumerate(groups):
-            if g in self.ema_roots:
-                return Role("ema" if parts[i] == "ema" else "meta", t.name)
-            if i < len(parts) - 1 and parts[i] in _EMA_TREE_FIELDS:
-                return Role("ema", t.name, "/".join(parts[:i] + ["params"] + parts[i + 1:]))
-        return None
+            if ema is None and group in self.ema_roots:
+                ema = Role("ema" if part == "ema" else "meta", t.name)
+            elif ema is None and i < last and part in _EMA_TREE_FIELDS:
+                ema = Role("ema", t.name, "/".join(parts[:i] + ["params"] + parts[i + 1:]))
+            group = f"{group}/{part}" if group else part
+        return ema
 
 
 def _keras_optimizer_state(t: TensorInfo, tree: _Tree) -> bool:
