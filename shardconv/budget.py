@@ -25,17 +25,23 @@ class Budget:
     n_buffers: int = N_BUFFERS
 
     @classmethod
-    def for_limit(cls, max_memory: int, chunk_bytes: int | None = None, scratch_factor: int = 0) -> "Budget":
+    def for_limit(cls, max_memory: int, chunk_bytes: int | None = None, scratch_factor: int = 0,
+                  reserve: tuple[int, str] = (0, "")) -> "Budget":
         """Choose the chunk size: buffers + scratch use at most half the budget,
-        leaving the rest for source metadata, the journal and sink bookkeeping."""
+        leaving the rest for source metadata, the journal and sink bookkeeping.
+        ``reserve`` (bytes, why) is what the source holds within the budget
+        (``Source.budget_reserve``): it comes off the top first."""
         slots = N_BUFFERS + scratch_factor
+        held, why = reserve
+        room = max_memory - held
         if chunk_bytes is None:
-            chunk_bytes = min(MAX_CHUNK, max_memory // (2 * slots))
+            chunk_bytes = min(MAX_CHUNK, max(0, room) // (2 * slots))
             chunk_bytes -= chunk_bytes % 4096
         if chunk_bytes < MIN_CHUNK:
-            raise BudgetError(f"--max-memory {format_size(max_memory)} is too small: "
-                              f"at least {format_size(2 * slots * MIN_CHUNK)} is needed")
-        if chunk_bytes * slots > max_memory:
+            need = -(-(held + 2 * slots * MIN_CHUNK) // (1 << 20))  # whole MiB, rounded up
+            raise BudgetError(f"--max-memory {format_size(max_memory)} is too small: at least {need}MiB is needed"
+                              + (f" ({why})" if why else ""))
+        if chunk_bytes * slots > room:
             raise BudgetError(f"chunks of {format_size(chunk_bytes)} (from the partial output's journal) do not fit "
                               f"--max-memory {format_size(max_memory)}; raise it or use --restart")
         return cls(max_memory, chunk_bytes)

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 import shardconv
-from procs import run_cli, tree_digest
+from procs import peak_rss, run_cli, shardconv_cmd, tree_digest
 from reference import load_reference, reference_prefix
 from shardconv import zarr_dtypes
 from shardconv.errors import DestinationError, FormatError, PlanError, SourceError, UnsupportedError
@@ -27,6 +27,7 @@ from shardconv.sources.regions import flat_boxes
 from shardconv.sources.zarr import ZarrSource
 from shardconv.testing.sink_suite import SinkTests, reference_tree, write_reference_npz
 from shardconv.testing.source_suite import SourceTests
+from shardconv.units import parse_size
 
 ts = pytest.importorskip("tensorstore")
 zarr = pytest.importorskip("zarr")
@@ -137,6 +138,28 @@ class TestZarrSourceFromZarrPythonV3(SourceTests):
 
 
 class TestZarrSourceFromZarrPythonV2(TestZarrSourceFromZarrPythonV3):
+    fmt = 2
+
+
+class TestZarrSourceStreamedInTinyPieces(TestZarrSourceFromZarrPythonV3):
+    """zarr-python's v3 chunks (zstd) decoded as streams in spans of 1000 bytes from fetches
+    of 333: every region splits into many pieces and restarts decoders; v2 below
+    (uncompressed) by pread."""
+
+    @pytest.fixture(autouse=True)
+    def tiny_pieces(self, monkeypatch):
+        import shardconv.sources.chunkstream as cs
+
+        monkeypatch.setattr(cs, "PIECE", 1000)
+        monkeypatch.setattr(cs, "FETCH", 333)
+
+    def make(self, tmp_path):
+        src, tree = super().make(tmp_path)
+        assert all(a.stream is not None for a in src._arrays.values())
+        return src, tree
+
+
+class TestZarrSourceV2StreamedInTinyPieces(TestZarrSourceStreamedInTinyPieces):
     fmt = 2
 
 
@@ -496,3 +519,63 @@ def test_tf_exotic_dtypes_to_zarr_read_back_exactly(exotic_dtypes_ckpt, tmp_path
     with ZarrSource(dest) as src:
         assert_same({t.name: src.read(t.name) for t in src.tensors()}, ref)
     assert shardconv.verify(dest, reference_prefix(exotic_dtypes_ckpt))["tensors"] == len(ref)
+
+
+# -- chunks larger than the budget ----------------------------------------------------------
+
+MiB = 1 << 20
+
+
+def _one_chunk_arrays(path: Path, fmt: int, compressors: dict[str, Any]) -> dict[str, np.ndarray]:
+    """Arrays of 48 MiB held in a single chunk each, written by zarr-python."""
+    rng = np.random.default_rng(12)
+    g = zarr.open_group(str(path), mode="w", zarr_format=fmt)
+    out = {}
+    for name, comp in compressors.items():
+        v = rng.integers(0, 1000, size=(3072, 4096), dtype=np.int32)  # compresses ~2:1
+        g.create_array(name, shape=v.shape, dtype=v.dtype, chunks=v.shape, compressors=comp)[...] = v
+        out[name] = v
+    return out
+
+
+@pytest.mark.parametrize("fmt", [3, 2])
+def test_chunks_larger_than_the_budget_are_streamed_within_it(tmp_path, fmt):
+    """A 48 MiB chunk through a 16 MiB budget, zstd and uncompressed: each chunk read once,
+    in order, a few MiB at a time (RSS measured from outside the process)."""
+    import numcodecs
+    from zarr.codecs import ZstdCodec
+
+    src = tmp_path / "big.zarr"
+    want = _one_chunk_arrays(src, fmt, {"zstd": ZstdCodec() if fmt == 3 else numcodecs.Zstd(), "raw": None})
+    for name in want:
+        assert zarr.open_array(str(src / name), mode="r").nchunks == 1
+    _, baseline = peak_rss(shardconv_cmd("ls", src, "--quiet"))
+    rc, peak = peak_rss(shardconv_cmd("convert", src, tmp_path / "o.npz", "--max-memory", "16MiB", "--quiet"))
+    assert rc == 0
+    assert peak - baseline <= 16 * MiB, f"peak {peak / MiB:.0f} MiB, baseline {baseline / MiB:.0f} MiB"
+    with np.load(tmp_path / "o.npz") as got:
+        for name, v in want.items():
+            assert np.array_equal(got[name], zarr.open_array(str(src / name), mode="r")[...]), name
+            assert np.array_equal(got[name], v), name
+
+
+def test_blosc_chunk_too_large_for_the_budget_is_refused_naming_the_minimum(tmp_path):
+    """Blosc does not stream: a 48 MiB chunk (held decoded and encoded) does not fit 16 MiB.
+    One line naming the array and the minimum, before any byte or lock; at that minimum it
+    converts within the budget."""
+    from zarr.codecs import BloscCodec
+
+    src = tmp_path / "blosc.zarr"
+    want = _one_chunk_arrays(src, 3, {"w": BloscCodec()})
+    dest = tmp_path / "o.npz"
+    p = run_cli("convert", src, dest, "--max-memory", "16MiB", "--quiet")
+    assert p.returncode != 0 and len(p.stderr.strip().splitlines()) == 1, p.stderr
+    assert "too small" in p.stderr and "'w'" in p.stderr and "48.0 MiB" in p.stderr
+    assert not dest.exists() and not Path(str(dest) + ".partial").exists()
+    minimum = p.stderr.split("at least ", 1)[1].split()[0]
+    assert 96 * MiB < parse_size(minimum) <= 100 * MiB
+    _, baseline = peak_rss(shardconv_cmd("ls", src, "--quiet"))
+    rc, peak = peak_rss(shardconv_cmd("convert", src, dest, "--max-memory", minimum, "--quiet"))
+    assert rc == 0 and peak - baseline <= parse_size(minimum)
+    with np.load(dest) as got:
+        assert np.array_equal(got["w"], want["w"])

@@ -136,6 +136,12 @@ class Source(ABC):
         state, caches), for estimates; bounded whatever the tensor sizes."""
         return 0
 
+    def budget_reserve(self) -> tuple[int, str]:
+        """(bytes, why): memory the reader must hold at once that grows with the data, such
+        as a chunk its library decodes only whole. The engine takes it out of
+        ``--max-memory`` before sizing buffers, and refuses a budget that cannot hold it."""
+        return 0, ""
+
     def _entry(self, table: Mapping[str, E], name: str, kind: str = "array") -> E:
         """``table[name]``, or a SourceError naming this input and the unknown name."""
         entry = table.get(name)

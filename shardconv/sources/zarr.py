@@ -1,4 +1,12 @@
-"""Zarr stores (v2 and v3) and non-OCDBT Orbax checkpoints, read by region with TensorStore.
+"""Zarr stores (v2 and v3) and non-OCDBT Orbax checkpoints, read by region.
+
+Chunks whose codecs decode as a stream (``bytes`` alone or with zstd or gzip in v3;
+none, zstd, gzip or zlib without filters in v2) are read once, in order, a few MiB at a
+time however large the chunk (``chunkstream``). Others (blosc, sharding, transposes) are
+read by TensorStore, which decodes a whole chunk for any part of it: a chunk cache of
+the largest such chunk decodes each once, and that chunk (decoded plus encoded) is held
+within ``--max-memory``, so a budget too small for it is refused before any byte is
+written, naming the minimum.
 
 Listing reads metadata only (``zarr.json`` / ``.zarray`` + ``.zattrs``; Orbax's
 ``_METADATA``), never chunk data. A store written by shardconv carries each tensor's
@@ -26,6 +34,8 @@ from ..checksums import crc32
 from ..dtypes import NUMPY_DTYPES, checked_nbytes, dtype_name, is_ml_dtype, itemsize
 from ..errors import FormatError, SourceError, UnsupportedError
 from ..plan import check_name
+from ..units import format_size
+from .chunkstream import StreamLayout, StreamReader, stream_bytes, stream_layout
 from .regions import box_views, read_bytes_by_elements
 from .base import Segment, Source, TensorInfo, Unit, walk_files
 
@@ -33,6 +43,9 @@ _V3_CHUNK_KEYS = {"default", "v2"}
 _SEPARATORS = {"/", "."}
 _MAX_METADATA = 16 << 20  # bytes; larger metadata documents are refused
 _OPEN_HANDLES = 8
+_MIN_CACHE = 8 << 20  # TensorStore's chunk cache beyond the largest chunk it decodes whole
+_MISSING = ("the store is incomplete, or its writer skipped chunks equal to the fill value "
+            "(then pass allow_missing_chunks=True)")
 
 
 def _read_kv(kv: Any, key: str) -> bytes | None:
@@ -75,6 +88,23 @@ class _Array:
         self.storage = storage    # dtype TensorStore reads (uint8 for uint4/uint2 written by shardconv)
         self.shape = shape
         self.crc = crc
+        self.stream: StreamLayout | None = None  # set when its chunks decode as streams
+        self.whole_chunk = 0      # otherwise: decoded bytes of the chunk TensorStore decodes whole
+
+
+def whole_chunk_bytes(meta: dict[str, Any], fmt: int, isz: int) -> int:
+    """Decoded bytes of the unit TensorStore decodes at once: a chunk (a sharded v3 array's
+    inner chunk); the whole array where the metadata does not say."""
+    if fmt == 2:
+        chunks = meta.get("chunks")
+    else:
+        chunks = ((meta.get("chunk_grid") or {}).get("configuration") or {}).get("chunk_shape")
+        for codec in meta.get("codecs") or []:
+            if isinstance(codec, dict) and codec.get("name") == "sharding_indexed":
+                chunks = (codec.get("configuration") or {}).get("chunk_shape")
+    if not isinstance(chunks, list) or not all(isinstance(c, int) and c > 0 for c in chunks):
+        chunks = meta.get("shape") or []
+    return math.prod(chunks) * isz
 
 
 class ZarrSource(Source):
@@ -93,6 +123,8 @@ class ZarrSource(Source):
         self._kv = tsio.wrap(SourceError, self._loc,
                              lambda: ts.KvStore.open(self._kv_spec, context=tsio.context()).result())
         self._handles: dict[str, Any] = {}
+        self._ctx: Any = None
+        self._streams: StreamReader | None = None
         self.manifest_options: dict[str, Any] = {}
         self._arrays: dict[str, _Array] = {}
         for a in self._list():
@@ -249,7 +281,17 @@ class ZarrSource(Source):
             dtype = info["dtype"]
         crc = info.get("crc32") if isinstance(info.get("crc32"), int) else None
         checked_nbytes(shape, dtype, where)
-        return _Array(name, key, fmt, dtype, storage, tuple(shape), crc)
+        a = _Array(name, key, fmt, dtype, storage, tuple(shape), crc)
+        a.stream = stream_layout(meta, storage, self._array_kv(a), self.allow_missing_chunks)
+        if a.stream is not None:
+            a.stream.missing_hint = _MISSING
+        elif a.shape and math.prod(a.shape):
+            a.whole_chunk = whole_chunk_bytes(meta, fmt, itemsize(storage))
+        return a
+
+    def _array_kv(self, a: _Array) -> dict[str, Any]:
+        """The kvstore spec whose keys are the array's own (``zarr.json``, chunk keys)."""
+        return {**self._kv_spec, "path": self._kv_spec["path"] + (a.key + "/" if a.key else "")}
 
     def _v3_dtype(self, meta: dict[str, Any], where: str) -> str:
         enc = meta.get("chunk_key_encoding") or {}
@@ -277,15 +319,41 @@ class ZarrSource(Source):
         return {a.name: Unit(math.prod(a.shape) * itemsize(a.dtype), "crc32", a.crc, a.name, self._loc)
                 for a in self._arrays.values() if a.crc is not None}
 
+    def _whole_chunk(self) -> tuple[int, str]:
+        """The largest chunk TensorStore decodes whole, and the array holding it."""
+        a = max(self._arrays.values(), key=lambda a: a.whole_chunk, default=None)
+        return (a.whole_chunk, a.key or a.name) if a is not None and a.whole_chunk else (0, "")
+
+    def baseline_bytes(self) -> int:
+        """TensorStore, its chunk cache's slack and the largest set of open chunk streams (the
+        chunk decoded whole is held within the budget: ``budget_reserve``)."""
+        streams = [stream_bytes(a.stream, a.shape) for a in self._arrays.values() if a.stream is not None]
+        return tsio.TENSORSTORE_BYTES + _MIN_CACHE + max(streams + [0])
+
+    def budget_reserve(self) -> tuple[int, str]:
+        n, key = self._whole_chunk()
+        if not n:
+            return 0, ""
+        return 2 * n, (f"{self._loc}: array {key!r} has chunks of {format_size(n)} that TensorStore decodes only "
+                       "whole (blosc, sharding or filters do not stream), held decoded and encoded")
+
+    def _context(self) -> Any:
+        """One TensorStore context for this source: a chunk cache of its largest chunk decoded
+        whole (so a chunk read piece by piece is decoded once)."""
+        if self._ctx is None:
+            ts = tsio.tensorstore()
+            self._ctx = ts.Context({"cache_pool": {"total_bytes_limit": self._whole_chunk()[0] + _MIN_CACHE}},
+                                   parent=tsio.context())
+        return self._ctx
+
     def _handle(self, a: _Array) -> Any:
         h = self._handles.get(a.name)
         if h is None:
             ts = tsio.tensorstore()
-            path = self._kv_spec["path"] + (a.key + "/" if a.key else "")
-            spec = {"driver": "zarr3" if a.fmt == 3 else "zarr", "kvstore": {**self._kv_spec, "path": path},
+            spec = {"driver": "zarr3" if a.fmt == 3 else "zarr", "kvstore": self._array_kv(a),
                     "open": True, "fill_missing_data_reads": self.allow_missing_chunks}
             h = tsio.wrap(FormatError, f"{self._loc}: array {a.key or a.name!r}",
-                          lambda: ts.open(spec, context=tsio.context(), read=True).result())
+                          lambda: ts.open(spec, context=self._context(), read=True).result())
             if tuple(h.shape) != a.shape or np.dtype(h.dtype.numpy_dtype) != NUMPY_DTYPES[a.storage]:
                 raise FormatError(f"{self._loc}: array {a.key!r}: TensorStore reads {h.dtype.name}{list(h.shape)}, "
                                   f"metadata says {a.storage}{list(a.shape)}")
@@ -306,10 +374,15 @@ class ZarrSource(Source):
 
     def _read_elements(self, a: _Array, lo: int, hi: int, out: memoryview) -> None:
         ts = tsio.tensorstore()
+        msg = f"{self._loc}: array {a.key or a.name!r}"
+        if a.stream is not None:
+            if self._streams is None:
+                self._streams = StreamReader(ts, self._context())
+            self._streams.read(a.stream, a.shape, a.storage, lo, hi, out, msg)
+            return
         store = self._handle(a)
         for box, dst in box_views(a.shape, NUMPY_DTYPES[a.storage], lo, hi, out):
             src = store[box].translate_to[0] if box else store
-            msg = f"{self._loc}: array {a.key or a.name!r}"
             try:
                 ts.array(dst, copy=False, write=True).write(src).result()
             except ValueError as e:
@@ -332,6 +405,9 @@ class ZarrSource(Source):
 
     def close(self) -> None:
         self._handles = {}
+        if self._streams is not None:
+            self._streams.close()
+            self._streams = None
 
 
 def zarr_dtype(dt: Any, where: str) -> str:
