@@ -6,11 +6,36 @@ import json
 import signal
 import sys
 import threading
-from typing import Sequence
+import unicodedata
+from typing import Any, Sequence
 
 from . import __version__
 from .errors import ShardconvError
 from .units import format_size, parse_size
+
+
+#: Bidirectional-text controls: they reorder what a terminal shows, so they are escaped too.
+_BIDI = frozenset("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread: unwinds like Ctrl-C (the partial output stays resumable)."""
+
+
+def one_line(text: str) -> str:
+    """``text`` with every control character escaped as Python would (``\\n``, ``\\x1b``, ``\\x85``,
+    ``\\udc80``): C0, DEL, C1, lone surrogates, line/paragraph separators and bidi controls. The
+    result prints as exactly one line and cannot drive the terminal."""
+    def safe(c: str) -> str:
+        if c in _BIDI or unicodedata.category(c) in ("Cc", "Cs", "Zl", "Zp"):
+            return c.encode("unicode_escape", "backslashreplace").decode("ascii")
+        return c
+    return "".join(map(safe, text))
+
+
+def _say(*parts: Any) -> None:
+    """Print one message line to stderr, escaped (see ``one_line``)."""
+    print(one_line(" ".join(map(str, parts))), file=sys.stderr)
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -149,10 +174,10 @@ def _ls(args: argparse.Namespace) -> int:
         role = (f"ema of {r['ema_of']}" if r["ema_of"] else
                 f"optimizer, slot of {r['slot_of']}" if r["slot_of"] else r["role"])
         key = f"  <- {r['key']}" if r["key"] != r["name"] else ""
-        print(f"{r['name']:<{width}}  {r['dtype']:<9} {str(r['shape']):<20} {format_size(r['nbytes']):>10}  "
-              f"{role}{key}")
+        print(one_line(f"{r['name']:<{width}}  {r['dtype']:<9} {str(r['shape']):<20} {format_size(r['nbytes']):>10}  "
+                       f"{role}{key}"))
     if not args.quiet:
-        print(f"{len(rows)} tensors, {format_size(sum(r['nbytes'] for r in rows))}", file=sys.stderr)
+        _say(f"{len(rows)} tensors, {format_size(sum(r['nbytes'] for r in rows))}")
     return 0
 
 
@@ -164,12 +189,12 @@ def _convert(args: argparse.Namespace) -> int:
                 sink_options=_sink_options(args) or None, **_mapping_kwargs(args))
     if not args.quiet:
         resumed = f", resumed {r.chunks_resumed} chunks" if r.chunks_resumed else ""
-        print(f"wrote {r.dest}: {r.tensors} tensors, {format_size(r.bytes_total)} in {r.seconds:.1f} s"
-              f"{resumed}; {r.verified_units} source checksums verified", file=sys.stderr)
+        _say(f"wrote {r.dest}: {r.tensors} tensors, {format_size(r.bytes_total)} in {r.seconds:.1f} s"
+             f"{resumed}; {r.verified_units} source checksums verified")
         for line in _summarize_dropped(r.dropped):
-            print(f"  {line}", file=sys.stderr)
+            _say(f"  {line}")
         for note in r.notes:
-            print(f"  note: {note}", file=sys.stderr)
+            _say(f"  note: {note}")
     return 0
 
 
@@ -215,14 +240,15 @@ def _plan(args: argparse.Namespace) -> int:
         d = o.producer.describe()
         origin = d.get("from") or ", ".join(sorted({p["from"] for p in d.get("pieces", [])}))
         op = "" if d["op"] == "copy" else f" [{d['op']}]"
-        print(f"{o.name:<{width}}  {o.dtype:<9} {str(list(o.shape)):<18} {format_size(o.nbytes):>10}  <- {origin}{op}")
+        print(one_line(f"{o.name:<{width}}  {o.dtype:<9} {str(list(o.shape)):<18} {format_size(o.nbytes):>10}  "
+                       f"<- {origin}{op}"))
     t = report["totals"]
     print(f"\n{t['tensors_out']} outputs, {format_size(t['bytes_out'])} out; {t['tensors_in']} tensors, "
           f"{format_size(t['bytes_in'])} in; {len(plan.dropped)} left out ({format_size(t['bytes_dropped'])})")
     for line in _summarize_dropped(plan.dropped, limit=50):
-        print(f"  {line}")
+        print(one_line(f"  {line}"))
     for note in plan.notes:
-        print(f"  note: {note}")
+        print(one_line(f"  note: {note}"))
     print(f"estimated peak memory with --max-memory {args.max_memory}: {format_size(est['peak'])} "
           f"(libraries {format_size(est['baseline'])}, buffers {format_size(est['buffers'])} in "
           f"{format_size(est['chunk_bytes'])} chunks)")
@@ -235,28 +261,40 @@ def _verify(args: argparse.Namespace) -> int:
     r = verify(args.dest, args.src, max_memory=args.max_memory, progress=not args.quiet, step=args.step)
     if not args.quiet:
         against = f", {format_size(r['bytes_compared'])} compared with the source" if args.src else ""
-        print(f"ok: {r['tensors']} tensors, {r['checksums_verified']} checksums verified{against}", file=sys.stderr)
+        _say(f"ok: {r['tensors']} tensors, {r['checksums_verified']} checksums verified{against}")
     return 0
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    raise Terminated()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if hasattr(signal, "SIGXFSZ") and threading.current_thread() is threading.main_thread():
-        # A file-size limit then fails the write with EFBIG (a clean error) instead of killing us.
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        if hasattr(signal, "SIGXFSZ"):
+            # A file-size limit then fails the write with EFBIG (a clean error) instead of killing us.
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
     handler = {"ls": _ls, "plan": _plan, "convert": _convert, "verify": _verify}[args.command]
     try:
         return handler(args)
     except ShardconvError as e:
         if args.debug:
             raise
-        print(f"shardconv: error: {e}", file=sys.stderr)
+        _say(f"shardconv: error: {e}")
         return e.exit_code
-    except KeyboardInterrupt:
-        print("shardconv: interrupted; rerun the same command to resume", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        how = "interrupted (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
+        resume = "; rerun the same command to resume" if args.command == "convert" else ""
+        _say(f"shardconv: {how}{resume}")
+        return 128 + signal.SIGTERM if isinstance(e, Terminated) else 130
     except BrokenPipeError:
         return 0
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

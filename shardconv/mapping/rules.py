@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..dtypes import NUMPY_DTYPES
-from ..errors import PlanError
+from ..errors import PlanError, UsageError
 
 KEYS = {"match", "rename", "drop", "cast", "transpose", "reshape", "stack", "concat", "split", "unstack", "note"}
 OPTION_KEYS = {"prefer_ema", "drop_optimizer", "allow_unmapped", "names"}
@@ -175,10 +175,18 @@ def load_rules_file(path: str | Path) -> tuple[list[dict[str, Any]], dict[str, A
 
     p = Path(path)
     try:
-        data = tomllib.loads(p.read_text(encoding="utf-8"))
+        text = p.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise PlanError([f"{p}: rules file not found"]) from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise UsageError(f"{p}: rules file not found") from None
+    except IsADirectoryError:
+        raise UsageError(f"{p}: is a directory; --rules takes a TOML file") from None
+    except OSError as e:
+        raise UsageError(f"{p}: cannot read the rules file ({e.strerror or e})") from None
+    except UnicodeDecodeError as e:
+        raise PlanError([f"{p}: not valid TOML: not UTF-8 ({e.reason} at byte {e.start})"]) from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
         raise PlanError([f"{p}: not valid TOML: {e}"]) from None
     unknown = set(data) - {"rules", "options", "description"}
     if unknown:
@@ -186,7 +194,29 @@ def load_rules_file(path: str | Path) -> tuple[list[dict[str, Any]], dict[str, A
     rules = data.get("rules", [])
     if not isinstance(rules, list):
         raise PlanError([f"{p}: 'rules' must be an array of tables ([[rules]])"])
-    return rules, dict(data.get("options", {}))
+    options = data.get("options", {})
+    if not isinstance(options, dict):
+        raise PlanError([f"{p}: 'options' must be a table ([options])"])
+    return rules, dict(options)
+
+
+def _regex_char(c: str) -> str:
+    if c.isascii() and (c.isalnum() or c in "_/-<>=:;,!@#%&~`\" "):
+        return c
+    if c in ".^$*+?{}[]\\|()":
+        return "\\" + c
+    if c.isprintable() and not c.isascii() and not 0xD800 <= ord(c) <= 0xDFFF:
+        return c
+    n = ord(c)
+    return f"\\x{n:02x}" if n < 0x100 else f"\\u{n:04x}" if n < 0x10000 else f"\\U{n:08x}"
+
+
+def rename_rule(name: str, new: str) -> str:
+    """A one-line TOML rule renaming exactly ``name`` to ``new`` (a plain name), for messages:
+    ``[[rules]] match = '...' rename = '...'``. The match regex escapes every character a TOML
+    literal string cannot hold (quotes, control characters) as a regex escape."""
+    match = "".join(map(_regex_char, name))
+    return f"[[rules]] match = '{match}' rename = '{new}'"
 
 
 PRESET_DIR = Path(__file__).with_name("presets")
@@ -198,6 +228,6 @@ def preset_names() -> list[str]:
 
 def load_preset(name: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     path = PRESET_DIR / f"{name}.toml"
-    if not path.is_file():
-        raise PlanError([f"unknown preset {name!r} (available: {', '.join(preset_names())})"])
+    if not isinstance(name, str) or path.parent != PRESET_DIR or not path.is_file():
+        raise UsageError(f"unknown preset {name!r} (known: {', '.join(preset_names())})")
     return load_rules_file(path)

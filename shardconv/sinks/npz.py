@@ -34,6 +34,8 @@ from .base import Sink
 
 MANIFEST_SUFFIX = ".shardconv.json"
 INDEX_SUFFIX = ".npz.index.json"
+#: A zip member name's length is a 16-bit field.
+MAX_MEMBER_NAME = 0xFFFF
 
 
 @dataclass
@@ -83,6 +85,21 @@ class NpzSink(Sink):
     @property
     def output_kind(self) -> str:  # type: ignore[override]
         return "directory" if self.max_file_size else "file"
+
+    def check_outputs(self, outputs: list[OutputTensor]) -> list[str]:
+        """Member names a zip cannot hold: not UTF-8 encodable, or longer than its 16-bit field.
+        (Empty, absolute, ``..`` and NUL names are refused by the plan for every format.)"""
+        problems = []
+        for o in outputs:
+            try:
+                size = len((o.name + ".npy").encode("utf-8"))
+            except UnicodeEncodeError:
+                problems.append(f"{o.name!r}: not valid UTF-8 (a lone surrogate); zip member names are UTF-8")
+                continue
+            if size > MAX_MEMBER_NAME:
+                problems.append(f"{o.name[:60]!r}...: its member name is {size} bytes, over the zip limit of "
+                                f"{MAX_MEMBER_NAME}; shorten it with a rename rule")
+        return problems
 
     def final_paths(self, dest: Path) -> list[Path]:
         return [dest] if self.max_file_size else [manifest_path(dest), dest]

@@ -45,6 +45,7 @@ from ..dtypes import itemsize, numpy_dtype
 from ..errors import (DestinationError, DurabilityError, MissingDependencyError, PlanError, ResumeError,
                       UsageError)
 from ..fileio import fsync_file, start_writeback
+from ..mapping.rules import rename_rule
 from ..plan import Chunk, OutputTensor, chunk_region
 from ..sources.sstable import SSTable
 from ..sources.tf_bundle import _parse_entry, slice_key
@@ -60,6 +61,10 @@ OBJECT_GRAPH_KEY = "_CHECKPOINTABLE_OBJECT_GRAPH"
 #: Dtypes TF 2.21 saves (SaveV2) but cannot restore into a variable (no AssignVariableOp kernel).
 NO_VARIABLE_DTYPES = frozenset({"float8_e4m3fnuz", "float8_e4m3b11fnuz", "float8_e5m2fnuz"})
 MANIFEST_NAME = "shardconv.json"
+#: TensorFlow's rule for a root name scope, which a SavedModel variable's name must pass
+#: (``_VALID_OP_NAME_REGEX``, tensorflow/python/framework/ops.py; a backslash is refused by
+#: shardconv's own name check before this one).
+VALID_VARIABLE_NAME = re.compile(r"[A-Za-z0-9.][A-Za-z0-9_.\\/>-]*")
 _GROUP_RE = re.compile(r"^g(\d{6})\.json$")
 
 Ident = tuple[int, int, int]  # (output index, offset, length): a chunk
@@ -248,7 +253,6 @@ class TFCheckpointSink(Sink):
         if (isinstance(layout, dict) and layout.get("version") == LAYOUT_VERSION and layout.get("outputs") == want
                 and layout.get("options") == self.options() and self._reload(layout)):
             return
-        self._check_outputs()
         for p in (self.out, self.work):
             _rm(p)
         self.groups_dir.mkdir(parents=True)
@@ -333,9 +337,6 @@ class TFCheckpointSink(Sink):
                 if _data_crc(Path(f"{prefix}.data-{e.shard:05d}-of-{shards:05d}"), e.offset, e.size) != crc:
                     return False
         return True
-
-    def _check_outputs(self) -> None:
-        """Problems with the outputs found without TensorFlow (raised before anything is written)."""
 
     # -- layout (TensorFlow)
 
@@ -522,17 +523,20 @@ class SavedModelSink(TFCheckpointSink):
     def _finish_layout(self) -> None:
         pass
 
-    def _check_outputs(self) -> None:
+    def check_outputs(self, outputs: list[OutputTensor]) -> list[str]:
+        """Without a model builder every output becomes a variable of that name in nested
+        modules: TensorFlow's variable-name rule, no tensor that is also a module, no
+        dtype a variable cannot hold. Checked without importing TensorFlow."""
         if self.model_builder is not None:
-            return  # the builder's variables decide (checked against the tensors after building)
-        problems = _skeleton_problems([o.name for o in self.outputs])
-        bad = [o for o in self.outputs if o.dtype in NO_VARIABLE_DTYPES]
+            return []  # the builder's variables decide (checked against the tensors after building)
+        problems = [p for o in outputs if (p := _variable_name_problem(o.name))]
+        problems += _skeleton_problems([o.name for o in outputs])
+        bad = [o for o in outputs if o.dtype in NO_VARIABLE_DTYPES]
         if bad:
             problems.append(f"{len(bad)} tensor(s) of dtypes TensorFlow cannot load into a variable "
-                            f"({', '.join(sorted({o.dtype for o in bad}))}): {', '.join(o.name for o in bad[:5])}"
+                            f"({', '.join(sorted({o.dtype for o in bad}))}): {', '.join(repr(o.name) for o in bad[:5])}"
                             f"{', ...' if len(bad) > 5 else ''}; cast them with a rule or use --to tf-checkpoint")
-        if problems:
-            raise PlanError(problems, where=f"--to {self.name}")
+        return problems
 
     def _moves(self, dest: Path) -> list[tuple[Path, Path]]:
         if self.serving_version is not None and dest.is_dir():
@@ -590,6 +594,18 @@ def _tensor(tf, buf: np.ndarray, p: _Pending):
             # float8 / int4 / int2: Bitcast does not take them; TF copies the chunk once.
             return tf.constant(raw.view(dt).reshape(p.shape), dtype=tdt)
     return tf.reshape(t, p.shape)
+
+
+def _variable_name_problem(name: str) -> str | None:
+    """Why TensorFlow refuses ``name`` as a variable name (its root name-scope rule,
+    ``_VALID_OP_NAME_REGEX`` in tensorflow/python/framework/ops.py), with a rule that fixes it."""
+    if VALID_VARIABLE_NAME.fullmatch(name):
+        return None
+    fixed = re.sub(r"[^A-Za-z0-9_./>-]", "_", name).lstrip("_>-")
+    if not VALID_VARIABLE_NAME.fullmatch(fixed):
+        fixed = "v_" + fixed.lstrip("/")
+    return (f"{name!r} is not a valid TensorFlow variable name ([A-Za-z0-9.][A-Za-z0-9_./>-]*); "
+            f"rename it with a rule: {rename_rule(name, fixed)}")
 
 
 def _skeleton_problems(names: list[str]) -> list[str]:

@@ -56,9 +56,12 @@ import numpy as np
 from .. import __version__, safefs, tsio
 from ..checksums import combine_crc32, crc32
 from ..dtypes import STRING, is_ml_dtype, itemsize, numpy_dtype
-from ..errors import DestinationError, DurabilityError, PlanError, UsageError
+from ..errors import DestinationError, DurabilityError, UsageError
 from ..fileio import fsync_file, start_writeback
+from ..mapping.roles import assign_roles
+from ..mapping.rules import rename_rule
 from ..plan import Chunk, OutputTensor, check_name, chunk_region
+from ..sources.base import TensorInfo
 from ..staging import Staging
 from ..units import format_size
 from .base import Sink
@@ -80,6 +83,8 @@ ORBAX_HANDLER = "orbax.checkpoint._src.handlers.standard_checkpoint_handler.Stan
 _RESERVED = {"zarr.json", ".zarray", ".zgroup", ".zattrs", ".zmetadata", PARTIAL_KEY}
 _ORBAX_RESERVED = _RESERVED | {"_METADATA", "_CHECKPOINT_METADATA", "commit_success.txt", "_sharding",
                                "manifest.ocdbt", "d", "descriptor", "_ARRAY_METADATA"}
+#: Longest file or directory name (bytes) most filesystems take: a key component of a local store.
+MAX_COMPONENT_BYTES = 255
 #: Handles kept open at once (the engine writes tensors in order; a few suffice).
 _OPEN_HANDLES = 8
 
@@ -157,6 +162,47 @@ def array_metadata(fmt: int, shape: tuple[int, ...], dtype: str, chunks: list[in
 
 def _json(obj: Any) -> bytes:
     return (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode()
+
+
+def _fixed_name(name: str) -> str:
+    """``name`` with each path component made valid in a Zarr store (for a suggested rule)."""
+    def fix(part: str) -> str:
+        if part.startswith("__"):
+            part = part.lstrip("_") or "x"
+        if not part.strip("."):
+            part = "_" * len(part)
+        return part.encode("utf-8")[:MAX_COMPONENT_BYTES - 32].decode("utf-8", "ignore")
+    return "/".join(map(fix, name.split("/")))
+
+
+def _nesting_problems(outputs: list[OutputTensor]) -> list[str]:
+    """Each tensor that is also a group (``a`` and ``a/b``), with the fix: --drop-optimizer
+    when what sits below it is optimizer state, an EMA or a counter, else a rename rule."""
+    tensors = {o.name for o in outputs}
+    below: dict[str, list[str]] = {}
+    for name in tensors:
+        parts = name.split("/")
+        for i in range(1, len(parts)):
+            if "/".join(parts[:i]) in tensors:
+                below.setdefault("/".join(parts[:i]), []).append(name)
+                break
+    if not below:
+        return []
+    roles = assign_roles([TensorInfo(o.name, o.dtype, o.shape, o.nbytes) for o in outputs])
+    state = {o.name for o, r in zip(outputs, roles) if r.kind != "param"}
+    problems = []
+    for parent, children in sorted(below.items()):
+        children.sort()
+        shown = ", ".join(map(repr, children[:3])) + (f" and {len(children) - 3} more" if len(children) > 3 else "")
+        head = f"{parent!r} is both a tensor and a group (holding {shown})"
+        if parent in state or state.issuperset(children):
+            problems.append(f"{head}; these are optimizer state or EMA copies: leave them out with --drop-optimizer")
+            continue
+        new = next(f"{parent}/{v}" for v in ("value", "value_", "value__", parent.rsplit("/", 1)[-1] + "_value")
+                   if f"{parent}/{v}" not in tensors)
+        problems.append(f"{head}; move the tensor into the group with a rule: {rename_rule(parent, new)} "
+                        "(or write --layout orbax, whose names do not nest)")
+    return problems
 
 
 class _Array:
@@ -253,37 +299,55 @@ class ZarrSink(Sink):
     def _array_key(self, name: str) -> str:
         return name.replace("/", ".") if self.layout == "orbax" else name
 
-    def _check_names(self, outputs: list[OutputTensor]) -> None:
+    def check_outputs(self, outputs: list[OutputTensor]) -> list[str]:
+        """Names a Zarr store cannot hold, string tensors, collisions with metadata names or
+        between keys, and names that are both a tensor and a group; each with its fix."""
         problems = []
-        names = {o.name for o in outputs}
         keys: dict[str, str] = {}
         reserved = _ORBAX_RESERVED if self.layout == "orbax" else _RESERVED
         for o in outputs:
-            why = check_name(o.name)
+            why = self._name_problem(o.name)
             if why:
-                problems.append(f"{o.name!r}: unsafe as a Zarr path ({why})")
+                problems.append(f"{o.name!r}: {why}")
                 continue
             if o.dtype == STRING:
                 problems.append(f"{o.name!r}: string tensors cannot be stored in Zarr; drop or map them")
-            parts = o.name.split("/")
-            for i in range(1, len(parts)):
-                if "/".join(parts[:i]) in names:
-                    problems.append(f"{o.name!r}: {'/'.join(parts[:i])!r} is both a tensor and a group")
-                    break
             key = self._array_key(o.name)
             if any(p in reserved for p in key.split("/")):
                 problems.append(f"{o.name!r}: collides with a metadata name of the {self.layout} layout")
             if key in keys:
                 problems.append(f"{o.name!r} and {keys[key]!r} both map to array {key!r} in the {self.layout} layout")
             keys[key] = o.name
-        if problems:
-            raise PlanError(problems, where=self._where)
+        if self.layout == "zarr":
+            problems += _nesting_problems(outputs)
+        return problems
+
+    def _name_problem(self, name: str) -> str | None:
+        """Why ``name`` cannot be a key in this store (with a rule that fixes it), or None."""
+        why = check_name(name)
+        if why:
+            return f"unsafe as a Zarr path ({why})"
+        try:
+            name.encode("utf-8")
+        except UnicodeEncodeError:
+            return "not valid UTF-8 (a lone surrogate); Zarr keys are UTF-8"
+        for part in self._array_key(name).split("/"):
+            if len(part.encode("utf-8")) > MAX_COMPONENT_BYTES:
+                why = (f"a path component of {len(part.encode('utf-8'))} bytes (files and directories "
+                       f"hold at most {MAX_COMPONENT_BYTES})")
+            elif self.zarr_format == 3 and part.startswith("__"):
+                why = f"the component {part!r} starts with '__', reserved by the Zarr v3 spec"
+            elif self.zarr_format == 3 and not part.strip("."):
+                why = f"the component {part!r} is only periods, refused by the Zarr v3 spec"
+            else:
+                continue
+            return f"{why}; rename it with a rule: {rename_rule(name, _fixed_name(name))}"
+        return None
 
     def open(self, out: Path, outputs: list[OutputTensor], resume: bool) -> None:
         self.out = out
         if self.url is None:
             self._where = str(out)
-        self._check_names(outputs)
         target = max(1, int(self.chunk_mib * (1 << 20)))
         engine_chunk = self.chunk_bytes or target
         target = min(target, engine_chunk)
