@@ -347,6 +347,21 @@ def test_tf_guide_checkpoint_step_is_meta_and_dropped(tf_written, tmp_path):
     assert_exactly(tmp_path / "o.npz", want)
 
 
+def test_tf_guide_checkpoint_to_savedmodel_with_a_model_builder_and_drop_optimizer(tf_written, tmp_path):
+    """The issue's case: ``step`` used to stay a param and match no model variable."""
+    (tmp_path / "guide_net.py").write_text(
+        "import keras\n\ndef build(config):\n    return keras.Sequential([keras.Input((3,)), "
+        "keras.layers.Dense(5, name='l1')], name='net')\n")
+    dest = tmp_path / "sm"
+    proc = subprocess.run([sys.executable, "-m", "shardconv", "convert", tf_written / "guide", dest, "--to",
+                           "savedmodel", "--model-builder", "guide_net:build", "--drop-optimizer", "--quiet"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                          env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
+    assert proc.returncode == 0, proc.stderr
+    want = model_values(tf_written, "guide")
+    assert shardconv.verify(dest, tf_written / "guide", drop_optimizer=True)["tensors"] == len(want)
+
+
 def test_keras3_compiled_with_metrics_drop_optimizer_gives_its_weights(tf_written, tmp_path):
     ckpt = tf_written / "keras3"
     want = model_values(tf_written, "keras3")

@@ -731,6 +731,9 @@ def _layout_from_skeleton(tf, prefix: Path, root: Any, model: Any, outputs: list
     def python_object(node: int):
         obj, path = root, ()
         for part in paths[node]:
+            if isinstance(obj, (list, tuple)):  # Keras 3 keeps layers in plain lists (Sequential._layers)
+                obj = obj[int(part)]
+                continue
             kids = children_cache.get(id(obj))
             if kids is None:
                 kids = children_cache[id(obj)] = dict(obj._trackable_children(save_type=save_type))
