@@ -114,22 +114,35 @@ def publish(src: Path, dst: Path, overwrite: bool, aside: Path) -> None:
         raise DestinationError(f"{dst}: cannot move the finished output into place: {e.strerror}") from None
 
 
-def remove(path: str | os.PathLike, dir_fd: int | None = None) -> None:
+def remove(path: str | os.PathLike, dir_fd: int | None = None, label: object = None) -> None:
     """Remove ``path`` if present: a directory with what it holds, never through a link
-    (``shutil.rmtree`` works by file descriptors here), anything else as an entry."""
+    (``shutil.rmtree`` works by file descriptors here), anything else as an entry. Errors
+    name ``label`` (the full path where ``path`` is relative to ``dir_fd``)."""
     try:
         st = os.lstat(path, dir_fd=dir_fd)
     except FileNotFoundError:
         return
     except OSError as e:
-        raise DestinationError(f"{path}: cannot remove: {e.strerror}") from None
+        raise DestinationError(f"{label or path}: cannot remove: {e.strerror}") from None
     try:
         if stat.S_ISDIR(st.st_mode):
             shutil.rmtree(path, dir_fd=dir_fd)
         else:
             os.unlink(path, dir_fd=dir_fd)
     except OSError as e:
-        raise DestinationError(f"{e.filename or path}: cannot remove: {e.strerror}") from None
+        raise DestinationError(f"{label or path}: cannot remove: {e.strerror}") from None
+
+
+def make_dir(path: Path) -> None:
+    """Create directory ``path``, or accept one already there that is a directory, not a link."""
+    try:
+        os.mkdir(path)
+    except FileExistsError:
+        if kind(lstat(path)) != "directory":
+            raise DestinationError(f"{path}: exists and is not a directory shardconv made (a {kind(lstat(path))}); "
+                                   "remove it") from None
+    except OSError as e:
+        raise DestinationError(f"{path}: cannot create: {e.strerror}") from None
 
 
 def open_file(path: str | os.PathLike, flags: int, mode: int = 0o644, dir_fd: int | None = None,

@@ -94,7 +94,7 @@ class Staging:
         self._check()
         for name in os.listdir(self._dir_fd):
             if name != LOCK:
-                safefs.remove(name, dir_fd=self._dir_fd)
+                safefs.remove(name, dir_fd=self._dir_fd, label=self.dir / name)
 
     def commit(self, moves: list[tuple[Path, Path]], overwrite: bool, fsync: bool = True) -> None:
         """Rename staged paths to their final places; the last move is the main output.

@@ -146,3 +146,24 @@ def test_a_lock_that_cannot_be_opened_is_one_line(ckpt, tmp_path):
     (tmp_path / "o.npz.partial" / "lock").mkdir(parents=True)
     with pytest.raises(DestinationError, match=r"o\.npz\.partial/lock: cannot open for writing: Is a directory"):
         shardconv.convert(ckpt, dest, max_memory="1MiB")
+
+
+def test_a_partial_that_cannot_be_removed_is_one_line(tmp_path, monkeypatch):
+    """--restart must remove the old partial output (a directory here: split npz); when the
+    filesystem refuses, the error names it in one line."""
+    import shutil
+
+    import numpy as np
+
+    np.savez(tmp_path / "in.npz", a=np.arange(1 << 18))
+    dest = tmp_path / "split"
+    argv = shardconv_cmd("convert", tmp_path / "in.npz", dest, "--to", "npz", "--max-file-size", "1MiB", "--quiet",
+                         "--max-memory", "1MiB")
+    p = subprocess.run(argv, env={**os.environ, "SHARDCONV_TEST_KILL": "journal:0"}, capture_output=True)
+    assert p.returncode == -signal.SIGKILL and (tmp_path / "split.partial" / "split").is_dir()
+    monkeypatch.setattr(shutil, "rmtree", _fail_after(0, errno.EBUSY, shutil.rmtree))
+    with pytest.raises(DestinationError, match=r"split\.partial.*cannot remove: Device or resource busy"):
+        shardconv.convert(tmp_path / "in.npz", dest, to="npz", sink_options={"max_file_size": 1 << 20}, restart=True)
+    monkeypatch.undo()
+    shardconv.convert(tmp_path / "in.npz", dest, to="npz", sink_options={"max_file_size": 1 << 20}, restart=True)
+    assert dest.is_dir()

@@ -119,7 +119,7 @@ class NpzSink(Sink):
             pos += size
         if self.max_file_size:
             stem, n = shard_stem(out), len(groups)
-            out.mkdir(exist_ok=True)
+            safefs.make_dir(out)
             self._files = [_File(out / f"{stem}-{k + 1:05d}-of-{n:05d}.npz", g) for k, g in enumerate(groups)]
         else:
             self._files = [_File(out, groups[0])]

@@ -479,15 +479,16 @@ class TFCheckpointSink(Sink):
         manifest["tf_keys"] = {name: keys for name, keys in self.keys.items()}
         mpath = self._manifest_path()
         mpath.parent.mkdir(parents=True, exist_ok=True)
-        mpath.write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+        safefs.write_file(mpath, (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode(), fsync=False)
         if fsync:
             _fsync_tree(self.out)
         return self._moves(dest)
 
     def _finish_layout(self) -> None:
         """The ``checkpoint`` state file, so the directory works as a checkpoint directory."""
-        (self.out / "checkpoint").write_text(f'model_checkpoint_path: "{self.prefix_name}"\n'
-                                             f'all_model_checkpoint_paths: "{self.prefix_name}"\n')
+        safefs.write_file(self.out / "checkpoint", (f'model_checkpoint_path: "{self.prefix_name}"\n'
+                                                    f'all_model_checkpoint_paths: "{self.prefix_name}"\n').encode(),
+                          fsync=False)
 
     def _manifest_path(self) -> Path:
         return self.out / MANIFEST_NAME

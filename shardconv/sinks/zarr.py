@@ -363,14 +363,14 @@ class ZarrSink(Sink):
             self._kv_spec = tsio.kvstore_spec(out)
             if not resume:
                 safefs.remove(out)
-            out.mkdir(exist_ok=True)
+            safefs.make_dir(out)
             need = sum(o.nbytes for o in outputs) if self.compression == "none" and not resume else 0
             free = shutil.disk_usage(out.parent).free
             if need > free:
                 raise DestinationError(f"{out.parent}: needs {format_size(need)} for the output, "
                                        f"only {format_size(free)} free")
         else:
-            out.mkdir(exist_ok=True)  # local placeholder: tells the engine a partial run exists
+            safefs.make_dir(out)  # local placeholder: tells the engine a partial run exists
             safefs.write_file(out.parent / "destination.txt", (self.url + "\n").encode(), fsync=False)
             self._prepare_remote(resume)
 
