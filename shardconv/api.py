@@ -5,7 +5,7 @@ import os
 from typing import Any
 
 from . import engine
-from .errors import VerifyError
+from .errors import ChecksumError, UsageError, VerifyError
 from .plan import Plan, chunk_plan
 from .sinks import sink_for
 from .sources import Source, TensorInfo, open_source
@@ -96,20 +96,8 @@ def verify(dest: str | os.PathLike, src: Any = None, *, max_memory: str | int = 
         # object graph); string tensors and bookkeeping are the format's, not the model's.
         stored = [t for t in out.tensors() if not t.is_string and (t.extra or {}).get("role") != "meta"]
         outputs = {role_of(t).name: t for t in stored}
-        if ref is not None and not mapping:
-            mapping = _recorded_mapping(out)
-        plan = make_plan(ref, **mapping) if ref is not None else None
-        if plan is not None:
-            want = {o.name: o for o in plan.outputs}
-            missing = sorted(set(want) - set(outputs))
-            extra = sorted(set(outputs) - set(want))
-            if missing or extra:
-                raise VerifyError(f"{dest}: tensors differ from the source: missing {missing[:5]}, unexpected {extra[:5]}")
-            for name, o in want.items():
-                t = outputs[name]
-                if (t.dtype, tuple(t.shape)) != (o.dtype, tuple(o.shape)):
-                    raise VerifyError(f"{dest}: tensor {name!r} is {t.dtype}{list(t.shape)}, source gives "
-                                      f"{o.dtype}{list(o.shape)}")
+        plan = _reference_plan(dest, out, ref, outputs, mapping) if ref is not None else None
+        want = {o.name: o for o in plan.outputs} if plan is not None else {}
         a = np.empty(chunk, np.uint8)
         b = np.empty(chunk, np.uint8)
         ref_tracker = IntegrityTracker(ref.units()) if ref is not None else None
@@ -124,7 +112,10 @@ def verify(dest: str | os.PathLike, src: Any = None, *, max_memory: str | int = 
                 if bar is not None:
                     bar.update(c.length)
                 va = memoryview(a)[: c.length]
-                tracker.add(out.read_into(t.name, c.offset, va))
+                try:
+                    tracker.add(out.read_into(t.name, c.offset, va))
+                except ChecksumError as e:  # the output differs from what was written: a difference, not trouble
+                    raise VerifyError(str(e)) from e
                 if plan is not None:
                     vb = memoryview(b)[: c.length]
                     segs = want[oname].producer.fill(c.offset, vb, ref.read_into)
@@ -146,6 +137,33 @@ def verify(dest: str | os.PathLike, src: Any = None, *, max_memory: str | int = 
         out.close()
         if ref is not None:
             ref.close()
+
+
+def _reference_plan(dest: Any, out: Source, ref: Source, outputs: dict[str, TensorInfo],
+                    mapping: dict[str, Any]) -> Plan:
+    """The plan ``ref`` gives under ``mapping`` (by default the one ``out`` records), checked
+    name by name, dtype and shape against ``outputs``. An output that records no mapping
+    (SavedModel) and matches no default mapping is trouble, not a difference: UsageError."""
+    from .frontend import options_list
+
+    given = {k: v for k, v in mapping.items() if v is not None}
+    recorded = _recorded_mapping(out)
+    plan = make_plan(ref, **(given or recorded))
+    want = {o.name: o for o in plan.outputs}
+    missing = sorted(set(want) - set(outputs))
+    extra = sorted(set(outputs) - set(want))
+    if (missing or extra) and not given and not recorded:
+        raise UsageError(f"{dest}: the output does not record the mapping it was converted with, and under the "
+                         f"default mapping its tensors are not the source's (missing {missing[:3]}, unexpected "
+                         f"{extra[:3]}); pass the mapping options given to convert ({options_list()})")
+    if missing or extra:
+        raise VerifyError(f"{dest}: tensors differ from the source: missing {missing[:5]}, unexpected {extra[:5]}")
+    for name, o in want.items():
+        t = outputs[name]
+        if (t.dtype, tuple(t.shape)) != (o.dtype, tuple(o.shape)):
+            raise VerifyError(f"{dest}: tensor {name!r} is {t.dtype}{list(t.shape)}, source gives "
+                              f"{o.dtype}{list(o.shape)}")
+    return plan
 
 
 def _recorded_mapping(out: Source) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import signal
 import sys
@@ -10,7 +11,8 @@ import unicodedata
 from typing import Any, Sequence
 
 from . import __version__
-from .errors import ShardconvError
+from .errors import ShardconvError, VerifyError
+from .frontend import MAPPING_OPTIONS, command_line
 from .units import format_size, parse_size
 
 
@@ -43,8 +45,15 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bars or summaries")
 
 
-def _mapping(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("mapping (see docs/mapping.md)")
+VERIFY_HELP = """Re-read DEST: every stored checksum, and with SRC every value against the source.
+
+exit status (as cmp and diff): 0 the output is intact (and equal to SRC), 1 it differs
+(a checksum or a value), 2 trouble (bad arguments, unreadable input, a mapping that
+cannot be recovered)."""
+
+
+def _mapping(p: argparse.ArgumentParser, title: str = "see docs/mapping.md") -> None:
+    g = p.add_argument_group(f"mapping ({title})")
     g.add_argument("--rules", help="TOML file of mapping rules ([[rules]] tables, optional [options])")
     g.add_argument("--preset", help="a shipped rule set: " + ", ".join(_presets()))
     g.add_argument("--prefer-ema", action="store_const", const=True, default=None,
@@ -101,8 +110,8 @@ def _presets() -> list[str]:
 
 
 def _mapping_kwargs(args: argparse.Namespace) -> dict:
-    return {"rules": args.rules, "preset": args.preset, "prefer_ema": args.prefer_ema,
-            "drop_optimizer": args.drop_optimizer, "allow_unmapped": args.allow_unmapped, "names": args.names}
+    """The mapping options given on the command line (those not given are None)."""
+    return {k: getattr(args, k, None) for k in MAPPING_OPTIONS}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -137,17 +146,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--restart", action="store_true", help="discard a partial output instead of resuming it")
     p.add_argument("--no-fsync", dest="fsync", action="store_false",
                    help="skip the final fsync (the rename stays atomic, but a power loss may lose the output)")
+    p.add_argument("--json", action="store_true", help="print the result (counts, time, what was left out) as one "
+                                                       "JSON object on stdout")
     _mapping(p)
     _npz_output(p)
     _tf_output(p)
     _zarr_output(p)
     _common(p)
 
-    p = sub.add_parser("verify", help="re-read an output and check it against its checksums (and SRC)")
+    p = sub.add_parser("verify", help="re-read an output and check it against its checksums (and SRC)",
+                       description=VERIFY_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("dest")
     p.add_argument("src", nargs="?")
     p.add_argument("--max-memory", default="512MiB")
     p.add_argument("--step", type=int, help="checkpoint step of SRC in a directory of several")
+    p.add_argument("--json", action="store_true", help="print the counts as one JSON object on stdout")
+    _mapping(p, "with SRC: the options given to convert, for an output that does not record them (SavedModel)")
     _common(p)
     return parser
 
@@ -187,7 +201,10 @@ def _convert(args: argparse.Namespace) -> int:
     r = convert(args.src, args.dest, to=args.to, max_memory=args.max_memory, overwrite=args.overwrite,
                 restart=args.restart, fsync=args.fsync, progress=not args.quiet, step=args.step,
                 sink_options=_sink_options(args) or None, **_mapping_kwargs(args))
-    if not args.quiet:
+    if args.json:
+        _print_json({**dataclasses.asdict(r), "dest": str(r.dest),
+                     "dropped": [{"name": n, "reason": why} for n, why in r.dropped]})
+    elif not args.quiet:
         resumed = f", resumed {r.chunks_resumed} chunks" if r.chunks_resumed else ""
         _say(f"wrote {r.dest}: {r.tensors} tensors, {format_size(r.bytes_total)} in {r.seconds:.1f} s"
              f"{resumed}; {r.verified_units} source checksums verified")
@@ -196,6 +213,12 @@ def _convert(args: argparse.Namespace) -> int:
         for note in r.notes:
             _say(f"  note: {note}")
     return 0
+
+
+def _print_json(obj: Any) -> None:
+    """``obj`` as one JSON object on stdout."""
+    json.dump(obj, sys.stdout, indent=1)
+    sys.stdout.write("\n")
 
 
 def _summarize_dropped(dropped: list[tuple[str, str]], limit: int = 8) -> list[str]:
@@ -258,8 +281,11 @@ def _plan(args: argparse.Namespace) -> int:
 def _verify(args: argparse.Namespace) -> int:
     from .api import verify
 
-    r = verify(args.dest, args.src, max_memory=args.max_memory, progress=not args.quiet, step=args.step)
-    if not args.quiet:
+    mapping = {k: v for k, v in _mapping_kwargs(args).items() if v is not None}
+    r = verify(args.dest, args.src, max_memory=args.max_memory, progress=not args.quiet, step=args.step, **mapping)
+    if args.json:
+        _print_json(r)
+    elif not args.quiet:
         against = f", {format_size(r['bytes_compared'])} compared with the source" if args.src else ""
         _say(f"ok: {r['tensors']} tensors, {r['checksums_verified']} checksums verified{against}")
     return 0
@@ -279,12 +305,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         previous = signal.signal(signal.SIGTERM, _on_sigterm)
     handler = {"ls": _ls, "plan": _plan, "convert": _convert, "verify": _verify}[args.command]
     try:
-        return handler(args)
+        with command_line():
+            return handler(args)
     except ShardconvError as e:
         if args.debug:
             raise
         _say(f"shardconv: error: {e}")
+        if args.command == "verify":  # as cmp and diff: 1 differs, 2 trouble
+            return 1 if isinstance(e, VerifyError) else 2
         return e.exit_code
+    except Exception as e:
+        if args.debug or args.command != "verify":
+            raise
+        _say(f"shardconv: error: {type(e).__name__}: {e}")
+        return 2
     except KeyboardInterrupt as e:
         how = "interrupted (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
         resume = "; rerun the same command to resume" if args.command == "convert" else ""

@@ -1,0 +1,114 @@
+"""The CLI and Python API surface (issue 13, point 5): verify's exit codes and mapping flags,
+--json, --include/--exclude/--dtype, --dry-run, help text, messages that speak the front end's
+language, the top-level API. The CLI runs as a subprocess; sources are written by NumPy."""
+from __future__ import annotations
+
+import json
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import shardconv
+from shardconv.errors import UsageError
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from procs import run_cli  # noqa: E402
+
+
+def one_line(stderr: str) -> str:
+    lines = stderr.splitlines()
+    assert len(lines) == 1, repr(stderr)
+    return lines[0]
+
+
+@pytest.fixture
+def src(tmp_path) -> Path:
+    """A small training checkpoint as np.savez writes it: two weights and an optimizer slot."""
+    p = tmp_path / "in.npz"
+    np.savez(p, **{"dense/kernel": np.arange(6, dtype=np.float32).reshape(2, 3),
+                   "dense/bias": np.ones(3, np.float32),
+                   "step": np.array(7, np.int64)})
+    return p
+
+
+def converted(src: Path, dest: Path, *args: str) -> Path:
+    p = run_cli("convert", src, dest, "--quiet", *args)
+    assert p.returncode == 0, p.stderr
+    return dest
+
+
+# -- verify: exit codes as cmp/diff, mapping flags, --json
+
+def test_verify_exit_0_when_equal_with_json_counts(src, tmp_path):
+    out = converted(src, tmp_path / "o.npz")
+    p = run_cli("verify", out, src, "--json", "--quiet")
+    assert p.returncode == 0, p.stderr
+    r = json.loads(p.stdout)
+    assert r["tensors"] == 3 and r["bytes_compared"] == 6 * 4 + 3 * 4 + 8 and r["checksums_verified"] == 3
+
+
+def test_verify_exit_1_when_a_value_differs(src, tmp_path):
+    out = converted(src, tmp_path / "o.npz")
+    other = tmp_path / "other.npz"
+    np.savez(other, **{"dense/kernel": np.arange(6, dtype=np.float32).reshape(2, 3) + 1,
+                       "dense/bias": np.ones(3, np.float32), "step": np.array(7, np.int64)})
+    p = run_cli("verify", out, other, "--quiet")
+    assert p.returncode == 1 and "dense/kernel" in one_line(p.stderr)
+
+
+def test_verify_exit_1_when_the_output_is_corrupt(src, tmp_path):
+    out = converted(src, tmp_path / "o.npz")
+    data = bytearray(out.read_bytes())
+    with zipfile.ZipFile(out) as z:
+        info = z.getinfo("dense/kernel.npy")
+    h = info.header_offset
+    name_len, extra_len = int.from_bytes(data[h + 26:h + 28], "little"), int.from_bytes(data[h + 28:h + 30], "little")
+    data[h + 30 + name_len + extra_len + info.file_size - 1] ^= 0xFF  # the member's last byte
+    out.write_bytes(bytes(data))
+    p = run_cli("verify", out, "--quiet")
+    assert p.returncode == 1 and "checksum" in one_line(p.stderr)
+
+
+def test_verify_exit_2_on_trouble(src, tmp_path):
+    out = converted(src, tmp_path / "o.npz")
+    p = run_cli("verify", out, tmp_path / "missing.npz", "--quiet")
+    assert p.returncode == 2 and one_line(p.stderr).startswith("shardconv: error:")
+    p = run_cli("verify", out, "--max-memory", "lots")
+    assert p.returncode == 2
+    p = run_cli("verify")
+    assert p.returncode == 2
+
+
+def test_verify_help_documents_exit_codes():
+    p = run_cli("verify", "--help")
+    assert p.returncode == 0
+    text = " ".join(p.stdout.split())
+    assert "0 the output is intact" in text and "1 it differs" in text and "2 trouble" in text
+    for flag in ("--rules", "--preset", "--prefer-ema", "--drop-optimizer", "--allow-unmapped", "--names"):
+        assert flag in p.stdout
+
+
+def test_verify_of_an_output_without_its_mapping_says_which_flags_to_pass(src, tmp_path):
+    """An output that records no mapping (here np.savez's own file, as a SavedModel records
+    none) written with --drop-optimizer: verify names the flags, and accepts them."""
+    out = tmp_path / "weights.npz"
+    np.savez(out, **{"dense/kernel": np.arange(6, dtype=np.float32).reshape(2, 3), "dense/bias": np.ones(3, np.float32)})
+    p = run_cli("verify", out, src, "--quiet")
+    msg = one_line(p.stderr)
+    assert p.returncode == 2 and "does not record the mapping" in msg and "--drop-optimizer" in msg and "--rules" in msg
+    p = run_cli("verify", out, src, "--quiet", "--drop-optimizer")
+    assert p.returncode == 0, p.stderr
+    with pytest.raises(UsageError, match=r"drop_optimizer=, "):
+        shardconv.verify(out, src)
+    assert shardconv.verify(out, src, drop_optimizer=True)["tensors"] == 2
+
+
+def test_convert_json_prints_the_result(src, tmp_path):
+    p = run_cli("convert", src, tmp_path / "o.npz", "--json", "--drop-optimizer")
+    assert p.returncode == 0, p.stderr
+    r = json.loads(p.stdout)
+    assert r["dest"] == str(tmp_path / "o.npz") and r["tensors"] == 2 and r["bytes_total"] == 36
+    assert r["dropped"] == [{"name": "step", "reason": r["dropped"][0]["reason"]}]
