@@ -92,7 +92,8 @@ class Staging:
         """Discard a partial output (keeps the lock). Only the staging directory's own
         entries go; a link among them is removed as a link."""
         self._check()
-        for name in os.listdir(self._dir_fd):
+        # The journal first: if removing the rest fails, nothing in it is ever resumed.
+        for name in sorted(os.listdir(self._dir_fd), key=lambda n: n != self.journal_path.name):
             if name != LOCK:
                 safefs.remove(name, dir_fd=self._dir_fd, label=self.dir / name)
 
@@ -119,8 +120,8 @@ class Staging:
         """Unlock; with ``remove`` also delete the staging directory (never through a link)."""
         if remove and self._dir_fd >= 0 and safefs.same_entry(self.dir, self._dir_fd):
             try:
-                for name in os.listdir(self._dir_fd):
-                    safefs.remove(name, dir_fd=self._dir_fd)
+                self.reset()
+                os.unlink(LOCK, dir_fd=self._dir_fd)  # last: a DEST.partial with files has a lock
                 os.rmdir(self.dir)
             except (OSError, DestinationError):
                 pass  # a leftover DEST.partial costs nothing; the next run takes it over
