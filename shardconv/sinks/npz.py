@@ -16,23 +16,20 @@ plan and the size, so a resumed run lays out the same files.
 """
 from __future__ import annotations
 
-import json
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .. import __version__, npyformat, safefs, zipformat
+from .. import npyformat, safefs, zipformat
 from ..checksums import combine_crc32, crc32
-from ..errors import DestinationError, UsageError
+from ..errors import UsageError
 from ..fileio import fsync_file, pwrite_all, start_writeback, truncate
 from ..plan import Chunk, OutputTensor
-from ..safefs import fsync_dir
-from ..units import format_size
+from . import filesink
 from .base import Sink
+from .filesink import MANIFEST_SUFFIX, manifest_path  # noqa: F401  (where they used to live)
 
-MANIFEST_SUFFIX = ".shardconv.json"
 INDEX_SUFFIX = ".npz.index.json"
 #: A zip member name's length is a 16-bit field.
 MAX_MEMBER_NAME = 0xFFFF
@@ -58,10 +55,6 @@ class _File:
     members: list[int]   # indices into the sink's members
     end: int = 0         # where the central directory starts
     fd: int = -1
-
-
-def manifest_path(dest: Path) -> Path:
-    return dest.with_name(dest.name + MANIFEST_SUFFIX)
 
 
 def shard_stem(dest: Path) -> str:
@@ -106,32 +99,28 @@ class NpzSink(Sink):
 
     def open(self, out: Path, outputs: list[OutputTensor], resume: bool) -> None:
         self.out = out
-        self._members, groups, pos = [], [[]], 0
-        for i, o in enumerate(outputs):
-            name = (o.name + ".npy").encode("utf-8")
-            head = npyformat.header(o.dtype, o.shape)
-            size = zipformat.local_header_size(name) + len(head) + o.nbytes
-            if self.max_file_size and groups[-1] and pos + size > self.max_file_size:
-                groups.append([])
-                pos = 0
-            self._members.append(_Member(name, pos, head, pos + size - o.nbytes, o.nbytes, len(groups) - 1))
-            groups[-1].append(i)
-            pos += size
+        names = [(o.name + ".npy").encode("utf-8") for o in outputs]
+        heads = [npyformat.header(o.dtype, o.shape) for o in outputs]
+        sizes = [zipformat.local_header_size(n) + len(h) + o.nbytes for n, h, o in zip(names, heads, outputs)]
+        groups = filesink.group_by_size(sizes, self.max_file_size)
+        self._members = [None] * len(outputs)  # type: ignore[list-item]
+        for g, members in enumerate(groups):
+            pos = 0
+            for i in members:
+                data_at = pos + sizes[i] - outputs[i].nbytes
+                self._members[i] = _Member(names[i], pos, heads[i], data_at, outputs[i].nbytes, g)
+                pos += sizes[i]
         if self.max_file_size:
             stem, n = shard_stem(out), len(groups)
             safefs.make_dir(out)
-            self._files = [_File(out / f"{stem}-{k + 1:05d}-of-{n:05d}.npz", g) for k, g in enumerate(groups)]
+            self._files = [_File(out / name, g) for name, g in zip(filesink.shard_names(stem, ".npz", n), groups)]
         else:
             self._files = [_File(out, groups[0])]
         for f in self._files:
             last = self._members[f.members[-1]] if f.members else None
             f.end = last.data_offset + last.nbytes if last else 0
         if not resume or not all(f.path.exists() for f in self._files):
-            free = shutil.disk_usage(out.parent).free
-            need = sum(f.end for f in self._files) + 1024 * len(outputs)
-            if need > free:
-                raise DestinationError(f"{out.parent}: needs {format_size(need)} for the output, "
-                                       f"only {format_size(free)} free")
+            filesink.check_free_space(out.parent, sum(f.end for f in self._files) + 1024 * len(outputs))
         for f in self._files:
             exists = resume and f.path.exists()
             f.fd = safefs.open_file(f.path, os.O_RDWR | (0 if exists else os.O_CREAT | os.O_TRUNC))
@@ -150,43 +139,22 @@ class NpzSink(Sink):
 
     def check(self, chunk: Chunk, receipt: Any) -> bool:
         m = self._members[chunk.index]
-        fd = self._files[m.file].fd
-        buf = bytearray(min(chunk.length, 1 << 20))
-        view = memoryview(buf)
-        crc = 0
-        done = 0
-        while done < chunk.length:
-            n = os.preadv(fd, [view[: min(len(buf), chunk.length - done)]], m.data_offset + chunk.offset + done)
-            if n <= 0:
-                return False
-            crc = crc32(view[:n], crc)
-            done += n
-        return crc == receipt
+        return filesink.range_crc32(self._files[m.file].fd, m.data_offset + chunk.offset, chunk.length) == receipt
 
     def finish(self, receipts: list[tuple[Chunk, Any]], manifest: dict[str, Any], fsync: bool,
                dest: Path) -> list[tuple[Path, Path]]:
-        data_crc = [0] * len(self._members)
-        for chunk, crc in sorted(receipts, key=lambda r: (r[0].index, r[0].offset)):
-            data_crc[chunk.index] = combine_crc32(data_crc[chunk.index], crc, chunk.length)
+        data_crc = filesink.tensor_crcs(receipts, len(self._members))
         for entry, dcrc in zip(manifest["tensors"], data_crc):
             entry["crc32"] = dcrc
         for f in self._files:
             self._finish_file(f, data_crc, fsync)
         if not self.max_file_size:
             staged_manifest = self.out.with_name("manifest.json")
-            _write_json(staged_manifest, manifest, fsync)
+            filesink.write_json(staged_manifest, manifest, fsync)
             return [(staged_manifest, manifest_path(dest)), (self.out, dest)]
-        weight_map = {}
-        for f in self._files:
-            part = {**manifest, "tensors": [manifest["tensors"][k] for k in f.members]}
-            _write_json(manifest_path(f.path), part, fsync)
-            weight_map.update({manifest["tensors"][k]["name"]: f.path.name for k in f.members})
-        index = {"metadata": {"format": "npz", "total_size": sum(m.nbytes for m in self._members),
-                              "files": len(self._files), "shardconv": __version__},
-                 "weight_map": weight_map}
-        _write_json(self.out / (shard_stem(self.out) + INDEX_SUFFIX), index, fsync)
-        if fsync:
-            fsync_dir(self.out)
+        files = [(f.path, f.members) for f in self._files]
+        filesink.finish_split(self.out, files, manifest, shard_stem(self.out) + INDEX_SUFFIX,
+                              {"format": "npz", "files": len(self._files)}, fsync)
         return [(self.out, dest)]
 
     def _finish_file(self, f: _File, data_crc: list[int], fsync: bool) -> None:
@@ -215,7 +183,3 @@ class NpzSink(Sink):
             if f.fd >= 0:
                 os.close(f.fd)
                 f.fd = -1
-
-
-def _write_json(path: Path, obj: dict[str, Any], fsync: bool) -> None:
-    safefs.write_file(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode(), fsync)
