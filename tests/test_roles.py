@@ -85,6 +85,15 @@ def save(state: Any, how: str, tmp_path: Path) -> Any:
     if how == "orbax-pytree":
         ocp.PyTreeCheckpointer().save(tmp_path / "orbax-pytree", state)
         return tmp_path / "orbax-pytree"
+    if how.startswith("flax-checkpoints"):  # flax.training.checkpoints: Orbax by default, or legacy msgpack
+        from flax.training import checkpoints
+        use_orbax = flax.config.flax_use_orbax_checkpointing
+        flax.config.update("flax_use_orbax_checkpointing", how.endswith("orbax"))
+        try:
+            path = checkpoints.save_checkpoint(tmp_path / how, state, step=3)
+        finally:
+            flax.config.update("flax_use_orbax_checkpointing", use_orbax)
+        return Path(path)
     path = tmp_path / "state.msgpack"
     path.write_bytes(serialization.to_bytes(state))
     return path
@@ -108,6 +117,13 @@ def test_drop_optimizer_on_an_optax_train_state_leaves_exactly_the_params(tx_nam
     assert "counter" in reasons["step"]
     assert all("optimizer state" in why for name, why in r.dropped if name.startswith("opt_state/"))
     assert sum(n.startswith("opt_state/") for n in reasons) >= 2 * len(param_values(state))
+
+
+@pytest.mark.parametrize("how", ["flax-checkpoints-msgpack", "flax-checkpoints-orbax"])
+def test_flax_training_checkpoints_of_a_train_state_drop_optimizer(how, tmp_path):
+    state = trained_state("adamw")
+    shardconv.convert(save(state, how, tmp_path), tmp_path / "o.npz", drop_optimizer=True)
+    assert_exactly(tmp_path / "o.npz", param_values(state))
 
 
 @pytest.mark.parametrize("tx_name", ["sgd-momentum", "multisteps-lion", "amsgrad-clip", "adafactor", "adadelta"])
