@@ -76,7 +76,8 @@ def build_plan(source: Source, rules: list[dict[str, Any]] | None = None, *, opt
     if opts["prefer_ema"]:
         if not emas:
             problems.append(f"{loc}: --prefer-ema, but the checkpoint holds no EMA values (looked for Keras "
-                            "use_ema averages and .../ExponentialMovingAverage shadows)")
+                            "use_ema averages, .../ExponentialMovingAverage shadows, flax ema_params and "
+                            "optax EmaState trees; see docs/mapping.md)")
         params = {it.role.name: it for it in items if it.role.kind == "param"}
         seen: dict[str, _Item] = {}
         for e in emas:
