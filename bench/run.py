@@ -56,6 +56,7 @@ CONVERTER_ROWS = [
                                 "--no-fsync"]),
     ("npz-split", _CONVERT + ["{out}/model", "--to", "npz", "--max-file-size", "1GiB", "--max-memory",
                               "{max_memory}", "--quiet"]),
+    ("safetensors", _CONVERT + ["{out}/model.safetensors", "--max-memory", "{max_memory}", "--quiet"]),
     ("zarr", _CONVERT + ["{out}/model.zarr", "--max-memory", "{max_memory}", "--quiet"]),
     ("zarr-zstd", _CONVERT + ["{out}/model.zarr", "--compression", "zstd", "--max-memory", "{max_memory}", "--quiet"]),
     ("savedmodel", _CONVERT + ["{out}/savedmodel", "--to", "savedmodel",

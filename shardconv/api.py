@@ -7,7 +7,7 @@ from typing import Any
 from . import engine
 from .errors import ChecksumError, UsageError, VerifyError
 from .plan import Plan, chunk_plan
-from .sinks import sink_for
+from .sinks import REGISTRY as SINKS, sink_for
 from .sources import Source, TensorInfo, open_source
 from .units import parse_size
 
@@ -68,6 +68,7 @@ def convert(src: Any, dest: str | os.PathLike, *, to: str | None = None, max_mem
         plan = make_plan(source, rules, preset=preset, prefer_ema=prefer_ema, drop_optimizer=drop_optimizer,
                          allow_unmapped=allow_unmapped, names=names)
         sink = sink_for(dest, to, **(sink_options or {}))
+        plan = plan.leave_out(sink.leave_out)
         return engine.run(plan, sink, dest, max_memory=parse_size(max_memory), overwrite=overwrite,
                           restart=restart, fsync=fsync, progress=progress)
 
@@ -149,6 +150,8 @@ def _reference_plan(dest: Any, out: Source, ref: Source, outputs: dict[str, Tens
     given = {k: v for k, v in mapping.items() if v is not None}
     recorded = _recorded_mapping(out)
     plan = make_plan(ref, **(given or recorded))
+    if out.format in SINKS:  # what the output's format cannot hold is not in it
+        plan = plan.leave_out(sink_for(dest, out.format).leave_out)
     want = {o.name: o for o in plan.outputs}
     missing = sorted(set(want) - set(outputs))
     extra = sorted(set(outputs) - set(want))

@@ -240,9 +240,10 @@ def _plan(args: argparse.Namespace) -> int:
     from .sources import open_source
 
     with open_source(args.src, **({"step": args.step} if args.step is not None else {})) as source:
-        plan = make_plan(source, **_mapping_kwargs(args))
+        sink = sink_for("x", args.to)
+        plan = make_plan(source, **_mapping_kwargs(args)).leave_out(sink.leave_out)
         infos = {t.name: t for t in source.tensors()}
-        est = memory_estimate(plan, sink_for("x", args.to), parse_size(args.max_memory))
+        est = memory_estimate(plan, sink, parse_size(args.max_memory))
         bytes_in = sum(t.nbytes for t in infos.values())
         dropped_bytes = sum(infos[n].nbytes for n, _ in plan.dropped if n in infos)
         report = {

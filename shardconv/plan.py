@@ -92,6 +92,20 @@ class Plan:
     def describe(self) -> list[dict[str, Any]]:
         return [o.describe() for o in self.outputs]
 
+    def leave_out(self, why: Callable[[OutputTensor], str | None]) -> "Plan":
+        """This plan without the outputs ``why`` gives a reason for (a sink's ``leave_out``):
+        their source tensors join ``dropped`` with that reason."""
+        keep, dropped = [], list(self.dropped)
+        for o in self.outputs:
+            reason = why(o)
+            if reason is None:
+                keep.append(o)
+            else:
+                dropped.extend((name, reason) for name in o.producer.inputs)
+        if len(keep) == len(self.outputs):
+            return self
+        return Plan(self.source, keep, dropped, self.options, list(self.notes))
+
     def digest(self) -> str:
         blob = json.dumps({"outputs": self.describe(), "options": self.options}, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()

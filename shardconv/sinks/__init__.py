@@ -12,6 +12,7 @@ from .base import Sink
 #: format name -> (module, class, destination suffixes)
 REGISTRY: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "npz": (".npz", "NpzSink", (".npz",)),
+    "safetensors": (".safetensors", "SafetensorsSink", (".safetensors",)),
     "savedmodel": (".savedmodel", "SavedModelSink", ()),
     "tf-checkpoint": (".savedmodel", "TFCheckpointSink", ()),
     "zarr": (".zarr", "ZarrSink", (".zarr",)),

@@ -59,6 +59,11 @@ class Sink(ABC):
         """Memory the sink's libraries take once loaded (e.g. TensorFlow), for estimates."""
         return 0
 
+    def leave_out(self, output: OutputTensor) -> str | None:
+        """Why this format cannot hold ``output`` (a dtype it has no code for), or None. Such
+        outputs are left out of the plan with that reason, shown by ``plan`` and ``convert``."""
+        return None
+
     def check_outputs(self, outputs: list[OutputTensor]) -> list[str]:
         """Problems with names, dtypes or shapes this format cannot hold, one line each.
 

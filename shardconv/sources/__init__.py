@@ -18,6 +18,8 @@ from .base import Segment, Source, TensorInfo, Unit
 REGISTRY: list[tuple[str, str, str, str]] = [
     ("npz-split", ".npz", "is_split_npz", "SplitNpzSource"),
     ("npz", ".npz", "is_npz", "NpzSource"),
+    ("safetensors-split", ".safetensors", "is_split_safetensors", "SplitSafetensorsSource"),
+    ("safetensors", ".safetensors", "is_safetensors", "SafetensorsSource"),
     ("tf", ".tf_bundle", "is_tf_bundle", "TFBundleSource"),
     ("zarr", ".zarr", "is_zarr", "ZarrSource"),
     ("orbax", ".orbax", "is_orbax", "OrbaxSource"),

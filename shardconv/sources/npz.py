@@ -337,12 +337,12 @@ INDEX_SUFFIX = ".npz.index.json"
 _MAX_INDEX = 256 << 20
 
 
-def _index_file(path: Path) -> Path | None:
-    """The index of a split npz output: ``path`` itself, or the one index in directory ``path``."""
-    if path.is_file() and path.name.endswith(INDEX_SUFFIX):
+def _index_file(path: Path, suffix: str = INDEX_SUFFIX) -> Path | None:
+    """The index of a split output: ``path`` itself, or the one index in directory ``path``."""
+    if path.is_file() and path.name.endswith(suffix):
         return path
     if path.is_dir():
-        found = sorted(path.glob("*" + INDEX_SUFFIX))
+        found = sorted(path.glob("*" + suffix))
         if len(found) == 1:
             return found[0]
     return None
@@ -358,19 +358,27 @@ class SplitNpzSource(Source):
 
     format = "npz"
     stores_checksums = True
+    #: The index's name ends so; each file it names is read by ``part_class`` (other formats
+    #: split the same way subclass this).
+    index_suffix = INDEX_SUFFIX
+    part_class: type[Source] = NpzSource
+
+    @classmethod
+    def index_file(cls, path: Path) -> Path | None:
+        return _index_file(path, cls.index_suffix)
 
     def __init__(self, path: str | os.PathLike) -> None:
-        index = _index_file(Path(path))
+        index = self.index_file(Path(path))
         if index is None:
-            raise SourceError(f"{path}: no *{INDEX_SUFFIX} here (not a split npz output)")
+            raise SourceError(f"{path}: no *{self.index_suffix} here (not a split {self.format} output)")
         self.index = index
         self.dir = index.parent
         weight_map = self._read_index()
-        self._parts: dict[str, NpzSource] = {}
-        self._where: dict[str, NpzSource] = {}
+        self._parts: dict[str, Source] = {}
+        self._where: dict[str, Source] = {}
         try:
             for fname in sorted(set(weight_map.values())):
-                self._parts[fname] = NpzSource(self.dir / fname)
+                self._parts[fname] = self.part_class(self.dir / fname)
             for fname, part in self._parts.items():
                 names = {t.name for t in part.tensors()}
                 claimed = {n for n, f in weight_map.items() if f == fname}
