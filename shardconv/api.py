@@ -6,8 +6,9 @@ from typing import Any
 
 from . import engine
 from .errors import ChecksumError, UsageError, VerifyError
+from .frontend import MAPPING_OPTIONS
 from .plan import Plan, chunk_plan
-from .sinks import REGISTRY as SINKS, sink_for
+from .sinks import sink_for
 from .sources import Source, TensorInfo, open_source
 from .units import parse_size
 
@@ -22,11 +23,16 @@ def list_tensors(src: Any, **source_options: Any) -> list[TensorInfo]:
 
 def make_plan(source: Source, rules: str | os.PathLike | list[dict[str, Any]] | None = None, *,
               preset: str | None = None, prefer_ema: bool | None = None, drop_optimizer: bool | None = None,
-              allow_unmapped: bool | None = None, names: str | None = None) -> Plan:
-    """The plan for ``source``: names and roles, EMA/optimizer switches, then rules.
+              allow_unmapped: bool | None = None, names: str | None = None,
+              include: str | list[str] | None = None, exclude: str | list[str] | None = None,
+              dtype: str | None = None) -> Plan:
+    """The plan for ``source``: names and roles, EMA/optimizer switches, selection, then rules.
 
     ``rules`` is a TOML file path or a list of rule dicts; ``preset`` names a shipped
     rule set (its rules come first). Explicit switches override a rule file's [options].
+    ``include`` / ``exclude``: globs (``*`` also matches ``/``) on the names ``list_tensors``
+    and ``shardconv ls`` show, keeping only names an include matches and no exclude does;
+    ``dtype``: cast every floating-point tensor no rule casts (e.g. ``"bfloat16"``).
     """
     from .mapping import build_plan, load_preset, load_rules_file
 
@@ -43,7 +49,8 @@ def make_plan(source: Source, rules: str | os.PathLike | list[dict[str, Any]] | 
     elif rules:
         rule_list += list(rules)
     return build_plan(source, rule_list or None, options=options, prefer_ema=prefer_ema,
-                      drop_optimizer=drop_optimizer, allow_unmapped=allow_unmapped, names=names)
+                      drop_optimizer=drop_optimizer, allow_unmapped=allow_unmapped, names=names,
+                      include=include, exclude=exclude, dtype=dtype)
 
 
 def plan(src: Any, *, step: int | None = None, **mapping: Any) -> Plan:
@@ -55,20 +62,16 @@ def plan(src: Any, *, step: int | None = None, **mapping: Any) -> Plan:
 def convert(src: Any, dest: str | os.PathLike, *, to: str | None = None, max_memory: str | int = DEFAULT_MAX_MEMORY,
             overwrite: bool = False, restart: bool = False, fsync: bool = True, progress: bool = False,
             step: int | None = None, sink_options: dict[str, Any] | None = None,
-            rules: str | os.PathLike | list[dict[str, Any]] | None = None, preset: str | None = None,
-            prefer_ema: bool | None = None, drop_optimizer: bool | None = None,
-            allow_unmapped: bool | None = None, names: str | None = None) -> engine.Result:
+            **mapping: Any) -> engine.Result:
     """Convert a checkpoint to ``dest`` within ``max_memory``; resumes an interrupted run.
 
     Mapping arguments (``rules``, ``preset``, ``prefer_ema``, ``drop_optimizer``,
-    ``allow_unmapped``, ``names``) are those of ``make_plan``.
+    ``allow_unmapped``, ``names``, ``include``, ``exclude``, ``dtype``) are those of ``make_plan``.
     """
     source_options = {"step": step} if step is not None else {}
     with open_source(src, **source_options) as source:
-        plan = make_plan(source, rules, preset=preset, prefer_ema=prefer_ema, drop_optimizer=drop_optimizer,
-                         allow_unmapped=allow_unmapped, names=names)
+        plan = make_plan(source, **mapping)
         sink = sink_for(dest, to, **(sink_options or {}))
-        plan = plan.leave_out(sink.leave_out)
         return engine.run(plan, sink, dest, max_memory=parse_size(max_memory), overwrite=overwrite,
                           restart=restart, fsync=fsync, progress=progress)
 
@@ -150,8 +153,6 @@ def _reference_plan(dest: Any, out: Source, ref: Source, outputs: dict[str, Tens
     given = {k: v for k, v in mapping.items() if v is not None}
     recorded = _recorded_mapping(out)
     plan = make_plan(ref, **(given or recorded))
-    if out.format in SINKS:  # what the output's format cannot hold is not in it
-        plan = plan.leave_out(sink_for(dest, out.format).leave_out)
     want = {o.name: o for o in plan.outputs}
     missing = sorted(set(want) - set(outputs))
     extra = sorted(set(outputs) - set(want))
@@ -176,7 +177,7 @@ def _recorded_mapping(out: Source) -> dict[str, Any]:
         return {}
     opts = dict(manifest)
     rules = opts.pop("rules", None)
-    keep = {k: opts[k] for k in ("prefer_ema", "drop_optimizer", "allow_unmapped", "names") if k in opts}
+    keep = {k: opts[k] for k in MAPPING_OPTIONS if k in opts and k not in ("rules", "preset")}
     if rules:
         keep["rules"] = rules
     return keep

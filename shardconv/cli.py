@@ -53,17 +53,27 @@ cannot be recovered)."""
 
 
 def _mapping(p: argparse.ArgumentParser, title: str = "see docs/mapping.md") -> None:
+    """The mapping options (frontend.MAPPING_OPTIONS), each a flag."""
+    switch = {"action": "store_const", "const": True, "default": None}
+    specs: dict[str, dict[str, Any]] = {
+        "rules": {"metavar": "FILE", "help": "TOML file of mapping rules ([[rules]] tables, optional [options])"},
+        "preset": {"metavar": "NAME", "help": "a shipped rule set: " + ", ".join(_presets())},
+        "prefer_ema": {**switch, "help": "write EMA values under the model's names instead of the raw weights"},
+        "drop_optimizer": {**switch, "help": "leave out optimizer state (slots, moments, step counters) and EMA copies"},
+        "allow_unmapped": {**switch, "help": "with --rules: keep tensors no rule matches under their own names "
+                                             "instead of failing"},
+        "names": {"choices": ["model", "keys"], "help": "TF2: name tensors by model variable path (default) or by "
+                                                         "raw checkpoint key"},
+        "include": {"action": "append", "metavar": "GLOB", "help": "keep only tensors whose name (as ls shows it) "
+                    "matches GLOB ('*' also matches '/'); repeatable"},
+        "exclude": {"action": "append", "metavar": "GLOB", "help": "leave out tensors whose name (as ls shows it) "
+                    "matches GLOB; repeatable"},
+        "dtype": {"metavar": "DTYPE", "help": "cast every floating-point tensor no rule casts to DTYPE (float16, "
+                  "bfloat16, float32, float64, float8_*)"},
+    }
     g = p.add_argument_group(f"mapping ({title})")
-    g.add_argument("--rules", help="TOML file of mapping rules ([[rules]] tables, optional [options])")
-    g.add_argument("--preset", help="a shipped rule set: " + ", ".join(_presets()))
-    g.add_argument("--prefer-ema", action="store_const", const=True, default=None,
-                   help="write EMA values under the model's names instead of the raw weights")
-    g.add_argument("--drop-optimizer", action="store_const", const=True, default=None,
-                   help="leave out optimizer state (slots, moments, step counters) and EMA copies")
-    g.add_argument("--allow-unmapped", action="store_const", const=True, default=None,
-                   help="with --rules: keep tensors no rule matches under their own names instead of failing")
-    g.add_argument("--names", choices=["model", "keys"], default=None,
-                   help="TF2: name tensors by model variable path (default) or by raw checkpoint key")
+    for name in MAPPING_OPTIONS:
+        g.add_argument("--" + name.replace("_", "-"), **specs[name])
 
 
 def _tf_output(p: argparse.ArgumentParser) -> None:
@@ -148,6 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip the final fsync (the rename stays atomic, but a power loss may lose the output)")
     p.add_argument("--json", action="store_true", help="print the result (counts, time, what was left out) as one "
                                                        "JSON object on stdout")
+    p.add_argument("--dry-run", action="store_true", help="print the plan (as shardconv plan) and write nothing")
     _mapping(p)
     _npz_output(p)
     _tf_output(p)
@@ -198,6 +209,8 @@ def _ls(args: argparse.Namespace) -> int:
 def _convert(args: argparse.Namespace) -> int:
     from .api import convert
 
+    if args.dry_run:
+        return _plan(args)
     r = convert(args.src, args.dest, to=args.to, max_memory=args.max_memory, overwrite=args.overwrite,
                 restart=args.restart, fsync=args.fsync, progress=not args.quiet, step=args.step,
                 sink_options=_sink_options(args) or None, **_mapping_kwargs(args))
@@ -240,10 +253,10 @@ def _plan(args: argparse.Namespace) -> int:
     from .sources import open_source
 
     with open_source(args.src, **({"step": args.step} if args.step is not None else {})) as source:
-        sink = sink_for("x", args.to)
-        plan = make_plan(source, **_mapping_kwargs(args)).leave_out(sink.leave_out)
+        plan = make_plan(source, **_mapping_kwargs(args))
         infos = {t.name: t for t in source.tensors()}
-        est = memory_estimate(plan, sink, parse_size(args.max_memory))
+        est = memory_estimate(plan, sink_for(getattr(args, "dest", "x"), args.to, **_sink_options(args)),
+                              parse_size(args.max_memory))
         bytes_in = sum(t.nbytes for t in infos.values())
         dropped_bytes = sum(infos[n].nbytes for n, _ in plan.dropped if n in infos)
         report = {

@@ -11,7 +11,8 @@ _CLI = contextvars.ContextVar("shardconv_cli", default=False)
 
 #: The mapping options, in the order messages and help list them (``convert``, ``plan`` and
 #: ``verify`` take them all; a rules file's ``[options]`` takes those that are not files).
-MAPPING_OPTIONS = ("rules", "preset", "prefer_ema", "drop_optimizer", "allow_unmapped", "names")
+MAPPING_OPTIONS = ("rules", "preset", "prefer_ema", "drop_optimizer", "allow_unmapped", "names",
+                   "include", "exclude", "dtype")
 
 
 @contextlib.contextmanager

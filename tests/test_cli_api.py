@@ -112,3 +112,51 @@ def test_convert_json_prints_the_result(src, tmp_path):
     r = json.loads(p.stdout)
     assert r["dest"] == str(tmp_path / "o.npz") and r["tensors"] == 2 and r["bytes_total"] == 36
     assert r["dropped"] == [{"name": "step", "reason": r["dropped"][0]["reason"]}]
+
+
+# -- --include / --exclude / --dtype as mapping options, --dry-run
+
+def test_include_keeps_only_matching_names(src, tmp_path):
+    p = run_cli("plan", src, "--include", "dense/*", "--json")
+    assert p.returncode == 0, p.stderr
+    r = json.loads(p.stdout)
+    assert sorted(o["name"] for o in r["outputs"]) == ["dense/bias", "dense/kernel"]
+    assert r["dropped"] == [{"name": "step", "reason": "matches no --include pattern"}]
+
+
+def test_exclude_is_repeatable_and_verify_recovers_it(src, tmp_path):
+    out = converted(src, tmp_path / "o.npz", "--exclude", "dense/b*", "--exclude", "step")
+    with np.load(out) as z:
+        assert sorted(z.files) == ["dense/kernel"]
+    p = run_cli("verify", out, src, "--quiet")
+    assert p.returncode == 0, p.stderr
+    p = run_cli("plan", src, "--exclude", "step")
+    assert "excluded by --exclude step" in p.stdout
+
+
+def test_dtype_casts_floating_point_tensors_only(src, tmp_path):
+    import ml_dtypes
+
+    out = converted(src, tmp_path / "o.npz", "--dtype", "bfloat16")
+    tensors = {t.name: t for t in shardconv.list_tensors(out)}
+    assert tensors["dense/kernel"].dtype == "bfloat16" and tensors["step"].dtype == "int64"
+    with np.load(out) as z:
+        assert z["dense/kernel"].view(ml_dtypes.bfloat16).astype(np.float32).tolist() == [[0, 1, 2], [3, 4, 5]]
+    p = run_cli("verify", out, src, "--quiet")
+    assert p.returncode == 0, p.stderr
+    p = run_cli("plan", src, "--dtype", "int8")
+    assert p.returncode != 0 and "not a floating-point dtype" in one_line(p.stderr)
+
+
+def test_include_exclude_dtype_from_python(src, tmp_path):
+    r = shardconv.convert(src, tmp_path / "o.npz", include="dense/*", exclude=["*/bias"], dtype="float16")
+    assert r.tensors == 1 and [t.dtype for t in shardconv.list_tensors(tmp_path / "o.npz")] == ["float16"]
+    assert ("dense/bias", "excluded by exclude='*/bias'") in r.dropped
+
+
+def test_convert_dry_run_prints_the_plan_and_writes_nothing(src, tmp_path):
+    dest = tmp_path / "sub" / "o.npz"
+    p = run_cli("convert", src, dest, "--dry-run", "--drop-optimizer")
+    assert p.returncode == 0, p.stderr
+    assert "dense/kernel" in p.stdout and "2 outputs" in p.stdout and "left out 1" in p.stdout
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["in.npz"]

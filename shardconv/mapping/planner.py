@@ -18,6 +18,7 @@ from ..sources.base import Source, TensorInfo
 from .assemble import Assemble, Piece, check_piece
 from .roles import Role, assign_roles
 from .rules import Rule, parse_rules
+from .select import check_options, select
 
 DEFAULTS = {"prefer_ema": False, "drop_optimizer": False, "allow_unmapped": False, "names": "model"}
 
@@ -28,6 +29,7 @@ class _Item:
     src: TensorInfo
     role: Role
     notes: list[str] = field(default_factory=list)
+    cast: str | None = None  # the global dtype option, for a floating-point tensor no rule casts
 
 
 def cast_problem(src: str, dst: str) -> str | None:
@@ -58,6 +60,9 @@ def build_plan(source: Source, rules: list[dict[str, Any]] | None = None, *, opt
     opts = {**DEFAULTS, **ruleset.options, **{k: v for k, v in overrides.items() if v is not None}}
     if opts["names"] not in ("model", "keys"):
         raise PlanError([f"names must be 'model' or 'keys', got {opts['names']!r}"])
+    bad = check_options(opts)
+    if bad:
+        raise PlanError(bad)
     problems: list[str] = []
     dropped: list[tuple[str, str]] = []
     notes: list[str] = []
@@ -112,6 +117,7 @@ def build_plan(source: Source, rules: list[dict[str, Any]] | None = None, *, opt
                      "--prefer-ema writes them under the weights' names")
     if opts["drop_optimizer"]:
         items = _drop_optimizer(items, dropped, notes)
+    items = select(items, opts, dropped)
 
     # -- rules
     outputs: list[OutputTensor] = []
@@ -210,7 +216,7 @@ def _base(it: _Item, rule: Rule | None, problems: list[str]) -> tuple[tuple[int,
 
 def _dtype(it: _Item, rule: Rule | None, problems: list[str]) -> str | None:
     if rule is None or rule.cast is None:
-        return it.src.dtype
+        return it.cast or it.src.dtype
     why = cast_problem(it.src.dtype, rule.cast)
     if why:
         problems.append(f"{rule.label}: {it.name!r}: {why}")
@@ -229,6 +235,8 @@ def _make(name: str, shape: tuple[int, ...], dtype: str, pieces: list[Piece], in
         if why:
             problems.append(f"{name!r}: {why}")
             return None
+    if "cast" not in ops and any(in_dtypes[p.input] != dtype for p in pieces):
+        ops = [*ops, "cast"]  # the global dtype option
     identity = (len(pieces) == 1 and pieces[0].perm == tuple(range(len(pieces[0].view)))
                 and pieces[0].box == _full(pieces[0].view) and in_dtypes[pieces[0].input] == dtype)
     if identity:

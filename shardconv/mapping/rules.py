@@ -17,9 +17,10 @@ from typing import Any
 
 from ..dtypes import NUMPY_DTYPES
 from ..errors import PlanError, UsageError
+from ..frontend import MAPPING_OPTIONS
 
 KEYS = {"match", "rename", "drop", "cast", "transpose", "reshape", "stack", "concat", "split", "unstack", "note"}
-OPTION_KEYS = {"prefer_ema", "drop_optimizer", "allow_unmapped", "names"}
+OPTION_KEYS = set(MAPPING_OPTIONS) - {"rules", "preset"}
 
 
 @dataclass
