@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 import os
 import random
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -11,10 +13,12 @@ from typing import Any
 import numpy as np
 import pytest
 
-from ..errors import SourceError
+from .. import api, engine
+from ..errors import ChecksumError, FormatError, ResumeError, SourceChangedError, SourceError
 from ..integrity import IntegrityTracker
 from ..journal import describe_changes
 from ..sources.base import Source
+from .caselog import log_case
 
 
 def as_bytes(v: Any) -> bytes:
@@ -130,6 +134,51 @@ class SourceTests:
         changes = describe_changes(json.loads(before), after)
         assert any(c.startswith("file '") and f"{os.path.basename(path)}' changed (ctime_ns)" in c
                    for c in changes), changes
+
+    def source_path(self, src: Source) -> str:
+        """What a user passes to ``convert`` for this source; skips for in-memory sources."""
+        if not src.input_files():
+            pytest.skip("in-memory source: no input file to change")
+        return src.location
+
+    def test_input_changed_during_the_run_leaves_nothing_at_dest(self, case, tmp_path, monkeypatch):
+        """An input file rewritten (same size and mtime) after the first chunk is journaled: the
+        run fails (the fingerprint taken again before the rename, or a stored checksum) and
+        nothing appears at DEST."""
+        src, _ = case
+        path, dest = self.source_path(src), tmp_path / "changed-during.npz"
+        hook = engine._hook
+
+        def mutate_once(point: str, *args: Any) -> None:
+            if point == "journal:0":
+                self.mutate_input(src, tmp_path)
+            hook(point, *args)
+
+        monkeypatch.setattr(engine, "_hook", mutate_once)
+        with pytest.raises((SourceChangedError, ChecksumError)):
+            api.convert(path, dest, max_memory="1MiB", fsync=False, allow_unmapped=True)
+        assert not dest.exists()
+        log_case("source-changed-during-run", src.format)
+
+    def test_input_changed_between_kill_and_resume_is_refused(self, case, tmp_path):
+        """Killed after its first chunk, the input then rewritten (same size and mtime): the
+        resume is refused in one line naming the file, and nothing appears at DEST."""
+        src, _ = case
+        path, dest = self.source_path(src), tmp_path / "changed-resume.npz"
+        argv = [sys.executable, "-m", "shardconv", "convert", path, str(dest), "--max-memory", "1MiB",
+                "--quiet", "--no-fsync", "--allow-unmapped"]
+        proc = subprocess.run(argv, env={**os.environ, "SHARDCONV_TEST_KILL": "journal:0"}, capture_output=True)
+        assert proc.returncode == -9, proc.stderr.decode()
+        changed = self.mutate_input(src, tmp_path)
+        proc = subprocess.run(argv, capture_output=True, text=True)
+        assert proc.returncode != 0 and not dest.exists(), proc.stderr
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and "error" in lines[0], proc.stderr
+        with pytest.raises((ResumeError, FormatError)):  # a damaged index can no longer be listed at all
+            api.convert(path, dest, max_memory="1MiB", fsync=False, allow_unmapped=True)
+        if "input changed since it was started" in lines[0]:
+            assert os.path.basename(changed) in lines[0], lines[0]
+        log_case("source-changed-between-kill-and-resume", src.format)
 
 
 def flip_byte_keeping_mtime(path: str, offset: int) -> None:
