@@ -36,13 +36,15 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         t = Path(tmp)
         env = {**os.environ, "SHARDCONV_KILL_LOG": str(t / "kills"), "SHARDCONV_CORPUS_LOG": str(t / "corpus"),
+               "SHARDCONV_CASE_LOG": str(t / "cases"),
                "SHARDCONV_FUZZ_COUNTS": str(t / "fuzz"), "SHARDCONV_FUZZ_EXAMPLES": str(args.fuzz_examples)}
         tests = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "tests").glob("test_*.py"))
         junit = t / "junit.xml"
         r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={junit}",
                             "-k", "sigkill or kill or hostile or crafted or mutated or fault or fsync or "
                                   "read_error or write_error or file_size or fuzz or random_bytes or mutations "
-                                  "or wire or npy_header or entries or lock or writer or stale",
+                                  "or wire or npy_header or entries or lock or writer or stale or planted or race "
+                                  "or input_changed or over_around or link_at",
                             *tests], cwd=ROOT, env=env, capture_output=True, text=True)
         if r.returncode != 0:
             print(r.stdout[-3000:], r.stderr[-2000:], file=sys.stderr)
@@ -59,6 +61,7 @@ def main() -> int:
         timed = collections.Counter(sink for sink, point in kill_lines if point.startswith("time:"))
         corpus = collections.Counter(_lines(t / "corpus"))
         fuzz = collections.Counter(_lines(t / "fuzz"))
+        cases = _cases(_lines(t / "cases"))
         sweep_json = t / "sweep.json"
         s = subprocess.run([sys.executable, str(ROOT / "bench" / "mutation_sweep.py"), "--cases", str(args.sweep_cases),
                             "--json", str(sweep_json)], cwd=ROOT, capture_output=True, text=True)
@@ -73,11 +76,12 @@ def main() -> int:
         *[f"| SIGKILL points survived, {sink} sink (output identical after resume) | {n} ({n - timed[sink]} at "
           f"code points, {timed[sink]} at times spread over the run) | shared sink suite |"
           for sink, n in sorted(kills.items())],
-        f"| hostile-input cases (mutated TF checkpoints; crafted TF indexes, npz files and split-npz indexes; Orbax/OCDBT, Zarr and t5x directories) | "
+        f"| hostile-input cases (mutated TF checkpoints; crafted TF indexes, npz files and split-npz indexes; safetensors headers; Orbax/OCDBT, Zarr and t5x directories) | "
         f"{sum(corpus.values())}: {', '.join(f'{v} {k}' for k, v in sorted(corpus.items()))} | tests/test_hostile.py |",
+        *_case_rows(cases),
         f"| fault-injection tests (disk full, ENOSPC/EIO writes, failed fsync, read error) | "
         f"{by_file.get('test_faults', 0)} passed | tests/test_faults.py |",
-        f"| fuzz executions (TF index, entries, protobuf wire, npy header, npz, msgpack) | {sum(fuzz.values())} "
+        f"| fuzz executions (TF index, entries, protobuf wire, npy header, npz, msgpack, safetensors header) | {sum(fuzz.values())} "
         f"over {len(fuzz)} targets, no failure | tests/test_fuzz.py |",
         f"| mutated copies of a real TF checkpoint, separate processes, --max-memory {sweep.get('max_memory', '?')} | "
         f"{sweep.get('cases', 0)}: {', '.join(f'{v} {k}' for k, v in sorted(sweep['outcomes'].items()))}; "
@@ -94,6 +98,38 @@ def main() -> int:
     args.readme.write_text(text)
     print(section)
     return 0
+
+
+#: Case kinds logged by the shared suites (shardconv.testing.caselog), as README rows.
+CASE_ROWS = [
+    ("planted-link", "planted symbolic links (at DEST.partial, its lock, DEST), target untouched, per sink",
+     "shared sink suite"),
+    ("race", "races: DEST published by another writer after the check (after the lock, before the rename), "
+             "never replaced without --overwrite, per sink", "shared sink suite"),
+    ("input-overlap", "output over, around or inside the input refused, input untouched, per sink",
+     "shared sink suite"),
+    ("source-changed-during-run", "input rewritten during the run (same size and mtime): error, nothing at DEST, "
+                                  "per source format", "shared source suite"),
+    ("source-changed-between-kill-and-resume", "input rewritten between a kill and the resume: resume refused "
+                                               "naming the file, per source format", "shared source suite"),
+]
+
+
+def _cases(lines: list[str]) -> dict[str, collections.Counter]:
+    out: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+    for line in lines:
+        kind, _, label = line.partition("\t")
+        out[kind][label] += 1
+    return out
+
+
+def _case_rows(cases: dict[str, collections.Counter]) -> list[str]:
+    rows = []
+    for kind, what, where in CASE_ROWS:
+        c = cases.get(kind, collections.Counter())
+        detail = ", ".join(f"{label} {n}" for label, n in sorted(c.items()))
+        rows.append(f"| {what} | {sum(c.values())}, nothing lost, no wrong output ({detail or 'none ran'}) | {where} |")
+    return rows
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ import pytest
 
 from .. import api
 from ..errors import DestinationError
+from .caselog import log_case
 
 
 def reference_tree() -> dict[str, np.ndarray]:
@@ -109,7 +110,10 @@ class SinkTests:
         log = os.environ.get("SHARDCONV_KILL_LOG")
         if log:
             with open(log, "a") as f:
-                f.write(f"{self.label or self.to or self.suffix.lstrip('.')}\t{point}\n")
+                f.write(f"{self._label()}\t{point}\n")
+
+    def _label(self) -> str:
+        return self.label or self.to or self.suffix.lstrip(".")
 
     def _kill_at(self, src: Path, dest: Path, point: str) -> subprocess.CompletedProcess:
         argv = [sys.executable, "-m", "shardconv", "convert", str(src), str(dest), "--max-memory", "1MiB", "--quiet",
@@ -199,6 +203,7 @@ class SinkTests:
         with pytest.raises(DestinationError, match="symbolic link"):
             self.convert(src, dest)
         assert _contents(target) == PLANTED["directory"] and not os.path.lexists(dest)
+        log_case("planted-link", self._label())
 
     def test_planted_link_at_the_lock_is_refused_and_its_target_untouched(self, source_npz, tmp_path):
         src, _ = source_npz
@@ -209,6 +214,7 @@ class SinkTests:
         with pytest.raises(DestinationError, match="symbolic link"):
             self.convert(src, dest)
         assert _contents(victim) == PLANTED["file"] and not os.path.lexists(dest)
+        log_case("planted-link", self._label())
 
     @pytest.mark.parametrize("point", ["lock", "finish"])
     def test_race_destination_published_by_another_writer_meanwhile_is_never_replaced(self, source_npz, tmp_path, point):
@@ -229,6 +235,7 @@ class SinkTests:
             assert r.chunks_written == 0
             got = self.read_back(dest)
             assert {k: v.tobytes() for k, v in got.items()} == {k: v.tobytes() for k, v in tree.items()}
+        log_case("race", self._label())
 
     def test_output_over_around_or_inside_the_input_is_refused(self, source_npz, tmp_path):
         src, _ = source_npz
@@ -247,6 +254,7 @@ class SinkTests:
                 self.convert(s, d, overwrite=True)
         assert {"holder": _contents(holder), "split": _contents(split)} == before
         assert not list(tmp_path.glob("**/*.partial"))
+        log_case("input-overlap", self._label())
 
     def test_refusals_before_the_first_byte_leave_no_partial(self, source_npz, tmp_path):
         """A too-small budget, or --overwrite of something of the other kind (a file where the
@@ -276,6 +284,7 @@ class SinkTests:
         assert not dest.is_symlink() and _contents(target) == PLANTED[kind]
         got = self.read_back(dest)
         assert {k: v.tobytes() for k, v in got.items()} == {k: v.tobytes() for k, v in tree.items()}
+        log_case("planted-link", self._label())
 
 
 #: What the filesystem tests plant where shardconv must not write: a directory or a file.
