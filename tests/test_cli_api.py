@@ -160,3 +160,46 @@ def test_convert_dry_run_prints_the_plan_and_writes_nothing(src, tmp_path):
     assert p.returncode == 0, p.stderr
     assert "dense/kernel" in p.stdout and "2 outputs" in p.stdout and "left out 1" in p.stdout
     assert sorted(x.name for x in tmp_path.iterdir()) == ["in.npz"]
+
+
+# -- help text, sizes, a mistyped command, usage of the subcommand
+
+def test_every_argument_has_help_and_to_lists_the_sink_registry():
+    import argparse
+
+    from shardconv.cli import build_parser
+    from shardconv.sinks import REGISTRY
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for command, p in sub.choices.items():
+        for action in p._actions:
+            assert action.help, (command, action.dest)
+        to = next((a for a in p._actions if a.dest == "to"), None)
+        if to is not None:
+            assert list(to.choices) == list(REGISTRY) and all(f in to.help for f in REGISTRY)
+    p = run_cli("convert", "a", "b", "--to", "npy")
+    assert p.returncode == 2 and p.stderr.startswith("usage: shardconv convert") and "invalid choice: 'npy'" in p.stderr
+
+
+def test_sizes_binary_like_docker_decimal_with_b():
+    from shardconv.units import parse_size
+
+    assert [parse_size(s) for s in ("1K", "1k", "1KB", "1KiB", "2G", "2GB", "2GiB", "1.5M", "4096")] == \
+        [1024, 1024, 1000, 1024, 2 << 30, 2 * 10**9, 2 << 30, 3 << 19, 4096]
+    p = run_cli("convert", "--help")
+    text = " ".join(p.stdout.split())
+    assert "K, M, G binary as in Docker and -Xmx" in text and "KB, MB, GB decimal" in text and "KiB, MiB, GiB binary" in text
+
+
+def test_mistyped_command_suggests_the_closest():
+    p = run_cli("convrt", "a", "b")
+    assert p.returncode == 2 and "did you mean 'convert'?" in p.stderr.splitlines()[-1]
+    p = run_cli("--debug", "lss")
+    assert p.returncode == 2 and "did you mean 'ls'?" in p.stderr
+
+
+def test_an_error_in_a_subcommand_shows_its_usage():
+    p = run_cli("convert", "a")
+    assert p.returncode == 2 and p.stderr.startswith("usage: shardconv convert")
+    assert p.stderr.splitlines()[-1] == "shardconv convert: error: the following arguments are required: dest"

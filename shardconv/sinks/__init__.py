@@ -7,7 +7,16 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UsageError
-from .base import Sink
+
+
+def __getattr__(name: str) -> Any:
+    """``Sink`` on first use: the registry below is read by ``shardconv --help``, which imports no NumPy."""
+    if name == "Sink":
+        from .base import Sink
+
+        return Sink
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 #: format name -> (module, class, destination suffixes)
 REGISTRY: dict[str, tuple[str, str, tuple[str, ...]]] = {
