@@ -120,20 +120,28 @@ class SSTable:
             raise self._err(f"{what} block: bad restart count {num_restarts}")
         pos = 0
         key = b""
-        mv = memoryview(block)
         while pos < limit:
-            try:
-                shared, pos = read_varint(mv, pos, limit, "entry shared length")
-                non_shared, pos = read_varint(mv, pos, limit, "entry key length")
-                vlen, pos = read_varint(mv, pos, limit, "entry value length")
-            except FormatError as e:
-                raise self._err(f"{what} block: {e}") from None
+            if pos + 3 <= limit and block[pos] | block[pos + 1] | block[pos + 2] < 0x80:
+                shared, non_shared, vlen = block[pos], block[pos + 1], block[pos + 2]  # three 1-byte varints
+                pos += 3
+            else:
+                shared, non_shared, vlen, pos = self._entry_lengths(block, pos, limit, what)
             if shared > len(key) or non_shared + vlen > limit - pos:
                 raise self._err(f"{what} block: entry at {pos} overruns the block")
-            key = key[:shared] + bytes(mv[pos:pos + non_shared])
+            key = key[:shared] + block[pos:pos + non_shared]
             pos += non_shared
-            yield key, bytes(mv[pos:pos + vlen])
+            yield key, block[pos:pos + vlen]
             pos += vlen
+
+    def _entry_lengths(self, block: bytes, pos: int, limit: int, what: str) -> tuple[int, int, int, int]:
+        """An entry's shared, non-shared and value lengths (any varint form) and the position after them."""
+        try:
+            shared, pos = read_varint(block, pos, limit, "entry shared length")
+            non_shared, pos = read_varint(block, pos, limit, "entry key length")
+            vlen, pos = read_varint(block, pos, limit, "entry value length")
+        except FormatError as e:
+            raise self._err(f"{what} block: {e}") from None
+        return shared, non_shared, vlen, pos
 
     def items(self) -> Iterator[tuple[bytes, bytes]]:
         """All (key, value) pairs in order; checks keys are strictly increasing."""
