@@ -50,53 +50,49 @@ def _step_of(prefix: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
-_DATA_SUFFIX = re.compile(r"\.data-\d{5}-of-\d{5}$")
-
-
-def _owning_prefix(p: Path) -> Path | None:
-    """The prefix a checkpoint file belongs to (``.index``, ``.data-…``, the TF1 graph
-    ``.meta``), or None for another file. A ``.data``/``.meta`` file whose ``.index`` is not
-    beside it is an error saying what to pass instead."""
-    if p.name.endswith(".index"):
-        return p.with_name(p.name[: -len(".index")])
-    if _DATA_SUFFIX.search(p.name):
-        prefix, what = p.with_name(_DATA_SUFFIX.sub("", p.name)), "a data shard"
-    elif p.name.endswith(".meta"):
-        prefix, what = p.with_name(p.name[: -len(".meta")]), "a TF1 graph (.meta, no values)"
-    else:
-        return None
-    if Path(str(prefix) + ".index").is_file():
-        return prefix
-    raise SourceError(f"{p}: {what} of checkpoint {prefix.name}, whose index {prefix.name}.index is not "
-                      f"beside it; pass the directory holding {prefix.name}.index and its .data files")
-
-
-def _is_state_file(p: Path) -> bool:
-    """True for TensorFlow's ``checkpoint`` text file (``model_checkpoint_path: "…"``); never
-    raises (Orbax and t5x name msgpack files ``checkpoint`` too)."""
-    try:
-        return p.name == "checkpoint" and p.is_file() and p.stat().st_size < (1 << 20) and \
-            _parse_state_file(p)[0] is not None
-    except (OSError, SourceError):
-        return False
-
-
 def resolve_prefix(path: str | os.PathLike, step: int | None = None) -> Path:
     """Turn what a user points at into a bundle prefix (``.../model.ckpt-100``).
 
-    Accepts a prefix, its ``.index``, ``.data-…`` or ``.meta`` file, the ``checkpoint``
-    state file, a checkpoint directory (follows the state file, or ``step``, or takes the
-    newest step of files copied without it), a SavedModel or its ``variables/``.
+    Accepts a prefix, its ``.index`` file, a checkpoint directory (follows the
+    ``checkpoint`` state file, or ``step``), a SavedModel or its ``variables/``.
     """
     p = Path(path)
-    if p.is_file():
-        owner = _owning_prefix(p)
-        if owner is not None:
-            return owner
-        if _is_state_file(p):
-            return _resolve_dir(p.parent, step)
+    if p.name.endswith(".index") and p.is_file():
+        return p.with_name(p.name[: -len(".index")])
+    if re.search(r"\.data-\d{5}-of-\d{5}$", p.name) and p.is_file():
+        return p.with_name(re.sub(r"\.data-\d{5}-of-\d{5}$", "", p.name))
     if p.is_dir():
-        return _resolve_dir(p, step)
+        for cand in (p / "variables" / "variables", p / "variables"):
+            if Path(str(cand) + ".index").is_file():
+                return cand
+        candidates = sorted(q.name[: -len(".index")] for q in p.glob("*.index"))
+        state = p / "checkpoint"
+        if step is not None:
+            hits = [c for c in candidates if _step_of(c) == step]
+            if not hits:
+                steps = sorted({s for c in candidates if (s := _step_of(c)) is not None})
+                raise SourceError(f"{p}: no checkpoint for step {step} (steps present: {steps or 'none'})")
+            if len(hits) > 1:
+                raise SourceError(f"{p}: several checkpoints for step {step}: {', '.join(hits)}")
+            return p / hits[0]
+        if state.is_file():
+            latest, _ = _parse_state_file(state)
+            if latest:
+                lp = Path(latest)
+                lp = lp if lp.is_absolute() else p / lp
+                if not Path(str(lp) + ".index").is_file():
+                    # Checkpoints moved with their directory: try the basename here.
+                    local = p / lp.name
+                    if Path(str(local) + ".index").is_file():
+                        return local
+                    raise SourceError(f"{state}: names checkpoint {latest!r} but {lp}.index does not exist")
+                return lp
+        if len(candidates) == 1:
+            return p / candidates[0]
+        if candidates:
+            raise SourceError(f"{p}: holds {len(candidates)} checkpoints ({', '.join(candidates[:5])}); "
+                              "name one, or pass --step")
+        raise SourceError(f"{p}: no TensorFlow checkpoint here (no .index file, no variables/)")
     if Path(str(p) + ".index").is_file():
         return p
     if not p.exists() and not p.parent.is_dir():
@@ -104,91 +100,20 @@ def resolve_prefix(path: str | os.PathLike, step: int | None = None) -> Path:
     raise SourceError(f"{p}: not a TensorFlow checkpoint ({p}.index does not exist)")
 
 
-def _resolve_dir(p: Path, step: int | None) -> Path:
-    """The prefix a checkpoint directory stands for (see ``resolve_prefix``)."""
-    for cand in (p / "variables" / "variables", p / "variables"):
-        if Path(str(cand) + ".index").is_file():
-            return cand
-    candidates = sorted(q.name[: -len(".index")] for q in p.glob("*.index"))
-    if step is not None:
-        hits = [c for c in candidates if _step_of(c) == step]
-        if not hits:
-            steps = sorted({s for c in candidates if (s := _step_of(c)) is not None})
-            raise SourceError(f"{p}: no checkpoint for step {step} (steps present: {steps or 'none'})")
-        if len(hits) > 1:
-            raise SourceError(f"{p}: several checkpoints for step {step}: {', '.join(hits)}; pass one of them")
-        return p / hits[0]
-    state = p / "checkpoint"
-    if _is_state_file(state):
-        return _from_state_file(p, state)
-    return p / _newest(p, candidates)
-
-
-def _from_state_file(p: Path, state: Path) -> Path:
-    """The checkpoint the ``checkpoint`` state file names as the latest."""
-    latest, _ = _parse_state_file(state)
-    lp = Path(latest or "")
-    lp = lp if lp.is_absolute() else p / lp
-    if not Path(str(lp) + ".index").is_file():
-        # Checkpoints moved with their directory: try the basename here.
-        local = p / lp.name
-        if Path(str(local) + ".index").is_file():
-            return local
-        raise SourceError(f"{state}: names checkpoint {latest!r} but {lp}.index does not exist; "
-                          f"pass a prefix that exists, or --step N")
-    return lp
-
-
-def _newest(p: Path, candidates: list[str]) -> str:
-    """Without a state file: the only checkpoint, or the highest step of one series
-    (``model.ckpt-100``, ``model.ckpt-200``: files copied by hand); else an error listing them."""
-    if not candidates:
-        strays = _strays(p)
-        if strays:
-            raise SourceError(f"{p}: holds {', '.join(strays[:3])} but no .index file; copy the checkpoint's "
-                              ".index beside them, or pass the directory it was saved in")
-        raise SourceError(f"{p}: no TensorFlow checkpoint here (no .index file, no variables/)")
-    steps = [_step_of(c) for c in candidates]
-    series = {re.sub(r"-\d+$", "", c) for c in candidates}
-    if len(candidates) == 1 or (len(series) == 1 and None not in steps and len(set(steps)) == len(steps)):
-        return max(candidates, key=lambda c: _step_of(c) or 0)
-    shown = ", ".join(candidates[:5]) + (", ..." if len(candidates) > 5 else "")
-    step_hint = " or --step N" if any(s is not None for s in steps) else ""
-    raise SourceError(f"{p}: holds {len(candidates)} checkpoints ({shown}) and no 'checkpoint' state file "
-                      f"naming one; pass a prefix such as {p / candidates[-1]}{step_hint}")
-
-
-def _strays(p: Path) -> list[str]:
-    """``.data-…`` and ``.meta`` files in directory ``p``: checkpoint files without their index."""
-    return sorted(q.name for q in p.iterdir() if q.name.endswith(".meta") or _DATA_SUFFIX.search(q.name))
-
-
 def _state_file_used(path: Path, step: int | None, prefix: Path) -> Path | None:
     """The ``checkpoint`` state file ``resolve_prefix`` read to choose ``prefix``, if any."""
-    if _is_state_file(path):
-        path = path.parent
     state = path / "checkpoint"
-    if step is not None or not path.is_dir() or not _is_state_file(state) or \
+    if step is not None or not path.is_dir() or not state.is_file() or \
             prefix in (path / "variables" / "variables", path / "variables"):
         return None
     return state
 
 
 def is_tf_bundle(path: str | os.PathLike) -> bool:
-    """True for anything ``resolve_prefix`` takes, and for a path that is recognisably meant
-    as a TF checkpoint but is not usable as given (several checkpoints and no state file, a
-    ``.meta`` without its index): opening it then says what to pass instead."""
     try:
         resolve_prefix(path)
         return True
     except SourceError:
-        pass
-    p = Path(path)
-    try:
-        if p.is_dir():
-            return _is_state_file(p / "checkpoint") or any(p.glob("*.index")) or bool(_strays(p))
-        return p.is_file() and (p.name.endswith(".meta") or bool(_DATA_SUFFIX.search(p.name)))
-    except OSError:
         return False
 
 
