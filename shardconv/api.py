@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 from . import engine
-from .errors import ChecksumError, UsageError, VerifyError
+from .errors import ChecksumError, DestinationError, UsageError, VerifyError
 from .frontend import MAPPING_OPTIONS
 from .plan import Plan, chunk_plan
-from .sinks import sink_for
+from .sinks import require, sink_for
 from .sources import Source, TensorInfo, open_source
 from .units import parse_size
 
@@ -72,8 +73,46 @@ def convert(src: Any, dest: str | os.PathLike, *, to: str | None = None, max_mem
     with open_source(src, **source_options) as source:
         plan = make_plan(source, **mapping)
         sink = sink_for(dest, to, **(sink_options or {}))
-        return engine.run(plan, sink, dest, max_memory=parse_size(max_memory), overwrite=overwrite,
-                          restart=restart, fsync=fsync, progress=progress)
+        require(sink.name)
+        created = _make_parents(dest)
+        try:
+            return engine.run(plan, sink, dest, max_memory=parse_size(max_memory), overwrite=overwrite,
+                              restart=restart, fsync=fsync, progress=progress)
+        except BaseException:
+            _remove_empty(created)  # refused or failed before anything was left in them
+            raise
+
+
+def _make_parents(dest: str | os.PathLike) -> list[Path]:
+    """Create the missing parent directories of a local ``dest`` (``mkdir -p``, as a TF
+    Serving ``models/NAME/`` needs); return those created, deepest first."""
+    from . import tsio
+
+    if tsio.is_remote(dest):
+        return []
+    missing = []
+    p = tsio.local_path(dest).parent
+    while not os.path.lexists(p):
+        missing.append(p)
+        p = p.parent
+    for d in reversed(missing):
+        try:
+            os.mkdir(d)
+        except FileExistsError:
+            continue
+        except OSError as e:
+            _remove_empty(missing)
+            raise DestinationError(f"{d}: cannot create the destination's directory: {e.strerror}") from None
+    return missing
+
+
+def _remove_empty(dirs: list[Path]) -> None:
+    """Remove ``dirs`` (deepest first) while they are empty."""
+    for d in dirs:
+        try:
+            os.rmdir(d)
+        except OSError:
+            return
 
 
 def verify(dest: str | os.PathLike, src: Any = None, *, max_memory: str | int = DEFAULT_MAX_MEMORY,

@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import inspect
 from pathlib import Path
 from typing import Any
 
-from ..errors import UsageError
+from ..errors import MissingDependencyError, UsageError
 
 
 def __getattr__(name: str) -> Any:
@@ -26,6 +27,29 @@ REGISTRY: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "tf-checkpoint": (".savedmodel", "TFCheckpointSink", ()),
     "zarr": (".zarr", "ZarrSink", (".zarr",)),
 }
+
+_TF = ("tensorflow", "tf", "TensorFlow output (--to savedmodel / tf-checkpoint)")
+#: format name -> (module, extra, what): the optional library a format writes with. ``plan`` and
+#: ``convert`` check it is installed (``require``) before anything is written.
+REQUIRES: dict[str, tuple[str, str, str]] = {
+    "savedmodel": _TF,
+    "tf-checkpoint": _TF,
+    "zarr": ("tensorstore", "zarr", "Zarr output"),
+}
+
+
+def require(to: str) -> None:
+    """Raise MissingDependencyError (one line with the ``pip install`` to run) if the library
+    output format ``to`` writes with is not installed. Imports nothing."""
+    if to not in REQUIRES:
+        return
+    module, extra, what = REQUIRES[to]
+    try:
+        found = importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        found = False
+    if not found:
+        raise MissingDependencyError(module, extra, what)
 
 
 def sink_for(dest: str | Path, to: str | None = None, **options: Any) -> Sink:
@@ -47,4 +71,4 @@ def sink_for(dest: str | Path, to: str | None = None, **options: Any) -> Sink:
     return factory(**options)
 
 
-__all__ = ["Sink", "sink_for", "REGISTRY"]
+__all__ = ["Sink", "sink_for", "require", "REGISTRY", "REQUIRES"]

@@ -79,6 +79,8 @@ STORAGE_DTYPE = {"uint4": "uint8", "uint2": "uint8"}
 ZSTD_LEVEL = 3
 BLOSC = {"cname": "lz4", "clevel": 5}
 ORBAX_HANDLER = "orbax.checkpoint._src.handlers.standard_checkpoint_handler.StandardCheckpointHandler"
+#: The item a ``CheckpointManager`` step holds when saved with one unnamed item (``DEST/STEP/default/``).
+ORBAX_ITEM = "default"
 #: Names that would collide with metadata keys of the layout.
 _RESERVED = {"zarr.json", ".zarray", ".zgroup", ".zattrs", ".zmetadata", PARTIAL_KEY}
 _ORBAX_RESERVED = _RESERVED | {"_METADATA", "_CHECKPOINT_METADATA", "commit_success.txt", "_sharding",
@@ -221,7 +223,8 @@ class ZarrSink(Sink):
     name = "zarr"
 
     def __init__(self, zarr_format: int | str = 3, compression: str = "none",
-                 chunk_mib: float | str = DEFAULT_CHUNK_MIB, layout: str = "zarr") -> None:
+                 chunk_mib: float | str = DEFAULT_CHUNK_MIB, layout: str = "zarr",
+                 orbax_step: int | None = None) -> None:
         try:
             self.zarr_format = int(zarr_format)
             self.chunk_mib = float(chunk_mib)
@@ -236,6 +239,11 @@ class ZarrSink(Sink):
             raise UsageError(f"--chunk-mib must be between 1/1024 and 1024, not {chunk_mib!r}")
         if layout not in LAYOUTS:
             raise UsageError(f"--layout must be one of {', '.join(LAYOUTS)}, not {layout!r}")
+        if orbax_step is not None and layout != "orbax":
+            raise UsageError("--orbax-step writes a CheckpointManager step of the Orbax layout; pass --layout orbax")
+        if orbax_step is not None and (not isinstance(orbax_step, int) or orbax_step < 0):
+            raise UsageError(f"--orbax-step must be a non-negative integer, not {orbax_step!r}")
+        self.orbax_step = orbax_step
         self.compression = compression
         self.layout = layout
         self.url: str | None = None           # object-store destination, or None for a local path
@@ -250,8 +258,11 @@ class ZarrSink(Sink):
     # -- engine hooks -------------------------------------------------------------
 
     def options(self) -> dict[str, Any]:
-        return {"zarr_format": self.zarr_format, "compression": self.compression, "chunk_mib": self.chunk_mib,
+        opts = {"zarr_format": self.zarr_format, "compression": self.compression, "chunk_mib": self.chunk_mib,
                 "layout": self.layout}
+        if self.orbax_step is not None:
+            opts["orbax_step"] = self.orbax_step
+        return opts
 
     def baseline_bytes(self) -> int:
         # TensorStore's import and thread pools: bench peak RSS of the zarr row minus the npz row.
@@ -265,6 +276,9 @@ class ZarrSink(Sink):
     def local_dest(self, dest: str | os.PathLike) -> Path:
         if not tsio.is_remote(dest):
             return tsio.local_path(dest)
+        if self.orbax_step is not None:
+            raise UsageError(f"{dest}: --orbax-step writes to a local directory only; write there and copy "
+                             "the step directory to the object store")
         self.url = tsio.normalize_url(os.fspath(dest))
         self._kv_spec = tsio.kvstore_spec(self.url)
         self._where = self.url
@@ -291,13 +305,27 @@ class ZarrSink(Sink):
 
     # -- layout -----------------------------------------------------------------------
 
+    def final_paths(self, dest: Path) -> list[Path]:
+        return [dest if self.orbax_step is None else dest / str(self.orbax_step)]
+
+    def _item_prefix(self) -> str:
+        """Where the Orbax item's files go in the store: its root, or ``STEP/default/``."""
+        return "" if self.orbax_step is None else f"{self.orbax_step}/{ORBAX_ITEM}/"
+
     def _marker_key(self) -> str:
         if self.layout == "orbax":
-            return "_METADATA"
+            return self._item_prefix() + "_METADATA"
         return "zarr.json" if self.zarr_format == 3 else ".zgroup"
 
     def _array_key(self, name: str) -> str:
-        return name.replace("/", ".") if self.layout == "orbax" else name
+        return self._item_prefix() + name.replace("/", ".") if self.layout == "orbax" else name
+
+    def _moves(self, dest: Path) -> list[tuple[Path, Path]]:
+        """The renames that publish a local output: a step joins the steps already in DEST."""
+        if self.orbax_step is not None and dest.is_dir():
+            step = str(self.orbax_step)
+            return [(self.out / step, dest / step)]
+        return [(self.out, dest)]
 
     def check_outputs(self, outputs: list[OutputTensor]) -> list[str]:
         """Names a Zarr store cannot hold, string tensors, collisions with metadata names or
@@ -524,30 +552,45 @@ class ZarrSink(Sink):
             return []
         if fsync:
             self._fsync_tree(self.out)  # nothing is visible at DEST before the engine's rename
-        return [(self.out, dest)]
+        return self._moves(dest)
 
     def _root_files(self, manifest: dict[str, Any], dest: Path) -> list[tuple[str, bytes]]:
         summary = root_summary(manifest, self.options())
         if self.layout == "orbax":
-            now = time.time_ns()
-            tree = {}
-            for a in self._arrays:
-                parts = a.out.name.split("/")
-                tree[str(tuple(parts))] = {"key_metadata": [{"key": p, "key_type": 2} for p in parts],
-                                           "value_metadata": {"value_type": "np.ndarray", "skip_deserialize": False}}
-            return [("_CHECKPOINT_METADATA", _json({"item_handlers": ORBAX_HANDLER, "metrics": {},
-                                                    "performance_metrics": {}, "init_timestamp_nsecs": now,
-                                                    "commit_timestamp_nsecs": now,
-                                                    "custom_metadata": {"shardconv": summary}})),
-                    ("_METADATA", json.dumps({"tree_metadata": tree, "use_ocdbt": False,
-                                              "use_zarr3": self.zarr_format == 3,
-                                              "store_array_data_equal_to_fill_value": True,
-                                              "custom_metadata": None}).encode()),
-                    ("commit_success.txt", f"Checkpoint commit was successful to {self.url or dest}".encode())]
+            return self._orbax_files(summary, dest)
         if self.zarr_format == 3:
             root = {"zarr_format": 3, "node_type": "group", "attributes": {"shardconv": summary}}
             return [("zarr.json", _json(root))]
         return [(".zattrs", _json({"shardconv": summary})), (".zgroup", _json({"zarr_format": 2}))]
+
+    def _orbax_files(self, summary: dict[str, Any], dest: Path) -> list[tuple[str, bytes]]:
+        """Orbax's files, the commit marker last: those of an item (``StandardCheckpointer``),
+        or with ``orbax_step`` those of a ``CheckpointManager`` step holding item ``default``."""
+        now = time.time_ns()
+        tree = {}
+        for a in self._arrays:
+            parts = a.out.name.split("/")
+            tree[str(tuple(parts))] = {"key_metadata": [{"key": p, "key_type": 2} for p in parts],
+                                       "value_metadata": {"value_type": "np.ndarray", "skip_deserialize": False}}
+        step = self.orbax_step
+        handlers = ORBAX_HANDLER if step is None else {ORBAX_ITEM: ORBAX_HANDLER}
+        meta = _json({"item_handlers": handlers, "metrics": {}, "performance_metrics": {},
+                      "init_timestamp_nsecs": now, "commit_timestamp_nsecs": now,
+                      "custom_metadata": {"shardconv": summary}})
+        item = ("_METADATA", json.dumps({"tree_metadata": tree, "use_ocdbt": False,
+                                         "use_zarr3": self.zarr_format == 3,
+                                         "store_array_data_equal_to_fill_value": True,
+                                         "custom_metadata": None}).encode())
+        where = str(self.url or dest)
+        if step is None:
+            return [("_CHECKPOINT_METADATA", meta), item,
+                    ("commit_success.txt", f"Checkpoint commit was successful to {where}".encode())]
+        at = f"{where}/{step}"
+        return [(self._item_prefix() + item[0], item[1]),
+                (self._item_prefix() + "commit_success.txt",
+                 f"Checkpoint commit was successful to {at}/{ORBAX_ITEM}".encode()),
+                (f"{step}/_CHECKPOINT_METADATA", meta),
+                (f"{step}/commit_success.txt", f"Checkpoint commit was successful to {at}".encode())]
 
     def _put_many(self, files: list[tuple[str, bytes]], batch: int = 256) -> None:
         """Write small objects concurrently, a batch at a time (bounded memory)."""

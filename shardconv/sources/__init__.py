@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -73,7 +74,60 @@ def open_source(src: Any, *, format: str | None = None, **options: Any) -> Sourc
             hit = False
         if hit:
             return _instantiate(name, module, cls, src, options)
+    if not in_memory and "://" not in os.fspath(src) and Path(src).is_dir():
+        _refuse_parent_of_checkpoints(Path(src))
     raise SourceError(f"{src}: not a checkpoint shardconv can read (tried: {', '.join(names)})")
 
 
-__all__ = ["Segment", "Source", "TensorInfo", "Unit", "open_source", "REGISTRY"]
+def _is_checkpoint(path: Path) -> bool:
+    """True if any path format's probe takes ``path``."""
+    for name, module, probe, _ in REGISTRY:
+        if name in OBJECT_FORMATS:
+            continue
+        try:
+            if _load(module, probe)(path):
+                return True
+        except Exception:
+            continue
+    return False
+
+
+def _refuse_parent_of_checkpoints(p: Path, limit: int = 200) -> None:
+    """A directory that is no checkpoint but holds checkpoint directories (``runs/a``,
+    ``runs/b``; SavedModel versions ``1/``, ``2/``): an error listing them, saying which to pass."""
+    try:
+        children = sorted(c for c in p.iterdir() if c.is_dir())[:limit]
+    except OSError:
+        return
+    found = [c.name for c in children if _is_checkpoint(c)]
+    if not found:
+        return
+    found.sort(key=lambda n: (0, int(n), n) if n.isdigit() else (1, 0, n))
+    shown = ", ".join(found[:5]) + (", ..." if len(found) > 5 else "")
+    newest = " (the newest)" if all(n.isdigit() for n in found) else ""
+    raise SourceError(f"{p}: not a checkpoint itself but holds {len(found)} checkpoint "
+                      f"director{'y' if len(found) == 1 else 'ies'} ({shown}); pass one of them, "
+                      f"e.g. {p / found[-1]}{newest}")
+
+
+def resolution_note(src: Any, source: Source, step: int | None = None) -> str | None:
+    """One line saying which step a directory (or TF's ``checkpoint`` state file) opened,
+    for the CLI to print; None where ``src`` names the checkpoint itself or ``step`` chose it."""
+    if step is not None or not isinstance(src, (str, os.PathLike)) or "://" in os.fspath(src):
+        return None
+    given = Path(os.path.abspath(src))
+    if not (given.is_dir() or given.name == "checkpoint"):
+        return None
+    base = given if given.is_dir() else given.parent
+    try:
+        parts = Path(os.path.abspath(source.location)).relative_to(base).parts
+    except ValueError:
+        return None
+    m = re.search(r"(?:^|[-_])(\d+)$", parts[0]) if parts else None
+    if m is None:
+        return None
+    shown = (Path(src) if given.is_dir() else Path(src).parent) / parts[0]
+    return f"{src}: opened step {int(m.group(1))} ({shown}); --step N opens another"
+
+
+__all__ = ["Segment", "Source", "TensorInfo", "Unit", "open_source", "resolution_note", "REGISTRY"]

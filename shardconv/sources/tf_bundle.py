@@ -16,7 +16,7 @@ import numpy as np
 
 from ..checksums import crc32c, mask, unmask
 from ..dtypes import STRING, TF_DTYPE_NAMES_UNSUPPORTED, TF_DTYPES, checked_nbytes, itemsize, numpy_dtype
-from ..errors import ChecksumError, FormatError, ShardconvError, SourceError, UnsupportedError
+from ..errors import ChecksumError, FormatError, SourceError, UnsupportedError
 from ..wire import as_int64, fields, read_varint
 from .base import Segment, Source, TensorInfo, Unit
 from .sstable import SSTable
@@ -50,49 +50,53 @@ def _step_of(prefix: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
+_DATA_SUFFIX = re.compile(r"\.data-\d{5}-of-\d{5}$")
+
+
+def _owning_prefix(p: Path) -> Path | None:
+    """The prefix a checkpoint file belongs to (``.index``, ``.data-…``, the TF1 graph
+    ``.meta``), or None for another file. A ``.data``/``.meta`` file whose ``.index`` is not
+    beside it is an error saying what to pass instead."""
+    if p.name.endswith(".index"):
+        return p.with_name(p.name[: -len(".index")])
+    if _DATA_SUFFIX.search(p.name):
+        prefix, what = p.with_name(_DATA_SUFFIX.sub("", p.name)), "a data shard"
+    elif p.name.endswith(".meta"):
+        prefix, what = p.with_name(p.name[: -len(".meta")]), "a TF1 graph (.meta, no values)"
+    else:
+        return None
+    if Path(str(prefix) + ".index").is_file():
+        return prefix
+    raise SourceError(f"{p}: {what} of checkpoint {prefix.name}, whose index {prefix.name}.index is not "
+                      f"beside it; pass the directory holding {prefix.name}.index and its .data files")
+
+
+def _is_state_file(p: Path) -> bool:
+    """True for TensorFlow's ``checkpoint`` text file (``model_checkpoint_path: "…"``); never
+    raises (Orbax and t5x name msgpack files ``checkpoint`` too)."""
+    try:
+        return p.name == "checkpoint" and p.is_file() and p.stat().st_size < (1 << 20) and \
+            _parse_state_file(p)[0] is not None
+    except (OSError, SourceError):
+        return False
+
+
 def resolve_prefix(path: str | os.PathLike, step: int | None = None) -> Path:
     """Turn what a user points at into a bundle prefix (``.../model.ckpt-100``).
 
-    Accepts a prefix, its ``.index`` file, a checkpoint directory (follows the
-    ``checkpoint`` state file, or ``step``), a SavedModel or its ``variables/``.
+    Accepts a prefix, its ``.index``, ``.data-…`` or ``.meta`` file, the ``checkpoint``
+    state file, a checkpoint directory (follows the state file, or ``step``, or takes the
+    newest step of files copied without it), a SavedModel or its ``variables/``.
     """
     p = Path(path)
-    if p.name.endswith(".index") and p.is_file():
-        return p.with_name(p.name[: -len(".index")])
-    if re.search(r"\.data-\d{5}-of-\d{5}$", p.name) and p.is_file():
-        return p.with_name(re.sub(r"\.data-\d{5}-of-\d{5}$", "", p.name))
+    if p.is_file():
+        owner = _owning_prefix(p)
+        if owner is not None:
+            return owner
+        if _is_state_file(p):
+            return _resolve_dir(p.parent, step)
     if p.is_dir():
-        for cand in (p / "variables" / "variables", p / "variables"):
-            if Path(str(cand) + ".index").is_file():
-                return cand
-        candidates = sorted(q.name[: -len(".index")] for q in p.glob("*.index"))
-        state = p / "checkpoint"
-        if step is not None:
-            hits = [c for c in candidates if _step_of(c) == step]
-            if not hits:
-                steps = sorted({s for c in candidates if (s := _step_of(c)) is not None})
-                raise SourceError(f"{p}: no checkpoint for step {step} (steps present: {steps or 'none'})")
-            if len(hits) > 1:
-                raise SourceError(f"{p}: several checkpoints for step {step}: {', '.join(hits)}")
-            return p / hits[0]
-        if state.is_file():
-            latest, _ = _parse_state_file(state)
-            if latest:
-                lp = Path(latest)
-                lp = lp if lp.is_absolute() else p / lp
-                if not Path(str(lp) + ".index").is_file():
-                    # Checkpoints moved with their directory: try the basename here.
-                    local = p / lp.name
-                    if Path(str(local) + ".index").is_file():
-                        return local
-                    raise SourceError(f"{state}: names checkpoint {latest!r} but {lp}.index does not exist")
-                return lp
-        if len(candidates) == 1:
-            return p / candidates[0]
-        if candidates:
-            raise SourceError(f"{p}: holds {len(candidates)} checkpoints ({', '.join(candidates[:5])}); "
-                              "name one, or pass --step")
-        raise SourceError(f"{p}: no TensorFlow checkpoint here (no .index file, no variables/)")
+        return _resolve_dir(p, step)
     if Path(str(p) + ".index").is_file():
         return p
     if not p.exists() and not p.parent.is_dir():
@@ -100,20 +104,91 @@ def resolve_prefix(path: str | os.PathLike, step: int | None = None) -> Path:
     raise SourceError(f"{p}: not a TensorFlow checkpoint ({p}.index does not exist)")
 
 
+def _resolve_dir(p: Path, step: int | None) -> Path:
+    """The prefix a checkpoint directory stands for (see ``resolve_prefix``)."""
+    for cand in (p / "variables" / "variables", p / "variables"):
+        if Path(str(cand) + ".index").is_file():
+            return cand
+    candidates = sorted(q.name[: -len(".index")] for q in p.glob("*.index"))
+    if step is not None:
+        hits = [c for c in candidates if _step_of(c) == step]
+        if not hits:
+            steps = sorted({s for c in candidates if (s := _step_of(c)) is not None})
+            raise SourceError(f"{p}: no checkpoint for step {step} (steps present: {steps or 'none'})")
+        if len(hits) > 1:
+            raise SourceError(f"{p}: several checkpoints for step {step}: {', '.join(hits)}; pass one of them")
+        return p / hits[0]
+    state = p / "checkpoint"
+    if _is_state_file(state):
+        return _from_state_file(p, state)
+    return p / _newest(p, candidates)
+
+
+def _from_state_file(p: Path, state: Path) -> Path:
+    """The checkpoint the ``checkpoint`` state file names as the latest."""
+    latest, _ = _parse_state_file(state)
+    lp = Path(latest or "")
+    lp = lp if lp.is_absolute() else p / lp
+    if not Path(str(lp) + ".index").is_file():
+        # Checkpoints moved with their directory: try the basename here.
+        local = p / lp.name
+        if Path(str(local) + ".index").is_file():
+            return local
+        raise SourceError(f"{state}: names checkpoint {latest!r} but {lp}.index does not exist; "
+                          f"pass a prefix that exists, or --step N")
+    return lp
+
+
+def _newest(p: Path, candidates: list[str]) -> str:
+    """Without a state file: the only checkpoint, or the highest step of one series
+    (``model.ckpt-100``, ``model.ckpt-200``: files copied by hand); else an error listing them."""
+    if not candidates:
+        strays = _strays(p)
+        if strays:
+            raise SourceError(f"{p}: holds {', '.join(strays[:3])} but no .index file; copy the checkpoint's "
+                              ".index beside them, or pass the directory it was saved in")
+        raise SourceError(f"{p}: no TensorFlow checkpoint here (no .index file, no variables/)")
+    steps = [_step_of(c) for c in candidates]
+    series = {re.sub(r"-\d+$", "", c) for c in candidates}
+    if len(candidates) == 1 or (len(series) == 1 and None not in steps and len(set(steps)) == len(steps)):
+        return max(candidates, key=lambda c: _step_of(c) or 0)
+    shown = ", ".join(candidates[:5]) + (", ..." if len(candidates) > 5 else "")
+    step_hint = " or --step N" if any(s is not None for s in steps) else ""
+    raise SourceError(f"{p}: holds {len(candidates)} checkpoints ({shown}) and no 'checkpoint' state file "
+                      f"naming one; pass a prefix such as {p / candidates[-1]}{step_hint}")
+
+
+def _strays(p: Path) -> list[str]:
+    """``.data-…`` and ``.meta`` files in directory ``p``: checkpoint files without their index."""
+    return sorted(q.name for q in p.iterdir() if q.name.endswith(".meta") or _DATA_SUFFIX.search(q.name))
+
+
 def _state_file_used(path: Path, step: int | None, prefix: Path) -> Path | None:
     """The ``checkpoint`` state file ``resolve_prefix`` read to choose ``prefix``, if any."""
+    if _is_state_file(path):
+        path = path.parent
     state = path / "checkpoint"
-    if step is not None or not path.is_dir() or not state.is_file() or \
+    if step is not None or not path.is_dir() or not _is_state_file(state) or \
             prefix in (path / "variables" / "variables", path / "variables"):
         return None
     return state
 
 
 def is_tf_bundle(path: str | os.PathLike) -> bool:
+    """True for anything ``resolve_prefix`` takes, and for a path that is recognisably meant
+    as a TF checkpoint but is not usable as given (several checkpoints and no state file, a
+    ``.meta`` without its index): opening it then says what to pass instead."""
     try:
         resolve_prefix(path)
         return True
     except SourceError:
+        pass
+    p = Path(path)
+    try:
+        if p.is_dir():
+            return _is_state_file(p / "checkpoint") or any(p.glob("*.index")) or bool(_strays(p))
+        return p.is_file() and (p.name.endswith(".meta") or bool(_DATA_SUFFIX.search(p.name)))
+    except OSError:
         return False
 
 
@@ -242,81 +317,6 @@ def _parse_entry(name: str, value: bytes, where: str) -> _Entry:
     return _Entry(name, dtype, shape, shard, offset, size, crc, slices)
 
 
-# The form TensorFlow serializes a BundleEntryProto in: dtype (1 byte), shape, then the
-# optional shard_id, offset, size and crc32c, in field order. A varint of at most 9 bytes
-# is below 2**63, so never negative as an int64.
-_VARINT63 = rb"([\x80-\xff]{0,8}[\x00-\x7f])"
-_CANONICAL_TAIL = re.compile(rb"(?:\x18%s)?(?:\x20%s)?(?:\x28%s)?(?:\x35(.{4}))?" % ((_VARINT63,) * 3), re.S)
-
-
-def _uvarint(raw: bytes | None) -> int:
-    """The value of a varint matched whole by ``_VARINT63`` (None, an absent field: 0)."""
-    if raw is None:
-        return 0
-    if len(raw) == 1:
-        return raw[0]
-    value = 0
-    for i, b in enumerate(raw):
-        value |= (b & 0x7F) << (7 * i)
-    return value
-
-
-class _EntryReader:
-    """Decodes the BundleEntryProtos of one index, fast for the form TensorFlow writes.
-
-    That form is matched by one regex over the fields after the shape, and each distinct
-    shape is decoded once. Anything else (fields in another order, repeated or unknown
-    fields, slices, long varints, a shape that is malformed or has a negative dimension,
-    an unknown dtype) goes to the strict field-by-field ``_parse_entry``, which decides
-    every error, so results and errors are those of ``_parse_entry`` alone.
-    """
-
-    def __init__(self, where: str) -> None:
-        self.where = where
-        self._shapes: dict[bytes, tuple[int, ...] | None] = {}
-
-    def __call__(self, name: str, value: bytes) -> _Entry:
-        if len(value) >= 4 and value[0] == 0x08 and value[1] < 0x80 and value[2] == 0x12 and value[3] < 0x80:
-            stop = 4 + value[3]
-            dtype = TF_DTYPES.get(value[1])
-            shape = self._shape(value[4:stop]) if stop <= len(value) else None
-            m = _CANONICAL_TAIL.fullmatch(value, stop) if shape is not None else None
-            if m is not None and dtype is not None:
-                shard, offset, size, crc = m.groups()
-                return _Entry(name, dtype, shape, _uvarint(shard), _uvarint(offset), _uvarint(size),
-                              None if crc is None else int.from_bytes(crc, "little"), [])
-        return _parse_entry(name, value, self.where)
-
-    def _shape(self, raw: bytes) -> tuple[int, ...] | None:
-        """The TensorShapeProto ``raw`` as ``_parse_shape`` reads it; None where it is
-        malformed or has a negative dimension (``_parse_entry`` then says why)."""
-        try:
-            return self._shapes[raw]
-        except KeyError:
-            pass
-        try:
-            shape: tuple[int, ...] | None = _parse_shape(memoryview(raw), self.where)
-        except ShardconvError:
-            shape = None
-        if shape is not None and any(d < 0 for d in shape):
-            shape = None
-        self._shapes[raw] = shape
-        return shape
-
-
-def _tensor_info(name: str, dtype: str, shape: tuple[int, ...], nbytes: int, checksum: str | None,
-                 extra: dict) -> TensorInfo:
-    """``TensorInfo(name, dtype, shape, nbytes, checksum, extra)`` in half the time: the frozen
-    dataclass's ``__init__`` sets each field through ``object.__setattr__``, and an index
-    of 100 000 tensors makes 100 000 of them. TensorInfo has no ``__post_init__``."""
-    info = _new_object(TensorInfo)
-    info.__dict__.update(name=name, dtype=dtype, shape=shape, nbytes=nbytes, checksum=checksum, extra=extra)
-    return info
-
-
-_new_object = object.__new__
-
-
 def _checked_nbytes(e: _Entry, where: str) -> int:
     """shape x itemsize, checked for overflow; TF's own reader had CVEs here."""
     return checked_nbytes(e.shape, e.dtype, f"{where}: tensor {e.name!r}")
@@ -360,35 +360,42 @@ class TFBundleSource(Source):
         return str(self.prefix)
 
     def data_path(self, shard: int) -> Path:
-        return Path(self._data_file(shard))
-
-    def _data_file(self, shard: int) -> str:
-        """The path of data shard ``shard``, built once per shard."""
-        path = self._data_files.get(shard)
-        if path is None:
-            path = self._data_files[shard] = f"{self.prefix}.data-{shard:05d}-of-{self.num_shards:05d}"
-        return path
+        return Path(f"{self.prefix}.data-{shard:05d}-of-{self.num_shards:05d}")
 
     def _load_index(self) -> None:
         where = str(self.index_path)
         self.num_shards = 1
-        self._data_files: dict[int, str] = {}
-        entries, raw_slices = self._read_entries(where)
+        entries: dict[str, _Entry] = {}
+        raw_slices: dict[bytes, bytes] = {}
+        header_seen = False
+        with SSTable(self.index_path) as table:
+            for key, value in table.items():
+                if key == b"":
+                    header_seen = True
+                    self._parse_header(value, where)
+                    continue
+                if key[:1] == b"\x00":
+                    raw_slices[key] = value
+                    continue
+                try:
+                    name = key.decode("utf-8")
+                except UnicodeDecodeError:
+                    raise FormatError(f"{where}: tensor name {key!r} is not UTF-8") from None
+                entries[name] = _parse_entry(name, value, where)
+        if not header_seen:
+            raise FormatError(f"{where}: no bundle header (key \"\"); not a TF2-format checkpoint index")
         self._sizes: dict[int, int | None] = {}
         for s in range(self.num_shards):
             try:
-                self._sizes[s] = os.stat(self._data_file(s)).st_size
+                self._sizes[s] = os.stat(self.data_path(s)).st_size
             except FileNotFoundError:
                 self._sizes[s] = None
         self._entries = entries
         self._infos: list[TensorInfo] = []
         self._parts: dict[str, list[_Part]] = {}
         self._units: dict[str, Unit] = {}
-        nbytes_of: dict[tuple[tuple[int, ...], str], int] = {}  # checked shape x dtype sizes seen
         for name, e in entries.items():
-            nbytes = nbytes_of.get((e.shape, e.dtype))
-            if nbytes is None:
-                nbytes = nbytes_of[(e.shape, e.dtype)] = _checked_nbytes(e, where)
+            nbytes = _checked_nbytes(e, where)
             if e.slices:
                 self._parts[name] = self._resolve_slices(e, raw_slices, where)
                 checksum = None
@@ -396,35 +403,12 @@ class TFBundleSource(Source):
                 self._check_extent(e, nbytes, where)
                 checksum = f"crc32c:{e.crc}" if e.crc is not None else None
                 if e.crc is not None:
-                    self._units[name] = Unit(e.size, "crc32c", unmask(e.crc), name, self._data_file(e.shard))
+                    self._units[name] = Unit(e.size, "crc32c", unmask(e.crc), name, str(self.data_path(e.shard)))
             if e.dtype == STRING:
                 nbytes = e.size
-            self._infos.append(_tensor_info(name, e.dtype, e.shape, nbytes, checksum,
-                                            {"shard": e.shard, "sliced": bool(e.slices)}))
+            self._infos.append(TensorInfo(name, e.dtype, e.shape, nbytes, checksum,
+                                          {"shard": e.shard, "sliced": bool(e.slices)}))
         self._annotate()
-
-    def _read_entries(self, where: str) -> tuple[dict[str, _Entry], dict[bytes, bytes]]:
-        """The index's tensor entries by name and its raw slice entries by key; reads the header."""
-        entries: dict[str, _Entry] = {}
-        raw_slices: dict[bytes, bytes] = {}
-        header_seen = False
-        read_entry = _EntryReader(where)
-        with SSTable(self.index_path) as table:
-            for key, value in table.items():
-                if not key:
-                    header_seen = True
-                    self._parse_header(value, where)
-                elif key[0] == 0:
-                    raw_slices[key] = value
-                else:
-                    try:
-                        name = key.decode("utf-8")
-                    except UnicodeDecodeError:
-                        raise FormatError(f"{where}: tensor name {key!r} is not UTF-8") from None
-                    entries[name] = read_entry(name, value)
-        if not header_seen:
-            raise FormatError(f"{where}: no bundle header (key \"\"); not a TF2-format checkpoint index")
-        return entries, raw_slices
 
     def _annotate(self) -> None:
         """TF2 checkpoints: model names and roles from the object graph (see tf_object_graph)."""
