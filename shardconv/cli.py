@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import signal
 import sys
@@ -128,34 +127,67 @@ def _mapping_kwargs(args: argparse.Namespace) -> dict:
     return {k: getattr(args, k, None) for k in MAPPING_OPTIONS}
 
 
+COMMANDS = ("ls", "plan", "convert", "verify")
+SRC_HELP = ("the checkpoint: a TF checkpoint prefix or its .index, a checkpoint or SavedModel directory, an .npz "
+            "(or a directory of them with an index), a Zarr store, an Orbax or t5x checkpoint, a flax msgpack file")
+MAX_MEMORY_HELP = ("bound on every buffer shardconv allocates (default 512MiB); units: K, M, G binary as in Docker and "
+                   "-Xmx (1K = 1024), KB, MB, GB decimal (1KB = 1000), KiB, MiB, GiB binary, or a number of bytes")
+
+
+def _formats() -> list[str]:
+    """Output format names, from the sink registry (which imports no sink)."""
+    from .sinks import REGISTRY
+
+    return list(REGISTRY)
+
+
+def _source_args(p: argparse.ArgumentParser, budget: bool = True) -> None:
+    """--step (and --max-memory), shared by every command that reads a source."""
+    p.add_argument("--step", type=int, metavar="N",
+                   help="checkpoint step of SRC in a directory of several (default: the latest)")
+    if budget:
+        p.add_argument("--max-memory", default="512MiB", metavar="SIZE", help=MAX_MEMORY_HELP)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="shardconv", description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--version", action="version", version=f"shardconv {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", title="commands")
+    formats = _formats()
+    _ls_parser(sub.add_parser("ls", help="list tensors (name, dtype, shape, size, role) without reading values"))
+    _plan_parser(sub.add_parser("plan", help="show what convert would write, reading no values"), formats)
+    _convert_parser(sub.add_parser("convert", help="convert a checkpoint, streaming within --max-memory"), formats)
+    _verify_parser(sub.add_parser("verify", help="re-read an output and check it against its checksums (and SRC)",
+                                  description=VERIFY_HELP, formatter_class=argparse.RawDescriptionHelpFormatter))
+    assert tuple(sub.choices) == COMMANDS
+    return parser
 
-    p = sub.add_parser("ls", help="list tensors (name, dtype, shape, size) without reading values")
-    p.add_argument("src")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.add_argument("--step", type=int, help="checkpoint step in a directory of several")
+
+def _ls_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("src", help=SRC_HELP)
+    p.add_argument("--json", action="store_true", help="one JSON list of rows (with slot_of, ema_of) on stdout")
+    _source_args(p, budget=False)
     p.add_argument("--names", choices=["model", "keys"], default="model",
                    help="TF2: show model variable paths, the names rules match (default), or raw checkpoint keys")
     _common(p)
 
-    p = sub.add_parser("plan", help="show what convert would write, reading no values")
-    p.add_argument("src")
-    p.add_argument("--to", default="npz", help="output format the estimate is for (default npz)")
-    p.add_argument("--max-memory", default="512MiB")
-    p.add_argument("--step", type=int)
-    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+def _plan_parser(p: argparse.ArgumentParser, formats: list[str]) -> None:
+    p.add_argument("src", help=SRC_HELP)
+    p.add_argument("--to", default="npz", choices=formats, metavar="FORMAT",
+                   help=f"output format the plan and memory estimate are for: {', '.join(formats)} (default npz)")
+    _source_args(p)
+    p.add_argument("--json", action="store_true", help="the plan as one JSON object on stdout")
     _mapping(p)
     _common(p)
 
-    p = sub.add_parser("convert", help="convert a checkpoint, streaming within --max-memory")
-    p.add_argument("src")
-    p.add_argument("dest")
-    p.add_argument("--to", help="output format (default: from DEST's suffix)")
-    p.add_argument("--max-memory", default="512MiB", help="bound on every buffer shardconv allocates (default 512MiB)")
-    p.add_argument("--step", type=int, help="checkpoint step in a directory of several")
+
+def _convert_parser(p: argparse.ArgumentParser, formats: list[str]) -> None:
+    p.add_argument("src", help=SRC_HELP)
+    p.add_argument("dest", help="the output: a path (.npz, .zarr, .safetensors, a directory) or a Zarr URL")
+    p.add_argument("--to", choices=formats, metavar="FORMAT",
+                   help=f"output format: {', '.join(formats)} (default: from DEST's suffix)")
+    _source_args(p)
     p.add_argument("--overwrite", action="store_true", help="replace DEST if it exists")
     p.add_argument("--restart", action="store_true", help="discard a partial output instead of resuming it")
     p.add_argument("--no-fsync", dest="fsync", action="store_false",
@@ -169,16 +201,14 @@ def build_parser() -> argparse.ArgumentParser:
     _zarr_output(p)
     _common(p)
 
-    p = sub.add_parser("verify", help="re-read an output and check it against its checksums (and SRC)",
-                       description=VERIFY_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("dest")
-    p.add_argument("src", nargs="?")
-    p.add_argument("--max-memory", default="512MiB")
-    p.add_argument("--step", type=int, help="checkpoint step of SRC in a directory of several")
+
+def _verify_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("dest", help="the output to check (what convert wrote)")
+    p.add_argument("src", nargs="?", help="the checkpoint it was converted from: compare every value with it")
+    _source_args(p)
     p.add_argument("--json", action="store_true", help="print the counts as one JSON object on stdout")
     _mapping(p, "with SRC: the options given to convert, for an output that does not record them (SavedModel)")
     _common(p)
-    return parser
 
 
 def _open_src(args: argparse.Namespace) -> Any:
@@ -229,6 +259,8 @@ def _convert(args: argparse.Namespace) -> int:
                 restart=args.restart, fsync=args.fsync, progress=not args.quiet, step=args.step,
                 sink_options=_sink_options(args) or None, **_mapping_kwargs(args))
     if args.json:
+        import dataclasses
+
         _print_json({**dataclasses.asdict(r), "dest": str(r.dest),
                      "dropped": [{"name": n, "reason": why} for n, why in r.dropped]})
     elif not args.quiet:
@@ -323,8 +355,23 @@ def _on_sigterm(signum: int, frame: Any) -> None:
     raise Terminated()
 
 
+def _check_command(parser: argparse.ArgumentParser, argv: list[str]) -> None:
+    """An unknown command is a usage error that suggests the closest one (difflib)."""
+    word = next((a for a in argv if not a.startswith("-")), None)
+    if word is None or word in COMMANDS:
+        return
+    import difflib
+
+    close = difflib.get_close_matches(word, COMMANDS, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    parser.error(f"unknown command {word!r} (choose from {', '.join(COMMANDS)}){hint}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    _check_command(parser, argv)
+    args = parser.parse_args(argv)
     previous = None
     if threading.current_thread() is threading.main_thread():
         if hasattr(signal, "SIGXFSZ"):
