@@ -32,7 +32,7 @@ import numpy as np
 
 from .. import tsio
 from ..dtypes import NUMPY_DTYPES, itemsize
-from ..errors import FormatError
+from ..errors import FormatError, UnsupportedError
 from .regions import box_views
 
 PIECE = 4 << 20          # largest decoded span held at once
@@ -407,6 +407,10 @@ class StreamReader:
             try:
                 used, made = st.decoder.decode(st.pending, st.at, out[done:])
             except (ValueError, zlib.error) as e:
+                if "too much memory" in str(e):  # a valid frame whose window exceeds the cap
+                    raise UnsupportedError(f"{at}: its zstd frame needs a window over {1 << _ZSTD_WINDOW_LOG_MAX >> 20} "
+                                           "MiB to decode (level 20+ or long-distance matching); not read, to keep "
+                                           "memory bounded") from None
                 raise FormatError(f"{at}: corrupt compressed data ({e})") from None
             st.at += used
             done += made
