@@ -168,12 +168,12 @@ class _Weights:
 
     def __init__(self, params: Iterable[tuple[Role, TensorInfo]]) -> None:
         self.tails: dict[tuple[str, ...], list[tuple[Role, TensorInfo]]] = defaultdict(list)
-        self.flat: dict[str, Role] = {}
+        self.flat: dict[str, tuple[Role, TensorInfo]] = {}
         for role, t in params:
             parts = tuple(role.name.split("/"))
             for i in range(len(parts)):
                 self.tails[parts[i:]].append((role, t))
-            self.flat[role.name.replace("/", "_")] = role
+            self.flat[role.name.replace("/", "_")] = (role, t)
 
     def owner(self, name: str, t: TensorInfo) -> str | None:
         """The longest run of ``name``'s components that is the tail of exactly one param of the
@@ -187,15 +187,15 @@ class _Weights:
                 if hits and len(hits) == 1 and (hits[0][1].shape == t.shape
                                                 or end < n and parts[-1] in _FACTORED_SLOTS):
                     return hits[0][0].name
-        return self._keras3_owner(parts[-1])
+        return self._keras3_owner(parts[-1], t)
 
-    def _keras3_owner(self, leaf: str) -> str | None:
-        """Keras 3 names a slot ``<weight path with _>_<slot>`` (``dense_kernel_momentum``)."""
+    def _keras3_owner(self, leaf: str, t: TensorInfo) -> str | None:
+        """Keras 3 names a slot ``<weight path with _>_<slot>`` (``dense_kernel_momentum``), same shape."""
         cut = leaf.rfind("_")
         while cut > 0:
             hit = self.flat.get(leaf[:cut])
-            if hit is not None:
-                return hit.name
+            if hit is not None and hit[1].shape == t.shape:
+                return hit[0].name
             cut = leaf.rfind("_", 0, cut)
         return None
 
