@@ -154,6 +154,16 @@ def test_parent_of_checkpoint_directories_lists_them(written, tmp_path):
     assert not list(tmp_path.glob("o.npz*"))
 
 
+def test_store_with_arrays_named_like_tf_files_is_not_taken_for_a_tf_checkpoint(tmp_path):
+    pytest.importorskip("tensorstore")
+    np.savez(tmp_path / "in.npz", **{"x.index": np.arange(3.0), "y.meta": np.ones(2)})
+    r = run_cli("convert", tmp_path / "in.npz", tmp_path / "o.zarr", "-q")
+    assert r.returncode == 0, r.stderr
+    r = run_cli("ls", tmp_path / "o.zarr", "-q")
+    assert r.returncode == 0, r.stderr
+    assert [line.split()[0] for line in _lines(r.stdout)] == ["x.index", "y.meta"]
+
+
 # ------------------------------------------------------------------ a missing library
 
 # Runs the CLI with ``BLOCKED`` unimportable, as if its extra were not installed.

@@ -109,7 +109,7 @@ def _resolve_dir(p: Path, step: int | None) -> Path:
     for cand in (p / "variables" / "variables", p / "variables"):
         if Path(str(cand) + ".index").is_file():
             return cand
-    candidates = sorted(q.name[: -len(".index")] for q in p.glob("*.index"))
+    candidates = sorted(q.name[: -len(".index")] for q in p.glob("*.index") if q.is_file())
     if step is not None:
         hits = [c for c in candidates if _step_of(c) == step]
         if not hits:
@@ -160,7 +160,8 @@ def _newest(p: Path, candidates: list[str]) -> str:
 
 def _strays(p: Path) -> list[str]:
     """``.data-…`` and ``.meta`` files in directory ``p``: checkpoint files without their index."""
-    return sorted(q.name for q in p.iterdir() if q.name.endswith(".meta") or _DATA_SUFFIX.search(q.name))
+    return sorted(q.name for q in p.iterdir()
+                  if (q.name.endswith(".meta") or _DATA_SUFFIX.search(q.name)) and q.is_file())
 
 
 def _state_file_used(path: Path, step: int | None, prefix: Path) -> Path | None:
@@ -186,7 +187,8 @@ def is_tf_bundle(path: str | os.PathLike) -> bool:
     p = Path(path)
     try:
         if p.is_dir():
-            return _is_state_file(p / "checkpoint") or any(p.glob("*.index")) or bool(_strays(p))
+            return _is_state_file(p / "checkpoint") or any(q.is_file() for q in p.glob("*.index")) or \
+                bool(_strays(p))
         return p.is_file() and (p.name.endswith(".meta") or bool(_DATA_SUFFIX.search(p.name)))
     except OSError:
         return False
