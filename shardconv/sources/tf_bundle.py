@@ -243,7 +243,7 @@ def slice_key(name: str, extents: list[tuple[int, int]]) -> bytes:
 
 # ----------------------------------------------------------------- entries
 
-@dataclass
+@dataclass(slots=True)  # one per tensor: no __dict__ (100 bytes less each, and less for the GC to walk)
 class _Entry:
     name: str
     dtype: str
@@ -252,7 +252,7 @@ class _Entry:
     offset: int
     size: int
     crc: int | None          # masked, as stored
-    slices: list[list[tuple[int, int]]]  # (start, length|-1) per dim, per slice
+    slices: tuple[list[tuple[int, int]], ...]  # (start, length|-1) per dim, per slice; () if not partitioned
 
 
 def _parse_shape(buf: memoryview, what: str) -> tuple[int, ...]:
@@ -316,7 +316,7 @@ def _parse_entry(name: str, value: bytes, where: str) -> _Entry:
             raise FormatError(f"{where}: tensor {name!r} has negative dimension in shape {list(shape)}")
     if offset < 0 or size < 0 or shard < 0:
         raise FormatError(f"{where}: tensor {name!r} has negative shard/offset/size ({shard}/{offset}/{size})")
-    return _Entry(name, dtype, shape, shard, offset, size, crc, slices)
+    return _Entry(name, dtype, shape, shard, offset, size, crc, tuple(slices))
 
 
 # The form TensorFlow serializes a BundleEntryProto in: dtype (1 byte), shape, then the
@@ -361,7 +361,7 @@ class _EntryReader:
             if m is not None and dtype is not None:
                 shard, offset, size, crc = m.groups()
                 return _Entry(name, dtype, shape, _uvarint(shard), _uvarint(offset), _uvarint(size),
-                              None if crc is None else int.from_bytes(crc, "little"), [])
+                              None if crc is None else int.from_bytes(crc, "little"), ())
         return _parse_entry(name, value, self.where)
 
     def _shape(self, raw: bytes) -> tuple[int, ...] | None:
