@@ -45,28 +45,39 @@ DTYPE_ORDER = ("BOOL", "F4", "F6_E2M3", "F6_E3M2", "U8", "I8", "F8_E5M2", "F8_E4
 INDEX_SUFFIX = ".safetensors.index.json"
 
 
+def _the_file(path: Path) -> Path:
+    """``path``, or the one ``*.safetensors`` file in directory ``path`` (as transformers
+    saves an unsharded model beside its config)."""
+    if path.is_dir():
+        found = sorted(path.glob("*.safetensors"))
+        if len(found) == 1:
+            return found[0]
+    return path
+
+
 def is_safetensors(path: str | os.PathLike) -> bool:
-    """A file starting with a plausible header length followed by ``{``."""
-    p = Path(path)
+    """A ``.safetensors`` file (its header is checked on opening, so a bad one gets its own
+    message), or any file starting with a plausible header length followed by ``{``."""
+    p = _the_file(Path(path))
     try:
         if not p.is_file():
             return False
+        if p.suffix == ".safetensors":
+            return True
         with open(p, "rb") as f:
             head = f.read(9)
         size = p.stat().st_size
     except OSError:
         return False
-    if len(head) < 9 or head[8:9] != b"{":
-        return p.suffix == ".safetensors"
-    n = struct.unpack("<Q", head[:8])[0]
-    return 0 < n <= MAX_HEADER and n + 8 <= size
+    n = struct.unpack("<Q", head[:8])[0] if len(head) == 9 else 0
+    return head[8:9] == b"{" and 0 < n <= MAX_HEADER and n + 8 <= size
 
 
 class SafetensorsSource(Source):
     format = "safetensors"
 
     def __init__(self, path: str | os.PathLike) -> None:
-        self.path = Path(path)
+        self.path = _the_file(Path(path))
         self._fd = open_read(self.path, SourceError)
         try:
             self.size = os.fstat(self._fd).st_size
