@@ -39,17 +39,20 @@ def make_plan(source: Source, rules: str | os.PathLike | list[dict[str, Any]] | 
 
     rule_list: list[dict[str, Any]] = []
     options: dict[str, Any] = {}
+    origins: dict[str, str] = {}  # where each option of a preset or rules file came from, for messages
     if preset:
         r, o = load_preset(preset)
         rule_list += r
         options.update(o)
+        origins.update(dict.fromkeys(o, f"preset {preset}"))
     if isinstance(rules, (str, os.PathLike)):
         r, o = load_rules_file(rules)
         rule_list += r
         options.update(o)
+        origins.update(dict.fromkeys(o, f"rules file {os.path.basename(rules)}"))
     elif rules:
         rule_list += list(rules)
-    return build_plan(source, rule_list or None, options=options, prefer_ema=prefer_ema,
+    return build_plan(source, rule_list or None, options=options, origins=origins, prefer_ema=prefer_ema,
                       drop_optimizer=drop_optimizer, allow_unmapped=allow_unmapped, names=names,
                       include=include, exclude=exclude, dtype=dtype)
 

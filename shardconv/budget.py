@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .errors import BudgetError
+from .frontend import option
 from .units import format_size
 
 #: Largest chunk: bigger buffers stop paying off (measured) and cost page faults.
@@ -39,11 +40,11 @@ class Budget:
             chunk_bytes -= chunk_bytes % 4096
         if chunk_bytes < MIN_CHUNK:
             need = -(-(held + 2 * slots * MIN_CHUNK) // (1 << 20))  # whole MiB, rounded up
-            raise BudgetError(f"--max-memory {format_size(max_memory)} is too small: at least {need}MiB is needed"
+            raise BudgetError(f"{option('max_memory', format_size(max_memory))} is too small: at least {need}MiB is needed"
                               + (f" ({why})" if why else ""))
         if chunk_bytes * slots > room:
             raise BudgetError(f"chunks of {format_size(chunk_bytes)} (from the partial output's journal) do not fit "
-                              f"--max-memory {format_size(max_memory)}; raise it or use --restart")
+                              f"{option('max_memory', format_size(max_memory))}; raise it or use {option('restart')}")
         return cls(max_memory, chunk_bytes)
 
 

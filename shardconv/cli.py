@@ -292,6 +292,15 @@ def _summarize_dropped(dropped: list[tuple[str, str]], limit: int = 8) -> list[s
     return lines[:limit] + ([f"... and {len(lines) - limit} more reasons"] if len(lines) > limit else [])
 
 
+def _sizes_by_name(infos: list[Any]) -> dict[str, int]:
+    """Each tensor's size under its raw key and under the name ``ls`` shows (what plans list)."""
+    from .mapping.roles import assign_roles
+
+    sizes = {t.name: t.nbytes for t in infos}
+    sizes.update({role.name: t.nbytes for t, role in zip(infos, assign_roles(infos))})
+    return sizes
+
+
 def _plan(args: argparse.Namespace) -> int:
     from .api import make_plan
     from .engine import memory_estimate
@@ -302,9 +311,10 @@ def _plan(args: argparse.Namespace) -> int:
         require(sink.name)  # a missing library is reported by plan as by convert
         plan = make_plan(source, **_mapping_kwargs(args))
         infos = {t.name: t for t in source.tensors()}
+        sizes = _sizes_by_name(list(infos.values()))
         est = memory_estimate(plan, sink, parse_size(args.max_memory))
         bytes_in = sum(t.nbytes for t in infos.values())
-        dropped_bytes = sum(infos[n].nbytes for n, _ in plan.dropped if n in infos)
+        dropped_bytes = sum(sizes.get(n, 0) for n, _ in plan.dropped)
         report = {
             "source": source.location, "format": source.format,
             "outputs": [{**o.describe(), "nbytes": o.nbytes} for o in plan.outputs],
@@ -332,7 +342,7 @@ def _plan(args: argparse.Namespace) -> int:
         print(one_line(f"  {line}"))
     for note in plan.notes:
         print(one_line(f"  note: {note}"))
-    print(f"estimated peak memory with --max-memory {args.max_memory}: {format_size(est['peak'])} "
+    print(f"estimated peak memory within {args.max_memory}: {format_size(est['peak'])} "
           f"(libraries {format_size(est['baseline'])}, buffers {format_size(est['buffers'])} in "
           f"{format_size(est['chunk_bytes'])} chunks)")
     return 0

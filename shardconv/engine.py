@@ -20,6 +20,7 @@ from . import __version__
 from .budget import Budget, BufferPool
 from . import safefs
 from .errors import DestinationError, DurabilityError, PlanError, ResumeError, SourceChangedError
+from .frontend import changed_options, option
 from .integrity import IntegrityTracker
 from .journal import Journal, describe_changes
 from .plan import Chunk, Plan, chunk_plan
@@ -65,17 +66,20 @@ class Result:
 
 
 def _check_resumable(old: dict[str, Any], new: dict[str, Any], staging: Staging) -> None:
+    """Refuse to resume a partial output of other options or another source, naming what changed."""
     problems = []
     if old.get("sink") != new["sink"] or old.get("sink_options") != new["sink_options"]:
-        problems += describe_changes({"format": old.get("sink"), **(old.get("sink_options") or {})},
-                                     {"format": new["sink"], **new["sink_options"]})
+        problems += changed_options({"to": old.get("sink"), **(old.get("sink_options") or {})},
+                                    {"to": new["sink"], **new["sink_options"]})
     if old.get("source") != new["source"]:
         problems += ["source " + c for c in describe_changes(old.get("source"), new["source"])]
     if old.get("plan") != new["plan"] and not problems:
-        problems.append("the mapping or options changed")
+        problems += changed_options(old.get("options") or {}, new["options"]) if "options" in old else []
+        problems += [] if problems else ["the mapping changed"]
     if problems:
-        raise ResumeError(f"{staging.dest}: a partial output exists but its input changed since it was started "
-                          f"({'; '.join(problems[:5])}); rerun with --restart to start over")
+        what = "input" if old.get("source") != new["source"] else "options"
+        raise ResumeError(f"{staging.dest}: a partial output exists but its {what} changed since it was started "
+                          f"({'; '.join(problems[:5])}); rerun with {option('restart')} to start over")
 
 
 def manifest_for(plan: Plan, sink: Sink) -> dict[str, Any]:
@@ -124,9 +128,9 @@ def run(plan: Plan, sink: Sink, dest: str | os.PathLike, *, max_memory: int, ove
     try:
         _hook("lock", dest)
         if not overwrite and sink.exists(dest):  # another run may have published it meanwhile
-            raise DestinationError(f"{shown or dest}: already exists; pass --overwrite to replace it")
+            raise DestinationError(f"{shown or dest}: already exists; pass {option('overwrite')} to replace it")
         header = {"sink": sink.name, "sink_options": sink.options(), "source": plan.source.fingerprint(),
-                  "plan": plan.digest()}
+                  "plan": plan.digest(), "options": plan.options}
         prior = _prior_run(journal, staging, header, restart)
         budget = Budget.for_limit(max_memory, prior[0]["chunk_bytes"] if prior else chunk_bytes,
                                   scratch_factor=scratch, reserve=plan.source.budget_reserve())
@@ -213,7 +217,7 @@ def check_destination(plan: Plan, sink: Sink, dest: Path, overwrite: bool, label
     _check_apart_from_input(plan, [*finals, Staging(dest).dir], label)
     if not overwrite:
         if sink.exists(dest):
-            raise DestinationError(f"{label}: already exists; pass --overwrite to replace it")
+            raise DestinationError(f"{label}: already exists; pass {option('overwrite')} to replace it")
         return
     for k, path in enumerate(finals):
         want = sink.output_kind if k == len(finals) - 1 else "file"
@@ -222,7 +226,7 @@ def check_destination(plan: Plan, sink: Sink, dest: Path, overwrite: bool, label
             have = f"path below a {safefs.kind(safefs.lstat(path.parent))}"
         elif have in ("missing", "link", want):
             continue
-        raise DestinationError(f"{path}: is a {have}, and the {sink.name} output is a {want}; --overwrite replaces "
+        raise DestinationError(f"{path}: is a {have}, and the {sink.name} output is a {want}; {option('overwrite')} replaces "
                                "an output of the same kind only (remove it or choose another destination)")
 
 

@@ -35,8 +35,24 @@ def option(name: str, value: Any = True, *, placeholder: bool = False) -> str:
     return f"{name}={value if placeholder else repr(value)}"
 
 
+def option_name(name: str) -> str:
+    """Option ``name`` without a value: ``--drop-optimizer`` / ``drop_optimizer``."""
+    return "--" + name.replace("_", "-") if _CLI.get() else name
+
+
 def options_list(names: tuple[str, ...] | list[str] = MAPPING_OPTIONS) -> str:
     """``names`` as the current front end spells them, comma-separated, without values."""
     if _CLI.get():
-        return ", ".join("--" + n.replace("_", "-") for n in names)
+        return ", ".join(map(option_name, names))
     return ", ".join(f"{n}=" for n in names)
+
+
+def changed_options(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """The options that differ between two runs, each named as the user gives it:
+    ``--drop-optimizer None -> True`` (values shortened to a few dozen characters)."""
+    def brief(v: Any) -> str:
+        text = repr(v)
+        return text if len(text) <= 40 else text[:37] + "..."
+
+    return [f"{option_name(k)} {brief(old.get(k))} -> {brief(new.get(k))}"
+            for k in sorted(set(old) | set(new), key=str) if old.get(k) != new.get(k)]

@@ -13,6 +13,7 @@ from typing import Any
 
 from . import safefs
 from .errors import DestinationError, ResumeError
+from .frontend import option
 
 FORMAT = "shardconv-journal"
 VERSION = 1
@@ -30,7 +31,8 @@ class Journal:
         except FileNotFoundError:
             return None
         except OSError as e:
-            raise ResumeError(f"{self.path}: cannot read the journal ({e.strerror}); rerun with --restart") from None
+            raise ResumeError(f"{self.path}: cannot read the journal ({e.strerror}); "
+                              f"rerun with {option('restart')}") from None
         with os.fdopen(fd, "rb") as f:
             data = f.read()
         lines = data.split(b"\n")
@@ -43,12 +45,13 @@ class Journal:
             header = json.loads(lines[0])
             records = [json.loads(ln) for ln in lines[1:]]
         except (ValueError, UnicodeDecodeError):
-            raise ResumeError(f"{self.path}: journal is damaged; rerun with --restart") from None
+            raise ResumeError(f"{self.path}: journal is damaged; rerun with {option('restart')}") from None
         if not isinstance(header, dict) or header.get("format") != FORMAT or header.get("version") != VERSION:
-            raise ResumeError(f"{self.path}: not a journal this version of shardconv can resume; rerun with --restart")
+            raise ResumeError(f"{self.path}: not a journal this version of shardconv can resume; "
+                              f"rerun with {option('restart')}")
         size = header.get("chunk_bytes")
         if not isinstance(size, int) or isinstance(size, bool) or size <= 0:
-            raise ResumeError(f"{self.path}: journal header has no valid chunk size; rerun with --restart")
+            raise ResumeError(f"{self.path}: journal header has no valid chunk size; rerun with {option('restart')}")
         return header, [r for r in records if isinstance(r, dict)]
 
     def start(self, header: dict[str, Any], records: list[dict[str, Any]] = (), durable: bool = True) -> None:

@@ -27,6 +27,7 @@ import stat
 from pathlib import Path
 
 from .errors import DestinationError, DurabilityError
+from .frontend import option
 
 _AT_FDCWD = -100
 _RENAME_NOREPLACE = 1
@@ -109,7 +110,8 @@ def publish(src: Path, dst: Path, overwrite: bool, aside: Path) -> None:
         remove(aside)
     except FileExistsError:
         raise DestinationError(f"{dst}: appeared while this run was converting and is not replaced without "
-                               "--overwrite; the finished output is kept: rerun with --overwrite to publish it") from None
+                               f"{option('overwrite')}; the finished output is kept: rerun with "
+                               f"{option('overwrite')} to publish it") from None
     except OSError as e:
         raise DestinationError(f"{dst}: cannot move the finished output into place: {e.strerror}") from None
 

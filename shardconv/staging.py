@@ -18,6 +18,7 @@ from pathlib import Path
 
 from . import safefs
 from .errors import DestinationError
+from .frontend import option
 from .safefs import fsync_dir
 
 __all__ = ["Staging", "fsync_dir"]
@@ -107,8 +108,8 @@ class Staging:
         self._check()
         if moves and not overwrite and safefs.lstat(moves[-1][1]) is not None:
             raise DestinationError(f"{moves[-1][1]}: appeared while this run was converting and is not replaced "
-                                   "without --overwrite; the finished output is kept: rerun with --overwrite "
-                                   "to publish it")
+                                   f"without {option('overwrite')}; the finished output is kept: rerun with "
+                                   f"{option('overwrite')} to publish it")
         aside = self.dir / ".replaced"
         for k, (src, dst) in enumerate(moves):
             safefs.publish(src, dst, overwrite or k < len(moves) - 1, aside)

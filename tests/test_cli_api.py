@@ -203,3 +203,56 @@ def test_an_error_in_a_subcommand_shows_its_usage():
     p = run_cli("convert", "a")
     assert p.returncode == 2 and p.stderr.startswith("usage: shardconv convert")
     assert p.stderr.splitlines()[-1] == "shardconv convert: error: the following arguments are required: dest"
+
+
+# -- messages name what the user gave, in the front end's language
+
+def test_options_a_preset_implies_are_named_by_the_preset(src):
+    p = run_cli("plan", src, "--preset", "keras-ema")
+    msg = one_line(p.stderr)
+    assert p.returncode == 1 and "preset keras-ema, but the checkpoint holds no EMA values" in msg
+    assert "--prefer-ema" not in msg
+    p = run_cli("plan", src, "--prefer-ema")
+    assert "--prefer-ema, but the checkpoint holds no EMA values" in one_line(p.stderr)
+
+
+def test_python_errors_speak_python_and_the_cli_speaks_flags(src, tmp_path):
+    from shardconv.errors import DestinationError
+
+    dest = converted(src, tmp_path / "o.npz")
+    with pytest.raises(DestinationError) as e:
+        shardconv.convert(src, dest)
+    assert "overwrite=True" in str(e.value) and "--overwrite" not in str(e.value)
+    p = run_cli("convert", src, dest)
+    assert "pass --overwrite to replace it" in one_line(p.stderr)
+
+
+def test_a_refused_resume_names_the_option_that_changed(src, tmp_path):
+    import signal
+
+    from shardconv.errors import ResumeError
+
+    dest = tmp_path / "o.npz"
+    p = run_cli("convert", src, dest, "--quiet", env={"SHARDCONV_TEST_KILL": "journal:0"})
+    assert p.returncode == -signal.SIGKILL
+    p = run_cli("convert", src, dest, "--quiet", "--drop-optimizer")
+    msg = one_line(p.stderr)
+    assert p.returncode == 1 and "options changed since it was started (--drop-optimizer False -> True)" in msg
+    assert msg.endswith("rerun with --restart to start over")
+    with pytest.raises(ResumeError, match=r"\(dtype None -> 'float16'\); rerun with restart=True"):
+        shardconv.convert(src, dest, dtype="float16")
+    p = run_cli("convert", src, dest, "--quiet", "--to", "npz", "--max-file-size", "1MiB")
+    assert "--max-file-size None -> 1048576" in one_line(p.stderr)
+
+
+def test_left_out_lists_use_the_names_ls_shows(keras_ema_ckpt):
+    from reference import reference_prefix
+
+    prefix = reference_prefix(keras_ema_ckpt)
+    shown = {r["name"] for r in json.loads(run_cli("ls", prefix, "--json").stdout)}
+    p = run_cli("plan", prefix, "--preset", "keras-ema", "--json")
+    assert p.returncode == 0, p.stderr
+    report = json.loads(p.stdout)
+    assert report["dropped"] and {d["name"] for d in report["dropped"]} <= shown
+    assert {d["reason"] for d in report["dropped"]} >= {"optimizer state (preset keras-ema)"}
+    assert report["totals"]["bytes_out"] + report["totals"]["bytes_dropped"] == report["totals"]["bytes_in"]

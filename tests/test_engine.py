@@ -334,7 +334,7 @@ def test_publish_without_overwrite_never_replaces(tmp_path, monkeypatch, renamea
             (p / "f").write_bytes(data)
         else:
             p.write_bytes(data)
-    with pytest.raises(DestinationError, match="not replaced without --overwrite"):
+    with pytest.raises(DestinationError, match="not replaced without overwrite=True"):  # Python speaks Python
         safefs.publish(src, dst, overwrite=False, aside=tmp_path / "aside")
     read = (lambda p: (p / "f").read_bytes()) if kind == "directory" else (lambda p: p.read_bytes())
     assert read(dst) == b"old" and read(src) == b"new"
@@ -395,7 +395,7 @@ def test_a_journal_header_without_a_chunk_size_is_a_resume_error(tmp_path):
     header = json.loads(lines[0])
     del header["chunk_bytes"]
     journal.write_bytes(b"\n".join([json.dumps(header).encode(), *lines[1:]]))
-    with pytest.raises(ResumeError, match="no valid chunk size; rerun with --restart"):
+    with pytest.raises(ResumeError, match=r"no valid chunk size; rerun with restart=True"):
         shardconv.convert(tmp_path / "in.npz", dest)
     shardconv.convert(tmp_path / "in.npz", dest, restart=True)
     assert dest.exists()

@@ -247,5 +247,5 @@ def test_plan_json_reports_outputs_coverage_and_memory_without_reading_values(ke
     report = json.loads(p.stdout)
     assert len(report["outputs"]) == 8
     assert report["totals"]["bytes_out"] + report["totals"]["bytes_dropped"] == report["totals"]["bytes_in"]
-    assert {d["reason"] for d in report["dropped"]} >= {"optimizer state (--drop-optimizer)"}
+    assert {d["reason"] for d in report["dropped"]} >= {"optimizer state (preset keras-ema)"}
     assert report["memory"]["peak"] > report["memory"]["buffers"]

@@ -178,7 +178,7 @@ def test_ema_params_of_a_train_state_prefer_ema_and_hint(tmp_path):
     ckpt = save(state, "orbax", tmp_path)
     r = shardconv.convert(ckpt, tmp_path / "raw.npz", drop_optimizer=True)
     assert_exactly(tmp_path / "raw.npz", param_values(state))
-    assert any("EMA averages of" in n and "--prefer-ema" in n for n in r.notes)
+    assert any("EMA averages of" in n and "prefer_ema=True" in n for n in r.notes)  # the API speaks Python
     r = shardconv.convert(ckpt, tmp_path / "ema.npz", drop_optimizer=True, prefer_ema=True)
     assert_exactly(tmp_path / "ema.npz", param_values(state.replace(params=ema)))
     assert not any("EMA averages of" in n for n in r.notes)
@@ -199,7 +199,7 @@ def test_optax_ema_of_the_params_outside_the_optimizer_is_an_ema(tmp_path):
 
 def test_drop_optimizer_with_nothing_to_drop_says_so(tmp_path):
     r = shardconv.convert({"w": np.arange(4, dtype=np.float32)}, tmp_path / "o.npz", drop_optimizer=True)
-    assert r.notes == ["--drop-optimizer: the checkpoint holds no optimizer state, counters or EMA copies; "
+    assert r.notes == ["drop_optimizer=True: the checkpoint holds no optimizer state, counters or EMA copies; "
                        "nothing was left out"]
     proc = run_cli("plan", TESTDATA / "tf-serving" / "saved_model_half_plus_three" / "00000123" / "variables" / "variables",
                    "--drop-optimizer")

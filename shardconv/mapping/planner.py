@@ -18,6 +18,7 @@ from ..sources.base import Source, TensorInfo
 from .assemble import Assemble, Piece, check_piece
 from .roles import Role, assign_roles
 from .rules import Rule, parse_rules
+from ..frontend import option
 from .select import check_options, select
 
 DEFAULTS = {"prefer_ema": False, "drop_optimizer": False, "allow_unmapped": False, "names": "model"}
@@ -53,11 +54,15 @@ def _expand(m: re.Match, template: str) -> str:
 
 
 def build_plan(source: Source, rules: list[dict[str, Any]] | None = None, *, options: dict[str, Any] | None = None,
-               **overrides: Any) -> Plan:
+               origins: dict[str, str] | None = None, **overrides: Any) -> Plan:
     """The plan for ``source`` under ``rules``; ``overrides`` (prefer_ema, drop_optimizer,
-    allow_unmapped, names) take precedence over options given with the rules."""
+    allow_unmapped, names, ...) take precedence over options given with the rules. ``origins``
+    says where those came from (``preset keras-ema``), for messages; an override is named as
+    the user gave it (``--drop-optimizer`` or ``drop_optimizer=True``)."""
     ruleset = parse_rules(rules, options)
     opts = {**DEFAULTS, **ruleset.options, **{k: v for k, v in overrides.items() if v is not None}}
+    origins = {**(origins or {}), **{k: option(k, v) for k, v in overrides.items() if v is not None}}
+    by = {k: origins.get(k, option(k)) for k in ("prefer_ema", "drop_optimizer")}
     if opts["names"] not in ("model", "keys"):
         raise PlanError([f"names must be 'model' or 'keys', got {opts['names']!r}"])
     bad = check_options(opts)
@@ -72,7 +77,8 @@ def build_plan(source: Source, rules: list[dict[str, Any]] | None = None, *, opt
     infos = list(source.tensors())
     for t, role in zip(infos, assign_roles(infos)):
         if t.is_string:
-            dropped.append((t.name, "string tensor (array outputs hold numbers only)"))
+            dropped.append((role.name if opts["names"] == "model" else t.name,
+                            "string tensor (array outputs hold numbers only)"))
             continue
         items.append(_Item(role.name if opts["names"] == "model" else t.name, t, role))
 
@@ -80,7 +86,7 @@ def build_plan(source: Source, rules: list[dict[str, Any]] | None = None, *, opt
     emas = [it for it in items if it.role.kind == "ema"]
     if opts["prefer_ema"]:
         if not emas:
-            problems.append(f"{loc}: --prefer-ema, but the checkpoint holds no EMA values (looked for Keras "
+            problems.append(f"{loc}: {by['prefer_ema']}, but the checkpoint holds no EMA values (looked for Keras "
                             "use_ema averages, .../ExponentialMovingAverage shadows, flax ema_params and "
                             "optax EmaState trees; see docs/mapping.md)")
         params = {it.role.name: it for it in items if it.role.kind == "param"}
@@ -102,21 +108,21 @@ def build_plan(source: Source, rules: list[dict[str, Any]] | None = None, *, opt
                 problems.append(f"{loc}: EMA {e.src.name} is {e.src.dtype}{list(e.src.shape)} but {target} is "
                                 f"{p.src.dtype}{list(p.src.shape)}")
                 continue
-            dropped.append((p.src.name, "raw weight; its EMA is written under the model name (--prefer-ema)"))
+            dropped.append((p.name, f"raw weight; its EMA is written under the model name ({by['prefer_ema']})"))
             p.notes.append(f"EMA value from {e.src.name}")
             p.src = e.src
             e.role = Role("consumed", e.role.name)
         items = [it for it in items if it.role.kind != "consumed"]
         raw = [it.name for it in items if it.role.kind == "param" and not it.notes]
         if raw:
-            notes.append(f"--prefer-ema: {len(raw)} parameter(s) have no EMA and keep their raw value "
+            notes.append(f"{by['prefer_ema']}: {len(raw)} parameter(s) have no EMA and keep their raw value "
                          f"(e.g. {', '.join(raw[:3])})")
     elif emas:
         shown = ", ".join(sorted({e.role.ema_of or e.name for e in emas})[:3])
         notes.append(f"the checkpoint holds EMA averages of {len(emas)} weight(s) (e.g. {shown}); "
-                     "--prefer-ema writes them under the weights' names")
+                     f"{option('prefer_ema')} writes them under the weights' names")
     if opts["drop_optimizer"]:
-        items = _drop_optimizer(items, dropped, notes)
+        items = _drop_optimizer(items, dropped, notes, by["drop_optimizer"])
     items = select(items, opts, dropped)
 
     # -- rules
@@ -132,7 +138,7 @@ def build_plan(source: Source, rules: list[dict[str, Any]] | None = None, *, opt
             continue
         rule, m = hit
         if rule.drop:
-            dropped.append((it.src.name, f"dropped by {rule.label}"))
+            dropped.append((it.name, f"dropped by {rule.label}"))
             continue
         new = _expand(m, rule.rename) if rule.rename is not None else it.name
         if rule.group:
@@ -171,18 +177,20 @@ def build_plan(source: Source, rules: list[dict[str, Any]] | None = None, *, opt
 
 
 _DROP_REASONS = {
-    "optimizer": "optimizer state (--drop-optimizer)",
-    "meta": "training counter, metric or checkpoint bookkeeping (--drop-optimizer)",
-    "ema": "EMA copy (--drop-optimizer; add --prefer-ema to write it instead of the raw weight)",
+    "optimizer": "optimizer state ({by})",
+    "meta": "training counter, metric or checkpoint bookkeeping ({by})",
+    "ema": "EMA copy ({by}; add {prefer_ema} to write it instead of the raw weight)",
 }
 
 
-def _drop_optimizer(items: list[_Item], dropped: list[tuple[str, str]], notes: list[str]) -> list[_Item]:
-    """``items`` without optimizer state, counters, bookkeeping and EMA copies; says so when there is none."""
+def _drop_optimizer(items: list[_Item], dropped: list[tuple[str, str]], notes: list[str], by: str) -> list[_Item]:
+    """``items`` without optimizer state, counters, bookkeeping and EMA copies; says so when there is
+    none. ``by``: the option or preset that asked for it, as the user gave it."""
     keep = [it for it in items if it.role.kind not in _DROP_REASONS]
-    dropped.extend((it.src.name, _DROP_REASONS[it.role.kind]) for it in items if it.role.kind in _DROP_REASONS)
+    dropped.extend((it.name, _DROP_REASONS[it.role.kind].format(by=by, prefer_ema=option("prefer_ema")))
+                   for it in items if it.role.kind in _DROP_REASONS)
     if len(keep) == len(items):
-        notes.append("--drop-optimizer: the checkpoint holds no optimizer state, counters or EMA copies; "
+        notes.append(f"{by}: the checkpoint holds no optimizer state, counters or EMA copies; "
                      "nothing was left out")
     return keep
 

@@ -17,7 +17,7 @@ from typing import Any
 
 from ..dtypes import NUMPY_DTYPES
 from ..errors import PlanError, UsageError
-from ..frontend import MAPPING_OPTIONS
+from ..frontend import MAPPING_OPTIONS, option_name
 
 KEYS = {"match", "rename", "drop", "cast", "transpose", "reshape", "stack", "concat", "split", "unstack", "note"}
 OPTION_KEYS = set(MAPPING_OPTIONS) - {"rules", "preset"}
@@ -180,7 +180,7 @@ def load_rules_file(path: str | Path) -> tuple[list[dict[str, Any]], dict[str, A
     except FileNotFoundError:
         raise UsageError(f"{p}: rules file not found") from None
     except IsADirectoryError:
-        raise UsageError(f"{p}: is a directory; --rules takes a TOML file") from None
+        raise UsageError(f"{p}: is a directory; {option_name('rules')} takes a TOML file") from None
     except OSError as e:
         raise UsageError(f"{p}: cannot read the rules file ({e.strerror or e})") from None
     except UnicodeDecodeError as e:

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import MissingDependencyError, UsageError
+from ..frontend import option_name
 
 
 def __getattr__(name: str) -> Any:
@@ -58,7 +59,7 @@ def sink_for(dest: str | Path, to: str | None = None, **options: Any) -> Sink:
         matches = [name for name, (_, _, sfx) in REGISTRY.items() if suffix in sfx]
         if not matches:
             raise UsageError(f"{dest}: cannot tell the output format from the suffix {suffix!r}; "
-                             f"pass --to ({', '.join(REGISTRY)})")
+                             f"pass {option_name('to')} ({', '.join(REGISTRY)})")
         to = matches[0]
     if to not in REGISTRY:
         raise UsageError(f"unknown output format {to!r} (known: {', '.join(REGISTRY)})")

@@ -45,6 +45,7 @@ from ..dtypes import itemsize, numpy_dtype
 from ..errors import (DestinationError, DurabilityError, MissingDependencyError, PlanError, ResumeError,
                       UsageError)
 from ..fileio import fsync_file, start_writeback
+from ..frontend import option, option_name
 from ..mapping.rules import rename_rule
 from ..plan import Chunk, OutputTensor, chunk_region
 from ..sources.sstable import SSTable
@@ -372,11 +373,11 @@ class TFCheckpointSink(Sink):
         if known is not None:
             if known[1] != crc:
                 raise ResumeError(f"{self.out}: chunk {ident} of {self.outputs[chunk.index].name!r} differs from the "
-                                  "copy in the partial output; rerun with --restart")
+                                  f"copy in the partial output; rerun with {option('restart')}")
             return {"g": known[0], "c": crc}
         if self._merged is not None:
             raise ResumeError(f"{self.out}: the partial output was already merged but lacks chunk {ident}; "
-                              "rerun with --restart")
+                              f"rerun with {option('restart')}")
         n = len(data)
         start = -(-self._fill // ALIGN) * ALIGN
         cap = max(self.chunk_bytes, n)
@@ -445,12 +446,12 @@ class TFCheckpointSink(Sink):
             for gid in sorted(self._groups):
                 for i in self._groups[gid]:
                     if i in owner:
-                        raise ResumeError(f"{self.out}: chunk {i} is in two groups; rerun with --restart")
+                        raise ResumeError(f"{self.out}: chunk {i} is in two groups; rerun with {option('restart')}")
                     owner[i] = gid
             need = {_ident(c) for c, _ in receipts}
             if set(owner) != need:
                 raise ResumeError(f"{self.out}: the partial output lacks {len(need - set(owner))} chunks and has "
-                                  f"{len(set(owner) - need)} unplanned ones; rerun with --restart")
+                                  f"{len(set(owner) - need)} unplanned ones; rerun with {option('restart')}")
             tf = _tf()
             inputs = []
             if self.carry:
@@ -536,7 +537,8 @@ class SavedModelSink(TFCheckpointSink):
         if bad:
             problems.append(f"{len(bad)} tensor(s) of dtypes TensorFlow cannot load into a variable "
                             f"({', '.join(sorted({o.dtype for o in bad}))}): {', '.join(repr(o.name) for o in bad[:5])}"
-                            f"{', ...' if len(bad) > 5 else ''}; cast them with a rule or use --to tf-checkpoint")
+                            f"{', ...' if len(bad) > 5 else ''}; cast them with a rule or use "
+                            f"{option('to', 'tf-checkpoint')}")
         return problems
 
     def _moves(self, dest: Path) -> list[tuple[Path, Path]]:
@@ -619,11 +621,11 @@ def _skeleton_problems(names: list[str]) -> list[str]:
             parent = "/".join(parts[:k])
             if parent in tensors:
                 problems.append(f"{parent!r} is a tensor and also holds {name!r}; a SavedModel attribute cannot be "
-                                "both (rename one with --rules)")
+                                f"both (rename one with {option_name('rules')})")
                 tensors.discard(parent)
         if parts[0] == "signatures":
             problems.append(f"{name!r}: the top-level name 'signatures' is reserved in a SavedModel "
-                            "(rename with --rules)")
+                            f"(rename with {option_name('rules')})")
     return problems
 
 
@@ -775,7 +777,8 @@ def _layout_from_skeleton(tf, prefix: Path, root: Any, model: Any, outputs: list
         if unused:
             problems.append(f"{len(unused)} converted tensor(s) match no model variable: {', '.join(unused[:12])}"
                             + (", ..." if len(unused) > 12 else "")
-                            + " (rename them with --rules, or leave them out with --drop-optimizer / drop rules)")
+                            + f" (rename them with {option_name('rules')}, or leave them out with "
+                              f"{option('drop_optimizer')} / drop rules)")
         for name in sorted(set(var_keys) & set(outs)):
             dt, shape = var_meta.get(name, (None, None))
             o = outs[name]

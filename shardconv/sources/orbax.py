@@ -49,6 +49,7 @@ import numpy as np
 from .. import tsio
 from ..dtypes import NUMPY_DTYPES, checked_nbytes, itemsize
 from ..errors import FormatError, SourceError, UnsupportedError
+from ..frontend import option, option_name
 from ..plan import check_name
 from .regions import box_views, read_bytes_by_elements
 from .zarr import parse_json_object, zarr_dtype
@@ -127,7 +128,7 @@ def _choose_step(root: Path, step: int | None, is_checkpoint: Any, kind: str) ->
         m = _STEP.match(root.name)
         if step is not None and not (m and int(m.group(1)) == step):
             raise SourceError(f"{root}: is a single {kind} checkpoint, not a directory of steps; "
-                              f"--step {step} does not apply (point at its parent directory)")
+                              f"{option('step', step)} does not apply (point at its parent directory)")
         return root
     steps = _steps(root, is_checkpoint)
     if not steps:
@@ -646,7 +647,8 @@ class T5xSource(FlaxMsgpackSource):
         p = Path(path)
         if p.name == "checkpoint" and p.is_file():
             if step is not None:
-                raise SourceError(f"{p}: --step applies to a directory of checkpoint_N steps, not to one file")
+                raise SourceError(f"{p}: {option_name('step')} applies to a directory of checkpoint_N steps, "
+                                  "not to one file")
             f = p
         else:
             f = _choose_step(p, step, _is_t5x_checkpoint, "t5x") / "checkpoint"
