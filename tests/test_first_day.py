@@ -209,6 +209,16 @@ def test_convert_creates_missing_parent_directories(written, tmp_path):
     np.testing.assert_array_equal(_kernel(dest), KERNEL[200])
 
 
+def test_tf_serving_example_of_the_docs_works_in_an_empty_directory(written, tmp_path):
+    """docs/savedmodel.md: ``convert CKPT models/mynet --to savedmodel --serving-version 3``."""
+    r = run_cli("convert", written / "train", tmp_path / "models" / "mynet", "--to", "savedmodel",
+                "--serving-version", "3", "-q")
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "models" / "mynet" / "3" / "saved_model.pb").is_file()
+    r = run_cli("verify", tmp_path / "models" / "mynet" / "3", written / "train", "-q")
+    assert r.returncode == 0, r.stderr
+
+
 def test_a_refusal_leaves_no_parent_directory_behind(written, tmp_path):
     dest = tmp_path / "models" / "net" / "weights.npz"
     line = _error(run_cli("convert", written / "train" / "model.ckpt-200", dest, "--max-memory", "1KiB"))
