@@ -9,7 +9,7 @@ from . import engine
 from .errors import ChecksumError, DestinationError, UsageError, VerifyError
 from .frontend import MAPPING_OPTIONS
 from .plan import Plan, chunk_plan
-from .sinks import require, sink_for
+from .sinks import REGISTRY as SINKS, require, sink_for
 from .sources import Source, TensorInfo, open_source
 from .units import parse_size
 
@@ -77,6 +77,7 @@ def convert(src: Any, dest: str | os.PathLike, *, to: str | None = None, max_mem
         plan = make_plan(source, **mapping)
         sink = sink_for(dest, to, **(sink_options or {}))
         require(sink.name)
+        plan = plan.leave_out(sink.leave_out)
         created = _make_parents(dest)
         try:
             return engine.run(plan, sink, dest, max_memory=parse_size(max_memory), overwrite=overwrite,
@@ -195,6 +196,8 @@ def _reference_plan(dest: Any, out: Source, ref: Source, outputs: dict[str, Tens
     given = {k: v for k, v in mapping.items() if v is not None}
     recorded = _recorded_mapping(out)
     plan = make_plan(ref, **(given or recorded))
+    if out.format in SINKS:  # what the output's format cannot hold is not in it
+        plan = plan.leave_out(sink_for(dest, out.format).leave_out)
     want = {o.name: o for o in plan.outputs}
     missing = sorted(set(want) - set(outputs))
     extra = sorted(set(outputs) - set(want))

@@ -309,7 +309,7 @@ def _plan(args: argparse.Namespace) -> int:
     with _open_src(args) as source:
         sink = sink_for(getattr(args, "dest", "x"), args.to, **_sink_options(args))
         require(sink.name)  # a missing library is reported by plan as by convert
-        plan = make_plan(source, **_mapping_kwargs(args))
+        plan = make_plan(source, **_mapping_kwargs(args)).leave_out(sink.leave_out)
         infos = {t.name: t for t in source.tensors()}
         sizes = _sizes_by_name(list(infos.values()))
         est = memory_estimate(plan, sink, parse_size(args.max_memory))
