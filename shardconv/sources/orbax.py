@@ -25,10 +25,10 @@ checkpoint directory (a path leading outside it is refused), and when the array 
 ``checkpoint_N/`` steps opens the latest, or ``step=N``.
 
 Memory: Orbax writes one chunk per shard (up to 2 GiB), and TensorStore decodes a
-whole chunk to read any part of it. Zarr v2 chunks compressed with zstd, gzip or zlib
-(or not at all), which is what Orbax and t5x write, are therefore read as streams
-(``chunkstream``): a few MiB at a time whatever the chunk size. Other arrays (Zarr v3,
-blosc, filters) are read by TensorStore with a chunk cache of their largest chunk, so a
+whole chunk to read any part of it. Zarr v2 and v3 chunks compressed with zstd, gzip or
+zlib (or not at all), which is what Orbax and t5x write, are therefore read as streams
+(``chunkstream``): a few MiB at a time whatever the chunk size. Other arrays (sharding
+codecs, blosc, filters) are read by TensorStore with a chunk cache of their largest chunk, so a
 chunk read piecewise is decoded once; for those, peak memory is the budget plus about
 two such chunks. Neither format records checksums.
 """
