@@ -9,6 +9,7 @@ from . import engine
 from .errors import ChecksumError, DestinationError, UsageError, VerifyError
 from .frontend import MAPPING_OPTIONS
 from .plan import Plan, chunk_plan
+from .progress import ProgressArg, start as start_progress
 from .sinks import REGISTRY as SINKS, require, sink_for
 from .sources import Source, TensorInfo, open_source
 from .units import parse_size
@@ -64,10 +65,13 @@ def plan(src: Any, *, step: int | None = None, **mapping: Any) -> Plan:
 
 
 def convert(src: Any, dest: str | os.PathLike, *, to: str | None = None, max_memory: str | int = DEFAULT_MAX_MEMORY,
-            overwrite: bool = False, restart: bool = False, fsync: bool = True, progress: bool = False,
+            overwrite: bool = False, restart: bool = False, fsync: bool = True, progress: ProgressArg = False,
             step: int | None = None, sink_options: dict[str, Any] | None = None,
             **mapping: Any) -> engine.Result:
     """Convert a checkpoint to ``dest`` within ``max_memory``; resumes an interrupted run.
+
+    ``progress``: ``True`` draws a bar (a widget in a notebook), a callable is called as
+    ``progress(done_bytes, total_bytes)`` as the output is written.
 
     Mapping arguments (``rules``, ``preset``, ``prefer_ema``, ``drop_optimizer``,
     ``allow_unmapped``, ``names``, ``include``, ``exclude``, ``dtype``) are those of ``make_plan``.
@@ -120,7 +124,7 @@ def _remove_empty(dirs: list[Path]) -> None:
 
 
 def verify(dest: str | os.PathLike, src: Any = None, *, max_memory: str | int = DEFAULT_MAX_MEMORY,
-           progress: bool = False, step: int | None = None, **mapping: Any) -> dict[str, Any]:
+           progress: ProgressArg = False, step: int | None = None, **mapping: Any) -> dict[str, Any]:
     """Re-read an output: every stored checksum, and (with ``src``) every value against the source.
 
     Returns counts; raises VerifyError naming the first tensor that differs.
@@ -148,12 +152,7 @@ def verify(dest: str | os.PathLike, src: Any = None, *, max_memory: str | int = 
         a = np.empty(chunk, np.uint8)
         b = np.empty(chunk, np.uint8)
         ref_tracker = IntegrityTracker(ref.units()) if ref is not None else None
-        bar = None
-        if progress:
-            from tqdm import tqdm
-
-            bar = tqdm(total=sum(t.nbytes for t in stored), unit="B", unit_scale=True, unit_divisor=1024,
-                       desc=f"verify {os.path.basename(str(dest))}", dynamic_ncols=True)
+        bar = start_progress(progress, sum(t.nbytes for t in stored), 0, f"verify {os.path.basename(str(dest))}")
         for oname, t in outputs.items():
             for c in chunk_plan([_as_output(t)], chunk):
                 if bar is not None:

@@ -24,6 +24,7 @@ from .frontend import changed_options, option
 from .integrity import IntegrityTracker
 from .journal import Journal, describe_changes
 from .plan import Chunk, Plan, chunk_plan
+from .progress import ProgressArg, start as start_progress
 from .sinks.base import Sink
 from .staging import Staging
 
@@ -104,7 +105,7 @@ def manifest_for(plan: Plan, sink: Sink) -> dict[str, Any]:
 
 
 def run(plan: Plan, sink: Sink, dest: str | os.PathLike, *, max_memory: int, overwrite: bool = False,
-        restart: bool = False, fsync: bool = True, progress: bool = True,
+        restart: bool = False, fsync: bool = True, progress: ProgressArg = True,
         chunk_bytes: int | None = None) -> Result:
     """Convert ``plan`` into ``sink`` at ``dest``; resumes a partial output of the same run.
 
@@ -291,7 +292,7 @@ def verify_inputs(plan: Plan, tracker: IntegrityTracker, chunk_bytes: int) -> No
 
 
 def _pipeline(plan: Plan, sink: Sink, journal: Journal, tracker: IntegrityTracker, todo: list[tuple[int, Chunk]],
-              done: dict[int, dict[str, Any]], budget: Budget, progress: bool, total: int, initial: int,
+              done: dict[int, dict[str, Any]], budget: Budget, progress: ProgressArg, total: int, initial: int,
               label: str) -> None:
     """One reader thread fills pooled buffers; this thread writes and journals them in order."""
     pool = BufferPool(budget.n_buffers, budget.chunk_bytes)
@@ -320,12 +321,7 @@ def _pipeline(plan: Plan, sink: Sink, journal: Journal, tracker: IntegrityTracke
         except BaseException as e:  # handed to the writer, which raises it
             filled.put(e)
 
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=total, initial=initial, unit="B", unit_scale=True, unit_divisor=1024,
-                   desc=label, dynamic_ncols=True, leave=True)
+    bar = start_progress(progress, total, initial, label)
     thread = threading.Thread(target=reader, name="shardconv-reader", daemon=True)
     thread.start()
     try:

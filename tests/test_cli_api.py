@@ -256,3 +256,76 @@ def test_left_out_lists_use_the_names_ls_shows(keras_ema_ckpt):
     assert report["dropped"] and {d["name"] for d in report["dropped"]} <= shown
     assert {d["reason"] for d in report["dropped"]} >= {"optimizer state (preset keras-ema)"}
     assert report["totals"]["bytes_out"] + report["totals"]["bytes_dropped"] == report["totals"]["bytes_in"]
+
+
+# -- the Python API: shardconv.plan, exports, progress
+
+def test_shardconv_plan_is_the_function_even_after_its_module_is_imported():
+    code = ("import sys, types, shardconv\n"
+            "assert 'numpy' not in sys.modules\n"
+            "from shardconv.plan import Plan, chunk_plan\n"
+            "import shardconv.api, shardconv.engine\n"
+            "assert callable(shardconv.plan) and not isinstance(shardconv.plan, types.ModuleType), shardconv.plan\n"
+            "assert shardconv.plan is shardconv.api.plan and sys.modules['shardconv.plan'].Plan is Plan\n")
+    import subprocess
+
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+
+
+def test_errors_and_jax_tree_source_are_exported(src):
+    import inspect
+
+    import shardconv.errors as errors
+    from shardconv.sources.jax_tree import JaxTreeSource
+
+    classes = [n for n, c in vars(errors).items() if inspect.isclass(c) and issubclass(c, errors.ShardconvError)]
+    assert classes and all(getattr(shardconv, n) is getattr(errors, n) and n in shardconv.__all__ for n in classes)
+    assert shardconv.JaxTreeSource is JaxTreeSource
+    plan = shardconv.plan(src, drop_optimizer=True)
+    assert sorted(o.name for o in plan.outputs) == ["dense/bias", "dense/kernel"]
+
+
+def test_progress_accepts_a_callback(src, tmp_path):
+    calls = []
+    r = shardconv.convert(src, tmp_path / "o.npz", progress=lambda done, total: calls.append((done, total)))
+    assert calls[0] == (0, r.bytes_total) and calls[-1] == (r.bytes_total, r.bytes_total)
+    assert all(a[0] <= b[0] for a, b in zip(calls, calls[1:]))
+    calls.clear()
+    shardconv.verify(tmp_path / "o.npz", src, progress=lambda done, total: calls.append((done, total)))
+    assert calls[-1][0] == calls[-1][1] == r.bytes_total
+
+
+def test_bars_come_from_tqdm_auto(src, tmp_path, monkeypatch):
+    import tqdm.auto
+
+    made = []
+
+    class Recording(tqdm.auto.tqdm):
+        def __init__(self, *a, **k):
+            made.append(k.get("desc"))
+            super().__init__(*a, **k)
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", Recording)
+    shardconv.convert(src, tmp_path / "o.npz", progress=True)
+    shardconv.verify(tmp_path / "o.npz", progress=True)
+    assert made == ["o.npz", "verify o.npz"]
+
+
+def test_the_first_eta_is_measured_after_the_start_up():
+    """A resumed run (half done), whose first piece takes 5 s of start-up and every later one 1 s:
+    the ETA is 3 s after the second piece (tqdm alone says 20 s after the first, from the start-up)."""
+    from shardconv.progress import start
+
+    mib = 1 << 20
+    p = start(True, total=100 * mib, initial=50 * mib, desc="t")
+    clock = [p.bar.last_print_t]
+    p.bar._time = lambda: clock[0]
+    clock[0] += 5
+    p.update(10 * mib)
+    assert p.bar.format_dict["rate"] is None and "?" in str(p.bar)  # no ETA from the start-up alone
+    clock[0] += 1
+    p.update(10 * mib)
+    d = p.bar.format_dict
+    assert d["n"] == 70 * mib and abs(d["rate"] - 10 * mib) < mib and abs((d["total"] - d["n"]) / d["rate"] - 3) < 0.5
+    p.close()
