@@ -124,3 +124,22 @@ def test_corrupt_msgpack_gives_one_clear_error(tmp_path, case):
     with pytest.raises(ShardconvError, match=message) as e:
         FlaxMsgpackSource(p)
     assert str(p) in str(e.value)
+
+
+def test_float8_leaves_list_in_a_process_that_has_not_imported_ml_dtypes(tmp_path):
+    """flax writes an array's dtype by name (``float8_e4m3fn``); NumPy knows that name only once
+    ml_dtypes is imported, which shardconv defers. The listing must not depend on who imported it."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "fp8.msgpack"
+    tree = {"w": np.arange(6, dtype=np.float32).astype(ml_dtypes.float8_e4m3fn).reshape(2, 3),
+            "b": np.ones(3, ml_dtypes.bfloat16)}
+    path.write_bytes(serialization.to_bytes(tree))
+    code = ("import sys; from shardconv.sources import open_source; s = open_source(sys.argv[1]); "
+            "print(sorted((t.name, t.dtype) for t in s.tensors())); print(s.read('w').tobytes().hex())")
+    out = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    listing, data = out.stdout.splitlines()
+    assert listing == str([("b", "bfloat16"), ("w", "float8_e4m3fn")])
+    assert data == tree["w"].tobytes().hex()

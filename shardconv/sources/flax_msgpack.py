@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from ..dtypes import dtype_name, itemsize
+from ..dtypes import NUMPY_DTYPES, dtype_name, is_ml_dtype, itemsize
 from ..errors import FormatError, SourceError, UnsupportedError
 from ..fileio import open_read
 from ..plan import check_name
@@ -284,7 +284,8 @@ class FlaxMsgpackSource(Source):
         if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
             raise FormatError(f"{self.path}: array {name!r} has invalid shape {shape!r}")
         try:
-            dtype = dtype_name(np.dtype(dname)) if dname != "bfloat16" else "bfloat16"
+            dtype = dname if isinstance(dname, str) and is_ml_dtype(dname) and dname in NUMPY_DTYPES \
+                else dtype_name(np.dtype(dname))
         except (TypeError, UnsupportedError):
             raise UnsupportedError(f"{self.path}: array {name!r} has unsupported dtype {dname!r}") from None
         nbytes = math.prod(shape) * itemsize(dtype)
