@@ -117,9 +117,11 @@ def _zarr_output(p: argparse.ArgumentParser) -> None:
 
 
 def _presets() -> list[str]:
-    from .mapping import preset_names
+    """Shipped preset names, for help text: read from the package data, so ``--help``
+    imports neither the mapping layer nor NumPy."""
+    from pathlib import Path
 
-    return preset_names()
+    return sorted(p.stem for p in (Path(__file__).parent / "mapping" / "presets").glob("*.toml"))
 
 
 def _mapping_kwargs(args: argparse.Namespace) -> dict:

@@ -329,3 +329,13 @@ def test_the_first_eta_is_measured_after_the_start_up():
     d = p.bar.format_dict
     assert d["n"] == 70 * mib and abs(d["rate"] - 10 * mib) < mib and abs((d["total"] - d["n"]) / d["rate"] - 3) < 0.5
     p.close()
+
+
+def test_help_imports_neither_numpy_nor_the_mapping_layer():
+    import subprocess
+
+    code = ("import sys\nfrom shardconv.cli import build_parser\nbuild_parser().format_help()\n"
+            "heavy = sorted(m for m in sys.modules if m == 'numpy' or m.startswith(('shardconv.mapping', 'tqdm')))\n"
+            "assert not heavy, heavy\n")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
