@@ -339,3 +339,17 @@ def test_help_imports_neither_numpy_nor_the_mapping_layer():
             "assert not heavy, heavy\n")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert p.returncode == 0, p.stderr
+
+
+@pytest.mark.skipif(__import__("importlib.util").util.find_spec("tensorflow") is None, reason="needs tensorflow")
+def test_verify_of_a_savedmodel_takes_the_mapping_flags_convert_was_given(src, tmp_path):
+    """A SavedModel records no mapping: verify says which flags to pass (exit 2), and with them passes."""
+    sm = tmp_path / "sm"
+    p = run_cli("convert", src, sm, "--to", "savedmodel", "--drop-optimizer", "--quiet")
+    assert p.returncode == 0, p.stderr
+    p = run_cli("verify", sm, src, "--quiet")
+    msg = one_line(p.stderr)
+    assert p.returncode == 2 and "does not record the mapping" in msg and "--drop-optimizer" in msg
+    p = run_cli("verify", sm, src, "--drop-optimizer", "--json", "--quiet")
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout)["tensors"] == 2
