@@ -5,7 +5,6 @@ hostile entries, and on random and mutated bytes; and the fast path is the one t
 for what TensorFlow writes."""
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import pytest
@@ -17,7 +16,6 @@ from conftest import TESTDATA
 from shardconv.dtypes import TF_DTYPES
 from shardconv.errors import ShardconvError
 from shardconv.sources import tf_bundle
-from shardconv.sources.base import TensorInfo
 from shardconv.sources.sstable import SSTable
 from test_fuzz import EXAMPLES
 from test_hostile import CRAFTED
@@ -185,14 +183,3 @@ def test_field_sequences(fields):
 def test_canonical_head_random_tail(tail):
     assert_same(w.entry(1, [3, 4])[:12] + tail)  # dtype and shape, then anything
 
-
-def test_tensor_info_shortcut_is_the_dataclass():
-    """``_tensor_info`` fills a TensorInfo without its ``__init__``: the same fields, values,
-    equality and immutability, and nothing ``__init__`` would do besides."""
-    args = ("x", "float32", (2, 3), 24, "crc32c:1", {"shard": 0, "sliced": False})
-    fast, slow = tf_bundle._tensor_info(*args), TensorInfo(*args)
-    assert vars(fast) == vars(slow) and repr(fast) == repr(slow) and fast == slow and hash(fast) == hash(slow)
-    assert [f.name for f in dataclasses.fields(TensorInfo)] == list(vars(fast))
-    assert not hasattr(TensorInfo, "__post_init__")
-    with pytest.raises(dataclasses.FrozenInstanceError):
-        fast.name = "y"

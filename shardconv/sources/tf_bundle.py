@@ -381,19 +381,6 @@ class _EntryReader:
         return shape
 
 
-def _tensor_info(name: str, dtype: str, shape: tuple[int, ...], nbytes: int, checksum: str | None,
-                 extra: dict) -> TensorInfo:
-    """``TensorInfo(name, dtype, shape, nbytes, checksum, extra)`` in half the time: the frozen
-    dataclass's ``__init__`` sets each field through ``object.__setattr__``, and an index
-    of 100 000 tensors makes 100 000 of them. TensorInfo has no ``__post_init__``."""
-    info = _new_object(TensorInfo)
-    info.__dict__.update(name=name, dtype=dtype, shape=shape, nbytes=nbytes, checksum=checksum, extra=extra)
-    return info
-
-
-_new_object = object.__new__
-
-
 def _checked_nbytes(e: _Entry, where: str) -> int:
     """shape x itemsize, checked for overflow; TF's own reader had CVEs here."""
     return checked_nbytes(e.shape, e.dtype, f"{where}: tensor {e.name!r}")
@@ -476,8 +463,8 @@ class TFBundleSource(Source):
                     self._units[name] = Unit(e.size, "crc32c", unmask(e.crc), name, self._data_file(e.shard))
             if e.dtype == STRING:
                 nbytes = e.size
-            self._infos.append(_tensor_info(name, e.dtype, e.shape, nbytes, checksum,
-                                            {"shard": e.shard, "sliced": bool(e.slices)}))
+            self._infos.append(TensorInfo(name, e.dtype, e.shape, nbytes, checksum,
+                                          {"shard": e.shard, "sliced": bool(e.slices)}))
         self._annotate()
 
     def _read_entries(self, where: str) -> tuple[dict[str, _Entry], dict[bytes, bytes]]:
