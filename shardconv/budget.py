@@ -40,8 +40,8 @@ class Budget:
             chunk_bytes -= chunk_bytes % 4096
         if chunk_bytes < MIN_CHUNK:
             need = -(-(held + 2 * slots * MIN_CHUNK) // (1 << 20))  # whole MiB, rounded up
-            raise BudgetError(f"{option('max_memory', format_size(max_memory))} is too small: at least {need}MiB is needed"
-                              + (f" ({why})" if why else ""))
+            raise BudgetError(f"{option('max_memory', format_size(max_memory))} is too small: at least {need}MiB is "
+                              "needed" + (f" ({why})" if why else ""))
         if chunk_bytes * slots > room:
             raise BudgetError(f"chunks of {format_size(chunk_bytes)} (from the partial output's journal) do not fit "
                               f"{option('max_memory', format_size(max_memory))}; raise it or use {option('restart')}")

@@ -58,7 +58,8 @@ def _mapping(p: argparse.ArgumentParser, title: str = "see docs/mapping.md") -> 
         "rules": {"metavar": "FILE", "help": "TOML file of mapping rules ([[rules]] tables, optional [options])"},
         "preset": {"metavar": "NAME", "help": "a shipped rule set: " + ", ".join(_presets())},
         "prefer_ema": {**switch, "help": "write EMA values under the model's names instead of the raw weights"},
-        "drop_optimizer": {**switch, "help": "leave out optimizer state (slots, moments, step counters) and EMA copies"},
+        "drop_optimizer": {**switch, "help": "leave out optimizer state (slots, moments, step counters) and EMA "
+                                             "copies"},
         "allow_unmapped": {**switch, "help": "with --rules: keep tensors no rule matches under their own names "
                                              "instead of failing"},
         "names": {"choices": ["model", "keys"], "help": "TF2: name tensors by model variable path (default) or by "

@@ -227,8 +227,8 @@ def check_destination(plan: Plan, sink: Sink, dest: Path, overwrite: bool, label
             have = f"path below a {safefs.kind(safefs.lstat(path.parent))}"
         elif have in ("missing", "link", want):
             continue
-        raise DestinationError(f"{path}: is a {have}, and the {sink.name} output is a {want}; {option('overwrite')} replaces "
-                               "an output of the same kind only (remove it or choose another destination)")
+        raise DestinationError(f"{path}: is a {have}, and the {sink.name} output is a {want}; {option('overwrite')} "
+                               "replaces an output of the same kind only (remove it or choose another destination)")
 
 
 def _check_apart_from_input(plan: Plan, writes: list[Path], label: str) -> None:

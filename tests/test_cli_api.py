@@ -95,7 +95,8 @@ def test_verify_of_an_output_without_its_mapping_says_which_flags_to_pass(src, t
     """An output that records no mapping (here np.savez's own file, as a SavedModel records
     none) written with --drop-optimizer: verify names the flags, and accepts them."""
     out = tmp_path / "weights.npz"
-    np.savez(out, **{"dense/kernel": np.arange(6, dtype=np.float32).reshape(2, 3), "dense/bias": np.ones(3, np.float32)})
+    np.savez(out, **{"dense/kernel": np.arange(6, dtype=np.float32).reshape(2, 3),
+                     "dense/bias": np.ones(3, np.float32)})
     p = run_cli("verify", out, src, "--quiet")
     msg = one_line(p.stderr)
     assert p.returncode == 2 and "does not record the mapping" in msg and "--drop-optimizer" in msg and "--rules" in msg
@@ -189,7 +190,8 @@ def test_sizes_binary_like_docker_decimal_with_b():
         [1024, 1024, 1000, 1024, 2 << 30, 2 * 10**9, 2 << 30, 3 << 19, 4096]
     p = run_cli("convert", "--help")
     text = " ".join(p.stdout.split())
-    assert "K, M, G binary as in Docker and -Xmx" in text and "KB, MB, GB decimal" in text and "KiB, MiB, GiB binary" in text
+    assert "K, M, G binary as in Docker and -Xmx" in text
+    assert "KB, MB, GB decimal" in text and "KiB, MiB, GiB binary" in text
 
 
 def test_mistyped_command_suggests_the_closest():
