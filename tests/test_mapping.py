@@ -86,8 +86,8 @@ def test_prefer_ema_without_any_ema_is_an_error(tf2_v1_slots_ckpt):
 def test_tf_to_flax_dense_preset_names(keras_ema_ckpt):
     p = shardconv.api.plan(reference_prefix(keras_ema_ckpt), preset="tf-to-flax-dense")
     assert {o.name for o in p.outputs} == {
-        "params/net/conv/kernel", "params/net/conv/bias", "params/net/bn/scale", "params/net/bn/bias",
-        "batch_stats/net/bn/mean", "batch_stats/net/bn/var", "params/net/dense/kernel", "params/net/dense/bias"}
+        "params/conv/kernel", "params/conv/bias", "params/bn/scale", "params/bn/bias",
+        "batch_stats/bn/mean", "batch_stats/bn/var", "params/dense/kernel", "params/dense/bias"}
 
 
 # ----------------------------------------------------------------- transforms

@@ -394,7 +394,9 @@ def make_keras_ema(outdir: Path) -> Path:
             entry["ema"] = np.asarray(emas[id(v)].numpy())
             if np.array_equal(entry["ema"], entry["raw"]):
                 raise RuntimeError(f"{v.path}: EMA equals the raw weight; the test would prove nothing")
-        values[v.path] = entry
+        # listed without the Sequential's own name scope ("net/conv/kernel" is "conv/kernel", as Keras 2
+        # names it: docs/mapping.md, "TF2 names")
+        values[v.path.removeprefix(model.name + "/")] = entry
     _write_model_values(outdir, values)
     return prefix
 

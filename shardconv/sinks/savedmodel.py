@@ -700,6 +700,19 @@ def _object_graph(tf, prefix: Path):
     return reader, graph
 
 
+def _keras_names_as_listed(keras_names: dict[int, str], outs: set[str]) -> dict[int, str]:
+    """Keras 3 variable paths in the form ``shardconv ls`` gives a TF checkpoint's weights (a
+    Sequential's own name scope dropped, see tf_object_graph.strip_model_scope) when the outputs
+    are named that way; as they are otherwise (outputs from another source keep Keras's paths)."""
+    from ..sources.tf_object_graph import strip_model_scope
+
+    unique = sorted(set(keras_names.values()))
+    listed = dict(zip(unique, strip_model_scope(unique)))
+    if len(outs.intersection(listed.values())) <= len(outs.intersection(unique)):
+        return keras_names
+    return {k: listed[v] for k, v in keras_names.items()}
+
+
 def _layout_from_skeleton(tf, prefix: Path, root: Any, model: Any, outputs: list[OutputTensor],
                           builder: str | None, strip: str, save_type: str) -> tuple[dict[str, list[str]], list[str]]:
     """Match the saved object graph's variables to the outputs by name.
@@ -729,6 +742,7 @@ def _layout_from_skeleton(tf, prefix: Path, root: Any, model: Any, outputs: list
                     keras_names[id(inner)] = obj.path
         for v in getattr(model, "variables", []) or []:
             visit(v)
+        keras_names = _keras_names_as_listed(keras_names, {o.name for o in outputs})
     children_cache: dict[int, dict[str, Any]] = {}
 
     def python_object(node: int):

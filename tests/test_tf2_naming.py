@@ -1,0 +1,163 @@
+"""One naming story for TF2 (docs/mapping.md, "TF2 names"): a weight has the same name whether it
+was written by ``tf.train.Checkpoint``, ``model.save_weights``, a SavedModel (``model.save``,
+``model.export``, ``tf.saved_model.save``), from a Keras 2 (tf_keras) or a Keras 3 model of the same
+architecture; a slot is ``optimizer/<weight>/<slot>`` and links to its weight; two weights whose names
+collide get Keras's layer suffix ``_1`` in the order of their checkpoint keys. Every value is
+checked against ``tf.train.load_checkpoint``. The checkpoints are written by the real libraries in
+two child processes (this process never imports TensorFlow)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import shardconv
+from procs import run_cli
+from shardconv.sources import open_source
+from test_npz import load_npz
+
+_WRITER = textwrap.dedent('''
+    import os, sys
+    os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
+    out, which = sys.argv[1], sys.argv[2]
+    if which == "keras2":
+        os.environ["TF_USE_LEGACY_KERAS"] = "1"
+    import numpy as np, tensorflow as tf
+    if which == "keras2":
+        import tf_keras as keras
+    else:
+        import keras
+    rng = np.random.default_rng(0)
+    x, y = rng.random((8, 3), dtype=np.float32), rng.random((8, 2), dtype=np.float32)
+
+    def sequential():
+        return keras.Sequential([keras.Input((3,)), keras.layers.Dense(4, name="dense"),
+                                 keras.layers.Dense(2, name="dense_1")], name="sequential")
+
+    def colliding():  # two sub-models, each with a layer named "proj": both weights are "proj/kernel"
+        def sub(n_in, n_out, name):
+            i = keras.Input((n_in,))
+            return keras.Model(i, keras.layers.Dense(n_out, name="proj")(i), name=name)
+        inp = keras.Input((3,))
+        return keras.Model(inp, sub(4, 2, "dec")(sub(3, 4, "enc")(inp)), name="outer")
+
+    def reference(prefix, dest):
+        r = tf.train.load_checkpoint(prefix)
+        np.savez(dest, **{k: r.get_tensor(k) for k, d in r.get_variable_to_dtype_map().items()
+                          if d != tf.string})
+
+    for arch, make in [("sequential", sequential), ("colliding", colliding)]:
+        m = make()
+        m.compile(optimizer=keras.optimizers.Adam(0.01), loss="mse")
+        m.fit(x, y, epochs=1, batch_size=8, verbose=0)
+        d = os.path.join(out, which, arch)
+        saved = {"checkpoint": tf.train.Checkpoint(model=m, optimizer=m.optimizer).save(os.path.join(d, "ckpt", "c"))}
+        if which == "keras2":
+            m.save_weights(os.path.join(d, "save_weights", "w"))
+            m.save(os.path.join(d, "model_save"), save_format="tf")
+            saved.update(save_weights=os.path.join(d, "save_weights", "w"), model_save=os.path.join(d, "model_save"))
+        else:  # a Keras 3 .weights.h5 is not a TF checkpoint
+            m.export(os.path.join(d, "export"), verbose=False)
+            saved["export"] = os.path.join(d, "export")
+        tf.saved_model.save(m, os.path.join(d, "tf_saved_model"))
+        saved["tf_saved_model"] = os.path.join(d, "tf_saved_model")
+        for how, path in saved.items():
+            prefix = os.path.join(path, "variables", "variables") if os.path.isdir(path) else path
+            reference(prefix, os.path.join(out, f"{which}-{arch}-{how}.npz"))
+            print(f"{which} {arch} {how} {path}")
+''')
+
+#: The weights of each architecture, as every writer's checkpoint lists them.
+PARAMS = {"sequential": {"dense/kernel", "dense/bias", "dense_1/kernel", "dense_1/bias"},
+          "colliding": {"proj/kernel", "proj/bias", "proj_1/kernel", "proj_1/bias"}}
+#: What each optimizer calls Adam's two slots.
+SLOTS = {"keras2": ("m", "v"), "keras3": ("momentum", "velocity")}
+#: The shape of each weight (``proj_1`` is the second sub-model's, by checkpoint-key order).
+SHAPES = {"dense/kernel": [3, 4], "dense/bias": [4], "dense_1/kernel": [4, 2], "dense_1/bias": [2],
+          "proj/kernel": [3, 4], "proj/bias": [4], "proj_1/kernel": [4, 2], "proj_1/bias": [2]}
+
+
+@pytest.fixture(scope="module")
+def written(tmp_path_factory) -> dict[tuple[str, str, str], tuple[Path, Path]]:
+    """(keras version, architecture, how saved) -> (checkpoint path, TF's values by key in an .npz);
+    one child process per Keras version."""
+    pytest.importorskip("tensorflow")  # the children import it; this process does not
+    pytest.importorskip("tf_keras")
+    out = tmp_path_factory.mktemp("tf2_naming")
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", TF_ENABLE_ONEDNN_OPTS="0")
+    procs = [subprocess.Popen([sys.executable, "-c", _WRITER, str(out), which], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=env) for which in ("keras2", "keras3")]
+    found = {}
+    for proc in procs:
+        stdout, stderr = proc.communicate(timeout=900)
+        assert proc.returncode == 0, stderr[-3000:]
+        for line in stdout.splitlines():
+            which, arch, how, path = line.split(" ", 3)
+            found[which, arch, how] = Path(path), out / f"{which}-{arch}-{how}.npz"
+    assert len(found) == 2 * (4 + 3)
+    return found
+
+
+def _ls(path: Path) -> dict[str, dict]:
+    proc = run_cli("ls", path, "--json")
+    assert proc.returncode == 0, proc.stderr
+    return {r["name"]: r for r in json.loads(proc.stdout)}
+
+
+def _cases():
+    hows = {"keras2": ["checkpoint", "save_weights", "model_save", "tf_saved_model"],
+            "keras3": ["checkpoint", "export", "tf_saved_model"]}
+    return [(w, a, h) for w in hows for a in PARAMS for h in hows[w]]
+
+
+@pytest.mark.parametrize("which,arch,how", _cases(), ids=["-".join(c) for c in _cases()])
+def test_weights_have_one_name_and_slots_are_named_after_them(written, which, arch, how):
+    path, ref = written[which, arch, how]
+    rows = _ls(path)
+    params = {n: r for n, r in rows.items() if r["role"] == "param"}
+    assert set(params) == PARAMS[arch]
+    assert {n: r["shape"] for n, r in params.items()} == {n: SHAPES[n] for n in params}
+    slots = {n: r for n, r in rows.items() if r["role"] == "optimizer" and r["shape"]}
+    if how != "export":  # an export archive holds no optimizer
+        want = {f"optimizer/{w}/{s}": w for w in PARAMS[arch] for s in SLOTS[which]}
+        assert {n: r["slot_of"] for n, r in slots.items()} == want
+        assert all(r["shape"] == SHAPES[r["slot_of"]] for r in slots.values())
+    assert not [(a, b) for a in rows for b in rows if b.startswith(a + "/")]  # no tensor is also a group
+    ref = np.load(ref)
+    src = open_source(path)
+    try:
+        for name, r in {**params, **slots}.items():
+            got, want_value = np.asarray(src.read(r["key"])), ref[r["key"]]
+            assert got.dtype == want_value.dtype and got.tobytes() == want_value.tobytes(), name
+    finally:
+        src.close()
+
+
+def test_the_same_names_from_every_writer(written):
+    for arch in PARAMS:
+        names = {(w, h): sorted(n for n, r in _ls(written[w, a, h][0]).items() if r["role"] == "param")
+                 for w, a, h in _cases() if a == arch}
+        assert all(v == sorted(PARAMS[arch]) for v in names.values()), names
+
+
+def test_keys_listing_and_rules_see_the_same_tensors(written, tmp_path):
+    """``--names keys`` still lists the raw keys; rules match the names ``ls`` shows."""
+    path, ref = written["keras2", "colliding", "checkpoint"]
+    rows = _ls(path)
+    keys = run_cli("ls", path, "--names", "keys", "--json")
+    assert keys.returncode == 0, keys.stderr
+    assert sorted(r["name"] for r in json.loads(keys.stdout)) == sorted(r["key"] for r in rows.values())
+    rules = [{"match": r"proj_1/(.*)", "rename": r"decoder/\1"}, {"match": r"proj/(.*)", "rename": r"encoder/\1"}]
+    shardconv.convert(path, tmp_path / "o.npz", rules=rules, drop_optimizer=True)
+    got = load_npz(tmp_path / "o.npz")
+    ref = np.load(ref)
+    want = {n.replace("proj_1/", "decoder/").replace("proj/", "encoder/"): ref[rows[n]["key"]]
+            for n in PARAMS["colliding"]}
+    assert sorted(got) == sorted(want)
+    assert all(got[n].tobytes() == want[n].tobytes() for n in want)
