@@ -161,3 +161,13 @@ def test_keys_listing_and_rules_see_the_same_tensors(written, tmp_path):
             for n in PARAMS["colliding"]}
     assert sorted(got) == sorted(want)
     assert all(got[n].tobytes() == want[n].tobytes() for n in want)
+
+
+def test_collision_suffixes_skip_names_already_taken_and_a_model_scope_goes_only_when_shared():
+    from shardconv.sources.tf_object_graph import dedupe, strip_model_scope
+
+    assert dedupe(["proj/kernel", "proj_1/kernel", "proj/kernel", "w", "w"]) == [
+        "proj/kernel", "proj_1/kernel", "proj_2/kernel", "w", "w_1"]
+    assert strip_model_scope(["net/conv/kernel", "net/dense/bias"]) == ["conv/kernel", "dense/bias"]
+    assert strip_model_scope(["dense/kernel", "dense/bias"]) == ["dense/kernel", "dense/bias"]  # a layer, not a scope
+    assert strip_model_scope(["net/conv/kernel", "head/bias"]) == ["net/conv/kernel", "head/bias"]
