@@ -84,7 +84,7 @@ MIB = 1 << 20
 #: Rows whose process imports a big library: their budget check allows that library's
 #: import footprint, measured in this run by the named footprint row, plus LIBRARY_SLACK
 #: (issue 7: peak <= TF import + --max-memory + 100 MiB).
-LIBRARY_ROWS = {"savedmodel": "import tensorflow", "tf-checkpoint": "import tensorflow"}
+LIBRARY_ROWS = {"savedmodel": "import tensorflow"}
 LIBRARY_SLACK = 100 * MIB
 
 

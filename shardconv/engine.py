@@ -138,6 +138,7 @@ def run(plan: Plan, sink: Sink, dest: str | os.PathLike, *, max_memory: int, ove
         resume = bool(prior) and safefs.lstat(staging.out) is not None
         sink.durable = fsync
         sink.chunk_bytes = budget.chunk_bytes
+        sink.source = plan.source
         sink.open(staging.out, plan.outputs, resume=resume)
         chunks = chunk_plan(plan.outputs, budget.chunk_bytes, sink.row_multiple)
         tracker = IntegrityTracker(plan.source.units())

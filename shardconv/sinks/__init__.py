@@ -25,7 +25,7 @@ REGISTRY: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "npz": (".npz", "NpzSink", (".npz",)),
     "safetensors": (".safetensors", "SafetensorsSink", (".safetensors",)),
     "savedmodel": (".savedmodel", "SavedModelSink", ()),
-    "tf-checkpoint": (".savedmodel", "TFCheckpointSink", ()),
+    "tf-checkpoint": (".tf_checkpoint", "tf_checkpoint_sink", ()),
     "zarr": (".zarr", "ZarrSink", (".zarr",)),
 }
 
@@ -34,7 +34,6 @@ _TF = ("tensorflow", "tf", "TensorFlow output (--to savedmodel / tf-checkpoint)"
 #: ``convert`` check it is installed (``require``) before anything is written.
 REQUIRES: dict[str, tuple[str, str, str]] = {
     "savedmodel": _TF,
-    "tf-checkpoint": _TF,
     "zarr": ("tensorstore", "zarr", "Zarr output"),
 }
 

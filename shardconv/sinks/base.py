@@ -24,6 +24,9 @@ class Sink(ABC):
     durable: bool = True
     #: Set by the engine before ``open``: its chunk size (sizes a sink's own scratch buffers).
     chunk_bytes: int = 0
+    #: Set by the engine before ``open``: the plan's source, for a sink that carries format
+    #: metadata over from it (a TF checkpoint's object graph); read nothing else from it.
+    source: Any = None
     #: What the main output is at its final path: "file" or "directory". Checked before the
     #: first byte: ``--overwrite`` replaces an output of the same kind only.
     output_kind: str = "directory"

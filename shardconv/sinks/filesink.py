@@ -8,7 +8,7 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from .. import __version__, safefs
 from ..checksums import combine_crc32, crc32
@@ -51,9 +51,9 @@ def check_free_space(where: Path, need: int) -> None:
         raise DestinationError(f"{where}: needs {format_size(need)} for the output, only {format_size(free)} free")
 
 
-def range_crc32(fd: int, offset: int, length: int) -> int | None:
-    """CRC32 of bytes [offset, offset+length) of ``fd``, read 1 MiB at a time; None if the
-    file ends first (a journaled chunk that did not reach the disk)."""
+def range_crc32(fd: int, offset: int, length: int, crc_fn: Callable[..., int] = crc32) -> int | None:
+    """CRC32 (or ``crc_fn``'s checksum) of bytes [offset, offset+length) of ``fd``, read 1 MiB
+    at a time; None if the file ends first (a journaled chunk that did not reach the disk)."""
     buf = bytearray(min(length, 1 << 20))
     view = memoryview(buf)
     crc = done = 0
@@ -61,16 +61,18 @@ def range_crc32(fd: int, offset: int, length: int) -> int | None:
         n = os.preadv(fd, [view[: min(len(buf), length - done)]], offset + done)
         if n <= 0:
             return None
-        crc = crc32(view[:n], crc)
+        crc = crc_fn(view[:n], crc)
         done += n
     return crc
 
 
-def tensor_crcs(receipts: list[tuple[Chunk, Any]], count: int) -> list[int]:
-    """Each output tensor's CRC32, combined from the CRCs its chunks were written with."""
+def tensor_crcs(receipts: list[tuple[Chunk, Any]], count: int,
+                combine: Callable[[int, int, int], int] = combine_crc32) -> list[int]:
+    """Each output tensor's CRC32 (or ``combine``'s checksum), combined from the CRCs its chunks
+    were written with."""
     crcs = [0] * count
     for chunk, crc in sorted(receipts, key=lambda r: (r[0].index, r[0].offset)):
-        crcs[chunk.index] = combine_crc32(crcs[chunk.index], crc, chunk.length)
+        crcs[chunk.index] = combine(crcs[chunk.index], crc, chunk.length)
     return crcs
 
 
