@@ -3,7 +3,8 @@
 Real checkpoints come from TensorFlow (tests/tf_fixtures.py); this writer exists
 only to produce the hostile cases TensorFlow never writes (absurd shapes,
 offsets past the file, duplicate keys, bad compression). It follows the layout
-documented in docs/design.md and is checked against TF-written indexes.
+documented in docs/design.md; the encoders it shares with shardconv's own writer
+(varints, protobuf fields, block trailers) come from ``shardconv.bundleformat``.
 """
 from __future__ import annotations
 
@@ -11,32 +12,8 @@ import struct
 
 import cramjam
 
+from shardconv.bundleformat import MAGIC, field_bytes, field_fixed32, field_varint, trailer, varint  # noqa: F401
 from shardconv.checksums import crc32c, mask
-
-MAGIC = 0xDB4775248B80FB57
-
-
-def varint(v: int) -> bytes:
-    v &= (1 << 64) - 1
-    out = bytearray()
-    while True:
-        b = v & 0x7F
-        v >>= 7
-        out.append(b | (0x80 if v else 0))
-        if not v:
-            return bytes(out)
-
-
-def field_varint(num: int, v: int) -> bytes:
-    return varint(num << 3) + varint(v)
-
-
-def field_bytes(num: int, b: bytes) -> bytes:
-    return varint(num << 3 | 2) + varint(len(b)) + b
-
-
-def field_fixed32(num: int, v: int) -> bytes:
-    return varint(num << 3 | 5) + struct.pack("<I", v)
 
 
 def entry(dtype: int, shape: list[int], shard: int = 0, offset: int = 0, size: int = 0, crc: int | None = None) -> bytes:
@@ -66,8 +43,9 @@ def block(items: list[tuple[bytes, bytes]]) -> bytes:
 
 
 def _with_trailer(data: bytes, ctype: int, bad_crc: bool = False) -> bytes:
-    crc = mask(crc32c(data + bytes([ctype])))
-    return data + bytes([ctype]) + struct.pack("<I", crc ^ (1 if bad_crc else 0))
+    end = bytearray(trailer(data, ctype))
+    end[1] ^= 1 if bad_crc else 0  # the CRC's lowest bit
+    return data + bytes(end)
 
 
 def index(items: list[tuple[bytes, bytes]], *, snappy: bool = False, raw_data_block: bytes | None = None,
