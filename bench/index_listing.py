@@ -1,0 +1,153 @@
+"""Listing speed of big TensorFlow indexes: ``shardconv ls`` and ``shardconv plan`` of
+checkpoints of many small tensors, timed as whole commands (child processes, interpreter
+start-up and imports included) and in-process (open the source and list its tensors),
+best of ``--repeat`` in wall and in CPU seconds (user + sys: steadier than wall on a
+shared machine), with the load average around each row.
+
+    .venv/bin/python bench/index_listing.py [--counts 20000,100000] [--repeat 5] [--markdown]
+                                            [--workdir bench/out] [--python PY]
+
+Checkpoints are written once per count by TensorFlow in a child process
+(``tf.raw_ops.SaveV2`` of float32[4] tensors named ``model/layer_NNNNN/wK``, ten per
+layer) into ``WORKDIR/index-<count>/`` and reused while their ``bench-ok`` marker is
+there. A ``small`` row lists a 5-tensor SavedModel from tests/data: the fixed cost of
+a command. See bench/README.md ("Listing big indexes").
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO = BENCH_DIR.parent
+SMALL = REPO / "tests" / "data" / "tf-serving" / "saved_model_half_plus_two_cpu" / "00000123"
+
+WRITER = r"""
+import sys
+import tensorflow as tf
+prefix, n = sys.argv[1], int(sys.argv[2])
+names = [f"model/layer_{i // 10:05d}/w{i % 10}" for i in range(n)]
+tensors = [tf.constant([i, i + 1, i + 2, i + 3], tf.float32) for i in range(n)]
+tf.raw_ops.SaveV2(prefix=prefix, tensor_names=names, shape_and_slices=[""] * n, tensors=tensors)
+"""
+
+IN_PROCESS = r"""
+import sys, time
+from shardconv.sources import open_source
+best, best_cpu = float("inf"), float("inf")
+for _ in range(int(sys.argv[2])):
+    t, c = time.perf_counter(), time.process_time()
+    with open_source(sys.argv[1]) as s:
+        n = len(s.tensors())
+    best, best_cpu = min(best, time.perf_counter() - t), min(best_cpu, time.process_time() - c)
+print(n, best, best_cpu)
+"""
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def loadavg() -> float:
+    return os.getloadavg()[0]
+
+
+def ensure_checkpoint(workdir: Path, count: int, py: str) -> Path:
+    """The prefix of a SaveV2 checkpoint of ``count`` tensors, written once."""
+    d = workdir / f"index-{count}"
+    if (d / "bench-ok").is_file():
+        return d / "model.ckpt"
+    tmp = workdir / f"index-{count}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    log(f"writing {count} tensors with TensorFlow into {d} ...")
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": ""}
+    subprocess.run([py, "-c", WRITER, str(tmp / "model.ckpt"), str(count)], check=True, env=env)
+    (tmp / "bench-ok").write_text(f"{count}\n")
+    shutil.rmtree(d, ignore_errors=True)
+    tmp.rename(d)
+    return d / "model.ckpt"
+
+
+def _children_cpu() -> float:
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
+
+
+def time_command(argv: list[str], repeat: int) -> tuple[float, float | None, float]:
+    """Best and median wall seconds, and best CPU seconds, of ``repeat`` runs of ``argv``
+    (output discarded); a failure stops the bench."""
+    walls, cpus = [], []
+    for _ in range(repeat):
+        t, c = time.perf_counter(), _children_cpu()
+        r = subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=REPO)
+        walls.append(time.perf_counter() - t)
+        cpus.append(_children_cpu() - c)
+        if r.returncode:
+            raise SystemExit(f"{' '.join(argv)} failed ({r.returncode}): {r.stderr.decode()[-500:]}")
+    return min(walls), statistics.median(walls), min(cpus)
+
+
+def time_in_process(py: str, src: Path, repeat: int) -> tuple[float, None, float]:
+    """Best wall and CPU seconds of opening ``src`` and listing its tensors, in one interpreter."""
+    out = subprocess.run([py, "-c", IN_PROCESS, str(src), str(repeat)], check=True, capture_output=True,
+                         text=True, cwd=REPO).stdout.split()
+    return float(out[1]), None, float(out[2])
+
+
+def measure(label: str, tensors: int | str, fn) -> dict:
+    before = loadavg()
+    best, median, cpu = fn()
+    row = {"row": label, "tensors": tensors, "best": best, "median": median, "cpu": cpu, "load": (before, loadavg())}
+    log(f"{label:<22} {tensors!s:>7}  best {best:.3f} s  cpu {cpu:.3f} s  load {row['load'][0]:.1f}-{row['load'][1]:.1f}")
+    return row
+
+
+def rows_for(src: Path, count: int | str, py: str, repeat: int) -> list[dict]:
+    cli = [py, "-m", "shardconv"]
+    rows = []
+    for cmd in ("ls", "plan"):
+        rows.append(measure(f"shardconv {cmd}", count, lambda: time_command(cli + [cmd, str(src)], repeat)))
+    rows.append(measure("in-process listing", count, lambda: time_in_process(py, src, repeat)))
+    return rows
+
+
+def render(rows: list[dict], markdown: bool) -> str:
+    head = ["row", "tensors", "best wall s", "median wall s", "best CPU s", "load avg (1 min)"]
+    cells = [[r["row"], str(r["tensors"]), f"{r['best']:.3f}", "-" if r["median"] is None else f"{r['median']:.3f}",
+              f"{r['cpu']:.3f}", f"{r['load'][0]:.1f}-{r['load'][1]:.1f}"] for r in rows]
+    if markdown:
+        lines = ["| " + " | ".join(head) + " |", "|---|---:|---:|---:|---:|---:|"]
+        return "\n".join(lines + ["| " + " | ".join(c) + " |" for c in cells])
+    widths = [max(len(x) for x in col) for col in zip(head, *cells)]
+    return "\n".join("  ".join(x.ljust(w) if i == 0 else x.rjust(w) for i, (x, w) in enumerate(zip(c, widths)))
+                     for c in [head] + cells)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--counts", default="20000,100000", help="tensor counts, comma-separated")
+    p.add_argument("--repeat", type=int, default=5, help="runs per row; the table shows the best and the median")
+    p.add_argument("--workdir", type=Path, default=BENCH_DIR / "out")
+    p.add_argument("--python", default=sys.executable, help="interpreter for the rows and the TF writer")
+    p.add_argument("--markdown", action="store_true")
+    args = p.parse_args(argv)
+    counts = [int(c) for c in args.counts.split(",") if c]
+    prefixes = {n: ensure_checkpoint(args.workdir, n, args.python) for n in counts}
+    cli = [args.python, "-m", "shardconv"]
+    rows = [measure("shardconv ls (small)", 5, lambda: time_command(cli + ["ls", str(SMALL)], args.repeat))]
+    for n in counts:
+        rows += rows_for(prefixes[n], n, args.python, args.repeat)
+    print(render(rows, args.markdown))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
