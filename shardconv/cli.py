@@ -27,6 +27,9 @@ def one_line(text: str) -> str:
     """``text`` with every control character escaped as Python would (``\\n``, ``\\x1b``, ``\\x85``,
     ``\\udc80``): C0, DEL, C1, lone surrogates, line/paragraph separators and bidi controls. The
     result prints as exactly one line and cannot drive the terminal."""
+    if text.isprintable():  # the common case; no character isprintable() accepts is escaped below
+        return text
+
     def safe(c: str) -> str:
         if c in _BIDI or unicodedata.category(c) in ("Cc", "Cs", "Zl", "Zp"):
             return c.encode("unicode_escape", "backslashreplace").decode("ascii")
