@@ -185,16 +185,22 @@ def fsync_fd(fd: int, path: object) -> None:
                               "rerun to write it again") from None
 
 
-def fsync_dir(path: str | os.PathLike) -> None:
-    """fsync a directory, so the renames into it survive a power loss."""
+def fsync_path(path: str | os.PathLike, directory: bool = False) -> None:
+    """fsync a file, or a directory (so the renames into it survive a power loss), by path."""
+    what = "the directory" if directory else "the file"
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | (os.O_DIRECTORY if directory else 0))
     except OSError as e:
-        raise DurabilityError(f"{path}: cannot open the directory to fsync it ({e.strerror})") from None
+        raise DurabilityError(f"{path}: cannot open {what} to fsync it ({e.strerror})") from None
     try:
         fsync_fd(fd, path)
     finally:
         os.close(fd)
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    """fsync a directory, so the renames into it survive a power loss."""
+    fsync_path(path, directory=True)
 
 
 def open_own_dir(path: Path) -> tuple[int, bool]:

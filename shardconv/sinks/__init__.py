@@ -5,10 +5,13 @@ import importlib
 import importlib.util
 import inspect
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import MissingDependencyError, UsageError
 from ..frontend import option_name
+
+if TYPE_CHECKING:
+    from .base import Sink
 
 
 def __getattr__(name: str) -> Any:

@@ -56,8 +56,8 @@ import numpy as np
 from .. import __version__, safefs, tsio
 from ..checksums import combine_crc32, crc32
 from ..dtypes import STRING, is_ml_dtype, itemsize, numpy_dtype
-from ..errors import DestinationError, DurabilityError, UsageError
-from ..fileio import fsync_file, start_writeback
+from ..errors import DestinationError, UsageError
+from ..fileio import start_writeback
 from ..mapping.roles import assign_roles
 from ..mapping.rules import rename_rule
 from ..plan import Chunk, OutputTensor, check_name, chunk_region
@@ -604,23 +604,12 @@ class ZarrSink(Sink):
     def _fsync_tree(self, root: Path) -> None:
         """fsync every file and directory under ``root`` (TensorStore writes without syncing;
         one pass at the end is what the NPZ sink's final fsync is)."""
-        paths: list[Path] = []
+        paths: list[tuple[Path, bool]] = []
         for d, _dirs, names in os.walk(root):
-            paths += [Path(d) / n for n in names]
-            paths.append(Path(d))
-
-        def sync(p: Path) -> None:
-            try:
-                fd = os.open(p, os.O_RDONLY)
-            except OSError as e:
-                raise DurabilityError(f"{p}: cannot open to fsync ({e.strerror})") from None
-            try:
-                fsync_file(fd, p)
-            finally:
-                os.close(fd)
-
+            paths += [(Path(d) / n, False) for n in names]
+            paths.append((Path(d), True))
         with ThreadPoolExecutor(4) as pool:
-            list(pool.map(sync, paths))
+            list(pool.map(lambda p: safefs.fsync_path(*p), paths))
 
     def close(self) -> None:
         self._handles = {}

@@ -7,6 +7,7 @@ once every byte of it has been read, even across a resumed run.
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 from abc import ABC, abstractmethod
@@ -14,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping, NamedTuple, TypeVar
 
 from ..dtypes import STRING, itemsize
-from ..errors import SourceError
+from ..errors import FormatError, SourceError
 
 E = TypeVar("E")
 
@@ -218,3 +219,17 @@ class Source(ABC):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def read_sidecar(path: "os.PathLike[str]") -> tuple[str, dict[str, Any], dict[str, dict[str, Any]]]:
+    """shardconv's manifest beside one of its single-file outputs (``PATH.shardconv.json``):
+    (its path, the mapping options recorded, entries by tensor name); empty when there is none."""
+    mpath = os.fspath(path) + ".shardconv.json"
+    if not os.path.isfile(mpath):
+        return mpath, {}, {}
+    try:
+        with open(mpath, "rb") as f:
+            data = json.loads(f.read())
+        return mpath, dict(data.get("options") or {}), {t["name"]: t for t in data.get("tensors", [])}
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise FormatError(f"{mpath}: manifest is not valid shardconv JSON") from None

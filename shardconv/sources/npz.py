@@ -23,7 +23,7 @@ from ..dtypes import dtype_name, itemsize
 from ..errors import FormatError, SourceError, UnsupportedError
 from ..fileio import open_read
 from ..plan import check_name
-from .base import Segment, Source, TensorInfo, Unit
+from .base import Segment, Source, TensorInfo, Unit, read_sidecar
 
 MAX_MEMBERS = 10_000_000
 
@@ -83,16 +83,8 @@ class NpzSource(Source):
         return data
 
     def _load_manifest(self) -> dict[str, dict[str, Any]]:
-        mpath = self.path.with_name(self.path.name + ".shardconv.json")
-        self.manifest_options: dict[str, Any] = {}
-        if not mpath.is_file():
-            return {}
-        try:
-            data = json.loads(mpath.read_text())
-            self.manifest_options = dict(data.get("options") or {})
-            return {t["name"]: t for t in data.get("tensors", [])}
-        except (ValueError, KeyError, TypeError, AttributeError):
-            raise FormatError(f"{mpath}: manifest is not valid shardconv JSON") from None
+        _, self.manifest_options, entries = read_sidecar(self.path)
+        return entries
 
     def _read_directory(self) -> dict[str, _Member]:
         tail_len = min(self.size, zipformat.EOCD_FIXED + 0xFFFF)

@@ -20,7 +20,7 @@ from ..checksums import crc32
 from ..dtypes import checked_nbytes
 from ..errors import FormatError, SourceError, UnsupportedError
 from ..fileio import open_read
-from .base import Segment, Source, TensorInfo, Unit
+from .base import Segment, Source, TensorInfo, Unit, read_sidecar
 from .npz import SplitNpzSource
 
 #: The safetensors library refuses longer headers (MAX_HEADER_SIZE).
@@ -110,16 +110,7 @@ class SafetensorsSource(Source):
 
     def _load_sidecar(self) -> dict[str, dict[str, Any]]:
         """shardconv's manifest beside its own output: per-tensor CRC32s and the options used."""
-        mpath = self.path.with_name(self.path.name + ".shardconv.json")
-        self.manifest_options: dict[str, Any] = {}
-        if not mpath.is_file():
-            return {}
-        try:
-            data = json.loads(mpath.read_text())
-            self.manifest_options = dict(data.get("options") or {})
-            entries = {t["name"]: t for t in data.get("tensors", [])}
-        except (ValueError, KeyError, TypeError, AttributeError):
-            raise FormatError(f"{mpath}: manifest is not valid shardconv JSON") from None
+        mpath, self.manifest_options, entries = read_sidecar(self.path)
         for name, t in self._tensors.items():
             e = entries.get(name)
             if e is not None and (e.get("dtype"), tuple(e.get("shape", ()))) != (t["dtype"], t["shape"]):
