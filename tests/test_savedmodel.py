@@ -146,9 +146,7 @@ class TestSavedModelSink(_TFSinkTests):
     kind = "savedmodel"
 
 
-class TestTFCheckpointSink(_TFSinkTests):
-    to = "tf-checkpoint"
-    kind = "checkpoint"
+# --to tf-checkpoint no longer goes through TensorFlow: its suite is in test_tf_checkpoint_writer.py.
 
 
 # ------------------------------------------------------------------------- conversions
