@@ -3,6 +3,7 @@ so this process never imports TF) and the path of the vendored test data (``test
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -20,6 +21,14 @@ from reference import write_fixture  # noqa: E402
 _HERE = Path(__file__).resolve()
 # Real checkpoints written by other software, vendored with their sources and licence (see its README.md).
 TESTDATA = _HERE.parent / "data"
+
+
+def skip_unless_installed(*modules: str) -> None:
+    """Skip the test where a module is not installed, without importing it (``pytest.importorskip``
+    would import TensorFlow into this process, which tests assert it never does)."""
+    for m in modules:
+        if importlib.util.find_spec(m) is None:
+            pytest.skip(f"{m} is not installed")
 
 
 def _tf_checkpoint(kind: str, *args: str, doc: str):

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import shardconv
-from conftest import TESTDATA
+from conftest import TESTDATA, skip_unless_installed
 from procs import run_cli
 from shardconv.mapping.roles import assign_roles
 from shardconv.sources import open_source
@@ -339,7 +339,7 @@ _TF_WRITER = textwrap.dedent('''
 @pytest.fixture(scope="module")
 def tf_written(tmp_path_factory) -> Path:
     """Checkpoints written by TensorFlow/Keras 3 (one subprocess, one TF import) and their model values."""
-    tf = pytest.importorskip("tensorflow")  # noqa: F841 -- skip where TF is not installed; TF runs in the child
+    skip_unless_installed("tensorflow")  # TF runs in the child, never in this process
     out = tmp_path_factory.mktemp("tf_roles")
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", TF_ENABLE_ONEDNN_OPTS="0")
     proc = subprocess.run([sys.executable, "-c", _TF_WRITER, str(out)], capture_output=True, text=True,

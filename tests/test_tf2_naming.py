@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 import shardconv
+from conftest import skip_unless_installed
 from procs import run_cli
 from shardconv.sources import open_source
 from test_npz import load_npz
@@ -87,8 +88,7 @@ SHAPES = {"dense/kernel": [3, 4], "dense/bias": [4], "dense_1/kernel": [4, 2], "
 def written(tmp_path_factory) -> dict[tuple[str, str, str], tuple[Path, Path]]:
     """(keras version, architecture, how saved) -> (checkpoint path, TF's values by key in an .npz);
     one child process per Keras version."""
-    pytest.importorskip("tensorflow")  # the children import it; this process does not
-    pytest.importorskip("tf_keras")
+    skip_unless_installed("tensorflow", "tf_keras")  # the children import them; this process does not
     out = tmp_path_factory.mktemp("tf2_naming")
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", TF_ENABLE_ONEDNN_OPTS="0")
     procs = [subprocess.Popen([sys.executable, "-c", _WRITER, str(out), which], stdout=subprocess.PIPE,
