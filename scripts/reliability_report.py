@@ -77,12 +77,12 @@ def main() -> int:
           f"code points, {timed[sink]} at times spread over the run) | shared sink suite |"
           for sink, n in sorted(kills.items())],
         f"| hostile-input cases (mutated TF checkpoints; crafted TF indexes, npz files and split-npz indexes; safetensors headers; Orbax/OCDBT, Zarr and t5x directories) | "
-        f"{sum(corpus.values())}: {', '.join(f'{v} {k}' for k, v in sorted(corpus.items()))} | tests/test_hostile.py |",
+        f"{sum(corpus.values())}: {', '.join(f'{v} {k}' for k, v in sorted(corpus.items()))} | tests/test_hostile.py, tests/test_safetensors.py |",
         *_case_rows(cases),
         f"| fault-injection tests (disk full, ENOSPC/EIO writes, failed fsync, read error) | "
         f"{by_file.get('test_faults', 0)} passed | tests/test_faults.py |",
         f"| fuzz executions (TF index, entries, protobuf wire, npy header, npz, msgpack, safetensors header) | {sum(fuzz.values())} "
-        f"over {len(fuzz)} targets, no failure | tests/test_fuzz.py |",
+        f"over {len(fuzz)} targets, no failure | tests/test_fuzz.py, tests/test_safetensors.py |",
         f"| mutated copies of a real TF checkpoint, separate processes, --max-memory {sweep.get('max_memory', '?')} | "
         f"{sweep.get('cases', 0)}: {', '.join(f'{v} {k}' for k, v in sorted(sweep['outcomes'].items()))}; "
         f"{len(sweep['failures'])} failures; peak RSS {sweep.get('peak_rss_mib', '?')} MiB | bench/mutation_sweep.py |",
