@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 import threading
@@ -405,6 +406,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "verify":  # as cmp and diff: 1 differs, 2 trouble
             return 1 if isinstance(e, VerifyError) else 2
         return e.exit_code
+    except BrokenPipeError:  # the reader went away (``shardconv ls | head``): not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more to flush at exit
+        return 0
     except Exception as e:
         if args.debug or args.command != "verify":
             raise
@@ -415,8 +419,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         resume = "; rerun the same command to resume" if args.command == "convert" else ""
         _say(f"shardconv: {how}{resume}")
         return 128 + signal.SIGTERM if isinstance(e, Terminated) else 130
-    except BrokenPipeError:
-        return 0
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)

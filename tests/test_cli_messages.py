@@ -213,3 +213,13 @@ def test_npz_member_names_a_zip_cannot_hold_are_refused_before_writing(tmp_path)
     with pytest.raises(PlanError, match=r"over the zip limit of 65535"):
         shardconv.convert({"w" * 70000: np.zeros(2)}, dest, progress=False)
     nothing_written(dest)
+
+
+def test_ls_into_a_reader_that_stops_early_exits_quietly(tmp_path):
+    """``shardconv ls CKPT | head``: the closed pipe ends the listing with exit 0 and no traceback."""
+    src = tmp_path / "many.npz"
+    np.savez(src, **{f"layer_{i:05d}/kernel": np.zeros(1, np.float32) for i in range(4000)})
+    proc = subprocess.run(["bash", "-c", f'set -o pipefail; "{sys.executable}" -m shardconv ls "{src}" | head -n 2'],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert len(proc.stdout.splitlines()) == 2 and "Traceback" not in proc.stderr and "Error" not in proc.stderr
