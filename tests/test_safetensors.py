@@ -25,6 +25,7 @@ from safetensors.numpy import load_file, save_file
 
 import shardconv
 from reference import load_reference, reference_prefix
+from test_fuzz import _count, _mutate
 from test_fuzz import _read_all as read_all_fuzzed
 from shardconv import cli
 from shardconv.errors import FormatError, PlanError, UnsupportedError
@@ -475,13 +476,6 @@ def _valid_file() -> bytes:
 VALID = _valid_file()
 
 
-def _count(target: str) -> None:
-    counts = os.environ.get("SHARDCONV_FUZZ_COUNTS")
-    if counts:
-        with open(counts, "a") as f:
-            f.write(target + "\n")
-
-
 def _read_all(data: bytes) -> None:
     read_all_fuzzed(SafetensorsSource, "m.safetensors", data)
 
@@ -491,10 +485,7 @@ def _read_all(data: bytes) -> None:
        st.one_of(st.none(), st.integers(0, len(VALID))))
 def test_safetensors_header_fuzz_mutations(edits, cut):
     _count("safetensors-mutation")
-    b = bytearray(VALID)
-    for pos, val in edits:
-        b[pos % len(b)] = val
-    _read_all(bytes(b[:cut] if cut is not None else b))
+    _read_all(_mutate(VALID, edits, cut))
 
 
 _json_values = st.recursive(st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.text(max_size=6),
