@@ -97,12 +97,8 @@ def load_sharded(dest: Path) -> dict[str, np.ndarray]:
 class TestSafetensorsSink(SinkTests):
     suffix = ".safetensors"
 
-    @pytest.fixture
-    def source_npz(self, tmp_path) -> tuple[Path, dict[str, np.ndarray]]:
-        tree = writable_tree()
-        path = tmp_path / "in.npz"
-        write_reference_npz(path, tree)
-        return path, tree
+    def reference(self) -> dict[str, np.ndarray]:
+        return writable_tree()
 
     def read_back(self, dest: Path) -> dict[str, np.ndarray]:
         return load_file(dest)
