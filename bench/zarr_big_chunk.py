@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--python", default=sys.executable)
     args = ap.parse_args(argv)
     sys.path.insert(0, str(BENCH_DIR.parent))
-    from shardconv.units import parse_size
+    from shardconv.util.units import parse_size
 
     work = Path(args.workdir) / "zarr_big_chunk"
     work.mkdir(parents=True, exist_ok=True)

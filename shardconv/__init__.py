@@ -8,8 +8,6 @@ load on first use, so ``shardconv --help`` starts without NumPy.
 from __future__ import annotations
 
 import importlib
-import sys
-import types
 from typing import Any
 
 __version__ = "0.1.0"
@@ -23,20 +21,6 @@ _EXPORTS = {"convert": ".api", "list_tensors": ".api", "open_source": ".api", "p
             "make_plan": ".api", "JaxTreeSource": ".sources.jax_tree", **dict.fromkeys(_ERRORS, ".errors")}
 
 __all__ = [*_EXPORTS, "__version__"]
-
-
-class _Package(types.ModuleType):
-    """``shardconv.plan`` is the API function, although ``shardconv/plan.py`` is a module:
-    importing that submodule (``from shardconv.plan import Plan`` still works, through
-    ``sys.modules``) does not replace the attribute."""
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        if name in _EXPORTS and isinstance(value, types.ModuleType):
-            return
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package
 
 
 def __getattr__(name: str) -> Any:

@@ -5,14 +5,15 @@ import os
 from pathlib import Path
 from typing import Any
 
-from . import engine
+from .core import engine
 from .errors import ChecksumError, DestinationError, UsageError, VerifyError
 from .frontend import MAPPING_OPTIONS
-from .plan import Plan, chunk_plan
+from .core.plan import Plan, chunk_plan
 from .progress import ProgressArg, start as start_progress
 from .sinks import REGISTRY as SINKS, require, sink_for
-from .sources import Source, TensorInfo, open_source
-from .units import parse_size
+from .sources import Source, open_source
+from .core.types import TensorInfo
+from .util.units import parse_size
 
 DEFAULT_MAX_MEMORY = "512MiB"
 
@@ -94,7 +95,7 @@ def convert(src: Any, dest: str | os.PathLike, *, to: str | None = None, max_mem
 def _make_parents(dest: str | os.PathLike) -> list[Path]:
     """Create the missing parent directories of a local ``dest`` (``mkdir -p``, as a TF
     Serving ``models/NAME/`` needs); return those created, deepest first."""
-    from . import tsio
+    from .formats import tsio
 
     if tsio.is_remote(dest):
         return []
@@ -131,8 +132,8 @@ def verify(dest: str | os.PathLike, src: Any = None, *, max_memory: str | int = 
     """
     import numpy as np
 
-    from .budget import Budget
-    from .integrity import IntegrityTracker
+    from .core.budget import Budget
+    from .core.integrity import IntegrityTracker
 
     budget = Budget.for_limit(parse_size(max_memory))
     chunk = budget.chunk_bytes
@@ -228,6 +229,6 @@ def _recorded_mapping(out: Source) -> dict[str, Any]:
 
 
 def _as_output(t: TensorInfo):
-    from .plan import Copy, OutputTensor
+    from .core.plan import Copy, OutputTensor
 
     return OutputTensor(t.name, t.dtype, t.shape, Copy(t.name))

@@ -13,7 +13,7 @@ from typing import Any, Sequence
 from . import __version__
 from .errors import ShardconvError, VerifyError
 from .frontend import MAPPING_OPTIONS, command_line
-from .units import format_size, parse_size
+from .util.units import format_size, parse_size
 
 
 #: Bidirectional-text controls: they reorder what a terminal shows, so they are escaped too.
@@ -310,7 +310,7 @@ def _sizes_by_name(infos: list[Any]) -> dict[str, int]:
 
 def _plan(args: argparse.Namespace) -> int:
     from .api import make_plan
-    from .engine import memory_estimate
+    from .core.engine import memory_estimate
     from .sinks import require, sink_for
 
     with _open_src(args) as source:

@@ -184,7 +184,7 @@ def test_every_argument_has_help_and_to_lists_the_sink_registry():
 
 
 def test_sizes_binary_like_docker_decimal_with_b():
-    from shardconv.units import parse_size
+    from shardconv.util.units import parse_size
 
     assert [parse_size(s) for s in ("1K", "1k", "1KB", "1KiB", "2G", "2GB", "2GiB", "1.5M", "4096")] == \
         [1024, 1024, 1000, 1024, 2 << 30, 2 * 10**9, 2 << 30, 3 << 19, 4096]
@@ -265,10 +265,10 @@ def test_left_out_lists_use_the_names_ls_shows(keras_ema_ckpt):
 def test_shardconv_plan_is_the_function_even_after_its_module_is_imported():
     code = ("import sys, types, shardconv\n"
             "assert 'numpy' not in sys.modules\n"
-            "from shardconv.plan import Plan, chunk_plan\n"
-            "import shardconv.api, shardconv.engine\n"
+            "from shardconv.core.plan import Plan, chunk_plan\n"
+            "import shardconv.api, shardconv.core.engine\n"
             "assert callable(shardconv.plan) and not isinstance(shardconv.plan, types.ModuleType), shardconv.plan\n"
-            "assert shardconv.plan is shardconv.api.plan and sys.modules['shardconv.plan'].Plan is Plan\n")
+            "assert shardconv.plan is shardconv.api.plan and sys.modules['shardconv.core.plan'].Plan is Plan\n")
     import subprocess
 
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

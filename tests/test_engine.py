@@ -19,7 +19,7 @@ import shardconv
 from procs import peak_rss, run_cli, shardconv_cmd, tree_digest
 from reference import load_reference_index, reference_prefix
 from shardconv.errors import DestinationError, ResumeError
-from shardconv.staging import Staging
+from shardconv.core.staging import Staging
 
 MiB = 1 << 20
 
@@ -321,7 +321,7 @@ def test_a_staging_directory_shardconv_did_not_make_is_refused_and_kept(tmp_path
 def test_publish_without_overwrite_never_replaces(tmp_path, monkeypatch, renameat2, kind):
     """The final rename itself cannot replace what appeared at DEST: renameat2(RENAME_NOREPLACE),
     or where it is missing, link-then-unlink (files) and lstat-then-rename (directories)."""
-    from shardconv import safefs
+    from shardconv.util import safefs
 
     if not renameat2:
         monkeypatch.setattr(safefs, "_renameat2", None)

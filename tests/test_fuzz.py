@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import tf_index_writer as w
-from shardconv import npyformat, wire
+from shardconv.formats import npyformat, wire
 from shardconv.errors import ShardconvError
 from shardconv.sources.npz import NpzSource
 from shardconv.sources.tf_bundle import TFBundleSource

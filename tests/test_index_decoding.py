@@ -13,10 +13,10 @@ from hypothesis import strategies as st
 
 import tf_index_writer as w
 from conftest import TESTDATA
-from shardconv.dtypes import TF_DTYPES
+from shardconv.util.dtypes import TF_DTYPES
 from shardconv.errors import ShardconvError
 from shardconv.sources import tf_bundle
-from shardconv.sources.sstable import SSTable
+from shardconv.formats.sstable import SSTable
 from test_fuzz import EXAMPLES
 from test_hostile import CRAFTED
 

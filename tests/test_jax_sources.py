@@ -601,7 +601,7 @@ class TestT5xChunkStreamsInTinyPieces(TestT5xChunkStreams):
 
     @pytest.fixture(autouse=True)
     def tiny_pieces(self, monkeypatch):
-        import shardconv.sources.chunkstream as cs
+        import shardconv.formats.chunkstream as cs
 
         monkeypatch.setattr(cs, "PIECE", 24)
         monkeypatch.setattr(cs, "FETCH", 16)
@@ -613,7 +613,7 @@ class TestT5xChunkStreamsDecodedByFourThreads(TestT5xChunkStreams):
 
     @pytest.fixture(autouse=True)
     def four_threads(self, monkeypatch):
-        import shardconv.sources.chunkstream as cs
+        import shardconv.formats.chunkstream as cs
 
         monkeypatch.setattr(cs, "WORKERS", 4)
         monkeypatch.setattr(cs, "PIECE", 64)

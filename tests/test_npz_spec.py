@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 
 import shardconv
-from shardconv import zipformat
-from shardconv.checksums import combine_crc32, crc32
-from shardconv.plan import check_name
+from shardconv.formats import zipformat
+from shardconv.util.checksums import combine_crc32, crc32
+from shardconv.core.plan import check_name
 from shardconv.testing.sink_suite import reference_tree, write_reference_npz
 
 

@@ -251,7 +251,7 @@ def test_plan_shows_what_is_left_out_and_why(tmp_path, capsys):
 
 
 def test_engine_refuses_unfitted_dtypes_before_the_first_byte(tmp_path):
-    from shardconv import engine
+    from shardconv.core import engine
     from shardconv.api import make_plan
     from shardconv.sinks import sink_for
 
@@ -289,7 +289,7 @@ def test_rule3_order_alignment_no_holes(out):
     pos = 0
     for k in keys:
         b, e = h[k]["data_offsets"]
-        assert b == pos and (8 + n + b) % np.dtype(shardconv.dtypes.numpy_dtype(
+        assert b == pos and (8 + n + b) % np.dtype(shardconv.util.dtypes.numpy_dtype(
             {c: d for d, c in CODES.items()}[h[k]["dtype"]])).itemsize == 0, k
         pos = e
     assert 8 + n + pos == dest.stat().st_size

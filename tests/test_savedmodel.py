@@ -23,7 +23,7 @@ import pytest
 
 import shardconv
 from shardconv import errors
-from shardconv.dtypes import numpy_dtype
+from shardconv.util.dtypes import numpy_dtype
 from shardconv.sources.tf_bundle import TFBundleSource
 from shardconv.testing.sink_suite import SinkTests, reference_tree, write_reference_npz
 

@@ -135,7 +135,7 @@ def test_state_file_naming_a_missing_checkpoint_is_an_error(tmp_path, tf2_keras_
 
 def test_partition_slice_keys_match_tensorflow(tf1_dtypes_ckpt):
     """Our encoding of EncodeTensorNameSlice equals the keys TF wrote."""
-    from shardconv.sources.sstable import SSTable
+    from shardconv.formats.sstable import SSTable
 
     prefix = reference_prefix(tf1_dtypes_ckpt)
     with SSTable(str(prefix) + ".index") as t:

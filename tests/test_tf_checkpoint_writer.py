@@ -21,8 +21,8 @@ import numpy as np
 import pytest
 
 import shardconv
-from shardconv import bundleformat
-from shardconv.checksums import crc32c, mask
+from shardconv.formats import bundleformat
+from shardconv.util.checksums import crc32c, mask
 from shardconv.sources.tf_bundle import TFBundleSource
 from shardconv.testing.sink_suite import SinkTests, reference_tree, write_reference_npz
 

@@ -20,14 +20,15 @@ import pytest
 import shardconv
 from procs import peak_rss, run_cli, shardconv_cmd, tree_digest
 from reference import load_reference, reference_prefix
-from shardconv import zarr_dtypes
+from shardconv.formats import zarr_dtypes
 from shardconv.errors import DestinationError, FormatError, PlanError, SourceError, UnsupportedError
-from shardconv.sources.base import Source, TensorInfo
-from shardconv.sources.regions import flat_boxes
+from shardconv.sources.base import Source
+from shardconv.core.types import TensorInfo
+from shardconv.formats.regions import flat_boxes
 from shardconv.sources.zarr import ZarrSource
 from shardconv.testing.sink_suite import SinkTests, reference_tree, write_reference_npz
 from shardconv.testing.source_suite import SourceTests
-from shardconv.units import parse_size
+from shardconv.util.units import parse_size
 
 ts = pytest.importorskip("tensorstore")
 zarr = pytest.importorskip("zarr")
@@ -148,7 +149,7 @@ class TestZarrSourceStreamedInTinyPieces(TestZarrSourceFromZarrPythonV3):
 
     @pytest.fixture(autouse=True)
     def tiny_pieces(self, monkeypatch):
-        import shardconv.sources.chunkstream as cs
+        import shardconv.formats.chunkstream as cs
 
         monkeypatch.setattr(cs, "PIECE", 1000)
         monkeypatch.setattr(cs, "FETCH", 333)
@@ -202,7 +203,7 @@ def test_tf_checkpoint_to_zarr_equals_what_tensorflow_read(tf1_dtypes_ckpt, tmp_
 
 def test_zarr_python_bf16_needs_registration_then_reads_exactly(npz_in, tmp_path):
     """zarr-python 3.1 knows no 'bfloat16' data type: it refuses the array (and listing its group)
-    until shardconv.zarr_dtypes.register(); then values are exact ml_dtypes.bfloat16."""
+    until shardconv.formats.zarr_dtypes.register(); then values are exact ml_dtypes.bfloat16."""
     from zarr.core.dtype import data_type_registry
 
     src, tree = npz_in
@@ -461,7 +462,7 @@ def test_s3_errors_are_one_line_and_foreign_prefixes_are_refused(s3, npz_in):
 
 def test_destination_urls_map_to_kvstore_specs(monkeypatch):
     from shardconv.errors import UsageError
-    from shardconv.tsio import kvstore_spec
+    from shardconv.formats.tsio import kvstore_spec
 
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
     monkeypatch.setenv("AWS_REGION", "eu-west-1")
@@ -480,7 +481,7 @@ def test_destination_urls_map_to_kvstore_specs(monkeypatch):
 
 
 def test_zarr_modules_import_neither_tensorstore_nor_zarr():
-    code = ("import sys, shardconv.sinks.zarr, shardconv.sources.zarr, shardconv.zarr_dtypes, shardconv.tsio; "
+    code = ("import sys, shardconv.sinks.zarr, shardconv.sources.zarr, shardconv.formats.zarr_dtypes, shardconv.formats.tsio; "
             "print([m for m in ('tensorstore', 'zarr') if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
@@ -492,7 +493,7 @@ def test_engine_chunks_cover_whole_zarr_chunks():
     import math
     import random
 
-    from shardconv.plan import Copy, OutputTensor, chunk_plan, chunk_region
+    from shardconv.core.plan import Copy, OutputTensor, chunk_plan, chunk_region
     from shardconv.sinks.zarr import chunk_shape
 
     rng = random.Random(0)

@@ -4,7 +4,7 @@ Real checkpoints come from TensorFlow (tests/tf_fixtures.py); this writer exists
 only to produce the hostile cases TensorFlow never writes (absurd shapes,
 offsets past the file, duplicate keys, bad compression). It follows the layout
 documented in docs/design.md; the encoders it shares with shardconv's own writer
-(varints, protobuf fields, block trailers) come from ``shardconv.bundleformat``.
+(varints, protobuf fields, block trailers) come from ``shardconv.formats.bundleformat``.
 """
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import struct
 
 import cramjam
 
-from shardconv.bundleformat import MAGIC, field_bytes, field_fixed32, field_varint, trailer, varint  # noqa: F401
-from shardconv.checksums import crc32c, mask
+from shardconv.formats.bundleformat import MAGIC, field_bytes, field_fixed32, field_varint, trailer, varint
+from shardconv.util.checksums import crc32c, mask
 
 
 def entry(dtype: int, shape: list[int], shard: int = 0, offset: int = 0, size: int = 0, crc: int | None = None) -> bytes:

@@ -107,7 +107,8 @@ def op_convert(req: dict) -> dict:
 
 
 def op_cli(req: dict) -> dict:
-    from shardconv import cli, engine
+    from shardconv import cli
+    from shardconv.core import engine
 
     engine._KILL = req.get("kill") or ""
     if req.get("cwd"):

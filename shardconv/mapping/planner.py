@@ -11,10 +11,11 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..dtypes import numpy_dtype
+from ..util.dtypes import numpy_dtype
 from ..errors import PlanError
-from ..plan import Copy, OutputTensor, Plan, check_name
-from ..sources.base import Source, TensorInfo
+from ..core.plan import Copy, OutputTensor, Plan, check_name
+from ..sources.base import Source
+from ..core.types import TensorInfo
 from .assemble import Assemble, Piece, check_piece
 from .roles import Role, assign_roles
 from .rules import Rule, parse_rules

@@ -24,7 +24,7 @@ from collections import defaultdict
 from dataclasses import dataclass, replace
 from typing import Iterable, Sequence
 
-from ..sources.base import TensorInfo
+from ..core.types import TensorInfo
 from ..sources.tf_object_graph import METRIC_CONTAINERS
 
 #: TF1 slot suffixes (tf.compat.v1.train optimizers), Keras/optax names, Mesh TF Adafactor slots.

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..dtypes import NUMPY_DTYPES
+from ..util.dtypes import NUMPY_DTYPES
 from ..errors import PlanError, UsageError
 from ..frontend import MAPPING_OPTIONS, option_name
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 from fnmatch import fnmatchcase
 from typing import Any
 
-from ..dtypes import NUMPY_DTYPES
+from ..util.dtypes import NUMPY_DTYPES
 from ..frontend import option
 
 FLOAT_DTYPES = tuple(sorted(d for d in NUMPY_DTYPES if d.startswith(("float", "bfloat"))))

@@ -13,7 +13,7 @@ from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any
 
-from ..plan import Chunk, OutputTensor
+from ..core.plan import Chunk, OutputTensor
 
 
 class Sink(ABC):

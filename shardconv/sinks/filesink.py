@@ -10,11 +10,12 @@ import shutil
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from .. import __version__, safefs
-from ..checksums import combine_crc32, crc32
+from .. import __version__
+from ..util import safefs
+from ..util.checksums import combine_crc32, crc32
 from ..errors import DestinationError
-from ..plan import Chunk
-from ..units import format_size
+from ..core.plan import Chunk
+from ..util.units import format_size
 
 #: The sidecar beside an output file: true dtypes, per-tensor CRC32s, where tensors came from.
 MANIFEST_SUFFIX = ".shardconv.json"

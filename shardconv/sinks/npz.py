@@ -21,11 +21,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .. import npyformat, safefs, zipformat
-from ..checksums import combine_crc32, crc32
+from ..formats import npyformat, zipformat
+from ..util import safefs
+from ..util.checksums import combine_crc32, crc32
 from ..errors import UsageError
-from ..fileio import fsync_file, pwrite_all, start_writeback, truncate
-from ..plan import Chunk, OutputTensor
+from ..util.fileio import fsync_file, pwrite_all, start_writeback, truncate
+from ..core.plan import Chunk, OutputTensor
 from . import filesink
 from .base import Sink
 from .filesink import MANIFEST_SUFFIX, manifest_path  # noqa: F401  (where they used to live)

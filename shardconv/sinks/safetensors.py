@@ -23,11 +23,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .. import __version__, safefs
-from ..checksums import crc32
+from .. import __version__
+from ..util import safefs
+from ..util.checksums import crc32
 from ..errors import UsageError
-from ..fileio import fsync_file, pwrite_all, start_writeback, truncate
-from ..plan import Chunk, OutputTensor
+from ..util.fileio import fsync_file, pwrite_all, start_writeback, truncate
+from ..core.plan import Chunk, OutputTensor
 from ..sources.safetensors import DTYPE_ORDER, DTYPES, INDEX_SUFFIX, MAX_HEADER
 from . import filesink
 from .base import Sink

@@ -39,18 +39,18 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .. import safefs
-from ..checksums import crc32c, mask
-from ..dtypes import itemsize, numpy_dtype
+from ..util import safefs
+from ..util.checksums import crc32c, mask
+from ..util.dtypes import itemsize, numpy_dtype
 from ..errors import (DestinationError, DurabilityError, MissingDependencyError, PlanError, ResumeError,
                       UsageError)
-from ..fileio import fsync_file, start_writeback
+from ..util.fileio import fsync_file, start_writeback
 from ..frontend import option, option_name
 from ..mapping.rules import rename_rule
-from ..plan import Chunk, OutputTensor, chunk_region
-from ..sources.sstable import SSTable
+from ..core.plan import Chunk, OutputTensor, chunk_region
+from ..formats.sstable import SSTable
 from ..sources.tf_bundle import _parse_entry, slice_key
-from ..wire import as_int64, fields
+from ..formats.wire import as_int64, fields
 from .base import Sink
 
 LAYOUT_VERSION = 1

@@ -23,11 +23,12 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .. import bundleformat, safefs
-from ..checksums import combine_crc32c, crc32c, mask
+from ..formats import bundleformat
+from ..util import safefs
+from ..util.checksums import combine_crc32c, crc32c, mask
 from ..errors import UsageError
-from ..fileio import fsync_file, pwrite_all, start_writeback, truncate
-from ..plan import Chunk, Copy, OutputTensor
+from ..util.fileio import fsync_file, pwrite_all, start_writeback, truncate
+from ..core.plan import Chunk, Copy, OutputTensor
 from . import filesink
 from .base import Sink
 

@@ -34,7 +34,7 @@ See docs/zarr.md.
 
 bfloat16, float8 and int4/int2 are stored as TensorStore names them (``"bfloat16"``);
 TensorStore and Orbax read them back exactly. zarr-python 3.1 has no such data types and
-refuses those arrays until ``shardconv.zarr_dtypes.register()`` registers them (then it
+refuses those arrays until ``shardconv.formats.zarr_dtypes.register()`` registers them (then it
 reads them exactly as ml_dtypes arrays). ``uint4``/``uint2``, which TensorStore cannot
 store, are written as ``uint8`` (same bytes) with the true dtype in the attributes.
 """
@@ -53,17 +53,19 @@ from typing import Any
 
 import numpy as np
 
-from .. import __version__, safefs, tsio
-from ..checksums import combine_crc32, crc32
-from ..dtypes import STRING, is_ml_dtype, itemsize, numpy_dtype
+from .. import __version__
+from ..util import safefs
+from ..formats import tsio
+from ..util.checksums import combine_crc32, crc32
+from ..util.dtypes import STRING, is_ml_dtype, itemsize, numpy_dtype
 from ..errors import DestinationError, UsageError
-from ..fileio import start_writeback
+from ..util.fileio import start_writeback
 from ..mapping.roles import assign_roles
 from ..mapping.rules import rename_rule
-from ..plan import Chunk, OutputTensor, check_name, chunk_region
-from ..sources.base import TensorInfo
-from ..staging import Staging
-from ..units import format_size
+from ..core.plan import Chunk, OutputTensor, check_name, chunk_region
+from ..core.types import TensorInfo
+from ..core.staging import Staging
+from ..util.units import format_size
 from .base import Sink
 
 LAYOUTS = ("zarr", "orbax")

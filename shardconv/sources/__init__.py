@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import SourceError, UsageError
-from .base import Segment, Source, TensorInfo, Unit
+from ..core.types import Segment, TensorInfo, Unit
+from .base import Source
 
 #: (format name, module, probe function, class). Probes must be cheap and never raise.
 REGISTRY: list[tuple[str, str, str, str]] = [

@@ -14,60 +14,11 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, Mapping, NamedTuple, TypeVar
 
-from ..dtypes import STRING, itemsize
+from ..util.dtypes import STRING, itemsize
 from ..errors import FormatError, SourceError
+from ..core.types import Segment, TensorInfo, Unit
 
 E = TypeVar("E")
-
-
-@dataclass(frozen=True)
-class TensorInfo:
-    """What a source knows about one tensor before reading it."""
-
-    name: str
-    dtype: str                    # canonical dtype name, or "string"
-    shape: tuple[int, ...]
-    nbytes: int                   # bytes of the C-order array (strings: stored bytes)
-    checksum: str | None = None   # e.g. "crc32c:1234" over the tensor's stored bytes
-    extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
-
-    @property
-    def is_string(self) -> bool:
-        return self.dtype == STRING
-
-    @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
-
-    @property
-    def itemsize(self) -> int:
-        return itemsize(self.dtype)
-
-    @property
-    def row_bytes(self) -> int:
-        """Bytes of one index along axis 0 (the whole tensor for scalars)."""
-        if not self.shape:
-            return self.nbytes
-        return math.prod(self.shape[1:]) * self.itemsize
-
-
-class Segment(NamedTuple):
-    """Bytes [offset, offset+length) of checksum unit ``unit``, whose CRC is ``crc``."""
-
-    unit: str
-    offset: int
-    length: int
-    crc: int
-
-
-class Unit(NamedTuple):
-    """A range of stored bytes with a recorded checksum."""
-
-    nbytes: int
-    algorithm: str    # "crc32c" or "crc32"
-    expected: int     # the CRC itself (unmasked)
-    tensor: str       # tensor the unit belongs to (for messages)
-    file: str         # file holding it (for messages)
 
 
 def walk_files(*dirs: "str | os.PathLike[str]") -> list[str]:
@@ -201,7 +152,7 @@ class Source(ABC):
         """Whole tensor as a NumPy array. For tests and small tensors only."""
         import numpy as np
 
-        from ..dtypes import numpy_dtype
+        from ..util.dtypes import numpy_dtype
 
         t = self.info(name)
         if t.is_string:

@@ -21,11 +21,12 @@ from typing import Any
 
 import numpy as np
 
-from ..dtypes import NUMPY_DTYPES, dtype_name, is_ml_dtype, itemsize
+from ..util.dtypes import NUMPY_DTYPES, dtype_name, is_ml_dtype, itemsize
 from ..errors import FormatError, SourceError, UnsupportedError
-from ..fileio import open_read
-from ..plan import check_name
-from .base import Segment, Source, TensorInfo, walk_files
+from ..util.fileio import open_read
+from ..core.plan import check_name
+from ..core.types import Segment, TensorInfo
+from .base import Source, walk_files
 
 MAX_DEPTH = 64
 WINDOW = 1 << 16

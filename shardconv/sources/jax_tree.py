@@ -25,11 +25,12 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ..dtypes import NUMPY_DTYPES, dtype_name, itemsize
+from ..util.dtypes import NUMPY_DTYPES, dtype_name, itemsize
 from ..errors import FormatError, MissingDependencyError, SourceError, UnsupportedError
-from ..plan import check_name
-from .regions import box_views, read_bytes_by_elements
-from .base import Segment, Source, TensorInfo
+from ..core.plan import check_name
+from ..formats.regions import box_views, read_bytes_by_elements
+from ..core.types import Segment, TensorInfo
+from .base import Source
 
 NON_ARRAYS = ("error", "drop")
 _PACKED = {"int4", "uint4", "int2", "uint2"}  # JAX packs these on devices

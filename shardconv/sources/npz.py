@@ -17,13 +17,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .. import npyformat, zipformat
-from ..checksums import combine_crc32, crc32
-from ..dtypes import dtype_name, itemsize
+from ..formats import npyformat, zipformat
+from ..util.checksums import combine_crc32, crc32
+from ..util.dtypes import dtype_name, itemsize
 from ..errors import FormatError, SourceError, UnsupportedError
-from ..fileio import open_read
-from ..plan import check_name
-from .base import Segment, Source, TensorInfo, Unit, read_sidecar
+from ..util.fileio import open_read
+from ..core.plan import check_name
+from ..core.types import Segment, TensorInfo, Unit
+from .base import Source, read_sidecar
 
 MAX_MEMBERS = 10_000_000
 

@@ -46,15 +46,16 @@ from typing import Any
 
 import numpy as np
 
-from .. import tsio
-from ..dtypes import NUMPY_DTYPES, checked_nbytes, itemsize
+from ..formats import tsio
+from ..util.dtypes import NUMPY_DTYPES, checked_nbytes, itemsize
 from ..errors import FormatError, SourceError, UnsupportedError
 from ..frontend import option, option_name
-from ..plan import check_name
-from .regions import box_views, read_bytes_by_elements
+from ..core.plan import check_name
+from ..formats.regions import box_views, read_bytes_by_elements
 from .zarr import parse_json_object, zarr_dtype
-from .base import Segment, Source, TensorInfo, walk_files
-from .chunkstream import StreamLayout, StreamReader, stream_bytes, stream_layout
+from ..core.types import Segment, TensorInfo
+from .base import Source, walk_files
+from ..formats.chunkstream import StreamLayout, StreamReader, stream_bytes, stream_layout
 from .flax_msgpack import PLACEHOLDER_PREFIXES, FlaxMsgpackSource
 
 _MAX_JSON = 256 << 20          # _METADATA of a very large tree is a few MB

@@ -16,11 +16,12 @@ import struct
 from pathlib import Path
 from typing import Any
 
-from ..checksums import crc32
-from ..dtypes import checked_nbytes
+from ..util.checksums import crc32
+from ..util.dtypes import checked_nbytes
 from ..errors import FormatError, SourceError, UnsupportedError
-from ..fileio import open_read
-from .base import Segment, Source, TensorInfo, Unit, read_sidecar
+from ..util.fileio import open_read
+from ..core.types import Segment, TensorInfo, Unit
+from .base import Source, read_sidecar
 from .npz import SplitNpzSource
 
 #: The safetensors library refuses longer headers (MAX_HEADER_SIZE).

@@ -14,12 +14,13 @@ from pathlib import Path
 
 import numpy as np
 
-from ..checksums import crc32c, mask, unmask
-from ..dtypes import STRING, TF_DTYPE_NAMES_UNSUPPORTED, TF_DTYPES, checked_nbytes, itemsize, numpy_dtype
+from ..util.checksums import crc32c, mask, unmask
+from ..util.dtypes import STRING, TF_DTYPE_NAMES_UNSUPPORTED, TF_DTYPES, checked_nbytes, itemsize, numpy_dtype
 from ..errors import ChecksumError, FormatError, ShardconvError, SourceError, UnsupportedError
-from ..wire import as_int64, fields, read_varint
-from .base import Segment, Source, TensorInfo, Unit
-from .sstable import SSTable
+from ..formats.wire import as_int64, fields, read_varint
+from ..core.types import Segment, TensorInfo, Unit
+from .base import Source
+from ..formats.sstable import SSTable
 
 OBJECT_GRAPH_KEY = "_CHECKPOINTABLE_OBJECT_GRAPH"
 #: String tensors larger than this are refused (they are read whole).

@@ -14,7 +14,7 @@ from collections import Counter, deque
 from dataclasses import dataclass, field
 
 from ..errors import FormatError
-from ..wire import fields
+from ..formats.wire import fields
 
 ATTRIBUTES = "/.ATTRIBUTES/"
 

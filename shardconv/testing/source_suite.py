@@ -13,10 +13,11 @@ from typing import Any
 import numpy as np
 import pytest
 
-from .. import api, engine
+from .. import api
+from ..core import engine
 from ..errors import ChecksumError, ResumeError, SourceChangedError, SourceError
-from ..integrity import IntegrityTracker
-from ..journal import describe_changes
+from ..core.integrity import IntegrityTracker
+from ..core.journal import describe_changes
 from ..sources.base import Source
 from .caselog import log_case
 

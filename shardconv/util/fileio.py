@@ -11,7 +11,7 @@ import ctypes
 import ctypes.util
 import os
 
-from .errors import DestinationError, DurabilityError
+from ..errors import DestinationError, DurabilityError
 
 _SYNC_FILE_RANGE_WRITE = 2
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Iterator
 
-from .errors import FormatError
+from ..errors import FormatError
 
 INT64_MAX = (1 << 63) - 1
 

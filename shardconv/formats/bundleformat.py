@@ -14,8 +14,8 @@ from __future__ import annotations
 import struct
 from typing import Callable, Sequence
 
-from .checksums import crc32c, mask
-from .dtypes import TF_DTYPES
+from ..util.checksums import crc32c, mask
+from ..util.dtypes import TF_DTYPES
 
 MAGIC = 0xDB4775248B80FB57
 FOOTER_SIZE = 48

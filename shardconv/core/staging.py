@@ -16,10 +16,10 @@ import os
 import stat
 from pathlib import Path
 
-from . import safefs
-from .errors import DestinationError
-from .frontend import option
-from .safefs import fsync_dir
+from ..util import safefs
+from ..errors import DestinationError
+from ..frontend import option
+from ..util.safefs import fsync_dir
 
 __all__ = ["Staging", "fsync_dir"]
 

@@ -30,8 +30,8 @@ from typing import Any
 
 import numpy as np
 
-from .. import tsio
-from ..dtypes import NUMPY_DTYPES, itemsize
+from . import tsio
+from ..util.dtypes import NUMPY_DTYPES, itemsize
 from ..errors import FormatError, UnsupportedError
 from .regions import box_views
 

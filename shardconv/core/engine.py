@@ -12,21 +12,23 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from . import __version__
+from .. import __version__
 from .budget import Budget, BufferPool
-from . import safefs
-from .errors import DestinationError, DurabilityError, PlanError, ResumeError, SourceChangedError
-from .frontend import changed_options, option
+from ..util import safefs
+from ..errors import DestinationError, DurabilityError, PlanError, ResumeError, SourceChangedError
+from ..frontend import changed_options, option
 from .integrity import IntegrityTracker
 from .journal import Journal, describe_changes
 from .plan import Chunk, Plan, chunk_plan
-from .progress import ProgressArg, start as start_progress
-from .sinks.base import Sink
+from ..progress import ProgressArg, start as start_progress
 from .staging import Staging
+
+if TYPE_CHECKING:  # the contract only; core never imports a sink at run time
+    from ..sinks.base import Sink
 
 #: Test hook: SHARDCONV_TEST_KILL=chunk:K | journal:K | lock | finish | renamed kills the
 #: process with SIGKILL at that point, for the resume tests; after:SECONDS kills it that

@@ -26,8 +26,8 @@ import shutil
 import stat
 from pathlib import Path
 
-from .errors import DestinationError, DurabilityError
-from .frontend import option
+from ..errors import DestinationError, DurabilityError
+from ..frontend import option
 
 _AT_FDCWD = -100
 _RENAME_NOREPLACE = 1

@@ -5,7 +5,7 @@ from typing import Iterator, Mapping
 
 import numpy as np
 
-from .errors import FormatError, UnsupportedError
+from ..errors import FormatError, UnsupportedError
 
 _NUMPY_TYPES: dict[str, type] = {
     "bool": np.bool_,

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import re
 
-from .errors import UsageError
+from ..errors import UsageError
 
 _UNITS = {
     "": 1, "b": 1,

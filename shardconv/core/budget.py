@@ -6,9 +6,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import BudgetError
-from .frontend import option
-from .units import format_size
+from ..errors import BudgetError
+from ..frontend import option
+from ..util.units import format_size
 
 #: Largest chunk: bigger buffers stop paying off (measured) and cost page faults.
 MAX_CHUNK = 16 << 20

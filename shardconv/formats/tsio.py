@@ -19,7 +19,7 @@ import threading
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
-from .errors import MissingDependencyError, ShardconvError
+from ..errors import MissingDependencyError, ShardconvError
 
 #: URL schemes shardconv passes to TensorStore (``file`` is treated as a local path).
 SCHEMES = ("s3", "gs", "gcs", "memory", "file")
@@ -90,7 +90,7 @@ def normalize_url(url: str) -> str:
 
 def kvstore_spec(dest: str | os.PathLike) -> dict[str, Any]:
     """The TensorStore kvstore spec for a local path or URL; ``path`` ends with ``/``."""
-    from .errors import UsageError
+    from ..errors import UsageError
 
     sch = scheme(dest)
     if sch is None or sch == "file":

@@ -10,10 +10,10 @@ from __future__ import annotations
 import os
 from typing import Iterator
 
-from ..checksums import crc32c, mask
+from ..util.checksums import crc32c, mask
 from ..errors import ChecksumError, FormatError, UnsupportedError
-from ..fileio import open_read
-from ..wire import read_varint
+from ..util.fileio import open_read
+from .wire import read_varint
 
 MAGIC = 0xDB4775248B80FB57
 FOOTER_SIZE = 48

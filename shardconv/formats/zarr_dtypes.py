@@ -6,8 +6,8 @@ zarr-python 3.1 has no such data types: opening such an array, or listing a grou
 holds one, fails with ``ValueError: No Zarr data type found that matches 'bfloat16'``.
 After ``register()`` zarr-python reads them as the ml_dtypes NumPy types, bit-exact::
 
-    import shardconv.zarr_dtypes, zarr
-    shardconv.zarr_dtypes.register()
+    import shardconv.formats.zarr_dtypes, zarr
+    shardconv.formats.zarr_dtypes.register()
     zarr.open_group("model.zarr", mode="r")["params/emb"][:]   # dtype bfloat16
 
 Only zarr-python is imported (when ``register`` is called), never TensorStore.

@@ -11,10 +11,13 @@ import json
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
-from .dtypes import itemsize
-from .sources.base import Segment, Source
+from ..util.dtypes import itemsize
+from .types import Segment
+
+if TYPE_CHECKING:  # the contract only; core never imports a source at run time
+    from ..sources.base import Source
 
 #: ``read(source_tensor, offset, out)``: fill ``out`` from the source, returning its checksum segments.
 ReadFn = Callable[[str, int, memoryview], list[Segment]]
