@@ -81,7 +81,8 @@ def write_inputs(outdir: Path, mib: float) -> None:
     import ml_dtypes
     import numpy as np
     import orbax.checkpoint as ocp
-    from jax.sharding import NamedSharding, PartitionSpec as P
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
 
     mesh = jax.make_mesh((8,), ("d",))
     rng = np.random.default_rng(0)

@@ -6,13 +6,15 @@ from pathlib import Path
 from typing import Any
 
 from .core import engine
+from .core.plan import Plan, chunk_plan
+from .core.types import TensorInfo
 from .errors import ChecksumError, DestinationError, UsageError, VerifyError
 from .frontend import MAPPING_OPTIONS
-from .core.plan import Plan, chunk_plan
-from .progress import ProgressArg, start as start_progress
-from .sinks import REGISTRY as SINKS, require, sink_for
+from .progress import ProgressArg
+from .progress import start as start_progress
+from .sinks import REGISTRY as SINKS
+from .sinks import require, sink_for
 from .sources import Source, open_source
-from .core.types import TensorInfo
 from .util.units import parse_size
 
 DEFAULT_MAX_MEMORY = "512MiB"

@@ -8,13 +8,13 @@ import signal
 import sys
 import threading
 import unicodedata
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from . import __version__
 from .errors import ShardconvError, VerifyError
 from .frontend import MAPPING_OPTIONS, command_line
 from .util.units import format_size, parse_size
-
 
 #: Bidirectional-text controls: they reorder what a terminal shows, so they are escaped too.
 _BIDI = frozenset("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 _CLI = contextvars.ContextVar("shardconv_cli", default=False)
 

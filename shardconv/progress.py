@@ -3,7 +3,8 @@ on a terminal), a callable ``progress(done_bytes, total_bytes)``, or ``False`` n
 and ``verify`` report through ``start`` and never import tqdm unless a bar is asked for."""
 from __future__ import annotations
 
-from typing import Any, Callable, Union
+from collections.abc import Callable
+from typing import Any, Union
 
 #: What ``convert(progress=...)`` and ``verify(progress=...)`` accept.
 ProgressArg = Union[bool, None, Callable[[int, int], Any]]

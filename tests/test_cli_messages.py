@@ -14,9 +14,8 @@ import numpy as np
 import pytest
 
 import shardconv
-from shardconv.errors import PlanError
 from shardconv.api import plan as api_plan
-from shardconv.errors import UsageError
+from shardconv.errors import PlanError, UsageError
 from shardconv.mapping import preset_names
 from shardconv.sources import open_source
 

@@ -14,12 +14,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-import shardconv
 from procs import peak_rss, run_cli, shardconv_cmd, tree_digest
 from reference import load_reference_index, reference_prefix
-from shardconv.errors import DestinationError, ResumeError
+
+import shardconv
 from shardconv.core.staging import Staging
+from shardconv.errors import DestinationError, ResumeError
 
 MiB = 1 << 20
 

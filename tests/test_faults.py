@@ -11,10 +11,10 @@ import signal
 import subprocess
 
 import pytest
-
-import shardconv
 from procs import shardconv_cmd
 from reference import reference_prefix, write_fixture
+
+import shardconv
 from shardconv.errors import DestinationError, DurabilityError, SourceError
 from shardconv.sinks import npz as npz_sink
 from shardconv.sources import tf_bundle

@@ -17,7 +17,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from procs import run_cli
 
 # TF1 Saver (steps 100 and 200, with .meta graphs and the ``checkpoint`` state file) and two

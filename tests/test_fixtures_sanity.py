@@ -9,7 +9,6 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 import pytest
-
 from reference import (
     load_reference,
     load_reference_index,

@@ -6,13 +6,13 @@ import json
 import ml_dtypes
 import numpy as np
 import pytest
+from conftest import TESTDATA
+from test_npz import load_npz
 
 import shardconv
-from conftest import TESTDATA
 from shardconv.errors import ShardconvError
 from shardconv.sources.flax_msgpack import FlaxMsgpackSource
 from shardconv.testing.source_suite import SourceTests
-from test_npz import load_npz
 
 serialization = pytest.importorskip("flax.serialization")
 T5X = TESTDATA / "t5x"

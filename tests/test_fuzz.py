@@ -9,12 +9,12 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+import tf_index_writer as w
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import tf_index_writer as w
-from shardconv.formats import npyformat, wire
 from shardconv.errors import ShardconvError
+from shardconv.formats import npyformat, wire
 from shardconv.sources.npz import NpzSource
 from shardconv.sources.tf_bundle import TFBundleSource
 

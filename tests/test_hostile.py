@@ -18,9 +18,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 import tf_index_writer as w
 from reference import reference_prefix, write_fixture
+
 from shardconv import cli
 
 ARRAY = np.arange(12, dtype=np.float32).reshape(3, 4)

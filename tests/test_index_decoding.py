@@ -1,5 +1,5 @@
-"""The fast BundleEntryProto reader (``tf_bundle._EntryReader``) against the strict
-field-by-field one (``_parse_entry``): the same entry or the same error (class and
+"""The fast BundleEntryProto reader (``tf_bundle.EntryReader``) against the strict
+field-by-field one (``parse_entry``): the same entry or the same error (class and
 message) on every entry TensorFlow wrote (fixtures and tests/data), on the crafted
 hostile entries, and on random and mutated bytes; and the fast path is the one taken
 for what TensorFlow writes."""
@@ -8,17 +8,17 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
-
 import tf_index_writer as w
 from conftest import TESTDATA
-from shardconv.util.dtypes import TF_DTYPES
-from shardconv.errors import ShardconvError
-from shardconv.sources import tf_bundle
-from shardconv.formats.sstable import SSTable
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from test_fuzz import EXAMPLES
 from test_hostile import CRAFTED
+
+from shardconv.errors import ShardconvError
+from shardconv.formats import bundle_entries as tf_bundle
+from shardconv.formats.sstable import SSTable
+from shardconv.util.dtypes import TF_DTYPES
 
 WHERE = "/x/m.index"
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck), database=None)
@@ -31,18 +31,18 @@ def _outcome(decode, name: str, value: bytes):
         return type(e), str(e)
 
 
-STRICT = tf_bundle._parse_entry  # the function itself, whatever ``fallbacks`` puts in its place
+STRICT = tf_bundle.parse_entry  # the function itself, whatever ``fallbacks`` puts in its place
 
 
 def _strict(name: str, value: bytes):
     return _outcome(lambda n, v: STRICT(n, v, WHERE), name, value)
 
 
-def assert_same(value: bytes, reader: tf_bundle._EntryReader | None = None, name: str = "x") -> None:
+def assert_same(value: bytes, reader: tf_bundle.EntryReader | None = None, name: str = "x") -> None:
     """A fresh reader, and ``reader`` (whose shape cache may already hold this shape), agree with
     ``_parse_entry``."""
     expected = _strict(name, value)
-    assert _outcome(tf_bundle._EntryReader(WHERE), name, value) == expected
+    assert _outcome(tf_bundle.EntryReader(WHERE), name, value) == expected
     if reader is not None:
         assert _outcome(reader, name, value) == expected
 
@@ -67,14 +67,14 @@ def fallbacks(monkeypatch):
         seen.append(name)
         return STRICT(name, value, where)
 
-    monkeypatch.setattr(tf_bundle, "_parse_entry", counting)
+    monkeypatch.setattr(tf_bundle, "parse_entry", counting)
     return seen
 
 
 def _check_indexes(indexes: list[Path], fallbacks: list[str]) -> int:
     checked = 0
     for index in indexes:
-        reader = tf_bundle._EntryReader(WHERE)
+        reader = tf_bundle.EntryReader(WHERE)
         for name, value in _index_entries(index):
             fallbacks.clear()
             expected = _strict(name, value)
@@ -99,7 +99,7 @@ def test_tf_written_entries_in_fixtures(fallbacks, tf1_dtypes_ckpt, exotic_dtype
 @pytest.mark.parametrize("case", sorted(CRAFTED))
 def test_crafted_hostile_entries(case):
     items, _, _ = CRAFTED[case]
-    reader = tf_bundle._EntryReader(WHERE)
+    reader = tf_bundle.EntryReader(WHERE)
     for key, value in items:
         if key:
             assert_same(value, reader)
@@ -130,7 +130,7 @@ EDGE_ENTRIES = [
 
 @pytest.mark.parametrize("value", EDGE_ENTRIES, ids=lambda v: v.hex() or "empty")
 def test_edge_entries(value):
-    assert_same(value, tf_bundle._EntryReader(WHERE))
+    assert_same(value, tf_bundle.EntryReader(WHERE))
 
 
 @FUZZ

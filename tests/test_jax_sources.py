@@ -14,22 +14,23 @@ from typing import Any, NamedTuple
 import ml_dtypes
 import numpy as np
 import pytest
+from conftest import TESTDATA
+from test_npz import load_npz
 
 import shardconv
-from conftest import TESTDATA
 from shardconv.errors import FormatError, ShardconvError, SourceError, UnsupportedError
 from shardconv.sources import open_source
 from shardconv.sources.flax_msgpack import FlaxMsgpackSource
 from shardconv.sources.jax_tree import JaxTreeSource, _plain_flatten, flatten_with_names
 from shardconv.sources.orbax import OrbaxSource, T5xSource
 from shardconv.testing.source_suite import SourceTests
-from test_npz import load_npz
 
 jax = pytest.importorskip("jax")
 jnp = jax.numpy
 ocp = pytest.importorskip("orbax.checkpoint")
 msgpack = pytest.importorskip("msgpack")
-from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
+from jax.sharding import NamedSharding  # noqa: E402
+from jax.sharding import PartitionSpec as P
 
 T5X = TESTDATA / "t5x"
 EXPECTED = json.loads((T5X / "expected.json").read_text())

@@ -7,13 +7,13 @@ import json
 import ml_dtypes
 import numpy as np
 import pytest
-
-import shardconv
 from procs import peak_rss, run_cli, shardconv_cmd
 from reference import load_model_values, reference_prefix
+from test_npz import load_npz
+
+import shardconv
 from shardconv.errors import PlanError
 from shardconv.sources import open_source
-from test_npz import load_npz
 
 MiB = 1 << 20
 

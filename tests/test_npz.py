@@ -9,10 +9,10 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 import pytest
+from procs import run_cli
 
 import shardconv
 from shardconv.errors import FormatError, ResumeError, UnsupportedError, UsageError
-from procs import run_cli
 from shardconv.sources.npz import NpzSource, SplitNpzSource
 from shardconv.testing.sink_suite import SinkTests, reference_tree, write_reference_npz
 from shardconv.testing.source_suite import SourceTests

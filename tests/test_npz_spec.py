@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 
 import shardconv
-from shardconv.formats import zipformat
-from shardconv.util.checksums import combine_crc32, crc32
 from shardconv.core.plan import check_name
+from shardconv.formats import zipformat
 from shardconv.testing.sink_suite import reference_tree, write_reference_npz
+from shardconv.util.checksums import combine_crc32, crc32
 
 
 @pytest.fixture(scope="module")

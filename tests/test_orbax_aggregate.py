@@ -17,14 +17,14 @@ from typing import Any
 
 import numpy as np
 import pytest
+from conftest import TESTDATA
+from test_npz import load_npz
 
 import shardconv
-from conftest import TESTDATA
 from shardconv.errors import FormatError
 from shardconv.sources import open_source
 from shardconv.sources.orbax import OrbaxSource, T5xSource
 from shardconv.testing.source_suite import SourceTests
-from test_npz import load_npz
 
 ocp = pytest.importorskip("orbax.checkpoint")
 jnp = pytest.importorskip("jax.numpy")
@@ -40,7 +40,7 @@ def orbax_restore(path: Path) -> dict[str, np.ndarray]:
     return host(ocp.PyTreeCheckpointer().restore(path))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _vendored_reference(kind: str) -> dict[str, np.ndarray]:
     return orbax_restore(LEGACY[kind])
 

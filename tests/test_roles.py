@@ -14,13 +14,13 @@ from typing import Any
 
 import numpy as np
 import pytest
-
-import shardconv
 from conftest import TESTDATA, skip_unless_installed
 from procs import run_cli
+from test_npz import load_npz
+
+import shardconv
 from shardconv.mapping.roles import assign_roles
 from shardconv.sources import open_source
-from test_npz import load_npz
 
 jax = pytest.importorskip("jax")
 optax = pytest.importorskip("optax")

@@ -20,13 +20,13 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from reference import load_reference, reference_prefix
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
-
-import shardconv
-from reference import load_reference, reference_prefix
 from test_fuzz import _count, _mutate
 from test_fuzz import _read_all as read_all_fuzzed
+
+import shardconv
 from shardconv import cli
 from shardconv.errors import FormatError, PlanError, UnsupportedError
 from shardconv.sinks.safetensors import CODES
@@ -251,8 +251,8 @@ def test_plan_shows_what_is_left_out_and_why(tmp_path, capsys):
 
 
 def test_engine_refuses_unfitted_dtypes_before_the_first_byte(tmp_path):
-    from shardconv.core import engine
     from shardconv.api import make_plan
+    from shardconv.core import engine
     from shardconv.sinks import sink_for
 
     write_reference_npz(tmp_path / "in.npz", reference_tree())

@@ -23,9 +23,9 @@ import pytest
 
 import shardconv
 from shardconv import errors
-from shardconv.util.dtypes import numpy_dtype
 from shardconv.sources.tf_bundle import TFBundleSource
 from shardconv.testing.sink_suite import SinkTests, reference_tree, write_reference_npz
+from shardconv.util.dtypes import numpy_dtype
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from reference import load_reference  # noqa: E402

@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
-
 from procs import run_cli
 from reference import reference_prefix, write_fixture
+
 from shardconv.sources import open_source
 from shardconv.sources.tf_bundle import TFBundleSource
 from shardconv.testing.sink_suite import reference_tree, write_reference_npz

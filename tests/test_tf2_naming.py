@@ -16,12 +16,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-import shardconv
 from conftest import skip_unless_installed
 from procs import run_cli
-from shardconv.sources import open_source
 from test_npz import load_npz
+
+import shardconv
+from shardconv.sources import open_source
 
 _WRITER = textwrap.dedent('''
     import os, sys

@@ -5,10 +5,10 @@ import json
 import shutil
 
 import pytest
-
-import shardconv
 from conftest import TESTDATA
 from reference import load_reference, reference_prefix
+
+import shardconv
 from shardconv.errors import SourceError
 from shardconv.sources.tf_bundle import TFBundleSource, resolve_prefix, slice_key
 from shardconv.testing.source_suite import SourceTests

@@ -22,9 +22,9 @@ import pytest
 
 import shardconv
 from shardconv.formats import bundleformat
-from shardconv.util.checksums import crc32c, mask
 from shardconv.sources.tf_bundle import TFBundleSource
 from shardconv.testing.sink_suite import SinkTests, reference_tree, write_reference_npz
+from shardconv.util.checksums import crc32c, mask
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from reference import load_reference  # noqa: E402

@@ -16,15 +16,15 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 import pytest
-
-import shardconv
 from procs import peak_rss, run_cli, shardconv_cmd, tree_digest
 from reference import load_reference, reference_prefix
-from shardconv.formats import zarr_dtypes
-from shardconv.errors import DestinationError, FormatError, PlanError, SourceError, UnsupportedError
-from shardconv.sources.base import Source
+
+import shardconv
 from shardconv.core.types import TensorInfo
+from shardconv.errors import DestinationError, FormatError, PlanError, SourceError, UnsupportedError
+from shardconv.formats import zarr_dtypes
 from shardconv.formats.regions import flat_boxes
+from shardconv.sources.base import Source
 from shardconv.sources.zarr import ZarrSource
 from shardconv.testing.sink_suite import SinkTests, reference_tree, write_reference_npz
 from shardconv.testing.source_suite import SourceTests

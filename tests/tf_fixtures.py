@@ -52,8 +52,8 @@ os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
 import argparse  # noqa: E402
-import hashlib  # noqa: E402
 import base64  # noqa: E402
+import hashlib  # noqa: E402
 import itertools  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
@@ -63,8 +63,8 @@ from pathlib import Path  # noqa: E402
 
 warnings.filterwarnings("ignore")
 
-import numpy as np  # noqa: E402
 import ml_dtypes  # noqa: E402
+import numpy as np  # noqa: E402
 
 tf = None  # imported by _import_tensorflow() once the arguments are parsed
 

@@ -27,7 +27,7 @@ class Budget:
 
     @classmethod
     def for_limit(cls, max_memory: int, chunk_bytes: int | None = None, scratch_factor: int = 0,
-                  reserve: tuple[int, str] = (0, "")) -> "Budget":
+                  reserve: tuple[int, str] = (0, "")) -> Budget:
         """Choose the chunk size: buffers + scratch use at most half the budget,
         leaving the rest for source metadata, the journal and sink bookkeeping.
         ``reserve`` (bytes, why) is what the source holds within the budget

@@ -17,14 +17,15 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .. import __version__
-from .budget import Budget, BufferPool
-from ..util import safefs
 from ..errors import DestinationError, DurabilityError, PlanError, ResumeError, SourceChangedError
 from ..frontend import changed_options, option
+from ..progress import ProgressArg
+from ..progress import start as start_progress
+from ..util import safefs
+from .budget import Budget, BufferPool
 from .integrity import IntegrityTracker
 from .journal import Journal, describe_changes
 from .plan import Chunk, Plan, chunk_plan
-from ..progress import ProgressArg, start as start_progress
 from .staging import Staging
 
 if TYPE_CHECKING:  # the contract only; core never imports a sink at run time

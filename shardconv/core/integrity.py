@@ -1,8 +1,8 @@
 """Verifies source checksums from the segments reads report, as units complete."""
 from __future__ import annotations
 
-from ..util.checksums import CRC32_POLY, CRC32C_POLY, combine
 from ..errors import ChecksumError
+from ..util.checksums import CRC32_POLY, CRC32C_POLY, combine
 from .types import Segment, Unit
 
 _POLY = {"crc32c": CRC32C_POLY, "crc32": CRC32_POLY}

@@ -11,9 +11,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ..util import safefs
 from ..errors import DestinationError, ResumeError
 from ..frontend import option
+from ..util import safefs
 
 FORMAT = "shardconv-journal"
 VERSION = 1

@@ -10,8 +10,9 @@ import hashlib
 import json
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 from ..util.dtypes import itemsize
 from .types import Segment
@@ -95,7 +96,7 @@ class Plan:
     def describe(self) -> list[dict[str, Any]]:
         return [o.describe() for o in self.outputs]
 
-    def leave_out(self, why: Callable[[OutputTensor], str | None]) -> "Plan":
+    def leave_out(self, why: Callable[[OutputTensor], str | None]) -> Plan:
         """This plan without the outputs ``why`` gives a reason for (a sink's ``leave_out``):
         their source tensors join ``dropped`` with that reason."""
         keep, dropped = [], list(self.dropped)

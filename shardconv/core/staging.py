@@ -16,9 +16,9 @@ import os
 import stat
 from pathlib import Path
 
-from ..util import safefs
 from ..errors import DestinationError
 from ..frontend import option
+from ..util import safefs
 from ..util.safefs import fsync_dir
 
 __all__ = ["Staging", "fsync_dir"]

@@ -12,7 +12,7 @@ and the 48-byte footer. No TensorFlow, no protobuf library.
 from __future__ import annotations
 
 import struct
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from ..util.checksums import crc32c, mask
 from ..util.dtypes import TF_DTYPES

@@ -22,17 +22,17 @@ import math
 import os
 import re
 import threading
-from concurrent.futures import ThreadPoolExecutor, wait
 import zlib
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from . import tsio
-from ..util.dtypes import NUMPY_DTYPES, itemsize
 from ..errors import FormatError, UnsupportedError
+from ..util.dtypes import NUMPY_DTYPES, itemsize
+from . import tsio
 from .regions import box_views
 
 PIECE = 4 << 20          # largest decoded span held at once

@@ -13,8 +13,8 @@ import warnings
 
 import numpy as np
 
-from ..util.dtypes import dtype_name, is_ml_dtype, itemsize, numpy_dtype
 from ..errors import FormatError, UnsupportedError
+from ..util.dtypes import dtype_name, is_ml_dtype, itemsize, numpy_dtype
 
 MAGIC = b"\x93NUMPY"
 ALIGN = 64

@@ -8,10 +8,10 @@ Every length is checked against the file size before anything is read.
 from __future__ import annotations
 
 import os
-from typing import Iterator
+from collections.abc import Iterator
 
-from ..util.checksums import crc32c, mask
 from ..errors import ChecksumError, FormatError, UnsupportedError
+from ..util.checksums import crc32c, mask
 from ..util.fileio import open_read
 from .wire import read_varint
 
@@ -40,7 +40,7 @@ class SSTable:
             os.close(self._fd)
             self._fd = -1
 
-    def __enter__(self) -> "SSTable":
+    def __enter__(self) -> SSTable:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -5,7 +5,7 @@ Every read checks it stays inside the buffer; a violation raises FormatError.
 """
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 from ..errors import FormatError
 

@@ -40,7 +40,7 @@ def _make(name: str) -> type:
         _zarr_v3_name = name
 
         @classmethod
-        def from_native_dtype(cls, dtype: Any) -> "MLDType":
+        def from_native_dtype(cls, dtype: Any) -> MLDType:
             if isinstance(dtype, np.dtype) and dtype == native:
                 return cls()
             raise DataTypeValidationError(f"{dtype!r} is not {name}")
@@ -51,13 +51,13 @@ def _make(name: str) -> type:
             return native
 
         @classmethod
-        def _from_json_v2(cls, data: Any) -> "MLDType":
+        def _from_json_v2(cls, data: Any) -> MLDType:
             if isinstance(data, dict) and data.get("name") == name and data.get("object_codec_id") is None:
                 return cls()
             raise DataTypeValidationError(f"{data!r} is not {name}")
 
         @classmethod
-        def _from_json_v3(cls, data: Any) -> "MLDType":
+        def _from_json_v3(cls, data: Any) -> MLDType:
             if data == name:
                 return cls()
             raise DataTypeValidationError(f"{data!r} is not {name}")

@@ -15,9 +15,9 @@ from typing import Any
 
 import numpy as np
 
-from ..util.dtypes import itemsize, numpy_dtype
 from ..core.plan import Producer, ReadFn, chunk_region
 from ..core.types import Segment
+from ..util.dtypes import itemsize, numpy_dtype
 
 Box = tuple[tuple[int, int], ...]
 #: Above this many contiguous runs per read, segments are not reported and the

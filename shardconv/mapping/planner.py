@@ -11,15 +11,15 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..util.dtypes import numpy_dtype
-from ..errors import PlanError
 from ..core.plan import Copy, OutputTensor, Plan, check_name
-from ..sources.base import Source
 from ..core.types import TensorInfo
+from ..errors import PlanError
+from ..frontend import option
+from ..sources.base import Source
+from ..util.dtypes import numpy_dtype
 from .assemble import Assemble, Piece, check_piece
 from .roles import Role, assign_roles
 from .rules import Rule, parse_rules
-from ..frontend import option
 from .select import check_options, select
 
 DEFAULTS = {"prefer_ema": False, "drop_optimizer": False, "allow_unmapped": False, "names": "model"}

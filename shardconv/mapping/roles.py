@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import re
 from collections import defaultdict
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
-from typing import Iterable, Sequence
 
 from ..core.types import TensorInfo
 from ..sources.tf_object_graph import METRIC_CONTAINERS

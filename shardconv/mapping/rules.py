@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..util.dtypes import NUMPY_DTYPES
 from ..errors import PlanError, UsageError
 from ..frontend import MAPPING_OPTIONS, option_name
+from ..util.dtypes import NUMPY_DTYPES
 
 KEYS = {"match", "rename", "drop", "cast", "transpose", "reshape", "stack", "concat", "split", "unstack", "note"}
 OPTION_KEYS = set(MAPPING_OPTIONS) - {"rules", "preset"}

@@ -8,8 +8,8 @@ from __future__ import annotations
 from fnmatch import fnmatchcase
 from typing import Any
 
-from ..util.dtypes import NUMPY_DTYPES
 from ..frontend import option
+from ..util.dtypes import NUMPY_DTYPES
 
 FLOAT_DTYPES = tuple(sorted(d for d in NUMPY_DTYPES if d.startswith(("float", "bfloat"))))
 

@@ -7,14 +7,15 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from .. import __version__
+from ..core.plan import Chunk
+from ..errors import DestinationError
 from ..util import safefs
 from ..util.checksums import combine_crc32, crc32
-from ..errors import DestinationError
-from ..core.plan import Chunk
 from ..util.units import format_size
 
 #: The sidecar beside an output file: true dtypes, per-tensor CRC32s, where tensors came from.

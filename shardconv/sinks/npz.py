@@ -21,12 +21,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..core.plan import Chunk, OutputTensor
+from ..errors import UsageError
 from ..formats import npyformat, zipformat
 from ..util import safefs
 from ..util.checksums import combine_crc32, crc32
-from ..errors import UsageError
 from ..util.fileio import fsync_file, pwrite_all, start_writeback, truncate
-from ..core.plan import Chunk, OutputTensor
 from . import filesink
 from .base import Sink
 from .filesink import MANIFEST_SUFFIX, manifest_path  # noqa: F401  (where they used to live)

@@ -24,12 +24,12 @@ from pathlib import Path
 from typing import Any
 
 from .. import __version__
+from ..core.plan import Chunk, OutputTensor
+from ..errors import UsageError
+from ..sources.safetensors import DTYPE_ORDER, DTYPES, INDEX_SUFFIX, MAX_HEADER
 from ..util import safefs
 from ..util.checksums import crc32
-from ..errors import UsageError
 from ..util.fileio import fsync_file, pwrite_all, start_writeback, truncate
-from ..core.plan import Chunk, OutputTensor
-from ..sources.safetensors import DTYPE_ORDER, DTYPES, INDEX_SUFFIX, MAX_HEADER
 from . import filesink
 from .base import Sink
 

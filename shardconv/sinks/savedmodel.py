@@ -33,24 +33,24 @@ import os
 import re
 import shutil
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
+from ..core.plan import Chunk, OutputTensor, chunk_region
+from ..errors import DestinationError, DurabilityError, MissingDependencyError, PlanError, ResumeError, UsageError
+from ..formats.bundle_entries import parse_entry, slice_key
+from ..formats.sstable import SSTable
+from ..formats.wire import as_int64, fields
+from ..frontend import option, option_name
+from ..mapping.rules import rename_rule
 from ..util import safefs
 from ..util.checksums import crc32c, mask
 from ..util.dtypes import itemsize, numpy_dtype
-from ..errors import (DestinationError, DurabilityError, MissingDependencyError, PlanError, ResumeError,
-                      UsageError)
 from ..util.fileio import fsync_file, start_writeback
-from ..frontend import option, option_name
-from ..mapping.rules import rename_rule
-from ..core.plan import Chunk, OutputTensor, chunk_region
-from ..formats.sstable import SSTable
-from ..sources.tf_bundle import _parse_entry, slice_key
-from ..formats.wire import as_int64, fields
 from .base import Sink
 
 LAYOUT_VERSION = 1
@@ -58,7 +58,8 @@ LAYOUT_VERSION = 1
 TF_IMPORT_BYTES = 610 << 20
 #: Chunks start at this alignment in the group buffer (TensorFlow CPU kernels need 64).
 ALIGN = 64
-OBJECT_GRAPH_KEY = "_CHECKPOINTABLE_OBJECT_GRAPH"
+from ..formats.bundle_entries import OBJECT_GRAPH_KEY
+
 #: Dtypes TF 2.21 saves (SaveV2) but cannot restore into a variable (no AssignVariableOp kernel).
 NO_VARIABLE_DTYPES = frozenset({"float8_e4m3fnuz", "float8_e4m3b11fnuz", "float8_e5m2fnuz"})
 MANIFEST_NAME = "shardconv.json"
@@ -330,7 +331,7 @@ class TFCheckpointSink(Sink):
                 if raw is None:
                     return False
                 try:
-                    e = _parse_entry(key, raw, str(prefix))
+                    e = parse_entry(key, raw, str(prefix))
                 except Exception:
                     return False
                 if e.size != n or e.crc != mask(crc) or e.shard >= shards:

@@ -23,12 +23,12 @@ import os
 from pathlib import Path
 from typing import Any
 
+from ..core.plan import Chunk, Copy, OutputTensor
+from ..errors import UsageError
 from ..formats import bundleformat
 from ..util import safefs
 from ..util.checksums import combine_crc32c, crc32c, mask
-from ..errors import UsageError
 from ..util.fileio import fsync_file, pwrite_all, start_writeback, truncate
-from ..core.plan import Chunk, Copy, OutputTensor
 from . import filesink
 from .base import Sink
 
@@ -36,7 +36,7 @@ PREFIX = "ckpt"
 DATA_NAME = f"{PREFIX}.data-00000-of-00001"
 INDEX_NAME = f"{PREFIX}.index"
 MANIFEST_NAME = "shardconv.json"
-OBJECT_GRAPH_KEY = "_CHECKPOINTABLE_OBJECT_GRAPH"
+from ..formats.bundle_entries import OBJECT_GRAPH_KEY
 
 
 def tf_checkpoint_sink(model_builder: str | None = None, model_config: str | os.PathLike | None = None,

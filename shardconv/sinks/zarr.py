@@ -54,17 +54,17 @@ from typing import Any
 import numpy as np
 
 from .. import __version__
-from ..util import safefs
-from ..formats import tsio
-from ..util.checksums import combine_crc32, crc32
-from ..util.dtypes import STRING, is_ml_dtype, itemsize, numpy_dtype
+from ..core.plan import Chunk, OutputTensor, check_name, chunk_region
+from ..core.staging import Staging
+from ..core.types import TensorInfo
 from ..errors import DestinationError, UsageError
-from ..util.fileio import start_writeback
+from ..formats import tsio
 from ..mapping.roles import assign_roles
 from ..mapping.rules import rename_rule
-from ..core.plan import Chunk, OutputTensor, check_name, chunk_region
-from ..core.types import TensorInfo
-from ..core.staging import Staging
+from ..util import safefs
+from ..util.checksums import combine_crc32, crc32
+from ..util.dtypes import STRING, is_ml_dtype, itemsize, numpy_dtype
+from ..util.fileio import start_writeback
 from ..util.units import format_size
 from .base import Sink
 

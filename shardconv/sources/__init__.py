@@ -12,8 +12,8 @@ import re
 from pathlib import Path
 from typing import Any
 
-from ..errors import SourceError, UsageError
 from ..core.types import Segment, TensorInfo, Unit
+from ..errors import SourceError, UsageError
 from .base import Source
 
 #: (format name, module, probe function, class). Probes must be cheap and never raise.

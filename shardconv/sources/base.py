@@ -8,20 +8,18 @@ once every byte of it has been read, even across a resumed run.
 from __future__ import annotations
 
 import json
-import math
 import os
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
-from typing import Any, Mapping, NamedTuple, TypeVar
+from collections.abc import Mapping
+from typing import Any, TypeVar
 
-from ..util.dtypes import STRING, itemsize
-from ..errors import FormatError, SourceError
 from ..core.types import Segment, TensorInfo, Unit
+from ..errors import FormatError, SourceError
 
 E = TypeVar("E")
 
 
-def walk_files(*dirs: "str | os.PathLike[str]") -> list[str]:
+def walk_files(*dirs: str | os.PathLike[str]) -> list[str]:
     """Every file under ``dirs`` (links to directories are not followed), as absolute
     paths, found with one ``os.scandir`` per directory (no stat per file)."""
     out: list[str] = []
@@ -41,7 +39,7 @@ def walk_files(*dirs: "str | os.PathLike[str]") -> list[str]:
     return sorted(out)
 
 
-def file_stats(paths: "list[str]", root: str) -> dict[str, dict[str, int] | None]:
+def file_stats(paths: list[str], root: str) -> dict[str, dict[str, int] | None]:
     """Size, mtime, ctime and inode of each file (None if it is gone), by its path relative
     to ``root`` with ``/`` separators: what a resume and the final check compare."""
     prefix = os.path.join(root, "")
@@ -165,14 +163,14 @@ class Source(ABC):
     def close(self) -> None:
         pass
 
-    def __enter__(self) -> "Source":
+    def __enter__(self) -> Source:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
 
 
-def read_sidecar(path: "os.PathLike[str]") -> tuple[str, dict[str, Any], dict[str, dict[str, Any]]]:
+def read_sidecar(path: os.PathLike[str]) -> tuple[str, dict[str, Any], dict[str, dict[str, Any]]]:
     """shardconv's manifest beside one of its single-file outputs (``PATH.shardconv.json``):
     (its path, the mapping options recorded, entries by tensor name); empty when there is none."""
     mpath = os.fspath(path) + ".shardconv.json"

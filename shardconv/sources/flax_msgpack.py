@@ -21,11 +21,11 @@ from typing import Any
 
 import numpy as np
 
-from ..util.dtypes import NUMPY_DTYPES, dtype_name, is_ml_dtype, itemsize
-from ..errors import FormatError, SourceError, UnsupportedError
-from ..util.fileio import open_read
 from ..core.plan import check_name
 from ..core.types import Segment, TensorInfo
+from ..errors import FormatError, SourceError, UnsupportedError
+from ..util.dtypes import NUMPY_DTYPES, dtype_name, is_ml_dtype, itemsize
+from ..util.fileio import open_read
 from .base import Source, walk_files
 
 MAX_DEPTH = 64

@@ -20,16 +20,17 @@ import functools
 import math
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
-from ..util.dtypes import NUMPY_DTYPES, dtype_name, itemsize
-from ..errors import FormatError, MissingDependencyError, SourceError, UnsupportedError
 from ..core.plan import check_name
-from ..formats.regions import box_views, read_bytes_by_elements
 from ..core.types import Segment, TensorInfo
+from ..errors import FormatError, MissingDependencyError, SourceError, UnsupportedError
+from ..formats.regions import box_views, read_bytes_by_elements
+from ..util.dtypes import NUMPY_DTYPES, dtype_name, itemsize
 from .base import Source
 
 NON_ARRAYS = ("error", "drop")

@@ -17,13 +17,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..core.plan import check_name
+from ..core.types import Segment, TensorInfo, Unit
+from ..errors import FormatError, SourceError, UnsupportedError
 from ..formats import npyformat, zipformat
 from ..util.checksums import combine_crc32, crc32
 from ..util.dtypes import dtype_name, itemsize
-from ..errors import FormatError, SourceError, UnsupportedError
 from ..util.fileio import open_read
-from ..core.plan import check_name
-from ..core.types import Segment, TensorInfo, Unit
 from .base import Source, read_sidecar
 
 MAX_MEMBERS = 10_000_000
@@ -291,7 +291,7 @@ class NpzSource(Source):
                 st.upos += lo + len(piece)
             self._inflate[m.name] = st
 
-    def _inflate_more(self, st: "_Inflater", m: _Member) -> bytes:
+    def _inflate_more(self, st: _Inflater, m: _Member) -> bytes:
         """The next inflated bytes: at most 1 MiB, possibly none while zlib takes input in.
 
         Once every compressed byte is read, zlib may still hold output (very compressible

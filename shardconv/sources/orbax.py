@@ -46,17 +46,17 @@ from typing import Any
 
 import numpy as np
 
-from ..formats import tsio
-from ..util.dtypes import NUMPY_DTYPES, checked_nbytes, itemsize
-from ..errors import FormatError, SourceError, UnsupportedError
-from ..frontend import option, option_name
 from ..core.plan import check_name
-from ..formats.regions import box_views, read_bytes_by_elements
-from .zarr import parse_json_object, zarr_dtype
 from ..core.types import Segment, TensorInfo
-from .base import Source, walk_files
+from ..errors import FormatError, SourceError, UnsupportedError
+from ..formats import tsio
 from ..formats.chunkstream import StreamLayout, StreamReader, stream_bytes, stream_layout
+from ..formats.regions import box_views, read_bytes_by_elements
+from ..frontend import option, option_name
+from ..util.dtypes import NUMPY_DTYPES, checked_nbytes, itemsize
+from .base import Source, walk_files
 from .flax_msgpack import PLACEHOLDER_PREFIXES, FlaxMsgpackSource
+from .zarr import parse_json_object, zarr_dtype
 
 _MAX_JSON = 256 << 20          # _METADATA of a very large tree is a few MB
 _MAX_ARRAY_METADATA = 1 << 20  # one .zarray / zarr.json
@@ -322,7 +322,7 @@ class _StringLeaf:
 
 @dataclass
 class _InlineLeaf:
-    file: "_AggregateFile"
+    file: _AggregateFile
     key: str   # its name in the aggregate file
     info: TensorInfo
 

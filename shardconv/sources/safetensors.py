@@ -16,11 +16,11 @@ import struct
 from pathlib import Path
 from typing import Any
 
+from ..core.types import Segment, TensorInfo, Unit
+from ..errors import FormatError, SourceError, UnsupportedError
 from ..util.checksums import crc32
 from ..util.dtypes import checked_nbytes
-from ..errors import FormatError, SourceError, UnsupportedError
 from ..util.fileio import open_read
-from ..core.types import Segment, TensorInfo, Unit
 from .base import Source, read_sidecar
 from .npz import SplitNpzSource
 

@@ -29,15 +29,15 @@ from typing import Any
 
 import numpy as np
 
-from ..formats import tsio
-from ..util.checksums import crc32
-from ..util.dtypes import NUMPY_DTYPES, checked_nbytes, dtype_name, is_ml_dtype, itemsize
-from ..errors import FormatError, SourceError, UnsupportedError
 from ..core.plan import check_name
-from ..util.units import format_size
+from ..core.types import Segment, TensorInfo, Unit
+from ..errors import FormatError, SourceError, UnsupportedError
+from ..formats import tsio
 from ..formats.chunkstream import StreamLayout, StreamReader, stream_bytes, stream_layout
 from ..formats.regions import box_views, read_bytes_by_elements
-from ..core.types import Segment, TensorInfo, Unit
+from ..util.checksums import crc32
+from ..util.dtypes import NUMPY_DTYPES, checked_nbytes, dtype_name, is_ml_dtype, itemsize
+from ..util.units import format_size
 from .base import Source, walk_files
 
 _V3_CHUNK_KEYS = {"default", "v2"}

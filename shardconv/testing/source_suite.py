@@ -15,9 +15,9 @@ import pytest
 
 from .. import api
 from ..core import engine
-from ..errors import ChecksumError, ResumeError, SourceChangedError, SourceError
 from ..core.integrity import IntegrityTracker
 from ..core.journal import describe_changes
+from ..errors import ChecksumError, ResumeError, SourceChangedError, SourceError
 from ..sources.base import Source
 from .caselog import log_case
 

@@ -54,7 +54,7 @@ def _square(mat: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(_times(mat, mat[n]) for n in range(32))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _zero_operators(poly: int) -> tuple[tuple[int, ...], ...]:
     """Operators that append 2**k zero bytes to a CRC, k = 0..63."""
     odd = (poly,) + tuple(1 << n for n in range(31))  # one zero bit

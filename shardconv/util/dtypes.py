@@ -1,7 +1,7 @@
 """Dtype names, their NumPy types (ml_dtypes for bfloat16 and float8) and TF enums."""
 from __future__ import annotations
 
-from typing import Iterator, Mapping
+from collections.abc import Iterator, Mapping
 
 import numpy as np
 
@@ -103,7 +103,7 @@ def itemsize(name: str) -> int:
 INT64_MAX = (1 << 63) - 1
 
 
-def checked_nbytes(shape: "tuple[int, ...] | list[int]", dtype: str, where: str) -> int:
+def checked_nbytes(shape: tuple[int, ...] | list[int], dtype: str, where: str) -> int:
     """Bytes of a tensor of ``shape`` and ``dtype`` (elements, for strings), refusing shapes
     whose element count or size overflows int64: a declared shape is never trusted."""
     numel = 1

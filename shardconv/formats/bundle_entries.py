@@ -1,0 +1,205 @@
+"""TensorFlow bundle index entries: ``BundleEntryProto`` decoding and the slice keys
+partitioned tensors are stored under (``EncodeTensorNameSlice``).
+
+Byte format only: what a checkpoint says, checked for well-formedness (dtype known,
+no negative dimension, offset or size). Which files to open and what the values
+mean is ``sources/tf_bundle.py``'s business.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from ..errors import FormatError, ShardconvError, UnsupportedError
+from ..util.dtypes import TF_DTYPE_NAMES_UNSUPPORTED, TF_DTYPES
+from .wire import as_int64, fields
+
+#: The index key of a TF2 checkpoint's object graph.
+OBJECT_GRAPH_KEY = "_CHECKPOINTABLE_OBJECT_GRAPH"
+
+
+# ----------------------------------------------------------------- slice keys
+
+def _num_increasing(v: int) -> bytes:
+    b = v.to_bytes((v.bit_length() + 7) // 8, "big") if v else b""
+    return bytes([len(b)]) + b
+
+
+
+def _escape(s: bytes) -> bytes:
+    out = bytearray()
+    for c in s:
+        if c == 0:
+            out += b"\x00\xff"
+        elif c == 0xFF:
+            out += b"\xff\x00"
+        else:
+            out.append(c)
+    return bytes(out)
+
+
+_HEADER_BITS = [(0, 0), (0x80, 0), (0xC0, 0), (0xE0, 0), (0xF0, 0), (0xF8, 0),
+                (0xFC, 0), (0xFE, 0), (0xFF, 0), (0xFF, 0x80), (0xFF, 0xC0)]
+
+
+def _signed_num_increasing(v: int) -> bytes:
+    x = ~v if v < 0 else v
+    if x < 64:
+        return bytes([(0x80 ^ v) & 0xFF])
+    length = x.bit_length() // 7 + 1
+    buf = bytearray((b"\xff\xff" if v < 0 else b"\x00\x00") + (v & 0xFFFFFFFFFFFFFFFF).to_bytes(8, "big"))
+    begin = buf[10 - length:]
+    begin[0] ^= _HEADER_BITS[length][0]
+    begin[1] ^= _HEADER_BITS[length][1]
+    return bytes(begin)
+
+
+def slice_key(name: str, extents: list[tuple[int, int]]) -> bytes:
+    """TensorFlow's ``EncodeTensorNameSlice``: the key a partition is stored under.
+
+    ``extents`` are (start, length) with length -1 for a full extent.
+    """
+    out = _num_increasing(0) + _escape(name.encode()) + b"\x00\x01" + _num_increasing(len(extents))
+    for start, length in extents:
+        out += _signed_num_increasing(start) + _signed_num_increasing(length)
+    return out
+
+
+# ----------------------------------------------------------------- entries
+
+@dataclass(slots=True)  # one per tensor: no __dict__ (100 bytes less each, and less for the GC to walk)
+class Entry:
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    shard: int
+    offset: int
+    size: int
+    crc: int | None          # masked, as stored
+    slices: tuple[list[tuple[int, int]], ...]  # (start, length|-1) per dim, per slice; () if not partitioned
+
+
+def parse_shape(buf: memoryview, what: str) -> tuple[int, ...]:
+    dims = []
+    for num, wt, val in fields(buf, what):
+        if num == 2 and wt == 2:
+            size = 0
+            for n2, w2, v2 in fields(val, what):
+                if n2 == 1 and w2 == 0:
+                    size = as_int64(v2)
+            dims.append(size)
+        elif num == 3 and wt == 0 and val:
+            raise UnsupportedError(f"{what}: shape of unknown rank")
+    return tuple(dims)
+
+
+def parse_slice(buf: memoryview, what: str) -> list[tuple[int, int]]:
+    extents = []
+    for num, wt, val in fields(buf, what):
+        if num == 1 and wt == 2:
+            start, length = 0, -1
+            for n2, w2, v2 in fields(val, what):
+                if n2 == 1 and w2 == 0:
+                    start = as_int64(v2)
+                elif n2 == 2 and w2 == 0:
+                    length = as_int64(v2)
+            extents.append((start, length))
+    return extents
+
+
+def parse_entry(name: str, value: bytes, where: str) -> Entry:
+    what = f"{where}: entry for tensor {name!r}"
+    dtype_enum = 0
+    shape: tuple[int, ...] = ()
+    shard = offset = size = 0
+    crc = None
+    slices = []
+    for num, wt, val in fields(value, what):
+        if num == 1 and wt == 0:
+            dtype_enum = val
+        elif num == 2 and wt == 2:
+            shape = parse_shape(val, what)
+        elif num == 3 and wt == 0:
+            shard = as_int64(val)
+        elif num == 4 and wt == 0:
+            offset = as_int64(val)
+        elif num == 5 and wt == 0:
+            size = as_int64(val)
+        elif num == 6 and wt == 5:
+            crc = val
+        elif num == 7 and wt == 2:
+            slices.append(parse_slice(val, what))
+    if dtype_enum in TF_DTYPES:
+        dtype = TF_DTYPES[dtype_enum]
+    elif dtype_enum in TF_DTYPE_NAMES_UNSUPPORTED:
+        raise UnsupportedError(f"{where}: tensor {name!r} has dtype {TF_DTYPE_NAMES_UNSUPPORTED[dtype_enum]}, which shardconv does not support")
+    else:
+        raise FormatError(f"{where}: tensor {name!r} has unknown dtype enum {dtype_enum}")
+    for d in shape:
+        if d < 0:
+            raise FormatError(f"{where}: tensor {name!r} has negative dimension in shape {list(shape)}")
+    if offset < 0 or size < 0 or shard < 0:
+        raise FormatError(f"{where}: tensor {name!r} has negative shard/offset/size ({shard}/{offset}/{size})")
+    return Entry(name, dtype, shape, shard, offset, size, crc, tuple(slices))
+
+
+# The form TensorFlow serializes a BundleEntryProto in: dtype (1 byte), shape, then the
+# optional shard_id, offset, size and crc32c, in field order. A varint of at most 9 bytes
+# is below 2**63, so never negative as an int64.
+_VARINT63 = rb"([\x80-\xff]{0,8}[\x00-\x7f])"
+_CANONICAL_TAIL = re.compile(rb"(?:\x18%s)?(?:\x20%s)?(?:\x28%s)?(?:\x35(.{4}))?" % ((_VARINT63,) * 3), re.S)
+
+
+def _uvarint(raw: bytes | None) -> int:
+    """The value of a varint matched whole by ``_VARINT63`` (None, an absent field: 0)."""
+    if raw is None:
+        return 0
+    if len(raw) == 1:
+        return raw[0]
+    value = 0
+    for i, b in enumerate(raw):
+        value |= (b & 0x7F) << (7 * i)
+    return value
+
+
+class EntryReader:
+    """Decodes the BundleEntryProtos of one index, fast for the form TensorFlow writes.
+
+    That form is matched by one regex over the fields after the shape, and each distinct
+    shape is decoded once. Anything else (fields in another order, repeated or unknown
+    fields, slices, long varints, a shape that is malformed or has a negative dimension,
+    an unknown dtype) goes to the strict field-by-field ``parse_entry``, which decides
+    every error, so results and errors are those of ``parse_entry`` alone.
+    """
+
+    def __init__(self, where: str) -> None:
+        self.where = where
+        self._shapes: dict[bytes, tuple[int, ...] | None] = {}
+
+    def __call__(self, name: str, value: bytes) -> Entry:
+        if len(value) >= 4 and value[0] == 0x08 and value[1] < 0x80 and value[2] == 0x12 and value[3] < 0x80:
+            stop = 4 + value[3]
+            dtype = TF_DTYPES.get(value[1])
+            shape = self._shape(value[4:stop]) if stop <= len(value) else None
+            m = _CANONICAL_TAIL.fullmatch(value, stop) if shape is not None else None
+            if m is not None and dtype is not None:
+                shard, offset, size, crc = m.groups()
+                return Entry(name, dtype, shape, _uvarint(shard), _uvarint(offset), _uvarint(size),
+                              None if crc is None else int.from_bytes(crc, "little"), ())
+        return parse_entry(name, value, self.where)
+
+    def _shape(self, raw: bytes) -> tuple[int, ...] | None:
+        """The TensorShapeProto ``raw`` as ``parse_shape`` reads it; None where it is
+        malformed or has a negative dimension (``parse_entry`` then says why)."""
+        try:
+            return self._shapes[raw]
+        except KeyError:
+            pass
+        try:
+            shape: tuple[int, ...] | None = parse_shape(memoryview(raw), self.where)
+        except ShardconvError:
+            shape = None
+        if shape is not None and any(d < 0 for d in shape):
+            shape = None
+        self._shapes[raw] = shape
+        return shape
