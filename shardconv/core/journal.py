@@ -1,13 +1,16 @@
 """The journal of a partial output: what was planned and which chunks are durable.
 
 JSON lines: a header (source fingerprint, plan digest, chunk size), then one
-record per finished chunk. A line is appended only after the chunk's bytes are
-written; a torn last line (killed mid-write) is ignored.
+record per chunk, appended once the sink has written that chunk's bytes (handed
+them to the kernel: nothing is fsynced before the end of the run, so a resume
+re-checks every journaled chunk against the output before keeping it). A torn last
+line (killed mid-write) is ignored. docs/journal-format.md is the specification.
 """
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +23,9 @@ VERSION = 1
 
 
 class Journal:
+    """The journal file ``DEST.partial/journal.jsonl``: read back (``load``), rewritten at the
+    start of a run (``start``), then appended to as chunks are written."""
+
     def __init__(self, path: Path) -> None:
         self.path = path
         self._fd = -1
@@ -33,8 +39,12 @@ class Journal:
         except OSError as e:
             raise ResumeError(f"{self.path}: cannot read the journal ({e.strerror}); "
                               f"rerun with {option('restart')}") from None
-        with os.fdopen(fd, "rb") as f:
-            data = f.read()
+        try:
+            with os.fdopen(fd, "rb") as f:
+                data = f.read()
+        except OSError as e:
+            raise ResumeError(f"{self.path}: cannot read the journal ({e.strerror}); "
+                              f"rerun with {option('restart')}") from None
         lines = data.split(b"\n")
         if lines and lines[-1] != b"":
             lines = lines[:-1]  # torn last line: the chunk it recorded is redone
@@ -54,29 +64,28 @@ class Journal:
             raise ResumeError(f"{self.path}: journal header has no valid chunk size; rerun with {option('restart')}")
         return header, [r for r in records if isinstance(r, dict)]
 
-    def start(self, header: dict[str, Any], records: list[dict[str, Any]] = (), durable: bool = True) -> None:
+    def start(self, header: dict[str, Any], records: Sequence[dict[str, Any]] = (), durable: bool = True) -> None:
         """Write a fresh journal (header plus records kept from a verified resume).
 
         ``durable=False`` (``--no-fsync``) skips its fsync: a resume re-checks every
         journaled chunk against the output anyway, so a lost journal only costs redoing work."""
-        tmp = self.path.with_name(self.path.name + ".tmp")
         lines = [json.dumps({"format": FORMAT, "version": VERSION, **header}, sort_keys=True).encode()]
         lines += [json.dumps(r, separators=(",", ":")).encode() for r in records]
-        safefs.write_file(tmp, b"\n".join(lines) + b"\n", durable)
-        try:
-            os.replace(tmp, self.path)
-        except OSError as e:
-            raise DestinationError(f"{self.path}: cannot write the journal: {e.strerror}") from None
+        safefs.write_atomic(self.path, b"\n".join(lines) + b"\n", durable)
         self._fd = safefs.open_file(self.path, os.O_WRONLY | os.O_APPEND)
 
     def append(self, record: dict[str, Any]) -> None:
+        """Append one chunk's record (one ``write``: a kill tears at most this last line)."""
         line = json.dumps(record, separators=(",", ":")).encode() + b"\n"
+        view = memoryview(line)
         try:
-            os.write(self._fd, line)
+            while len(view):  # a short write (a nearly full disk) is finished, never left torn mid-file
+                view = view[os.write(self._fd, view):]
         except OSError as e:
             raise DestinationError(f"{self.path}: cannot append to the journal: {e.strerror}") from None
 
     def close(self) -> None:
+        """Close the journal (idempotent)."""
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1

@@ -36,13 +36,13 @@ class Staging:
         self._dir_fd = -1
         #: True if this run made ``DEST.partial`` (removed again if it fails before journaling).
         self.created = False
-        self.previous_pid: int | None = None
 
     def acquire(self) -> None:
         """Create the staging directory and take the lock, or refuse naming the holder."""
         self._dir_fd, self.created = safefs.open_own_dir(self.dir)
         try:
-            if not self.created and LOCK not in os.listdir(self._dir_fd) and os.listdir(self._dir_fd):
+            names = safefs.list_dir(self._dir_fd, self.dir)
+            if not self.created and names and LOCK not in names:
                 raise DestinationError(f"{self.dir}: exists, holds files and has no lock: shardconv did not make "
                                        "it; move it away or choose another destination")
             self._lock_fd = self._open_lock()
@@ -66,8 +66,6 @@ class Staging:
                 holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
                 raise DestinationError(f"{self.dest}: another shardconv (pid {holder}) is writing this "
                                        "destination") from None
-            old = os.pread(fd, 32, 0).decode(errors="replace").strip()
-            self.previous_pid = int(old) if old.isdigit() else None
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         except OSError as e:
@@ -82,19 +80,16 @@ class Staging:
         if not safefs.same_entry(self.dir, self._dir_fd):
             raise DestinationError(f"{self.dir}: was replaced while this run held it; nothing more is done there")
 
-    def has_partial(self) -> bool:
-        return safefs.lstat(self.journal_path) is not None
-
     def has_leftovers(self) -> bool:
         """True if anything beside the lock is in the staging directory."""
-        return any(name != LOCK for name in os.listdir(self._dir_fd))
+        return any(name != LOCK for name in safefs.list_dir(self._dir_fd, self.dir))
 
     def reset(self) -> None:
         """Discard a partial output (keeps the lock). Only the staging directory's own
         entries go; a link among them is removed as a link."""
         self._check()
         # The journal first: if removing the rest fails, nothing in it is ever resumed.
-        for name in sorted(os.listdir(self._dir_fd), key=lambda n: n != self.journal_path.name):
+        for name in sorted(safefs.list_dir(self._dir_fd, self.dir), key=lambda n: n != self.journal_path.name):
             if name != LOCK:
                 safefs.remove(name, dir_fd=self._dir_fd, label=self.dir / name)
 

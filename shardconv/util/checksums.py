@@ -12,7 +12,7 @@ import crc32c as _crc32c
 try:  # ISA-L: ~15 GiB/s, releases the GIL.
     from isal import isal_zlib as _crc32_impl
 except ImportError:  # pragma: no cover - isal is a core dependency
-    import zlib as _crc32_impl
+    import zlib as _crc32_impl  # type: ignore[no-redef]
 
 _MASK_DELTA = 0xA282EAD8
 CRC32_POLY = 0xEDB88320      # zlib, reflected
@@ -35,6 +35,7 @@ def mask(crc: int) -> int:
 
 
 def unmask(masked: int) -> int:
+    """The CRC a TensorFlow masked CRC stands for (inverse of ``mask``)."""
     rot = (masked - _MASK_DELTA) & 0xFFFFFFFF
     return ((rot >> 17) | (rot << 15)) & 0xFFFFFFFF
 
@@ -81,8 +82,10 @@ def combine(crc1: int, crc2: int, len2: int, poly: int = CRC32_POLY) -> int:
 
 
 def combine_crc32c(crc1: int, crc2: int, len2: int) -> int:
+    """CRC32C of A+B from crc32c(A), crc32c(B) and len(B)."""
     return combine(crc1, crc2, len2, CRC32C_POLY)
 
 
 def combine_crc32(crc1: int, crc2: int, len2: int) -> int:
+    """zlib CRC32 of A+B from crc32(A), crc32(B) and len(B)."""
     return combine(crc1, crc2, len2, CRC32_POLY)

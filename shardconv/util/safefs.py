@@ -14,20 +14,25 @@ Three rules, kept here so that no caller can forget one:
   replace only an *empty* directory, so the remaining window can cost nothing
   but an empty directory created in that instant.
 - **Failures are one line.** ``OSError`` becomes ``DestinationError`` (or
-  ``DurabilityError`` for a failed fsync) naming the path.
+  ``DurabilityError`` for a failed fsync, from ``fileio``) naming the path.
 """
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
 import errno
+import json
 import os
 import shutil
 import stat
 from pathlib import Path
+from typing import Any
 
-from ..errors import DestinationError, DurabilityError
+from ..errors import DestinationError
 from ..frontend import option
+from .fileio import fsync_dir as fsync_dir  # re-exported: callers find every path operation here
+from .fileio import fsync_file
+from .fileio import fsync_path as fsync_path
 
 _AT_FDCWD = -100
 _RENAME_NOREPLACE = 1
@@ -55,6 +60,16 @@ def lstat(path: str | os.PathLike) -> os.stat_result | None:
         return os.lstat(path)
     except (FileNotFoundError, NotADirectoryError):
         return None
+    except OSError as e:
+        raise DestinationError(f"{path}: cannot look at it: {e.strerror}") from None
+
+
+def list_dir(fd: int, label: object) -> list[str]:
+    """Names in the directory open as ``fd``; a failure names ``label``."""
+    try:
+        return os.listdir(fd)
+    except OSError as e:
+        raise DestinationError(f"{label}: cannot list: {e.strerror}") from None
 
 
 def kind(st: os.stat_result | None) -> str:
@@ -128,7 +143,7 @@ def remove(path: str | os.PathLike, dir_fd: int | None = None, label: object = N
         raise DestinationError(f"{label or path}: cannot remove: {e.strerror}") from None
     try:
         if stat.S_ISDIR(st.st_mode):
-            shutil.rmtree(path, dir_fd=dir_fd)
+            shutil.rmtree(path, dir_fd=dir_fd)  # type: ignore[call-arg]  # typeshed lacks dir_fd
         else:
             os.unlink(path, dir_fd=dir_fd)
     except OSError as e:
@@ -160,7 +175,7 @@ def open_file(path: str | os.PathLike, flags: int, mode: int = 0o644, dir_fd: in
         raise DestinationError(f"{label or path}: cannot open for writing: {e.strerror}") from None
 
 
-def write_file(path: str | os.PathLike, data: bytes, fsync: bool) -> None:
+def write_file(path: str | os.PathLike[str], data: bytes, fsync: bool) -> None:
     """Create or truncate ``path`` (never through a link) and write ``data``; fsync if asked."""
     fd = open_file(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
     try:
@@ -171,36 +186,27 @@ def write_file(path: str | os.PathLike, data: bytes, fsync: bool) -> None:
             except OSError as e:
                 raise DestinationError(f"{path}: write failed: {e.strerror}") from None
         if fsync:
-            fsync_fd(fd, path)
+            fsync_file(fd, path)
     finally:
         os.close(fd)
 
 
-def fsync_fd(fd: int, path: object) -> None:
-    """fsync; a failure is a DurabilityError (what was written cannot be trusted)."""
+def write_atomic(path: Path, data: bytes, fsync: bool = True) -> None:
+    """Replace ``path`` with ``data`` atomically: written (and with ``fsync`` fsynced) to
+    ``PATH.tmp``, then renamed over it, so a reader or a killed run sees the old file or the
+    new one, never a torn one. (Fsyncing the directory is the caller's, once per directory.)"""
+    tmp = path.with_name(path.name + ".tmp")
+    write_file(tmp, data, fsync)
     try:
-        os.fsync(fd)
+        os.replace(tmp, path)
     except OSError as e:
-        raise DurabilityError(f"{path}: fsync failed ({e.strerror}); the partial output was discarded, "
-                              "rerun to write it again") from None
+        raise DestinationError(f"{path}: cannot write: {e.strerror}") from None
 
 
-def fsync_path(path: str | os.PathLike, directory: bool = False) -> None:
-    """fsync a file, or a directory (so the renames into it survive a power loss), by path."""
-    what = "the directory" if directory else "the file"
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | (os.O_DIRECTORY if directory else 0))
-    except OSError as e:
-        raise DurabilityError(f"{path}: cannot open {what} to fsync it ({e.strerror})") from None
-    try:
-        fsync_fd(fd, path)
-    finally:
-        os.close(fd)
-
-
-def fsync_dir(path: str | os.PathLike) -> None:
-    """fsync a directory, so the renames into it survive a power loss."""
-    fsync_path(path, directory=True)
+def write_json(path: Path, obj: Any, fsync: bool = True) -> None:
+    """``obj`` as indented JSON with sorted keys (deterministic bytes), written atomically
+    (``write_atomic``): the one way shardconv writes a manifest, an index or a state file."""
+    write_atomic(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode(), fsync)
 
 
 def open_own_dir(path: Path) -> tuple[int, bool]:
@@ -222,7 +228,7 @@ def open_own_dir(path: Path) -> tuple[int, bool]:
     except OSError as e:
         what = {"link": "is a symbolic link", "missing": "vanished"}.get(kind(lstat(path)), "is not a directory")
         raise DestinationError(f"{path}: {what}; shardconv stages only in a directory it made "
-                               f"(remove it{'' if e.errno in (errno.ELOOP, errno.ENOTDIR) else ': ' + e.strerror})") from None
+                               f"(remove it{'' if e.errno in (errno.ELOOP, errno.ENOTDIR) else f': {e.strerror}'})") from None
     st = os.fstat(fd)
     if st.st_uid != os.geteuid():
         os.close(fd)
