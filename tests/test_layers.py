@@ -147,3 +147,18 @@ def test_the_walker_sees_each_kind_of_violation(tmp_path: Path, broken: str) -> 
             check()
     finally:
         globals()["PACKAGE"] = Path(__file__).resolve().parent.parent / "shardconv"
+
+
+MAX_FUNCTION_LINES = 60
+
+
+def test_no_function_is_longer_than_60_lines() -> None:
+    """Long functions hide the steps a newcomer needs to see; split them into named ones."""
+    long = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = node.end_lineno - node.lineno + 1  # type: ignore[operator]
+                if lines > MAX_FUNCTION_LINES:
+                    long.append(f"{path.relative_to(PACKAGE.parent)}:{node.lineno} {node.name}: {lines} lines")
+    assert not long, "\n".join(long)
