@@ -20,7 +20,6 @@ import datetime
 import json
 import os
 import platform
-import re
 import subprocess
 import sys
 import time
@@ -32,6 +31,7 @@ REPO = BENCH_DIR.parent
 sys.path.insert(0, str(BENCH_DIR))
 
 import run as benchrun  # noqa: E402
+from machine import Hogs  # noqa: E402
 
 GIB, MIB = 1 << 30, 1 << 20
 XLA_FLAGS = "--xla_force_host_platform_device_count=8"
@@ -55,14 +55,14 @@ ROWS = [
 def model_shapes(total: int) -> list[tuple[str, tuple[int, ...], str]]:
     """(name, shape, dtype) of a transformer-shaped tree of about ``total`` bytes:
     a bfloat16 embedding (~1/8), then layers of float32 and bfloat16 kernels."""
-    out = []
+    out: list[tuple[str, tuple[int, ...], str]] = []
     d = 1024
     vocab = max(8, (total // 8) // (d * 2) // 8 * 8)
     out.append(("params/embedding", (vocab, d), "bfloat16"))
     used = vocab * d * 2
     i = 0
     while used < total:
-        layer = [(f"params/layer_{i}/attn/qkv", (d, 3 * d), "float32"),
+        layer: list[tuple[str, tuple[int, ...], str]] = [(f"params/layer_{i}/attn/qkv", (d, 3 * d), "float32"),
                  (f"params/layer_{i}/attn/out", (d, d), "float32"),
                  (f"params/layer_{i}/mlp/up", (d, 4 * d), "bfloat16"),
                  (f"params/layer_{i}/mlp/down", (4 * d, d), "bfloat16"),
@@ -147,8 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     if a.write_inputs:
         write_inputs(a.write_inputs, a.mib)
         return 0
-    rows = [r for r in ROWS if (a.rows == "all" or r[0] in a.rows.split(",")) and not (a.skip_naive and r[2] == "naive")]
-    budget = benchrun.parse_bytes(a.max_memory)
+    rows = [benchrun.Row(label, src_kind, kind, tmpl) for label, src_kind, kind, tmpl in ROWS
+            if (a.rows == "all" or label in a.rows.split(",")) and not (a.skip_naive and kind == "naive")]
     workdir = a.workdir.resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     scratch, tmpdir = workdir / "jax-scratch", workdir / "jax-tmp"
@@ -163,28 +163,10 @@ def main(argv: list[str] | None = None) -> int:
                               "mem_gib": psutil.virtual_memory().total / GIB, "repeat": a.repeat,
                               "max_memory": a.max_memory, "interval_s": a.interval},
                      "inputs": {}, "rows": []}
+    runner = benchrun.Runner(env, a.timeout, a.interval, tmpdir, scratch, False, Hogs(), 2.0)
     summaries = []
     for size in [float(x) for x in a.sizes.split(",") if x.strip()]:
-        inp = ensure_inputs(workdir, size, a.python, env)
-        results["inputs"][f"{size:g}"] = inp
-        res = {label: benchrun.RowResult(label, kind, size) for label, _, kind, _ in rows}
-        for r in range(a.repeat):
-            for label, src_kind, kind, tmpl in rows:
-                if res[label].error is not None:
-                    continue
-                benchrun.warm_cache(inp[src_kind]["files"])
-                out = scratch / re.sub(r"[^A-Za-z0-9_.+-]", "_", label)
-                ctx = {"py": a.python, "max_memory": a.max_memory, "bench": str(BENCH_DIR),
-                       "src": inp[src_kind]["src"], "out": str(out)}
-                argv_ = benchrun.expand(tmpl, ctx, [])
-                m = benchrun.run_row(res[label], argv_, out, env, a.timeout, a.interval, tmpdir)
-                benchrun.log(benchrun.fmt_progress(f"[{size:g} GiB r{r + 1}/{a.repeat}]", label, m))
-        cps = {k: res[f"cp {k}"].summary(None, None, budget, None).get("wall_s") if f"cp {k}" in res else None
-               for k in ("orbax", "npz")}
-        for label, src_kind, _kind, _t in rows:
-            s = res[label].summary(cps[src_kind], None, budget, inp[src_kind]["bytes"])
-            summaries.append(s)
-            results["rows"].append({**s, "runs": res[label].runs})
+        summaries += run_size(runner, a, rows, size, env, results)
         (workdir / "jax-results.json").write_text(json.dumps(results, indent=1, default=str))
     benchrun.remove(scratch)
     benchrun.remove(tmpdir)
@@ -197,6 +179,31 @@ def main(argv: list[str] | None = None) -> int:
     print(f"- x cp = wall / wall of cp of the same input in this run; wall = median of {a.repeat}; "
           f"budget column: peak RSS <= --max-memory {a.max_memory}")
     return 0
+
+
+def run_size(runner: benchrun.Runner, a: argparse.Namespace, rows: list[benchrun.Row], size: float, env: dict,
+             results: dict) -> list[dict]:
+    """Every row ``a.repeat`` times at one size, rows alternating; their summaries."""
+    budget = benchrun.parse_bytes(a.max_memory)
+    inp = ensure_inputs(a.workdir.resolve(), size, a.python, env)
+    results["inputs"][f"{size:g}"] = inp
+    res = {row.label: benchrun.RowResult(row, size) for row in rows}
+    for r in range(a.repeat):
+        for row in rows:
+            if res[row.label].error is not None:
+                continue
+            ctx = {"py": a.python, "max_memory": a.max_memory, "bench": str(BENCH_DIR),
+                   "src": inp[row.input]["src"], "out": str(runner.scratch(row.label))}
+            m = runner.run(res[row.label], benchrun.expand(row.argv, ctx, []), inp[row.input]["files"])
+            benchrun.log(benchrun.fmt_progress(f"[{size:g} GiB r{r + 1}/{a.repeat}]", row.label, m))
+    cps = {k: res[f"cp {k}"].summary(None, None, None, None) if f"cp {k}" in res else None for k in ("orbax", "npz")}
+    out = []
+    for row in rows:
+        s = res[row.label].summary(cps[row.input], None, budget if row.kind == "converter" else None,
+                                   inp[row.input]["bytes"])
+        out.append(s)
+        results["rows"].append({**s, "runs": res[row.label].runs})
+    return out
 
 
 if __name__ == "__main__":

@@ -1,10 +1,11 @@
-"""Run one command and measure its wall time and peak memory from outside.
+"""Run one command and measure its wall time, CPU time and peak memory from outside.
 
 Two independent sources of peak RSS:
 
-* ``/usr/bin/time -f '%M %e' -o FILE``: the kernel's ``ru_maxrss`` of the
+* ``/usr/bin/time -f '%M %e %U %S' -o FILE``: the kernel's ``ru_maxrss`` of the
   command as reported by ``wait4`` (the largest RSS any single process of the
-  tree reached, in KiB; exact, no sampling gap).
+  tree reached, in KiB; exact, no sampling gap), and the user and system CPU
+  seconds of the command and every descendant it waited for.
 * psutil sampling every ``interval`` seconds of the *sum* of RSS over every
   descendant of ``/usr/bin/time`` (so a converter that spawns worker processes
   is charged for all of them; ``/usr/bin/time`` itself is not counted). The
@@ -16,12 +17,17 @@ Two independent sources of peak RSS:
 ``time.perf_counter`` around ``Popen`` .. ``wait`` (the sampler runs in a
 separate thread, so the wait returns as soon as the child exits);
 ``/usr/bin/time``'s own ``%e`` (10 ms resolution) is kept as ``time_wall_s``.
+CPU seconds (``cpu_s`` = user + sys) come from ``/usr/bin/time``; the
+``getrusage(RUSAGE_CHILDREN)`` delta around the wait (which also counts
+``/usr/bin/time`` itself, a millisecond or so) is kept as ``rusage_cpu_s``.
+The 1-minute load average just before the start is kept as ``load_before``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import resource
 import subprocess
 import tempfile
 import threading
@@ -46,6 +52,11 @@ class Measurement:
     peak_source: str | None  # "time", "psutil" or "both" (equal)
     error: str | None  # None on success, else a one-line reason
     stderr_tail: str
+    user_s: float | None = None
+    sys_s: float | None = None
+    cpu_s: float | None = None  # user + sys, from /usr/bin/time
+    rusage_cpu_s: float | None = None  # getrusage(RUSAGE_CHILDREN) delta
+    load_before: float | None = None  # 1-minute load average at the start
 
     @property
     def ok(self) -> bool:
@@ -113,21 +124,58 @@ def _first_error_line(stderr: str) -> str:
     return lines[0]
 
 
-def _parse_time_file(path: Path) -> tuple[int | None, float | None]:
+@dataclasses.dataclass
+class _TimeFile:
+    maxrss_kib: int | None = None
+    wall_s: float | None = None
+    user_s: float | None = None
+    sys_s: float | None = None
+
+
+def _parse_time_file(path: Path) -> _TimeFile:
+    """The ``%M %e %U %S`` line GNU time wrote (it prepends "Command exited with
+    non-zero status N" / "Command terminated by signal N" lines; the format line is last)."""
     try:
         text = path.read_text()
     except OSError:
-        return None, None
-    # GNU time prepends "Command exited with non-zero status N" / "Command
-    # terminated by signal N" lines; the format line is the last one.
+        return _TimeFile()
     for line in reversed(text.splitlines()):
         parts = line.split()
-        if len(parts) == 2:
+        if len(parts) == 4:
             try:
-                return int(parts[0]), float(parts[1])
+                return _TimeFile(int(parts[0]), float(parts[1]), float(parts[2]), float(parts[3]))
             except ValueError:
                 continue
-    return None, None
+    return _TimeFile()
+
+
+def _children_cpu() -> float:
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
+
+
+def _kill_tree(proc: subprocess.Popen) -> None:
+    """Kill the whole tree we started (children of /usr/bin/time first)."""
+    try:
+        for k in psutil.Process(proc.pid).children(recursive=True):
+            try:
+                k.kill()
+            except psutil.Error:
+                pass
+    except psutil.Error:
+        pass
+    proc.kill()
+
+
+def _peak(maxrss: int | None, ps_peak: int | None) -> tuple[int | None, str | None]:
+    """The larger of the two peak sources, and which one it was."""
+    cands = [v for v in (maxrss, ps_peak) if v is not None]
+    if not cands:
+        return None, None
+    peak = max(cands)
+    if maxrss == ps_peak:
+        return peak, "both"
+    return peak, "time" if peak == maxrss else "psutil"
 
 
 def run_measured(argv: list[str], *, cwd: str | os.PathLike | None = None,
@@ -137,61 +185,45 @@ def run_measured(argv: list[str], *, cwd: str | os.PathLike | None = None,
     """Run ``argv`` under ``/usr/bin/time`` with psutil sampling; never raises
     for a failing command (the failure is in ``Measurement.error``)."""
     argv = [str(a) for a in argv]
+    load = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="bench-measure-", dir=tmpdir) as td:
         time_out = Path(td) / "time.txt"
         err_path = Path(td) / "stderr.txt"
-        full = [TIME_BIN, "-f", "%M %e", "-o", str(time_out), "--", *argv]
+        full = [TIME_BIN, "-f", "%M %e %U %S", "-o", str(time_out), "--", *argv]
         error = None
-        rc = None
         with open(err_path, "wb") as err_f:
+            cpu0 = _children_cpu()
             t0 = time.perf_counter()
             try:
                 proc = subprocess.Popen(full, cwd=cwd, env=env, stdin=subprocess.DEVNULL,
                                         stdout=subprocess.DEVNULL, stderr=err_f)
             except OSError as e:
                 return Measurement(argv, None, 0.0, None, None, None, 0, None, None,
-                                   f"could not start: {e}", "")
+                                   f"could not start: {e}", "", load_before=load)
             sampler = _Sampler(proc.pid, interval, tree_every)
             sampler.start()
             try:
                 rc = proc.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
-                # Kill the whole tree we started (children of /usr/bin/time first).
-                try:
-                    for k in psutil.Process(proc.pid).children(recursive=True):
-                        try:
-                            k.kill()
-                        except psutil.Error:
-                            pass
-                except psutil.Error:
-                    pass
-                proc.kill()
+                _kill_tree(proc)
                 rc = proc.wait()
                 error = f"timeout after {timeout:g} s"
             wall = time.perf_counter() - t0
+            rusage_cpu = _children_cpu() - cpu0
             sampler.stop_event.set()
             sampler.join()
         stderr = err_path.read_text(errors="replace")
-        maxrss, twall = _parse_time_file(time_out)
+        tf = _parse_time_file(time_out)
     # /usr/bin/time writes its own "Command exited with non-zero status" only
     # to -o, so stderr is the command's alone.
     if error is None and rc != 0:
-        line = _first_error_line(stderr)
-        error = line if line else f"exit status {rc}"
+        error = _first_error_line(stderr) or f"exit status {rc}"
     ps_peak = sampler.peak // 1024 if sampler.samples else None
-    cands = [v for v in (maxrss, ps_peak) if v is not None]
-    peak = max(cands) if cands else None
-    if peak is None:
-        src = None
-    elif maxrss == ps_peak:
-        src = "both"
-    elif peak == maxrss:
-        src = "time"
-    else:
-        src = "psutil"
+    peak, src = _peak(tf.maxrss_kib, ps_peak)
+    cpu = tf.user_s + tf.sys_s if tf.user_s is not None and tf.sys_s is not None else None
     tail = "\n".join(stderr.splitlines()[-20:])
-    return Measurement(argv, rc, wall, twall, maxrss, ps_peak, sampler.samples,
-                       peak, src, error, tail)
+    return Measurement(argv, rc, wall, tf.wall_s, tf.maxrss_kib, ps_peak, sampler.samples,
+                       peak, src, error, tail, tf.user_s, tf.sys_s, cpu, rusage_cpu, load)
 
 
 if __name__ == "__main__":  # tiny manual check: python bench/measure.py CMD...
