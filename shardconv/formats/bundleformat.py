@@ -106,6 +106,32 @@ def string_tensor(elements: Sequence[bytes]) -> tuple[bytes, int]:
     return b"".join(parts) + b"".join(elements), crc
 
 
+def string_elements(data: bytes, count: int) -> list[bytes]:
+    """The ``count`` elements of a string tensor stored as ``string_tensor`` lays it out
+    (the inverse; the 4 checksum bytes are skipped). ValueError if ``data`` is not that."""
+    lengths, pos = [], 0
+    for _ in range(count):
+        n = shift = 0
+        while True:
+            if pos >= len(data) or shift > 63:
+                raise ValueError("string tensor: truncated length")
+            b = data[pos]
+            pos += 1
+            n |= (b & 0x7F) << shift
+            shift += 7
+            if not b & 0x80:
+                break
+        lengths.append(n)
+    pos += 4 if count else 0
+    out = []
+    for n in lengths:
+        out.append(bytes(data[pos:pos + n]))
+        pos += n
+    if pos != len(data):
+        raise ValueError("string tensor: lengths do not add up to its size")
+    return out
+
+
 # --------------------------------------------------------------------------- the table
 
 def shortest_separator(start: bytes, limit: bytes) -> bytes:
@@ -188,6 +214,7 @@ class TableWriter:
         return handle
 
     def _index_entry(self, key: bytes) -> None:
+        assert self._pending is not None
         off, size = self._pending
         self._index.add(key, varint(off) + varint(size))
         self._pending = None

@@ -47,7 +47,7 @@ def tf_checkpoint_sink(model_builder: str | None = None, model_config: str | os.
         raise UsageError("--serving-version applies to --to savedmodel only")
     if model_builder is None and model_config is None:
         return TFBundleSink()
-    from .savedmodel import TFCheckpointSink
+    from .tf.savedmodel import TFCheckpointSink
 
     return TFCheckpointSink(model_builder=model_builder, model_config=model_config)
 
