@@ -22,7 +22,8 @@ from shardconv.errors import FormatError, ShardconvError, SourceError, Unsupport
 from shardconv.sources import open_source
 from shardconv.sources.flax_msgpack import FlaxMsgpackSource
 from shardconv.sources.jax_tree import JaxTreeSource, _plain_flatten, flatten_with_names
-from shardconv.sources.orbax import OrbaxSource, T5xSource
+from shardconv.sources.orbax import OrbaxSource
+from shardconv.sources.t5x import T5xSource
 from shardconv.testing.source_suite import SourceTests
 
 jax = pytest.importorskip("jax")
@@ -30,7 +31,7 @@ jnp = jax.numpy
 ocp = pytest.importorskip("orbax.checkpoint")
 msgpack = pytest.importorskip("msgpack")
 from jax.sharding import NamedSharding  # noqa: E402
-from jax.sharding import PartitionSpec as P
+from jax.sharding import PartitionSpec as P  # noqa: E402
 
 T5X = TESTDATA / "t5x"
 EXPECTED = json.loads((T5X / "expected.json").read_text())

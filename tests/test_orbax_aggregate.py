@@ -23,7 +23,8 @@ from test_npz import load_npz
 import shardconv
 from shardconv.errors import FormatError
 from shardconv.sources import open_source
-from shardconv.sources.orbax import OrbaxSource, T5xSource
+from shardconv.sources.orbax import OrbaxSource
+from shardconv.sources.t5x import T5xSource
 from shardconv.testing.source_suite import SourceTests
 
 ocp = pytest.importorskip("orbax.checkpoint")

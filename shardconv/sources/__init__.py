@@ -25,7 +25,7 @@ REGISTRY: list[tuple[str, str, str, str]] = [
     ("tf", ".tf_bundle", "is_tf_bundle", "TFBundleSource"),
     ("zarr", ".zarr", "is_zarr", "ZarrSource"),
     ("orbax", ".orbax", "is_orbax", "OrbaxSource"),
-    ("t5x", ".orbax", "is_t5x", "T5xSource"),  # before flax-msgpack: a t5x ``checkpoint`` file is msgpack too
+    ("t5x", ".t5x", "is_t5x", "T5xSource"),  # before flax-msgpack: a t5x ``checkpoint`` file is msgpack too
     ("flax-msgpack", ".flax_msgpack", "is_flax_msgpack", "FlaxMsgpackSource"),
     ("jax-tree", ".jax_tree", "is_pytree", "JaxTreeSource"),
 ]

@@ -6,7 +6,7 @@ and flax's ``__msgpack_chunked_array__`` dicts for arrays over 1 GiB) is recorde
 as a byte range of the file, never loaded. Every declared length is checked
 against the file size before anything is read; nesting depth is bounded.
 A leaf that is a TensorStore spec (t5x's TensorStore checkpoints) is an array stored
-beside the file; ``orbax.t5x_array`` resolves it (read through TensorStore). So is a
+beside the file; ``formats.tensorstore_arrays.t5x_array`` resolves it (read through TensorStore). So is a
 ``PLACEHOLDER://name`` string (legacy Orbax ``checkpoint`` files: the array is the Zarr
 array ``name/`` beside the file).
 """
@@ -24,6 +24,16 @@ import numpy as np
 from ..core.plan import check_name
 from ..core.types import Segment, TensorInfo
 from ..errors import FormatError, SourceError, UnsupportedError
+from ..formats.tensorstore_arrays import (
+    TsArray,
+    TsReader,
+    array_dirs,
+    cache_bytes,
+    is_tensorstore_spec,
+    placeholder_array,
+    reader_bytes,
+    t5x_array,
+)
 from ..util.dtypes import NUMPY_DTYPES, dtype_name, is_ml_dtype, itemsize
 from ..util.fileio import open_read
 from .base import Source, walk_files
@@ -55,7 +65,7 @@ class _Leaf:
     shape: tuple[int, ...]
     pieces: list[tuple[int, int]] = field(default_factory=list)  # (file offset, bytes)
     inline: bytes | None = None
-    external: Any = None  # orbax.TsArray: a t5x array stored beside the file
+    external: TsArray | None = None  # a t5x array stored beside the file
 
 
 class _Reader:
@@ -168,15 +178,23 @@ class _Reader:
         return out
 
 
-def is_flax_msgpack(path: Any) -> bool:
-    """A regular file starting with a msgpack map (flax/t5x checkpoints are maps)."""
+def is_msgpack_map(p: Path) -> bool:
+    """A regular file whose first byte starts a msgpack map. Never raises."""
     try:
-        p = Path(path)
-        if not p.is_file() or p.suffix in (".npz", ".index", ".json"):
+        if not p.is_file():
             return False
         with open(p, "rb") as f:
             b = f.read(1)
         return bool(b) and (0x80 <= b[0] <= 0x8F or b[0] in (0xDE, 0xDF))
+    except (OSError, ValueError):
+        return False
+
+
+def is_flax_msgpack(path: Any) -> bool:
+    """A regular file starting with a msgpack map (flax/t5x checkpoints are maps)."""
+    try:
+        p = Path(path)
+        return p.suffix not in (".npz", ".index", ".json") and is_msgpack_map(p)
     except (OSError, TypeError, ValueError):
         return False
 
@@ -212,13 +230,10 @@ class FlaxMsgpackSource(Source):
         if isinstance(node, dict) and node.get(_CHUNKED) is True:
             self._add(prefix, self._chunked(node, prefix))
             return
-        if isinstance(node, dict) and "driver" in node and "kvstore" in node:
-            from .orbax import is_tensorstore_spec, t5x_array
-
-            if is_tensorstore_spec(node):
-                a = t5x_array(node, self.path.parent, prefix, str(self.path))
-                self._add(prefix, _Leaf(a.dtype, a.shape, external=a))
-                return
+        if is_tensorstore_spec(node):
+            a = t5x_array(node, self.path.parent, prefix, str(self.path))
+            self._add(prefix, _Leaf(a.dtype, a.shape, external=a))
+            return
         if isinstance(node, dict):
             for k, v in node.items():
                 self._walk(v, f"{prefix}/{k}" if prefix else str(k))
@@ -236,8 +251,6 @@ class FlaxMsgpackSource(Source):
         """A string leaf: a legacy Orbax placeholder is the array stored beside the file
         (checkpoints written before Orbax's ``_METADATA``); other strings are not arrays."""
         if value.startswith(PLACEHOLDER_PREFIXES):
-            from .orbax import placeholder_array
-
             a = placeholder_array(value.split("://", 1)[1], self.path.parent, name, str(self.path))
             self._add(name, _Leaf(a.dtype, a.shape, external=a))
 
@@ -316,8 +329,6 @@ class FlaxMsgpackSource(Source):
         external = [leaf.external for leaf in self._leaves.values() if leaf.external is not None]
         if not external:
             return [os.path.abspath(self.path)]
-        from .orbax import array_dirs
-
         return [os.path.abspath(self.path), *walk_files(*array_dirs(external))]
 
     def read_into(self, name: str, offset: int, out: memoryview) -> list[Segment]:
@@ -329,8 +340,6 @@ class FlaxMsgpackSource(Source):
             return []
         if leaf.external is not None:
             if self._ts_reader is None:
-                from .orbax import TsReader, cache_bytes
-
                 self._ts_reader = TsReader(cache_bytes(l.external for l in self._leaves.values()
                                                        if l.external is not None))
             self._ts_reader.read(leaf.external, offset, out)
@@ -350,8 +359,6 @@ class FlaxMsgpackSource(Source):
         external = [leaf.external for leaf in self._leaves.values() if leaf.external is not None]
         if not external:
             return 0
-        from .orbax import reader_bytes
-
         return reader_bytes(external)
 
     def close(self) -> None:

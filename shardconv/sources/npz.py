@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import struct
 import threading
 import zlib
 from dataclasses import dataclass
@@ -88,102 +87,35 @@ class NpzSource(Source):
         return entries
 
     def _read_directory(self) -> dict[str, _Member]:
-        tail_len = min(self.size, zipformat.EOCD_FIXED + 0xFFFF)
-        tail = self._pread(tail_len, self.size - tail_len)
-        pos = tail.rfind(struct.pack("<I", zipformat.EOCD_SIG))
-        if pos < 0 or pos + zipformat.EOCD_FIXED > len(tail):
-            raise self._err("not a zip file, or truncated (no end of central directory record)")
-        (_, disk, cd_disk, n_disk, count, cd_size, cd_offset, _clen) = struct.unpack(
-            "<IHHHHIIH", tail[pos:pos + zipformat.EOCD_FIXED])
-        eocd_at = self.size - tail_len + pos
-        if disk or cd_disk:
-            raise UnsupportedError(f"{self.path}: multi-disk zip archives are not supported")
-        loc_at = eocd_at - zipformat.LOCATOR_FIXED
-        if loc_at >= 0:
-            loc = self._pread(zipformat.LOCATOR_FIXED, loc_at)
-            if struct.unpack("<I", loc[:4])[0] == zipformat.LOCATOR_SIG:
-                _, _, e64_at, _ = struct.unpack("<IIQI", loc)
-                e64 = self._pread(zipformat.EOCD64_FIXED, e64_at)
-                sig, _, _, _, _, _, _, count, cd_size, cd_offset = struct.unpack("<IQHHIIQQQQ", e64)
-                if sig != zipformat.EOCD64_SIG:
-                    raise self._err("bad zip64 end of central directory record")
-        if count > MAX_MEMBERS or cd_offset + cd_size > self.size or cd_size < count * zipformat.CENTRAL_FIXED:
-            raise self._err(f"central directory ({count} entries, {cd_size} bytes at {cd_offset}) does not fit the file")
+        """The archive's ``.npy`` members by tensor name, their headers parsed
+        (``formats.zipformat`` checks the zip structure; this, that every member is an array)."""
+        where = str(self.path)
+        count, cd_offset, cd_size = zipformat.end_of_directory(self._pread, self.size, where, MAX_MEMBERS)
         members: dict[str, _Member] = {}
-        ranges = []
-        pos = cd_offset
-        end = cd_offset + cd_size
-        for _ in range(count):
-            fixed = self._pread(zipformat.CENTRAL_FIXED, pos)
-            (sig, _vm, _vn, flags, method, _t, _d, crc, csize, usize, nlen, xlen, clen, _ds, _ia, _ea,
-             off) = struct.unpack("<IHHHHHHIIIHHHHHII", fixed)
-            if sig != zipformat.CENTRAL_SIG:
-                raise self._err(f"bad central directory entry at offset {pos}")
-            if pos + zipformat.CENTRAL_FIXED + nlen + xlen + clen > end:
-                raise self._err(f"central directory entry at offset {pos} overruns the directory")
-            var = self._pread(nlen + xlen, pos + zipformat.CENTRAL_FIXED)
-            raw_name, extra = var[:nlen], var[nlen:]
-            usize, csize, off = self._zip64(extra, usize, csize, off, raw_name)
-            pos += zipformat.CENTRAL_FIXED + nlen + xlen + clen
-            name = raw_name.decode("utf-8" if flags & zipformat.UTF8_FLAG else "cp437")
-            if flags & 1:
-                raise UnsupportedError(f"{self.path}: member {name!r} is encrypted")
-            if method not in (0, 8):
-                raise UnsupportedError(f"{self.path}: member {name!r} uses compression method {method} "
-                                       "(only stored and deflated are supported)")
-            if not name.endswith(".npy"):
-                if name.endswith("/"):
-                    continue
-                raise UnsupportedError(f"{self.path}: member {name!r} is not an .npy array")
-            tname = name[:-4]
-            why = check_name(tname)
-            if why:
-                raise self._err(f"member name {name!r} is unsafe ({why})")
-            if tname in members:
-                raise self._err(f"duplicate member {name!r}")
-            lh = self._pread(zipformat.LOCAL_FIXED, off)
-            (lsig, _v, _f, _m, _t, _d, _c, _cs, _us, lnlen, lxlen) = struct.unpack("<IHHHHHIIIHH", lh)
-            if lsig != zipformat.LOCAL_SIG:
-                raise self._err(f"member {name!r}: bad local header at offset {off}")
-            start = off + zipformat.LOCAL_FIXED + lnlen + lxlen
-            if start + csize > cd_offset or start + csize > self.size:
-                raise self._err(f"member {name!r}: data [{start}, {start + csize}) runs past the archive")
-            if method == 0 and usize != csize:
-                raise self._err(f"member {name!r}: stored but sizes differ ({csize} vs {usize})")
-            if method == 8 and usize > max(csize, 1) * 1100:
-                # deflate cannot expand more than 1032:1; a larger claim is a zip bomb or corruption
-                raise self._err(f"member {name!r}: declares {usize} bytes from {csize} compressed, "
-                                "more than deflate can expand (zip bomb?)")
-            ranges.append((off, start + csize, name))
-            members[tname] = _Member(tname, start, csize, usize, method, crc)
-        ranges.sort()
-        for (a0, a1, an), (b0, b1, bn) in zip(ranges, ranges[1:]):
-            if b0 < a1:
-                raise self._err(f"members {an!r} and {bn!r} overlap")
+        checked = []
+        for e in zipformat.central_entries(self._pread, count, cd_offset, cd_size, where):
+            if e.name.endswith("/"):
+                continue
+            z = zipformat.check_member(self._pread, e, cd_offset, self.size, where)
+            tname = self._tensor_name(e.name, members)
+            checked.append(z)
+            members[tname] = _Member(tname, z.data_start, z.stored, z.size, z.method, z.crc)
+        zipformat.check_no_overlap(checked, where)
         for m in members.values():
             self._parse_npy(m)
         return members
 
-    def _zip64(self, extra: bytes, usize: int, csize: int, off: int, name: bytes) -> tuple[int, int, int]:
-        pos = 0
-        while pos + 4 <= len(extra):
-            tag, ln = struct.unpack("<HH", extra[pos:pos + 4])
-            body = extra[pos + 4:pos + 4 + ln]
-            if tag == 1:
-                vals = []
-                for need in (usize == 0xFFFFFFFF, csize == 0xFFFFFFFF, off == 0xFFFFFFFF):
-                    if need:
-                        if len(body) < 8:
-                            raise self._err(f"member {name!r}: zip64 extra field too short")
-                        vals.append(struct.unpack("<Q", body[:8])[0])
-                        body = body[8:]
-                    else:
-                        vals.append(None)
-                usize = vals[0] if vals[0] is not None else usize
-                csize = vals[1] if vals[1] is not None else csize
-                off = vals[2] if vals[2] is not None else off
-            pos += 4 + ln
-        return usize, csize, off
+    def _tensor_name(self, member: str, members: dict[str, _Member]) -> str:
+        """The tensor a member holds: its name without ``.npy`` (safe, not seen before)."""
+        if not member.endswith(".npy"):
+            raise UnsupportedError(f"{self.path}: member {member!r} is not an .npy array")
+        tname = member[:-4]
+        why = check_name(tname)
+        if why:
+            raise self._err(f"member name {member!r} is unsafe ({why})")
+        if tname in members:
+            raise self._err(f"duplicate member {member!r}")
+        return tname
 
     def _parse_npy(self, m: _Member) -> None:
         where = f"{self.path}: member {m.name + '.npy'!r}"

@@ -35,8 +35,9 @@ from ..errors import FormatError, SourceError, UnsupportedError
 from ..formats import tsio
 from ..formats.chunkstream import StreamLayout, StreamReader, stream_bytes, stream_layout
 from ..formats.regions import box_views, read_bytes_by_elements
+from ..formats.tensorstore_arrays import parse_json_object, zarr_dtype
 from ..util.checksums import crc32
-from ..util.dtypes import NUMPY_DTYPES, checked_nbytes, dtype_name, is_ml_dtype, itemsize
+from ..util.dtypes import NUMPY_DTYPES, checked_nbytes, itemsize
 from ..util.units import format_size
 from .base import Source, walk_files
 
@@ -409,27 +410,3 @@ class ZarrSource(Source):
         if self._streams is not None:
             self._streams.close()
             self._streams = None
-
-
-def zarr_dtype(dt: Any, where: str) -> str:
-    """A Zarr v2 ``dtype`` (or a TensorStore data type name) as a canonical dtype name."""
-    if isinstance(dt, str) and dt in NUMPY_DTYPES and (is_ml_dtype(dt) or dt[:1] not in "<>|="):
-        return dt
-    try:
-        npdt = np.dtype(dt)
-        if npdt.byteorder == ">":  # TensorStore reads it in native (little-endian) order
-            npdt = npdt.newbyteorder("<")
-        return dtype_name(npdt)
-    except (TypeError, ValueError, UnsupportedError):
-        raise UnsupportedError(f"{where}: dtype {dt!r} is not supported") from None
-
-
-def parse_json_object(data: bytes, where: str) -> dict[str, Any]:
-    """Zarr/Orbax metadata: a JSON object, or one line saying what is wrong."""
-    try:
-        obj = json.loads(data)
-    except (ValueError, UnicodeDecodeError):
-        raise FormatError(f"{where}: not valid JSON") from None
-    if not isinstance(obj, dict):
-        raise FormatError(f"{where}: not a JSON object")
-    return obj
