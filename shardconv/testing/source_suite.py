@@ -7,6 +7,8 @@ import random
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +20,10 @@ from ..core import engine
 from ..core.integrity import IntegrityTracker
 from ..core.journal import describe_changes
 from ..errors import ChecksumError, ResumeError, SourceChangedError, SourceError
+from ..sources import open_source
 from ..sources.base import Source
 from .caselog import log_case
+from .reads import record_reads
 
 
 def as_bytes(v: Any) -> bytes:
@@ -136,6 +140,123 @@ class SourceTests:
         assert any(c.startswith("file '") and f"{os.path.basename(path)}' changed (ctime_ns)" in c
                    for c in changes), changes
 
+    def test_fingerprint_survives_json_and_a_fresh_open_and_changes_with_the_input(self, case, tmp_path):
+        """Resume compares the fingerprint journaled (as JSON) with the one a new process takes:
+        it must survive JSON, be equal for a fresh open of the unchanged input, and differ from
+        the journaled one once an input file is rewritten (same size and mtime)."""
+        src, _ = case
+        if not src.input_files():
+            pytest.skip("in-memory source: no input file to change")
+        journaled = json.loads(json.dumps(src.fingerprint()))
+        assert journaled == src.fingerprint()
+        with self.reopen(src) as fresh:
+            assert fresh.fingerprint() == journaled
+        path = self.mutate_input(src, tmp_path)
+        try:
+            with self.reopen(src) as fresh:
+                changed = fresh.fingerprint()
+        except SourceError:  # a damaged header may no longer be listed at all: also refused
+            return
+        assert changed != journaled, path
+        assert describe_changes(journaled, changed), path
+
+    @contextmanager
+    def reopen(self, src: Source) -> Iterator[Source]:
+        """A fresh source over the same input, as a later run opens it (``open_source`` of its
+        location); the same kind of source as ``src``."""
+        fresh = open_source(src.location)
+        assert type(fresh) is type(src), src.location
+        try:
+            yield fresh
+        finally:
+            fresh.close()
+
+    #: The format ``open_source`` must detect for this class's input (default: the source's own).
+    format: str | None = None
+
+    def test_open_source_detects_the_format(self, case):
+        src, _ = case
+        if not src.input_files():
+            pytest.skip("in-memory source: detected by its type")
+        detected = open_source(src.location)
+        try:
+            assert detected.format == (self.format or src.format), src.location
+            assert type(detected) is type(src), src.location
+        finally:
+            detected.close()
+
+    #: Whether this input stores checksums of its tensor data (a corrupt byte is then a
+    #: ChecksumError). None: the formats in ``CHECKSUM_FORMATS`` always do; for the others
+    #: the source's own ``units()`` decides (safetensors with shardconv's sidecar, zarr with CRCs).
+    stores_checksums: bool | None = None
+
+    def corrupt_input(self, src: Source, tmp_path: Path, name: str) -> str:
+        """Flip one byte of tensor ``name``'s stored data, found by recording the reads of the
+        tensor (the middle of the largest range read); the default ``mutate_input`` where
+        nothing Python can see is read (a native library). Return the file's path."""
+        info = src.info(name)
+        with record_reads() as log:
+            src.read_into(name, 0, memoryview(bytearray(info.nbytes)))
+        if not log.reads:
+            return self.mutate_input(src, tmp_path)
+        key, off, n = max(log.reads, key=lambda r: r[2])
+        path = next(f for f in src.input_files() if (os.stat(f).st_dev, os.stat(f).st_ino) == key)
+        flip_byte_keeping_mtime(path, off + n // 2)
+        return path
+
+    def test_a_corrupt_byte_of_tensor_data_is_a_checksum_error(self, case, tmp_path):
+        """For every format that stores checksums: one flipped byte of a tensor's data is a
+        ChecksumError naming the file and the tensor, from reading it and from a conversion
+        (which leaves nothing at DEST)."""
+        src, _ = case
+        units = src.units()
+        stores = self.stores_checksums
+        if stores is None:
+            stores = src.format in CHECKSUM_FORMATS or bool(units)
+        if not stores:
+            assert not units, "the source reports checksums: set stores_checksums = True"
+            pytest.skip(f"{src.format}: this input stores no checksums")
+        arrays = [u for u in units.values() if not src.info(u.tensor).is_string and u.nbytes]
+        assert arrays, f"{src.format} stores checksums but the source reports none for its arrays"
+        unit = max(arrays, key=lambda u: u.nbytes)
+        path = self.corrupt_input(src, tmp_path, unit.tensor)
+        with pytest.raises(ChecksumError) as e:
+            read_all_verified(src)
+        assert unit.tensor in str(e.value) or os.path.basename(path) in str(e.value), str(e.value)
+        if src.input_files():
+            dest = tmp_path / "corrupt.npz"
+            with pytest.raises(ChecksumError):
+                api.convert(src.location, dest, max_memory="1MiB", fsync=False, allow_unmapped=True)
+            assert not dest.exists()
+        log_case("corrupt-byte", src.format)
+
+    #: Bytes of tensor data a listing may read; None: ``LISTING_WINDOW`` per input file and per
+    #: tensor (a zip's end-of-file search, a header probe that runs into a small tensor's data),
+    #: or the format's entry in ``LISTING_READ_SLACK``. A listing that reads a large tensor fails.
+    listing_read_slack: int | None = None
+
+    def test_listing_reads_no_tensor_data(self, case):
+        """Listing (open, tensors, infos, units, fingerprint) reads no byte that reading the
+        tensors reads, through any read path Python has (pread, preadv, read, readv, file
+        objects, mmap)."""
+        src, _ = case
+        if not src.input_files():
+            pytest.skip("in-memory source: nothing is read from files")
+        with record_reads() as listing:
+            with self.reopen(src) as fresh:
+                for t in fresh.tensors():
+                    fresh.info(t.name)
+                fresh.units()
+                fresh.fingerprint()
+        with record_reads() as data:
+            for t in src.tensors():
+                if not t.is_string and t.nbytes:
+                    src.read_into(t.name, 0, memoryview(bytearray(t.nbytes)))
+        slack = self.listing_read_slack
+        if slack is None:
+            slack = LISTING_READ_SLACK.get(src.format, LISTING_WINDOW * (len(src.input_files()) + len(src.tensors())))
+        assert listing.overlap(data) <= slack, (listing.overlap(data), slack)
+
     def source_path(self, src: Source) -> str:
         """What a user passes to ``convert`` for this source; skips for in-memory sources."""
         if not src.input_files():
@@ -171,15 +292,33 @@ class SourceTests:
         proc = subprocess.run(argv, env={**os.environ, "SHARDCONV_TEST_KILL": "journal:0"}, capture_output=True)
         assert proc.returncode == -9, proc.stderr.decode()
         changed = self.mutate_input(src, tmp_path)
-        proc = subprocess.run(argv, capture_output=True, text=True)
-        assert proc.returncode != 0 and not dest.exists(), proc.stderr
-        lines = proc.stderr.strip().splitlines()
-        assert len(lines) == 1 and "error" in lines[0], proc.stderr
+        again = subprocess.run(argv, capture_output=True, text=True)
+        assert again.returncode != 0 and not dest.exists(), again.stderr
+        lines = again.stderr.strip().splitlines()
+        assert len(lines) == 1 and "error" in lines[0], again.stderr
         with pytest.raises((ResumeError, SourceError)):  # a damaged index may no longer be listed at all
             api.convert(path, dest, max_memory="1MiB", fsync=False, allow_unmapped=True)
         if "input changed since it was started" in lines[0]:
             assert os.path.basename(changed) in lines[0], lines[0]
         log_case("source-changed-between-kill-and-resume", src.format)
+
+
+#: Formats whose files always store checksums of the tensor data (zip CRC32, TF CRC32C).
+CHECKSUM_FORMATS = frozenset({"npz", "tf-checkpoint"})
+
+
+#: See ``SourceTests.listing_read_slack``.
+LISTING_WINDOW = 1 << 16
+#: Formats whose listing reads no byte of tensor data at all (a TF bundle's index is a file of its own).
+LISTING_READ_SLACK = {"tf-checkpoint": 0}
+
+
+def read_all_verified(src: Source) -> None:
+    """Read every array tensor whole, checking each checksum unit as it completes."""
+    tracker = IntegrityTracker(src.units())
+    for t in src.tensors():
+        if not t.is_string and t.nbytes:
+            tracker.add(src.read_into(t.name, 0, memoryview(bytearray(t.nbytes))))
 
 
 def flip_byte_keeping_mtime(path: str, offset: int) -> None:
