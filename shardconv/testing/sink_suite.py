@@ -1,9 +1,12 @@
 """What every sink must do. Subclass ``SinkTests``; set ``suffix``/``to`` and ``read_back``."""
 from __future__ import annotations
 
+import errno
 import os
 import subprocess
 import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +15,7 @@ import numpy as np
 import pytest
 
 from .. import api
-from ..errors import DestinationError
+from ..errors import DestinationError, DurabilityError
 from .caselog import log_case
 
 
@@ -192,6 +195,150 @@ class SinkTests:
         assert r.chunks_resumed > 15
         assert self.snapshot(dest) == self.snapshot(clean)
 
+    # -- a damaged partial output, and the OS refusing a write, an fsync, an open, a rename --
+
+    def corrupt_partial(self, out: Path) -> None:
+        """Damage one written chunk of the partial output ``out`` (``DEST.partial/NAME``, killed
+        after every chunk was journaled): by default one byte in the middle of its largest file."""
+        files = [out] if out.is_file() else [p for p in out.rglob("*") if p.is_file() and not p.is_symlink()]
+        largest = max(files, key=lambda p: p.stat().st_size)
+        with open(largest, "r+b") as f:
+            f.seek(largest.stat().st_size // 2)
+            b = f.read(1)
+            f.seek(-1, os.SEEK_CUR)
+            f.write(bytes([b[0] ^ 0xFF]))
+
+    def test_a_corrupted_chunk_of_the_partial_is_detected_and_redone(self, source_npz, tmp_path):
+        """Killed once every chunk is journaled, a chunk of the partial output then damaged: the
+        resume re-checks every journaled chunk, redoes the damaged one, and the output is identical."""
+        src, _ = source_npz
+        clean = tmp_path / f"clean{self.suffix}"
+        self.convert(src, clean, max_memory="1MiB")
+        dest = tmp_path / f"out{self.suffix}"
+        assert self._kill_at(src, dest, "finish").returncode == -9
+        self.corrupt_partial(Path(f"{dest}.partial") / dest.name)
+        r = self.convert(src, dest, max_memory="1MiB")
+        assert r.chunks_written >= 1 and r.chunks_resumed >= 1, (r.chunks_written, r.chunks_resumed)
+        assert self.snapshot(dest) == self.snapshot(clean)
+        assert not Path(f"{dest}.partial").exists()
+        log_case("corrupt-partial", self._label())
+
+    def _faulty_run(self, src: Path, dest: Path, name: str, fail: Callable[..., Any]) -> DestinationError:
+        """Convert with ``os.<name>`` replaced by ``fail``: it must raise a DestinationError of
+        one line naming the destination, and leave nothing at DEST."""
+        real = getattr(os, name)
+        setattr(os, name, fail)
+        try:
+            with pytest.raises(DestinationError) as e:
+                self.convert(src, dest, max_memory="1MiB")
+        finally:
+            setattr(os, name, real)
+        msg = str(e.value)
+        assert "\n" not in msg and dest.name in msg, msg
+        assert not os.path.lexists(dest), msg
+        return e.value
+
+    def _clean_run(self, src: Path, tmp_path: Path) -> Any:
+        clean = tmp_path / f"clean{self.suffix}"
+        self.convert(src, clean, max_memory="1MiB")
+        return self.snapshot(clean)
+
+    @pytest.mark.parametrize("fn,err", [("pwrite", errno.ENOSPC), ("pwrite", errno.EIO), ("write", errno.ENOSPC)])
+    def test_a_write_error_is_one_line_and_the_next_run_resumes(self, source_npz, tmp_path, fn, err):
+        """os.pwrite or os.write fails (a full disk, an I/O error) from halfway through the calls
+        a run makes: one line, nothing at DEST, the partial kept; the next run resumes it."""
+        src, _ = source_npz
+        want = self._clean_run(src, tmp_path)
+        calls = _Counter()
+        with _patched(os, {fn: calls.wrap(getattr(os, fn))}):
+            self.convert(src, tmp_path / f"counted{self.suffix}", max_memory="1MiB")
+        if calls.n < 2:
+            pytest.skip(f"{self._label()} writes through a native library, not os.{fn}")
+        dest = tmp_path / f"out{self.suffix}"
+        e = self._faulty_run(src, dest, fn, _Counter(fail_after=calls.n // 2, err=err).wrap(getattr(os, fn)))
+        assert os.strerror(err) in str(e), str(e)
+        assert (Path(f"{dest}.partial") / "journal.jsonl").exists()
+        r = self.convert(src, dest, max_memory="1MiB")
+        assert r.chunks_resumed > 0 and self.snapshot(dest) == want
+        log_case(f"fault-{fn}-{errno.errorcode[err]}", self._label())
+
+    def test_a_failed_fsync_of_the_output_is_one_line_and_discards_the_partial(self, source_npz, tmp_path):
+        """os.fsync fails (EIO) on the output being built: after a failed fsync nothing written
+        is trusted, so the partial is discarded and the next run starts over."""
+        src, _ = source_npz
+        want = self._clean_run(src, tmp_path)
+        dest = tmp_path / f"out{self.suffix}"
+        partial_out = str(Path(f"{dest}.partial") / dest.name)
+        real, refused = os.fsync, []
+
+        def fsync(fd: int) -> None:
+            if _fd_path(fd).startswith(partial_out):
+                refused.append(fd)
+                raise OSError(errno.EIO, os.strerror(errno.EIO))
+            real(fd)
+
+        e = self._faulty_run(src, dest, "fsync", fsync)
+        assert refused, "the sink never fsyncs its output"
+        assert isinstance(e, DurabilityError) and "fsync failed" in str(e), str(e)
+        assert not os.path.lexists(f"{dest}.partial"), "the partial was kept after a failed fsync"
+        r = self.convert(src, dest, max_memory="1MiB")
+        assert r.chunks_resumed == 0 and self.snapshot(dest) == want
+        log_case("fault-fsync", self._label())
+
+    @pytest.mark.parametrize("what", ["lock", "output"])
+    def test_an_open_that_fails_is_one_line(self, source_npz, tmp_path, what):
+        """os.open fails (EMFILE) for the lock, or for every path of the output being built."""
+        src, _ = source_npz
+        want = self._clean_run(src, tmp_path)
+        dest = tmp_path / f"out{self.suffix}"
+        real = os.open
+
+        def refuse(path: Any, *a: Any, **k: Any) -> int:
+            p = os.fspath(path)
+            hit = p == "lock" if what == "lock" else f"{dest.name}.partial/{dest.name}" in p
+            if hit:
+                raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
+            return real(path, *a, **k)
+
+        e = self._faulty_run(src, dest, "open", refuse)
+        assert os.strerror(errno.EMFILE) in str(e), str(e)
+        self.convert(src, dest, max_memory="1MiB")
+        assert self.snapshot(dest) == want
+
+    def test_a_rename_that_fails_is_one_line_and_keeps_the_output(self, source_npz, tmp_path):
+        """os.replace and os.rename fail (EIO) for every path outside ``DEST.partial``: publishing
+        over an existing output with --overwrite fails in one line, the old output intact, and
+        the next run publishes the kept partial without rewriting it."""
+        src, _ = source_npz
+        want = self._clean_run(src, tmp_path)
+        dest = tmp_path / f"out{self.suffix}"
+        self.convert(src, dest, max_memory="1MiB")
+
+        refused: list[str] = []
+
+        def failing(real: Callable[..., Any]) -> Callable[..., Any]:
+            def f(a: Any, b: Any, *rest: Any, **k: Any) -> Any:
+                if f"{dest.name}.partial" in os.fspath(b):
+                    return real(a, b, *rest, **k)
+                refused.append(os.fspath(b))
+                raise OSError(errno.EIO, os.strerror(errno.EIO))
+            return f
+
+        error = None
+        with _patched(os, {"replace": failing(os.replace), "rename": failing(os.rename)}):
+            try:
+                self.convert(src, dest, max_memory="1MiB", overwrite=True)
+            except DestinationError as e:
+                error = str(e)
+        assert self.snapshot(dest) == want
+        if not refused:  # published by renameat2 alone (a directory): nothing went through os.*
+            assert error is None, error
+            return
+        assert error is not None and "\n" not in error and os.strerror(errno.EIO) in error, error
+        r = self.convert(src, dest, max_memory="1MiB", overwrite=True)
+        assert self.snapshot(dest) == want and r.chunks_written == 0
+        log_case("fault-rename", self._label())
+
     # -- the filesystem: planted links, races, the input, refusals before the first byte ------
 
     def _output_kind(self, dest: Path) -> str:
@@ -293,6 +440,41 @@ class SinkTests:
 
 #: What the filesystem tests plant where shardconv must not write: a directory or a file.
 PLANTED: dict[str, Any] = {"directory": {"a": b"precious a\n", "sub/b": b"precious b\n"}, "file": b"precious\n"}
+
+
+class _Counter:
+    """Counts calls of wrapped functions; with ``fail_after`` every later call fails with ``err``."""
+
+    def __init__(self, fail_after: int | None = None, err: int = errno.EIO) -> None:
+        self.n = 0
+        self.fail_after = fail_after
+        self.err = err
+
+    def wrap(self, real: Callable[..., Any]) -> Callable[..., Any]:
+        def f(*a: Any, **k: Any) -> Any:
+            self.n += 1
+            if self.fail_after is not None and self.n > self.fail_after:
+                raise OSError(self.err, os.strerror(self.err))
+            return real(*a, **k)
+        return f
+
+
+@contextmanager
+def _patched(module: Any, attrs: dict[str, Any]) -> Iterator[None]:
+    """``module``'s attributes replaced within the block (the real ``os`` functions themselves,
+    so every caller is hit, not one wrapper)."""
+    with pytest.MonkeyPatch.context() as mp:
+        for name, value in attrs.items():
+            mp.setattr(module, name, value)
+        yield
+
+
+def _fd_path(fd: int) -> str:
+    """The path an open descriptor names (Linux), or "" where it cannot be told."""
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return ""
 
 
 def _plant(path: Path, kind: str) -> Path:
