@@ -126,10 +126,6 @@ class _TFSinkTests(SinkTests):
     byte_identical = False
     suffix = ""
     kind = ""
-    # Grouped writes: a kill before the first group is flushed (chunk 12 here) resumes nothing,
-    # so the sweep's points are where a resume must find finished groups (plus chunk:0).
-    kill_points = (["chunk:0"] + [f"{kind}:{k}" for k in range(12, 31, 2) for kind in ("chunk", "journal")]
-                   + ["finish", "renamed"])
 
     def convert(self, src: Path, dest: Path, **kw: Any):
         return tf_convert(src, dest, to=self.to, **kw)
@@ -144,6 +140,11 @@ class _TFSinkTests(SinkTests):
 class TestSavedModelSink(_TFSinkTests):
     to = "savedmodel"
     kind = "savedmodel"
+
+    def snapshot(self, dest: Path) -> Any:
+        """The variables bundle's bytes (shardconv writes them: deterministic) and the values TF loads."""
+        files = {p.name: p.read_bytes() for p in sorted((dest / "variables").iterdir())}
+        return files, super().snapshot(dest)
 
 
 # --to tf-checkpoint no longer goes through TensorFlow: its suite is in test_tf_checkpoint_writer.py.
@@ -246,31 +247,52 @@ def test_sink_options_are_checked_before_any_work(tmp_path):
 
 # ------------------------------------------------------------------------- resume
 
-def _groups(dest: Path) -> dict[str, tuple[int, int]]:
-    work = Path(str(dest) + ".partial") / (dest.name + ".tfwork") / "groups"
-    return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in work.glob("g*.data-*")}
+def _entry(path: Path) -> tuple[int, int]:
+    st = path.stat()
+    return st.st_ino, st.st_mtime_ns
 
 
-def test_finished_groups_survive_kills_untouched_and_a_corrupt_one_is_redone(tmp_path):
+def test_a_resumed_run_keeps_the_skeleton_and_redoes_a_corrupt_chunk(tmp_path):
+    """Killed twice, then the partial data file's values flipped (the carried object graph left
+    intact): the resumed runs keep saved_model.pb and the data file (never rebuilt: attaching
+    needs no TensorFlow), redo every damaged chunk, and give the bytes of an uninterrupted run."""
     src, tree = tree_npz(tmp_path)
-    dest = tmp_path / "sm"
+    dest, clean = tmp_path / "sm", tmp_path / "clean"
     argv = ("convert", src, dest, "--to", "savedmodel", "--max-memory", "1MiB")
-    assert tf_cli(*argv, kill="journal:20").returncode == -9
-    first = _groups(dest)
-    assert len(first) >= 3
-    assert tf_cli(*argv, kill="journal:30").returncode == -9
-    second = _groups(dest)
-    assert {k: second[k] for k in first} == first  # not one finished group was rewritten
-    assert len(second) > len(first)
-    # Flip a byte in the data of the last finished group: that group alone is redone.
-    victim = sorted(second)[-1]
-    path = Path(str(dest) + ".partial") / (dest.name + ".tfwork") / "groups" / victim
-    data = bytearray(path.read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    path.write_bytes(bytes(data))
+    assert tf_cli(*argv, kill="journal:6").returncode == -9
+    partial = Path(str(dest) + ".partial") / dest.name
+    data = partial / "variables" / "variables.data-00000-of-00001"
+    skeleton, inode = _entry(partial / "saved_model.pb"), data.stat().st_ino
+    assert tf_cli(*argv, kill="journal:12").returncode == -9
+    assert _entry(partial / "saved_model.pb") == skeleton and data.stat().st_ino == inode
+    staged = Path(str(dest) + ".partial")
+    journaled = sum(1 for line in (staged / "journal.jsonl").read_text().splitlines()[1:] if '"i"' in line)
+    (graph,) = json.loads((staged / "sm.tfwork" / "layout.json").read_text())["carried"]  # first in key order
+    raw = bytearray(data.read_bytes())
+    for pos in range(graph[3], len(raw)):  # [key, dtype, shape, size, ...]: every value byte after it flipped
+        raw[pos] ^= 0xFF
+    data.write_bytes(bytes(raw))
     r = tf_convert(src, dest, to="savedmodel", max_memory="1MiB")
-    assert 0 < r.chunks_resumed < r.chunks_resumed + r.chunks_written
+    assert journaled >= 12 and r.chunks_resumed <= 1  # only the empty tensor's chunk (no bytes) stays intact
+    tf_convert(src, clean, to="savedmodel", max_memory="8MiB")
+    for name in ("variables.index", "variables.data-00000-of-00001"):
+        assert (dest / "variables" / name).read_bytes() == (clean / "variables" / name).read_bytes(), name
     assert_exact(tf_read(dest, "savedmodel"), tree)
+
+
+def test_variables_are_one_bundle_whatever_the_chunk_size(tmp_path):
+    """The values are written by shardconv's bundle writer, not TensorFlow's SaveV2 groups: one data
+    file, the same bytes at 1 MiB and 64 MiB, every entry's CRC what TensorFlow checks on load."""
+    src, tree = tree_npz(tmp_path)
+    outs = []
+    for mem in ("1MiB", "64MiB"):
+        dest = tmp_path / f"sm-{mem}"
+        tf_convert(src, dest, to="savedmodel", max_memory=mem)
+        assert sorted(p.name for p in (dest / "variables").iterdir()) == ["variables.data-00000-of-00001",
+                                                                       "variables.index"]
+        outs.append({p.name: p.read_bytes() for p in (dest / "variables").iterdir()})
+    assert outs[0] == outs[1]
+    assert_exact(tf_read(tmp_path / "sm-1MiB", "savedmodel"), tree)
 
 
 # ------------------------------------------------------------------------- model builder / DeepVariant

@@ -117,7 +117,7 @@ def read_bundle(prefix: Path) -> dict[str, Entry]:
     with SSTable(where) as table:
         for key, value in table.items():
             if not key:
-                shards = [as_int64(v) for n, w, v in fields(value, where) if n == 1 and w == 0]  # type: ignore[arg-type]
+                shards = [as_int64(v) for n, w, v in fields(value, where) if n == 1 and w == 0]
                 if shards and shards[0] != 1:
                     raise DestinationError(f"{where}: the skeleton's checkpoint has {shards[0]} shards, expected 1")
             else:

@@ -1,7 +1,11 @@
-"""The TensorFlow-built outputs: ``--to savedmodel`` and ``--to tf-checkpoint --model-builder``.
+"""The TensorFlow outputs: ``--to savedmodel`` and ``--to tf-checkpoint`` (with or without
+``--model-builder``), one sink class whose ``Layout`` (``layout.py``) says where the files
+go and which checkpoint key each output gets.
 
-One sink class; what differs between the two is its ``Layout`` (``layout.py``): where the
-files go and how the skeleton gives each output its checkpoint keys. See docs/savedmodel.md.
+TensorFlow, where a layout needs it, only builds the skeleton (``saved_model.pb`` and the
+object graph, variables uninitialised) in ``prepare``; the values stream into a bundle
+shardconv writes itself (``bundle.py``): fixed offsets, ``pwrite`` in any order, within
+``--max-memory``, deterministic bytes. See docs/savedmodel.md.
 """
 from __future__ import annotations
 
@@ -12,12 +16,19 @@ from pathlib import Path
 from typing import Any
 
 from ...core.plan import Chunk, OutputTensor
+from ...errors import DestinationError
+from ...formats import bundleformat
+from ...frontend import option
 from ...util import safefs
-from ..base import Sink, SinkContext, SinkOptions, sink_option
-from . import groups, ops
-from .layout import Carried, Layout, layout_for
+from ...util.dtypes import STRING
+from ...util.fileio import fsync_tree
+from ..base import Capabilities, Sink, SinkContext, SinkOptions, sink_option
+from . import ops
+from .bundle import Bundle, Carried
+from .layout import Layout, layout_for
 
-LAYOUT_VERSION = 1
+#: The work file's format; a partial output of another version is prepared anew.
+LAYOUT_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -33,132 +44,129 @@ class TFOptions(SinkOptions):
 
 
 class TFSink(Sink):
-    """A TF output whose keys come from a skeleton TensorFlow builds (see the layout).
+    """A TF output: keys from its layout, values in a bundle shardconv writes.
 
-    Follows the ``SinkContext`` contract (``open(out, outputs, ctx)``, ``finish(receipts,
-    manifest)``) and, until the engine moves to it, the older call forms as well."""
+    ``prepare`` builds the skeleton (TensorFlow, where the layout needs it) and sizes the data
+    file; ``attach`` reopens both without TensorFlow and without changing a byte."""
 
     Options = TFOptions
+    options_help = "TensorFlow output (--to savedmodel / tf-checkpoint)"
+    capabilities = Capabilities(dtypes=frozenset(bundleformat.TF_DTYPE_CODES) - {STRING})
     output_kind = "directory"
 
     def __init__(self, layout: Layout, options: TFOptions | None = None) -> None:
         super().__init__(options)
         self.layout = layout
-        self._groups: groups.Groups | None = None
-        self._ctx: tuple[bool, int, Any] = (True, 0, None)  # durable, chunk bytes, source
+        self._bundle: Bundle | None = None
+
+    def _ctx(self) -> SinkContext:
+        assert self.ctx is not None, "open() sets the context"
+        return self.ctx
 
     def options(self) -> dict[str, Any]:
         return self.layout.options()
 
     def baseline_bytes(self) -> int:
-        return ops.TF_IMPORT_BYTES
+        return ops.TF_IMPORT_BYTES if self.layout.needs_tf else 0
 
     def scratch_slots(self) -> int:
-        return 1  # the group buffer
+        return 1  # the index: one data block (256 KiB) and the index block, at finish
 
     def final_paths(self, dest: Path) -> list[Path]:
         return self.layout.final_paths(dest)
 
+    def leave_out(self, output: OutputTensor) -> str | None:
+        if output.dtype in bundleformat.TF_DTYPE_CODES:
+            return None
+        return f"{output.dtype} has no TensorFlow DataType"
+
     def check_outputs(self, outputs: list[OutputTensor]) -> list[str]:
-        return self.layout.check_outputs(outputs)
+        """Dtypes TensorFlow has no code for, names that are not UTF-8, and the layout's own rules."""
+        problems = []
+        for o in outputs:
+            why = self.leave_out(o)
+            if why:
+                problems.append(f"{o.name!r}: {why}; leave it out or cast it with a rule")
+            try:
+                o.name.encode("utf-8")
+            except UnicodeEncodeError:
+                problems.append(f"{o.name!r}: not valid UTF-8 (a lone surrogate); checkpoint keys are UTF-8")
+        return problems + self.layout.check_outputs(outputs)
 
-    def _final_prefix(self) -> Path:
-        return self.layout.model_dir(self.out) / self.layout.prefix
+    # -- the partial output
 
-    # -- open
-
-    def open(self, out: Path, outputs: list[OutputTensor], ctx: SinkContext | None = None,
-             resume: bool | None = None) -> None:
-        """Build the skeleton and lay out the values (``prepare``), or attach to a partial output."""
-        if ctx is not None:
-            self.ctx = ctx
-            self._ctx = (ctx.durable, ctx.chunk_bytes, ctx.source)
-            resume = ctx.resume
-        else:  # the engine before SinkContext set these attributes
-            self._ctx = (self.durable, self.chunk_bytes, self.source)
-        if resume and self.attach(out, outputs):
-            return
-        self.prepare(out, outputs)
-
-    def attach(self, out: Path, outputs: list[OutputTensor]) -> bool:  # type: ignore[override]
-        """Reopen the partial output a ``prepare`` for the same outputs and options made; False
-        where nothing usable is there (then ``open`` prepares anew)."""
+    def _paths(self, out: Path, outputs: list[OutputTensor]) -> dict[str, Any]:
         self.out, self.outputs = out, outputs
         self.work = out.parent / (out.name + ".tfwork")
-        want = {o.name: [o.dtype, list(o.shape)] for o in outputs}
-        doc = groups.read_json(self.work / "layout.json")
-        return (isinstance(doc, dict) and doc.get("version") == LAYOUT_VERSION and doc.get("outputs") == want
-                and doc.get("options") == self.options() and self._reload(doc))
+        return {o.name: [o.dtype, list(o.shape)] for o in outputs}
+
+    def attach(self, out: Path, outputs: list[OutputTensor]) -> None:
+        """Reopen the partial output a ``prepare`` for the same outputs and options made, changing
+        no byte of it; no TensorFlow. Raises: DestinationError where it is not there whole."""
+        want = self._paths(out, outputs)
+        try:
+            doc = json.loads((self.work / "layout.json").read_text())
+            same = (doc.get("version"), doc.get("outputs"), doc.get("options")) == (LAYOUT_VERSION, want, self.options())
+            self.keys = {k: list(v) for k, v in doc["keys"].items()}
+            carried = [Carried.from_json(c) for c in doc["carried"]]
+        except (OSError, ValueError, TypeError, KeyError, AttributeError):
+            same = False
+        self._bundle = Bundle(self._prefix(), outputs, self.keys, carried) if same else None
+        if self._bundle is None or not self.layout.skeleton_intact(out) or not self._bundle.attach():
+            raise DestinationError(f"{out}: the partial output is damaged (its layout, skeleton or carried tensors); "
+                                   f"rerun with {option('restart')}")
 
     def prepare(self, out: Path, outputs: list[OutputTensor]) -> None:
-        """Build the skeleton (TensorFlow) and an empty partial output for the values."""
-        self.out, self.outputs = out, outputs
-        self.work = out.parent / (out.name + ".tfwork")
-        want = {o.name: [o.dtype, list(o.shape)] for o in outputs}
+        """The skeleton (TensorFlow, for a layout that needs it), then the values' data file of
+        its final size with the carried tensors in place; ``layout.json`` last marks it whole."""
+        want = self._paths(out, outputs)
         for p in (self.out, self.work):
             safefs.remove(p)
-        (self.work / "groups").mkdir(parents=True)
+        self.work.mkdir(parents=True)
         self.out.mkdir(parents=True)
-        skel = self.layout.build(self.out, self.work, outputs)
-        self.keys, self.carry = skel.keys, [c.key for c in skel.carried]
-        groups.save_carried(skel.carried, self.work / "carry")
-        groups.write_json(self.work / "layout.json", {"version": LAYOUT_VERSION, "outputs": want,
-                                                      "options": self.options(), "keys": self.keys,
-                                                      "carry": self.carry})
-        self._groups = self._new_groups()
+        skel = self.layout.build(self.out, self.work, outputs, self._ctx().source)
+        self.keys = skel.keys
+        self._bundle = Bundle(self._prefix(), outputs, self.keys, skel.carried)
+        self._prefix().parent.mkdir(parents=True, exist_ok=True)
+        self._bundle.create(self._ctx().durable)
+        doc = {"version": LAYOUT_VERSION, "outputs": want, "options": self.options(), "keys": self.keys,
+               "carried": [c.to_json() for c in skel.carried]}
+        safefs.write_atomic(self.work / "layout.json", json.dumps(doc, sort_keys=True).encode(), fsync=False)
 
-    def _new_groups(self) -> groups.Groups:
-        g = groups.Groups(self.work, self.outputs, self.keys, self.out)
-        g.durable, g.chunk_bytes = self._ctx[0], self._ctx[1]
-        return g
-
-    def _reload(self, doc: dict[str, Any]) -> bool:
-        self.keys = {k: list(v) for k, v in doc["keys"].items()}
-        self.carry = list(doc["carry"])
-        if not self.out.is_dir():
-            return False
-        self._groups = self._new_groups()
-        return self._groups.reload(self._final_prefix(), bool(self.carry))
+    def _prefix(self) -> Path:
+        return self.layout.model_dir(self.out) / self.layout.prefix
 
     # -- values
 
     def write(self, chunk: Chunk, data: memoryview) -> Any:
-        assert self._groups is not None
-        return self._groups.write(chunk, data)
+        assert self._bundle is not None
+        return self._bundle.write(chunk, data, self._ctx().durable)
 
     def check(self, chunk: Chunk, receipt: Any) -> bool:
-        return self._groups is not None and self._groups.check(chunk, receipt)
+        return self._bundle is not None and self._bundle.check(chunk, receipt)
 
-    def finish(self, receipts: list[tuple[Chunk, Any]], manifest: dict[str, Any],
-               fsync: bool | None = None, dest: Path | None = None) -> list[tuple[Path, Path]]:
-        """Merge the values, write the manifest (a copy), fsync; the renames that publish DEST."""
-        if self.ctx is not None:
-            fsync, dest = self.ctx.durable, self.ctx.dest.path
-        assert self._groups is not None and dest is not None
-        self._groups.merge(receipts, self._final_prefix(), bool(self.carry))
+    def finish(self, receipts: list[tuple[Chunk, Any]], manifest: dict[str, Any]) -> list[tuple[Path, Path]]:
+        """The index, the state file, the manifest (a copy, with CRCs and keys); all fsynced when
+        durable. Returns the renames that publish DEST."""
+        fsync, dest = self._ctx().durable, self._ctx().dest.path
+        assert self._bundle is not None
+        crcs = self._bundle.finish(receipts, bool(fsync))
         if self.layout.state_file:  # so the directory works as a checkpoint directory
             name = self.layout.prefix
             safefs.write_file(self.out / "checkpoint", (f'model_checkpoint_path: "{name}"\n'
                                                         f'all_model_checkpoint_paths: "{name}"\n').encode(), False)
-        manifest = {**manifest, "tf_keys": dict(self.keys)}
+        tensors = [{**t, "crc32c": crc} for t, crc in zip(manifest["tensors"], crcs)]
         mpath = self.layout.manifest_path(self.out)
         mpath.parent.mkdir(parents=True, exist_ok=True)
-        safefs.write_file(mpath, (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode(), fsync=False)
+        doc = {**manifest, "tensors": tensors, "tf_keys": dict(self.keys)}
+        safefs.write_file(mpath, (json.dumps(doc, indent=1, sort_keys=True) + "\n").encode(), fsync=False)
         if fsync:
             fsync_tree(self.out)
         return self.layout.moves(self.out, dest)
 
     def close(self) -> None:
-        if self._groups is not None:
-            self._groups.close()
-
-
-def fsync_tree(root: Path) -> None:
-    """fsync every file and directory under ``root`` (DurabilityError naming the one that fails)."""
-    for dirpath, _, files in os.walk(root):
-        for f in files:
-            safefs.fsync_path(Path(dirpath) / f)
-        safefs.fsync_path(dirpath, directory=True)
+        if self._bundle is not None:
+            self._bundle.close()
 
 
 class SavedModelSink(TFSink):
@@ -175,14 +183,15 @@ class SavedModelSink(TFSink):
 
 
 class TFCheckpointSink(TFSink):
-    """``--to tf-checkpoint --model-builder``: ``DEST/ckpt.*`` keyed as
-    ``tf.train.Checkpoint(model=<built model>)`` saves it."""
+    """``--to tf-checkpoint``: ``DEST/ckpt.*``, keyed by the output names or, with a model
+    builder, as ``tf.train.Checkpoint(model=<built model>)`` saves it."""
 
     name = "tf-checkpoint"
 
     def __init__(self, options: TFOptions | None = None, *, model_builder: str | None = None,
-                 model_config: str | os.PathLike | None = None) -> None:
-        o = options or TFOptions(model_builder=model_builder, model_config=_path_text(model_config))
+                 model_config: str | os.PathLike | None = None, serving_version: int | None = None) -> None:
+        o = options or TFOptions(model_builder=model_builder, model_config=_path_text(model_config),
+                                 serving_version=serving_version)
         super().__init__(layout_for("tf-checkpoint", o.model_builder, o.model_config, o.serving_version), o)
 
 
@@ -190,4 +199,4 @@ def _path_text(path: str | os.PathLike | None) -> str | None:
     return os.fspath(path) if path is not None else None
 
 
-__all__ = ["TFSink", "SavedModelSink", "TFCheckpointSink", "Carried"]
+__all__ = ["TFSink", "TFOptions", "SavedModelSink", "TFCheckpointSink"]
