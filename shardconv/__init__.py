@@ -8,6 +8,8 @@ load on first use, so ``shardconv --help`` starts without NumPy.
 from __future__ import annotations
 
 import importlib
+import sys
+import types
 from typing import Any
 
 __version__ = "0.1.0"
@@ -17,10 +19,10 @@ _ERRORS = ("ShardconvError", "UsageError", "SourceError", "SourceChangedError", 
            "PlanError", "VerifyError", "BudgetError")
 
 #: Public name -> module it lives in (imported on first access).
-_EXPORTS = {"convert": ".api", "list_tensors": ".api", "open_source": ".api", "plan": ".api", "verify": ".api",
+_EXPORTS = {"convert": ".api", "list_tensors": ".api", "open_source": ".api", "plan": ".api", "verify": ".verify",
             "make_plan": ".api", "JaxTreeSource": ".sources.jax_tree", **dict.fromkeys(_ERRORS, ".errors")}
 
-__all__ = [*_EXPORTS, "__version__"]
+__all__ = list(_EXPORTS) + ["__version__"]
 
 
 def __getattr__(name: str) -> Any:
@@ -34,3 +36,21 @@ def __getattr__(name: str) -> Any:
 
 def __dir__() -> list[str]:
     return sorted([*globals(), *_EXPORTS])
+
+
+class _Package(types.ModuleType):
+    """``shardconv.verify`` is the function, also once its module ``shardconv.verify`` is imported
+    (the import system then sets the package attribute to the module; that write is ignored)."""
+
+    @property
+    def verify(self) -> Any:
+        from .verify import verify
+
+        return verify
+
+    @verify.setter
+    def verify(self, value: Any) -> None:
+        pass
+
+
+sys.modules[__name__].__class__ = _Package

@@ -2,18 +2,20 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import inspect
 import json
 import os
 import signal
 import sys
 import threading
 import unicodedata
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from . import __version__
 from .errors import ShardconvError, VerifyError
-from .frontend import MAPPING_OPTIONS, command_line
+from .frontend import DEFAULT_MAX_MEMORY, MAPPING_OPTIONS, command_line
 from .util.units import format_size, parse_size
 
 #: Bidirectional-text controls: they reorder what a terminal shows, so they are escaped too.
@@ -81,44 +83,108 @@ def _mapping(p: argparse.ArgumentParser, title: str = "see docs/mapping.md") -> 
 
 
 def _tf_output(p: argparse.ArgumentParser) -> None:
+    """Transition: the TF sinks' flags, until their options are a dataclass (then generated)."""
     g = p.add_argument_group("TensorFlow output (--to savedmodel / tf-checkpoint; see docs/savedmodel.md)")
-    g.add_argument("--serving-version", type=int, metavar="N",
+    g.add_argument("--serving-version", dest=SINK_DEST + "serving_version", type=int, metavar="N",
                    help="savedmodel: write DEST/N/ (TF Serving layout), beside other versions in DEST")
-    g.add_argument("--model-builder", metavar="MODULE:FUNCTION",
+    g.add_argument("--model-builder", dest=SINK_DEST + "model_builder", metavar="MODULE:FUNCTION",
                    help="build the model with this function (from the current directory or PYTHONPATH) and fill "
                         "its variables; the SavedModel keeps its serving signature")
-    g.add_argument("--model-config", metavar="FILE", help="the one argument passed to --model-builder")
+    g.add_argument("--model-config", dest=SINK_DEST + "model_config", metavar="FILE", help="the one argument passed to --model-builder")
 
 
-def _sink_options(args: argparse.Namespace) -> dict:
-    """Sink options given on the command line (only those set)."""
-    opts = {"serving_version": getattr(args, "serving_version", None),
-            "model_builder": getattr(args, "model_builder", None),
-            "model_config": getattr(args, "model_config", None)}
-    opts.update({k: getattr(args, k, None) for k in ("zarr_format", "compression", "chunk_mib", "layout",
-                                                       "orbax_step")})
-    if getattr(args, "max_file_size", None) is not None:
-        opts["max_file_size"] = parse_size(args.max_file_size)
-    return {k: v for k, v in opts.items() if v is not None}
+#: Where the parser puts each output format's option (``--max-file-size`` -> ``sink_option__max_file_size``),
+#: apart from every other argument's name.
+SINK_DEST = "sink_option__"
 
 
-def _npz_output(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("NPZ output (DEST ending in .npz, or --to npz; see docs/npz-format.md)")
-    g.add_argument("--max-file-size", metavar="SIZE",
-                   help="split into files of at most SIZE (e.g. 5GB) in directory DEST, with an index JSON "
-                        "mapping each tensor to its file (as Hugging Face shards checkpoints)")
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser that adds some argument groups only when it parses or shows help:
+    the output formats' options come from the sink classes, whose modules import NumPy, and
+    ``shardconv --help`` must not."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.deferred: list[Callable[[argparse.ArgumentParser], None]] = []
+
+    def _complete(self) -> None:
+        while self.deferred:
+            self.deferred.pop(0)(self)
+
+    def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
+        self._complete()
+        return super().parse_known_args(args, namespace)
+
+    def format_help(self) -> str:
+        self._complete()
+        return super().format_help()
 
 
-def _zarr_output(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("Zarr output (DEST ending in .zarr, or --to zarr; see docs/zarr.md)")
-    g.add_argument("--zarr-format", type=int, choices=[2, 3], help="Zarr v3 (default) or v2")
-    g.add_argument("--compression", choices=["none", "zstd", "blosc"], help="chunk compression (default none)")
-    g.add_argument("--chunk-mib", type=float, metavar="MIB", help="target Zarr chunk size (default 4)")
-    g.add_argument("--layout", choices=["zarr", "orbax"],
-                   help="zarr: a group per '/' in names (default); orbax: a checkpoint orbax.checkpoint restores")
-    g.add_argument("--orbax-step", type=int, metavar="N",
-                   help="with --layout orbax: write DEST/N/default/ as orbax.checkpoint.CheckpointManager(DEST) "
-                        "saves step N, beside other steps in DEST")
+def _sink_classes() -> dict[str, Any]:
+    """Each output format's sink class that declares its options (``Sink.Options``)."""
+    from .sinks import REGISTRY, sink_class
+
+    classes = {}
+    for fmt in REGISTRY:
+        try:
+            cls = sink_class(fmt)
+        except ImportError:  # a format whose module cannot load takes no flags (convert says why)
+            continue
+        if "options" in inspect.signature(cls).parameters:
+            classes[fmt] = cls
+    return classes
+
+
+def _sink_output(p: argparse.ArgumentParser) -> None:
+    """One argument group per output format, generated from its options dataclass: each field a
+    ``--flag`` (added once where formats share it, its help naming them)."""
+    classes = _sink_classes()
+    owners: dict[str, list[str]] = {}
+    for fmt, cls in classes.items():
+        for f in dataclasses.fields(cls.Options):
+            owners.setdefault(f.name, []).append(fmt)
+    added: set[str] = set()
+    for fmt, cls in classes.items():
+        fields = [f for f in dataclasses.fields(cls.Options) if f.name not in added]
+        if not fields:
+            continue
+        g = p.add_argument_group(cls.options_help or f"{fmt} output (--to {fmt})")
+        for f in fields:
+            added.add(f.name)
+            g.add_argument("--" + f.name.replace("_", "-"), **_flag_spec(f, owners[f.name]))
+    if "model_builder" not in added:
+        _tf_output(p)
+
+
+def _flag_spec(f: dataclasses.Field, owners: list[str]) -> dict[str, Any]:
+    """``add_argument`` keywords for options field ``f`` (its ``sink_option`` metadata); the value
+    stays text, parsed by the options dataclass."""
+    meta = f.metadata.get("cli", {})
+    help_text = meta.get("help", "") + (f" ({', '.join(owners)})" if len(owners) > 1 else "")
+    spec: dict[str, Any] = {"dest": SINK_DEST + f.name, "default": None, "help": help_text}
+    if isinstance(f.default, bool):
+        return {**spec, "action": "store_const", "const": True}
+    if meta.get("choices"):
+        spec["choices"] = [str(c) for c in meta["choices"]]
+    if meta.get("metavar"):
+        spec["metavar"] = meta["metavar"]
+    return spec
+
+
+def _sink_values(args: argparse.Namespace) -> dict[str, Any]:
+    """The output format options given on the command line (as text; those not given left out)."""
+    return {k[len(SINK_DEST):]: v for k, v in vars(args).items() if k.startswith(SINK_DEST) and v is not None}
+
+
+def sink_flags(options: dict[str, Any]) -> list[str]:
+    """Sink options as command-line flags: ``{"max_file_size": 1048576}`` -> ``["--max-file-size",
+    "1048576"]`` (a True switch is its flag alone)."""
+    flags: list[str] = []
+    for name, value in options.items():
+        flags.append("--" + name.replace("_", "-"))
+        if value is not True:
+            flags.append(str(value))
+    return flags
 
 
 def _presets() -> list[str]:
@@ -137,7 +203,7 @@ def _mapping_kwargs(args: argparse.Namespace) -> dict:
 COMMANDS = ("ls", "plan", "convert", "verify")
 SRC_HELP = ("the checkpoint: a TF checkpoint prefix or its .index, a checkpoint or SavedModel directory, an .npz "
             "(or a directory of them with an index), a Zarr store, an Orbax or t5x checkpoint, a flax msgpack file")
-MAX_MEMORY_HELP = ("bound on every buffer shardconv allocates (default 512MiB); units: K, M, G binary as in Docker and "
+MAX_MEMORY_HELP = (f"bound on every buffer shardconv allocates (default {DEFAULT_MAX_MEMORY}); units: K, M, G binary as in Docker and "
                    "-Xmx (1K = 1024), KB, MB, GB decimal (1KB = 1000), KiB, MiB, GiB binary, or a number of bytes")
 
 
@@ -153,11 +219,11 @@ def _source_args(p: argparse.ArgumentParser, budget: bool = True) -> None:
     p.add_argument("--step", type=int, metavar="N",
                    help="checkpoint step of SRC in a directory of several (default: the latest)")
     if budget:
-        p.add_argument("--max-memory", default="512MiB", metavar="SIZE", help=MAX_MEMORY_HELP)
+        p.add_argument("--max-memory", default=DEFAULT_MAX_MEMORY, metavar="SIZE", help=MAX_MEMORY_HELP)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="shardconv", description=__doc__.splitlines()[0] if __doc__ else None)
+    parser = _Parser(prog="shardconv", description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--version", action="version", version=f"shardconv {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", title="commands")
     formats = _formats()
@@ -203,9 +269,7 @@ def _convert_parser(p: argparse.ArgumentParser, formats: list[str]) -> None:
                                                        "JSON object on stdout")
     p.add_argument("--dry-run", action="store_true", help="print the plan (as shardconv plan) and write nothing")
     _mapping(p)
-    _npz_output(p)
-    _tf_output(p)
-    _zarr_output(p)
+    p.deferred.append(_sink_output)  # type: ignore[attr-defined]
     _common(p)
 
 
@@ -247,11 +311,11 @@ def _ls(args: argparse.Namespace) -> int:
         return 0
     width = max([len(r["name"]) for r in rows] + [4])
     for r in rows:
-        role = (f"ema of {r['ema_of']}" if r["ema_of"] else
+        what = (f"ema of {r['ema_of']}" if r["ema_of"] else
                 f"optimizer, slot of {r['slot_of']}" if r["slot_of"] else r["role"])
         key = f"  <- {r['key']}" if r["key"] != r["name"] else ""
         print(one_line(f"{r['name']:<{width}}  {r['dtype']:<9} {str(r['shape']):<20} {format_size(r['nbytes']):>10}  "
-                       f"{role}{key}"))
+                       f"{what}{key}"))
     if not args.quiet:
         _say(f"{len(rows)} tensors, {format_size(sum(r['nbytes'] for r in rows))}")
     return 0
@@ -264,7 +328,7 @@ def _convert(args: argparse.Namespace) -> int:
         return _plan(args)
     r = convert(_open_src(args), args.dest, to=args.to, max_memory=args.max_memory, overwrite=args.overwrite,
                 restart=args.restart, fsync=args.fsync, progress=not args.quiet, step=args.step,
-                sink_options=_sink_options(args) or None, **_mapping_kwargs(args))
+                sink_options=_sink_values(args) or None, **_mapping_kwargs(args))
     if args.json:
         import dataclasses
 
@@ -314,7 +378,7 @@ def _plan(args: argparse.Namespace) -> int:
     from .sinks import require, sink_for
 
     with _open_src(args) as source:
-        sink = sink_for(getattr(args, "dest", "x"), args.to, **_sink_options(args))
+        sink = sink_for(getattr(args, "dest", "x"), args.to, **_sink_values(args))
         require(sink.name)  # a missing library is reported by plan as by convert
         plan = make_plan(source, **_mapping_kwargs(args)).leave_out(sink.leave_out)
         infos = {t.name: t for t in source.tensors()}
@@ -356,7 +420,7 @@ def _plan(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    from .api import verify
+    from .verify import verify
 
     mapping = {k: v for k, v in _mapping_kwargs(args).items() if v is not None}
     r = verify(args.dest, args.src, max_memory=args.max_memory, progress=not args.quiet, step=args.step, **mapping)

@@ -8,6 +8,9 @@ import contextvars
 from collections.abc import Iterator
 from typing import Any
 
+#: The memory bound of a conversion or verify when none is given (``api.DEFAULT_MAX_MEMORY``).
+DEFAULT_MAX_MEMORY = "512MiB"
+
 _CLI = contextvars.ContextVar("shardconv_cli", default=False)
 
 #: The mapping options, in the order messages and help list them (``convert``, ``plan`` and

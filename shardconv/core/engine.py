@@ -5,6 +5,7 @@ The engine knows no format: sources and sinks plug in through their interfaces.
 """
 from __future__ import annotations
 
+import inspect
 import os
 import queue
 import signal
@@ -17,15 +18,16 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .. import __version__
-from ..errors import DestinationError, DurabilityError, PlanError, ResumeError, SourceChangedError
+from ..errors import DestinationError, DurabilityError, PlanError, ResumeError, SourceChangedError, UsageError
 from ..frontend import changed_options, option
 from ..progress import ProgressArg
 from ..progress import start as start_progress
 from ..util import safefs
 from .budget import Budget, BufferPool
+from .destination import Destination, SinkContext
 from .integrity import IntegrityTracker
 from .journal import Journal, describe_changes
-from .plan import Chunk, Plan, chunk_plan
+from .plan import Chunk, OutputTensor, Plan, chunk_plan
 from .staging import Staging
 
 if TYPE_CHECKING:  # the contract only; core never imports a sink at run time
@@ -87,15 +89,21 @@ def _check_resumable(old: dict[str, Any], new: dict[str, Any], staging: Staging)
 
 
 def manifest_for(plan: Plan, sink: Sink) -> dict[str, Any]:
-    units = plan.source.units()
+    """The manifest of ``plan`` written by ``sink``: per output its name, dtype, shape, where it
+    came from, the source's checksums and dtypes of its inputs. Linear in outputs plus units.
+
+    Returns: a JSON-able dict (sinks copy it, never edit it). Raises: nothing."""
+    sums: dict[str, list[tuple[int, str, str]]] = {}  # source tensor -> (unit order, key, checksum)
+    for k, (key, u) in enumerate(plan.source.units().items()):
+        sums.setdefault(u.tensor, []).append((k, key, f"{u.algorithm}:{u.expected}"))
     dtypes = {t.name: t.dtype for t in plan.source.tensors()}
     tensors = []
     for o in plan.outputs:
         entry = {"name": o.name, "dtype": o.dtype, "shape": list(o.shape), "nbytes": o.nbytes,
                  "from": o.producer.describe()}
-        sums = {k: f"{u.algorithm}:{u.expected}" for k, u in units.items() if u.tensor in o.producer.inputs}
-        if sums:
-            entry["source_checksums"] = sums
+        found = sorted(s for name in dict.fromkeys(o.producer.inputs) for s in sums.get(name, ()))
+        if found:
+            entry["source_checksums"] = {key: value for _, key, value in found}
         entry["source_dtypes"] = {n: dtypes[n] for n in o.producer.inputs if n in dtypes}
         tensors.append(entry)
     return {
@@ -107,73 +115,167 @@ def manifest_for(plan: Plan, sink: Sink) -> dict[str, Any]:
     }
 
 
-def run(plan: Plan, sink: Sink, dest: str | os.PathLike, *, max_memory: int, overwrite: bool = False,
-        restart: bool = False, fsync: bool = True, progress: ProgressArg = True,
+@dataclass
+class _Job:
+    """One conversion between taking the lock and releasing it."""
+
+    plan: Plan
+    sink: Sink
+    dest: Destination
+    staging: Staging
+    journal: Journal
+    header: dict[str, Any]
+    fsync: bool
+    journaled: bool = False
+    committed: bool = False
+    discard: bool = False
+
+
+@dataclass
+class _Opened:
+    """What opening the partial output gave: the budget, the chunks, those kept from a resume."""
+
+    budget: Budget
+    chunks: list[Chunk]
+    tracker: IntegrityTracker
+    done: dict[int, dict[str, Any]]
+
+
+def run(plan: Plan, sink: Sink, dest: str | os.PathLike[str] | Destination, *, max_memory: int,
+        overwrite: bool = False, restart: bool = False, fsync: bool = True, progress: ProgressArg = True,
         chunk_bytes: int | None = None) -> Result:
     """Convert ``plan`` into ``sink`` at ``dest``; resumes a partial output of the same run.
 
     Every refusal that does not depend on a partial output (names the sink cannot hold,
     the budget, the destination's kind, an output over or inside the input) comes before
-    the lock: it leaves no ``DEST.partial`` behind."""
+    the lock: it leaves no ``DEST.partial`` behind.
+
+    Returns: the Result. Raises: PlanError, BudgetError, UsageError and DestinationError before
+    anything is written; ResumeError, SourceError, ChecksumError, SourceChangedError,
+    DestinationError and DurabilityError while converting (the last two discard the partial)."""
     t0 = time.monotonic()
     _start_kill_timer()
-    shown = str(dest) if "://" in str(dest) else None  # URLs are reported as given
-    problems = sink.check_outputs(plan.outputs)
-    if problems:
-        raise PlanError(problems, where=os.fspath(dest))
-    dest = sink.local_dest(dest)
-    scratch = _scratch_slots(plan, sink)
-    Budget.for_limit(max_memory, chunk_bytes, scratch_factor=scratch, reserve=plan.source.budget_reserve())
-    check_destination(plan, sink, dest, overwrite, shown or str(dest))
-    staging = Staging(dest)
+    where = Destination.parse(dest)
+    scratch = _refuse_before_lock(plan, sink, where, overwrite, max_memory, chunk_bytes)
+    where.make_state_dir()
+    staging = Staging(where.path)
     staging.acquire()
-    journal = Journal(staging.journal_path)
-    journaled = committed = discard = False
+    job = _Job(plan, sink, where, staging, Journal(staging.journal_path), _header(plan, sink), fsync)
     try:
-        _hook("lock", dest)
-        if not overwrite and sink.exists(dest):  # another run may have published it meanwhile
-            raise DestinationError(f"{shown or dest}: already exists; pass {option('overwrite')} to replace it")
-        header = {"sink": sink.name, "sink_options": sink.options(), "source": plan.source.fingerprint(),
-                  "plan": plan.digest(), "options": plan.options}
-        prior = _prior_run(journal, staging, header, restart)
-        budget = Budget.for_limit(max_memory, prior[0]["chunk_bytes"] if prior else chunk_bytes,
-                                  scratch_factor=scratch, reserve=plan.source.budget_reserve())
-        resume = bool(prior) and safefs.lstat(staging.out) is not None
-        sink.durable = fsync
-        sink.chunk_bytes = budget.chunk_bytes
-        sink.source = plan.source
-        sink.open(staging.out, plan.outputs, resume=resume)
-        chunks = chunk_plan(plan.outputs, budget.chunk_bytes, sink.row_multiple)
-        tracker = IntegrityTracker(plan.source.units())
-        done = _kept_chunks(prior[1], chunks, sink, tracker) if resume else {}
-        journal.start({**header, "chunk_bytes": budget.chunk_bytes, "dest": dest.name}, [done[i] for i in sorted(done)],
-                      durable=fsync)
-        journaled = True
-        todo = [(i, c) for i, c in enumerate(chunks) if i not in done]
-        total = plan.total_bytes
-        resumed_bytes = sum(chunks[i].length for i in done)
-        resumed_chunks = len(done)
-        _pipeline(plan, sink, journal, tracker, todo, done, budget, progress, total, resumed_bytes, dest.name)
-        verify_inputs(plan, tracker, budget.chunk_bytes)
-        check_source_unchanged(plan, header["source"], shown or str(dest))
-
-        receipts = [(chunks[i], done[i]["r"]) for i in range(len(chunks))]
-        moves = sink.finish(receipts, manifest_for(plan, sink), fsync, dest)
-        journal.close()
-        _hook("finish", dest)
-        staging.commit(moves, overwrite, fsync)
-        committed = True
-        _hook("renamed")
-        return Result(shown or dest, len(plan.outputs), total, total - resumed_bytes, len(todo), resumed_chunks,
-                      time.monotonic() - t0, len(tracker.verified), list(plan.dropped), budget.chunk_bytes,
-                      list(plan.notes))
+        _hook("lock", where.path)
+        if not overwrite and _published(sink, where):  # another run may have published it meanwhile
+            raise DestinationError(f"{where.label}: already exists; pass {option('overwrite')} to replace it")
+        opened = _open(job, restart, max_memory, chunk_bytes, scratch)
+        resumed = sum(opened.chunks[i].length for i in opened.done)
+        resumed_chunks = len(opened.done)
+        _convert(job, opened, progress, resumed)
+        _commit(job, opened, overwrite)
+        return Result(dest=where.shown, tensors=len(plan.outputs), bytes_total=plan.total_bytes,
+                      bytes_written=plan.total_bytes - resumed, chunks_written=len(opened.chunks) - resumed_chunks,
+                      chunks_resumed=resumed_chunks, seconds=time.monotonic() - t0,
+                      verified_units=len(opened.tracker.verified), dropped=list(plan.dropped),
+                      chunk_bytes=opened.budget.chunk_bytes, notes=list(plan.notes))
     except (DurabilityError, SourceChangedError):
-        discard = True  # after a failed fsync nothing written is trusted; a changed source's chunks never are
+        job.discard = True  # after a failed fsync nothing written is trusted; a changed source's chunks never are
         raise
     finally:
-        journal.close()
+        job.journal.close()
         sink.close()
-        staging.release(remove=committed or discard or (staging.created and not journaled))
+        staging.release(remove=job.committed or job.discard or (staging.created and not job.journaled))
+
+
+def _header(plan: Plan, sink: Sink) -> dict[str, Any]:
+    """What a journal records of a run, and a resume must find unchanged."""
+    return {"sink": sink.name, "sink_options": sink.options(), "source": plan.source.fingerprint(),
+            "plan": plan.digest(), "options": plan.options}
+
+
+def _refuse_before_lock(plan: Plan, sink: Sink, where: Destination, overwrite: bool, max_memory: int,
+                        chunk_bytes: int | None) -> int:
+    """Every refusal that needs no lock: names the sink cannot hold, a URL for a local-only
+    sink, the budget, the destination. Returns: the scratch slots. Raises: PlanError,
+    UsageError, BudgetError, DestinationError."""
+    problems = sink.check_outputs(plan.outputs)
+    if problems:
+        raise PlanError(problems, where=where.given)
+    if where.is_url and not sink.capabilities.remote:
+        raise UsageError(f"{where.url}: the {sink.name} output (with these options) is written to a local path "
+                         "only; write it there and copy it to the object store")
+    scratch = _scratch_slots(plan, sink)
+    Budget.for_limit(max_memory, chunk_bytes, scratch_factor=scratch, reserve=plan.source.budget_reserve())
+    check_destination(plan, sink, where, overwrite)
+    return scratch
+
+
+def _published(sink: Sink, where: Destination) -> bool:
+    """True if a finished output is at ``where``. On an object store, a journal of ours in the
+    state directory means the run there is unfinished (no rename publishes it): resume it."""
+    if where.is_url and safefs.lstat(Staging(where.path).journal_path) is not None:
+        return False
+    return sink.exists(where)
+
+
+def _open(job: _Job, restart: bool, max_memory: int, chunk_bytes: int | None, scratch: int) -> _Opened:
+    """Continue the journaled run (attach, keep its intact chunks) or start afresh (prepare)."""
+    prior = _prior_run(job.journal, job.staging, job.header, restart)
+    recorded = prior[0].get("chunk_bytes") if prior else None
+    if isinstance(recorded, int) and not isinstance(recorded, bool) and recorded > 0:
+        chunk_bytes = recorded  # the same chunks as the journaled run (a resume keeps them)
+    budget = Budget.for_limit(max_memory, chunk_bytes, scratch_factor=scratch,
+                              reserve=job.plan.source.budget_reserve())
+    resume = prior is not None and safefs.lstat(job.staging.out) is not None
+    ctx = SinkContext(job.dest, durable=job.fsync, chunk_bytes=budget.chunk_bytes, resume=resume,
+                      source=job.plan.source)
+    _open_sink(job.sink, job.staging.out, job.plan.outputs, ctx)
+    chunks = chunk_plan(job.plan.outputs, budget.chunk_bytes, job.sink.row_multiple)
+    tracker = IntegrityTracker(job.plan.source.units())
+    done = _kept_chunks(prior[1], chunks, job.sink, tracker) if resume and prior else {}
+    job.journal.start({**job.header, "chunk_bytes": budget.chunk_bytes, "dest": job.dest.path.name},
+                      [done[i] for i in sorted(done)], durable=job.fsync)
+    job.journaled = True
+    return _Opened(budget, chunks, tracker, done)
+
+
+def _convert(job: _Job, opened: _Opened, progress: ProgressArg, resumed: int) -> None:
+    """Write every chunk not kept, then check what the reads did not: the inputs' remaining
+    checksums, and that the source did not change meanwhile."""
+    todo = [(i, c) for i, c in enumerate(opened.chunks) if i not in opened.done]
+    _pipeline(job.plan, job.sink, job.journal, opened.tracker, todo, opened.done, opened.budget, progress,
+              job.plan.total_bytes, resumed, job.dest.path.name)
+    verify_inputs(job.plan, opened.tracker, opened.budget.chunk_bytes)
+    check_source_unchanged(job.plan, job.header["source"], job.dest.label)
+
+
+def _commit(job: _Job, opened: _Opened, overwrite: bool) -> None:
+    """Finish the output and publish it (atomic renames)."""
+    receipts = [(c, opened.done[i]["r"]) for i, c in enumerate(opened.chunks)]
+    moves = _finish_sink(job.sink, receipts, manifest_for(job.plan, job.sink), job.dest, job.fsync)
+    job.journal.close()
+    _hook("finish", job.dest.path)
+    job.staging.commit(moves, overwrite, job.fsync)
+    job.committed = True
+    _hook("renamed")
+
+
+def _legacy(sink: Sink) -> bool:
+    """Transition: a sink of the contract before SinkContext (``open(out, outputs, resume)``,
+    ``finish(receipts, manifest, fsync, dest)``): the TF sinks until they move."""
+    return "resume" in inspect.signature(sink.open).parameters
+
+
+def _open_sink(sink: Sink, out: Path, outputs: list[OutputTensor], ctx: SinkContext) -> None:
+    if _legacy(sink):
+        sink.durable, sink.chunk_bytes, sink.source = ctx.durable, ctx.chunk_bytes, ctx.source
+        sink.open(out, outputs, resume=ctx.resume)  # type: ignore[call-arg]
+    else:
+        sink.open(out, outputs, ctx)
+
+
+def _finish_sink(sink: Sink, receipts: list[tuple[Chunk, Any]], manifest: dict[str, Any], dest: Destination,
+                 fsync: bool) -> list[tuple[Path, Path]]:
+    if _legacy(sink):
+        return sink.finish(receipts, manifest, fsync, dest.path)  # type: ignore[call-arg]
+    return sink.finish(receipts, manifest)
 
 
 def _scratch_slots(plan: Plan, sink: Sink) -> int:
@@ -213,16 +315,20 @@ def _kept_chunks(records: list[dict[str, Any]], chunks: list[Chunk], sink: Sink,
     return done
 
 
-def check_destination(plan: Plan, sink: Sink, dest: Path, overwrite: bool, label: str) -> None:
+def check_destination(plan: Plan, sink: Sink, dest: Destination, overwrite: bool) -> None:
     """Refuse, before anything is written: an output over, around or inside the input; an
     existing output without ``overwrite``; with it, one of another kind (a file where a
     directory goes, or the reverse). A symbolic link at DEST is replaced as a link: its
-    target is never followed, written or removed."""
-    finals = sink.final_paths(dest)
-    _check_apart_from_input(plan, [*finals, Staging(dest).dir], label)
+    target is never followed, written or removed.
+
+    Returns: None. Raises: DestinationError."""
+    finals = sink.final_paths(dest.path)
+    _check_apart_from_input(plan, [*finals, Staging(dest.path).dir], dest.label)
     if not overwrite:
-        if sink.exists(dest):
-            raise DestinationError(f"{label}: already exists; pass {option('overwrite')} to replace it")
+        if _published(sink, dest):
+            raise DestinationError(f"{dest.label}: already exists; pass {option('overwrite')} to replace it")
+        return
+    if dest.is_url:
         return
     for k, path in enumerate(finals):
         want = sink.output_kind if k == len(finals) - 1 else "file"
@@ -292,7 +398,7 @@ def verify_inputs(plan: Plan, tracker: IntegrityTracker, chunk_bytes: int) -> No
         tracker.reset(name)
         for off in range(0, info.nbytes, chunk_bytes):
             n = min(chunk_bytes, info.nbytes - off)
-            tracker.add(plan.source.read_into(name, off, memoryview(buf)[:n]))
+            tracker.add(plan.source.read_into(name, off, buf.data[:n]))
 
 
 def _pipeline(plan: Plan, sink: Sink, journal: Journal, tracker: IntegrityTracker, todo: list[tuple[int, Chunk]],
@@ -318,7 +424,7 @@ def _pipeline(plan: Plan, sink: Sink, journal: Journal, tracker: IntegrityTracke
                         break
                     except queue.Empty:
                         continue
-                view = memoryview(buf)[: c.length]
+                view = buf.data[: c.length]
                 segs = plan.outputs[c.index].producer.fill(c.offset, view, read) if c.length else []
                 filled.put((i, c, buf, segs))
             filled.put(None)

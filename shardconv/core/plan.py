@@ -180,9 +180,9 @@ def chunk_region(shape: tuple[int, ...], isz: int, offset: int, length: int) -> 
     if not shape:
         return ()
     strides = [math.prod(shape[k + 1:]) * isz for k in range(len(shape))]
-    index = []
+    index: list[slice] = []
     pos = offset
-    for k, (dim, stride) in enumerate(zip(shape, strides)):
+    for k, stride in enumerate(strides):
         start = pos // stride
         pos -= start * stride
         if length >= stride or k == len(shape) - 1:

@@ -1,103 +1,274 @@
-"""The sink interface: accept output tensors as byte chunks, in any order, then finish.
+"""The sink contract: accept output tensors as byte chunks, in any order, then finish.
 
-A sink lays out its output from the plan alone (``open``), writes chunks where
-they belong (``write`` returns a small receipt the journal keeps, e.g. a CRC),
-re-checks a journaled chunk on resume (``check``), and on ``finish`` writes what
-depends on all chunks (zip directory, metadata) and returns the renames that
-publish the result.
+A sink's life, driven by the engine (or, for a conversion split over processes, by a
+coordinator and its workers):
+
+1. **construct** from its options (``Sink.Options``, a ``SinkOptions`` dataclass whose field
+   metadata also generates the command-line flags) and declare what it can hold
+   (``capabilities``, ``leave_out``, ``check_outputs``); nothing is written yet.
+2. **prepare** (``open`` with ``ctx.resume`` false): lay out a new partial output at ``out``
+   from the plan alone (files created and sized, headers whose bytes the plan fixes). Replaces
+   what an earlier run left at ``out``; never touches anything else.
+3. **attach** (``open`` with ``ctx.resume`` true): open the partial output an earlier prepare
+   made, for writing and checking chunks. NON-DESTRUCTIVE: attaching to a half-written or a
+   finished output changes no byte of it (no truncation, no deletion, no header rewritten);
+   anything that must change before a chunk is rewritten is changed by that ``write``.
+4. **write** any chunk, in any order, any number of times (idempotent); each returns a small
+   JSON-able receipt (e.g. a CRC) the journal keeps; **check** re-checks a journaled chunk.
+5. **finish**: write what depends on every chunk (zip directory, metadata), fsync when
+   ``ctx.durable``, and return the renames that publish the result. Never edits the manifest
+   it is given. Then **close** (always, once, also after a failure).
+
+The layout must be a pure function of the outputs, the options and ``ctx.chunk_bytes``, so
+every process that prepares or attaches agrees on where each byte goes.
+
+Adding a format takes three places: its module (a ``Sink`` subclass), one line in
+``sinks.REGISTRY`` (or ``sinks.register``) and one ``testing.SinkTests`` subclass.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
+from ..core.destination import Destination, SinkContext
 from ..core.plan import Chunk, OutputTensor
+from ..errors import UsageError
+from ..frontend import option_name
+from ..util.dtypes import STRING
+
+__all__ = ["Capabilities", "Chunk", "Destination", "NoOptions", "OutputTensor", "Sink", "SinkContext",
+           "SinkOptions", "sink_option"]
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a format can hold, declared by its sink (checked before anything is written).
+
+    ``nested_names``: a ``/`` in a name makes a group (so a name cannot be both a tensor and a
+    group). ``string_tensors``: it stores string tensors. ``dtypes``: the dtypes it stores
+    (None: every dtype shardconv knows). ``remote``: it writes to object-store URLs.
+    """
+
+    nested_names: bool = False
+    string_tensors: bool = False
+    dtypes: frozenset[str] | None = None
+    remote: bool = False
+
+
+def sink_option(default: Any = None, help: str = "", *, metavar: str | None = None,
+                choices: Sequence[Any] | None = None, parse: Callable[[str], Any] | None = None) -> Any:
+    """A ``SinkOptions`` field with its command-line metadata: ``--NAME`` (underscores as dashes)
+    with ``help``, ``metavar`` and ``choices``; ``parse`` turns the text given on the command line
+    (or a string given from Python) into the value.
+
+    Returns: a ``dataclasses.field``. Raises: nothing."""
+    meta = {"help": help, "metavar": metavar, "choices": tuple(choices) if choices else None, "parse": parse}
+    return dataclasses.field(default=default, metadata={"cli": meta})
+
+
+@dataclass(frozen=True)
+class SinkOptions:
+    """A sink's options: a frozen dataclass whose fields are ``sink_option``s.
+
+    A field left at None was not given. Strings given for a field with ``parse`` are parsed
+    (so ``"5GB"`` works from Python as on the command line); ``validate`` then checks the values.
+    """
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            meta = f.metadata.get("cli", {})
+            value = getattr(self, f.name)
+            if isinstance(value, str) and meta.get("parse") is not None:
+                try:
+                    value = meta["parse"](value)
+                except (TypeError, ValueError) as e:
+                    raise UsageError(f"{option_name(f.name)}: {value!r} is not a valid value ({e})") from None
+                object.__setattr__(self, f.name, value)
+            if value is not None and meta.get("choices") and value not in meta["choices"]:
+                raise UsageError(f"{option_name(f.name)} must be one of "
+                                 f"{', '.join(map(str, meta['choices']))}, not {value!r}")
+        self.validate()
+
+    def validate(self) -> None:
+        """Check the values together. Returns: None. Raises: UsageError naming the option."""
+
+    @classmethod
+    def build(cls, fmt: str, values: dict[str, Any]) -> SinkOptions:
+        """The options ``values`` give (unknown names refused, None values left at their defaults).
+
+        Returns: an instance of ``cls``. Raises: UsageError for an option format ``fmt`` does not
+        take, or a value ``validate`` refuses."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise UsageError(f"output format {fmt!r} does not take the option(s) "
+                             f"{', '.join(map(option_name, unknown))}")
+        return cls(**{k: v for k, v in values.items() if v is not None})
+
+    def recorded(self) -> dict[str, Any]:
+        """The options given (fields not None), as recorded in journals and manifests.
+
+        Returns: a JSON-able dict. Raises: nothing."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if getattr(self, f.name) is not None}
+
+
+@dataclass(frozen=True)
+class NoOptions(SinkOptions):
+    """The options of a sink that takes none."""
 
 
 class Sink(ABC):
+    """One output format. Subclass it, set ``name``, ``Options`` and ``capabilities``, and
+    implement ``prepare``, ``attach``, ``write``, ``check`` and ``finish``."""
+
     #: Format name used in ``--to`` and manifests.
-    name: str = "?"
-    #: Set by the engine before ``open``: the run ends with fsync, so a sink may start
-    #: writing data back to disk as it goes (it only pays off when the data must reach disk).
-    durable: bool = True
-    #: Set by the engine before ``open``: its chunk size (sizes a sink's own scratch buffers).
-    chunk_bytes: int = 0
-    #: Set by the engine before ``open``: the plan's source, for a sink that carries format
-    #: metadata over from it (a TF checkpoint's object graph); read nothing else from it.
-    source: Any = None
+    name: ClassVar[str] = "?"
+    #: The options dataclass; its fields become ``--flags`` of ``convert`` and ``plan``.
+    Options: ClassVar[type[SinkOptions]] = NoOptions
+    #: Help for the command-line group of this sink's options.
+    options_help: ClassVar[str] = ""
+    #: What the format can hold (an instance may narrow it from its options).
+    capabilities: Capabilities = Capabilities()
     #: What the main output is at its final path: "file" or "directory". Checked before the
     #: first byte: ``--overwrite`` replaces an output of the same kind only.
     output_kind: str = "directory"
+    # Transition: the TF sinks still follow the contract before SinkContext, where the engine
+    # set these before ``open(out, outputs, resume)``. Removed once they move.
+    durable: bool = True
+    chunk_bytes: int = 0
+    source: Any = None
+
+    def __init__(self, options: SinkOptions | None = None) -> None:
+        """Raises: UsageError if ``options`` is not this sink's ``Options``."""
+        if options is not None and not isinstance(options, self.Options):
+            raise UsageError(f"{self.name}: options must be {self.Options.__name__}, not {type(options).__name__}")
+        self.opts = options if options is not None else self.Options()
+        self.ctx: SinkContext | None = None
+
+    # -- what the format is and holds (no I/O; before anything is written) -------------------
 
     def options(self) -> dict[str, Any]:
-        """Options that change the output bytes; a resume with different ones is refused."""
-        return {}
+        """Options that change the output bytes; a resume with different ones is refused.
+
+        Returns: a JSON-able dict (by default the options given). Raises: nothing."""
+        return self.opts.recorded()
 
     def final_paths(self, dest: Path) -> list[Path]:
-        """Every path the committed output occupies (the main output last)."""
+        """Every local path the committed output at ``dest`` occupies, the main output last.
+
+        Returns: paths (``[dest]`` by default). Raises: nothing."""
         return [dest]
 
-    def local_dest(self, dest: str | os.PathLike) -> Path:
-        """The local path the engine stages at (``DEST.partial/``: lock, journal, output).
+    def exists(self, dest: Destination) -> bool:
+        """True if an output is at ``dest`` (a dangling link too): refused without ``overwrite``.
 
-        ``dest`` itself for local outputs. A sink writing to an object store (a URL) keeps
-        the URL and returns a path in a local state directory: the lock and journal live
-        there, and ``finish`` returns no renames (the sink marks completion itself).
-        """
-        return Path(dest).absolute()
-
-    def exists(self, dest: Path) -> bool:
-        """True if anything is at the main output's place, a dangling link too (refused without
-        ``overwrite``)."""
-        return any(os.path.lexists(p) for p in self.final_paths(dest)[-1:])
-
-    def row_multiple(self, output: OutputTensor) -> int:
-        """Chunks of ``output`` should hold a multiple of this many rows (the sink's own
-        chunk grid along axis 0); the engine honours it where the budget allows."""
-        return 1
-
-    def baseline_bytes(self) -> int:
-        """Memory the sink's libraries take once loaded (e.g. TensorFlow), for estimates."""
-        return 0
+        Returns: bool. Raises: DestinationError if the destination cannot be inspected."""
+        return any(os.path.lexists(p) for p in self.final_paths(dest.path)[-1:])
 
     def leave_out(self, output: OutputTensor) -> str | None:
         """Why this format cannot hold ``output`` (a dtype it has no code for), or None. Such
-        outputs are left out of the plan with that reason, shown by ``plan`` and ``convert``."""
+        outputs are left out of the plan with that reason, shown by ``plan`` and ``convert``.
+
+        Returns: a reason or None (by default from ``capabilities.dtypes``). Raises: nothing."""
+        dtypes = self.capabilities.dtypes
+        if dtypes is not None and output.dtype not in dtypes and output.dtype != STRING:
+            return f"{output.dtype} has no {self.name} dtype (it holds {', '.join(sorted(dtypes))})"
         return None
 
     def check_outputs(self, outputs: list[OutputTensor]) -> list[str]:
         """Problems with names, dtypes or shapes this format cannot hold, one line each.
 
-        Called before anything is written (no lock, no ``DEST.partial``), so a refusal
-        leaves nothing behind."""
-        return []
+        Called before anything is written (no lock, no ``DEST.partial``), so a refusal leaves
+        nothing behind. Returns: the problems (by default: string tensors without the
+        capability, and with ``nested_names`` a name that is also a group). Raises: nothing."""
+        problems = []
+        if not self.capabilities.string_tensors:
+            problems += [f"{o.name!r}: string tensors cannot be stored in {self.name}; drop or map them"
+                         for o in outputs if o.dtype == STRING]
+        if self.capabilities.nested_names:
+            names = {o.name for o in outputs}
+            problems += [f"{o.name!r}: is both a tensor and a group in {self.name}; rename it with a rule"
+                         for o in outputs if any(n.startswith(o.name + "/") for n in names)]
+        return problems
 
-    def scratch_slots(self) -> int:
-        """Chunk-sized buffers the sink needs beside the pool (charged to the budget)."""
+    def row_multiple(self, output: OutputTensor) -> int:
+        """Chunks of ``output`` should hold a multiple of this many rows (the sink's own chunk
+        grid along axis 0); the engine honours it where the budget allows. Valid after ``open``.
+
+        Returns: a positive int (1 by default). Raises: nothing."""
+        return 1
+
+    def baseline_bytes(self) -> int:
+        """Memory the sink's libraries take once loaded (e.g. TensorFlow), for estimates.
+
+        Returns: bytes. Raises: nothing."""
         return 0
 
-    @abstractmethod
-    def open(self, out: Path, outputs: list[OutputTensor], resume: bool) -> None:
-        """Prepare ``out`` (inside the staging directory) for ``outputs``.
+    def scratch_slots(self) -> int:
+        """Chunk-sized buffers the sink needs beside the pool (charged to the budget).
 
-        With ``resume`` the existing bytes are kept; the layout must be a pure
-        function of ``outputs`` and ``options()`` so both runs agree.
-        """
+        Returns: a count. Raises: nothing."""
+        return 0
+
+    # -- the partial output -----------------------------------------------------------------
+
+    def open(self, out: Path, outputs: list[OutputTensor], ctx: SinkContext) -> None:
+        """Make the partial output at ``out`` (inside the staging directory) ready for chunks:
+        ``attach`` to it with ``ctx.resume``, else ``prepare`` it.
+
+        Returns: None. Raises: DestinationError (no room, a path shardconv did not make, I/O)."""
+        self.ctx = ctx
+        if ctx.resume:
+            self.attach(out, outputs)
+        else:
+            self.prepare(out, outputs)
+
+    def prepare(self, out: Path, outputs: list[OutputTensor]) -> None:
+        """Lay out a new partial output for ``outputs`` at ``out`` (``self.ctx`` is set):
+        anything an earlier run left at ``out`` is replaced; nothing else is touched.
+
+        Returns: None. Raises: DestinationError (no room, I/O, a foreign object-store prefix)."""
+        raise NotImplementedError(f"{type(self).__name__}.prepare")  # abstract once the TF sinks move
+
+    def attach(self, out: Path, outputs: list[OutputTensor]) -> None:
+        """Open the partial output at ``out`` that a ``prepare`` for the same outputs, options and
+        chunk size made, without changing any byte of it (finished or not).
+
+        Returns: None. Raises: DestinationError if it cannot be opened."""
+        raise NotImplementedError(f"{type(self).__name__}.attach")  # abstract once the TF sinks move
 
     @abstractmethod
     def write(self, chunk: Chunk, data: memoryview) -> Any:
-        """Store one chunk; return a JSON-able receipt (journaled)."""
+        """Store one chunk (``data`` is ``chunk.length`` bytes of output ``chunk.index`` from
+        ``chunk.offset``); idempotent.
+
+        Returns: a JSON-able receipt (journaled, given back to ``check`` and ``finish``).
+        Raises: DestinationError or DurabilityError on I/O failure."""
 
     @abstractmethod
     def check(self, chunk: Chunk, receipt: Any) -> bool:
-        """True if a chunk journaled by an earlier run is intact in the partial output."""
+        """Whether a chunk journaled by an earlier run is intact in the partial output.
 
-    @abstractmethod
-    def finish(self, receipts: list[tuple[Chunk, Any]], manifest: dict[str, Any], fsync: bool,
-               dest: Path) -> list[tuple[Path, Path]]:
-        """Complete the output; return (staged path, final path) renames, main output last."""
+        Returns: True if its bytes match ``receipt`` (missing or unreadable: False).
+        Raises: nothing for a damaged chunk; DestinationError if the output cannot be read."""
+
+    def finish(self, receipts: list[tuple[Chunk, Any]], manifest: dict[str, Any]) -> list[tuple[Path, Path]]:
+        """Complete the output: what depends on every chunk, ``manifest`` (not modified) wherever
+        the format keeps it, all of it fsynced when ``ctx.durable``.
+
+        ``receipts`` holds every chunk of the plan once, with the receipt its write returned.
+        Returns: (staged path, final path) renames, the main output last; none for an output
+        that marks its own completion (an object store). Raises: DestinationError,
+        DurabilityError (a failed fsync: the engine then discards the partial output)."""
+        raise NotImplementedError(f"{type(self).__name__}.finish")  # abstract once the TF sinks move
 
     def close(self) -> None:
-        pass
+        """Release what ``open`` holds (file descriptors, handles); the engine calls it once.
+
+        Returns: None. Raises: nothing."""
+        return None

@@ -4,20 +4,41 @@ sidecar manifest and the Hugging Face style index of a split output.
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .. import __version__
 from ..core.plan import Chunk
-from ..errors import DestinationError
+from ..errors import DestinationError, UsageError
+from ..frontend import option_name
 from ..util import safefs
-from ..util.checksums import combine_crc32, crc32
-from ..util.units import format_size
+from ..util.checksums import combine_crc32
+from ..util.fileio import range_crc, truncate
+from ..util.units import format_size, parse_size
+from .base import SinkOptions, sink_option
 
+
+@dataclass(frozen=True)
+class SplitOptions(SinkOptions):
+    """Options of the single-file sinks (NPZ, safetensors)."""
+
+    max_file_size: int | None = sink_option(
+        None, "split into files of at most SIZE (e.g. 5GB) in directory DEST, with an index JSON mapping each "
+        "tensor to its file (as Hugging Face shards checkpoints)", metavar="SIZE", parse=parse_size)
+
+    def validate(self) -> None:
+        """Raises: UsageError for a size below 1 MiB."""
+        if self.max_file_size is not None and (not isinstance(self.max_file_size, int)
+                                               or self.max_file_size < MIN_FILE_SIZE):
+            raise UsageError(f"{option_name('max_file_size')} {self.max_file_size!r} is below the 1 MiB minimum")
+
+
+#: The smallest ``max_file_size``.
+MIN_FILE_SIZE = 1 << 20
 #: The sidecar beside an output file: true dtypes, per-tensor CRC32s, where tensors came from.
 MANIFEST_SUFFIX = ".shardconv.json"
 
@@ -53,21 +74,6 @@ def check_free_space(where: Path, need: int) -> None:
         raise DestinationError(f"{where}: needs {format_size(need)} for the output, only {format_size(free)} free")
 
 
-def range_crc32(fd: int, offset: int, length: int, crc_fn: Callable[..., int] = crc32) -> int | None:
-    """CRC32 (or ``crc_fn``'s checksum) of bytes [offset, offset+length) of ``fd``, read 1 MiB
-    at a time; None if the file ends first (a journaled chunk that did not reach the disk)."""
-    buf = bytearray(min(length, 1 << 20))
-    view = memoryview(buf)
-    crc = done = 0
-    while done < length:
-        n = os.preadv(fd, [view[: min(len(buf), length - done)]], offset + done)
-        if n <= 0:
-            return None
-        crc = crc_fn(view[:n], crc)
-        done += n
-    return crc
-
-
 def tensor_crcs(receipts: list[tuple[Chunk, Any]], count: int,
                 combine: Callable[[int, int, int], int] = combine_crc32) -> list[int]:
     """Each output tensor's CRC32 (or ``combine``'s checksum), combined from the CRCs its chunks
@@ -78,9 +84,29 @@ def tensor_crcs(receipts: list[tuple[Chunk, Any]], count: int,
     return crcs
 
 
-def write_json(path: Path, obj: dict[str, Any], fsync: bool) -> None:
-    """``obj`` as indented JSON with sorted keys (deterministic bytes)."""
-    safefs.write_file(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode(), fsync)
+def with_crcs(manifest: dict[str, Any], crcs: list[int]) -> dict[str, Any]:
+    """A copy of ``manifest`` whose tensor entries carry their ``crc32`` (the given one is unchanged).
+
+    Returns: a new dict. Raises: nothing."""
+    return {**manifest, "tensors": [{**entry, "crc32": crc} for entry, crc in zip(manifest["tensors"], crcs)]}
+
+
+def extend_to(fd: int, size: int, path: Path) -> None:
+    """Make the file at ``fd`` at least ``size`` bytes long, never shorter (attaching to a
+    partial output changes none of its bytes).
+
+    Returns: None. Raises: DestinationError if the file cannot be examined or extended."""
+    try:
+        have = os.fstat(fd).st_size
+    except OSError as e:
+        raise DestinationError(f"{path}: cannot examine the partial output: {e.strerror}") from None
+    if have < size:
+        truncate(fd, size, path)
+
+
+#: Transition names for the TF sinks (use ``fileio.range_crc`` and ``safefs.write_json``).
+range_crc32 = range_crc
+write_json = safefs.write_json
 
 
 def finish_split(out: Path, files: list[tuple[Path, list[int]]], manifest: dict[str, Any], index_name: str,
@@ -91,10 +117,10 @@ def finish_split(out: Path, files: list[tuple[Path, list[int]]], manifest: dict[
     weight_map = {}
     for path, members in files:
         part = {**manifest, "tensors": [manifest["tensors"][k] for k in members]}
-        write_json(manifest_path(path), part, fsync)
+        safefs.write_json(manifest_path(path), part, fsync)
         weight_map.update({manifest["tensors"][k]["name"]: path.name for k in members})
     total = sum(t["nbytes"] for t in manifest["tensors"])
     index = {"metadata": {**metadata, "total_size": total, "shardconv": __version__}, "weight_map": weight_map}
-    write_json(out / index_name, index, fsync)
+    safefs.write_json(out / index_name, index, fsync)
     if fsync:
         safefs.fsync_dir(out)

@@ -22,13 +22,12 @@ from pathlib import Path
 from typing import Any
 
 from ..core.plan import Chunk, OutputTensor
-from ..errors import UsageError
 from ..formats import npyformat, zipformat
 from ..util import safefs
 from ..util.checksums import combine_crc32, crc32
-from ..util.fileio import fsync_file, pwrite_all, start_writeback, truncate
+from ..util.fileio import fsync_file, pwrite_all, range_crc, start_writeback, truncate
 from . import filesink
-from .base import Sink
+from .base import Capabilities, Sink
 from .filesink import MANIFEST_SUFFIX, manifest_path  # noqa: F401  (where they used to live)
 
 INDEX_SUFFIX = ".npz.index.json"
@@ -64,17 +63,20 @@ def shard_stem(dest: Path) -> str:
 
 
 class NpzSink(Sink):
-    name = "npz"
+    """NPZ output (see the module docstring): one zip64 of ``.npy`` members, or with
+    ``max_file_size`` a directory of such files and an index."""
 
-    def __init__(self, max_file_size: int | None = None) -> None:
-        if max_file_size is not None and max_file_size < 1 << 20:
-            raise UsageError(f"max_file_size {max_file_size} is below the 1 MiB minimum")
-        self.max_file_size = max_file_size
+    name = "npz"
+    Options = filesink.SplitOptions
+    options_help = "NPZ output (DEST ending in .npz, or --to npz; see docs/npz-format.md)"
+    capabilities = Capabilities()
+    opts: filesink.SplitOptions
+
+    def __init__(self, options: filesink.SplitOptions | None = None) -> None:
+        super().__init__(options)
+        self.max_file_size = self.opts.max_file_size
         self._members: list[_Member] = []
         self._files: list[_File] = []
-
-    def options(self) -> dict[str, Any]:
-        return {"max_file_size": self.max_file_size} if self.max_file_size else {}
 
     @property
     def output_kind(self) -> str:  # type: ignore[override]
@@ -82,8 +84,10 @@ class NpzSink(Sink):
 
     def check_outputs(self, outputs: list[OutputTensor]) -> list[str]:
         """Member names a zip cannot hold: not UTF-8 encodable, or longer than its 16-bit field.
-        (Empty, absolute, ``..`` and NUL names are refused by the plan for every format.)"""
-        problems = []
+        (Empty, absolute, ``..`` and NUL names are refused by the plan for every format.)
+
+        Returns: the problems, one line each. Raises: nothing."""
+        problems = super().check_outputs(outputs)
         for o in outputs:
             try:
                 size = len((o.name + ".npy").encode("utf-8"))
@@ -98,7 +102,8 @@ class NpzSink(Sink):
     def final_paths(self, dest: Path) -> list[Path]:
         return [dest] if self.max_file_size else [manifest_path(dest), dest]
 
-    def open(self, out: Path, outputs: list[OutputTensor], resume: bool) -> None:
+    def _layout(self, out: Path, outputs: list[OutputTensor]) -> None:
+        """Every member's place (a pure function of the outputs and ``max_file_size``)."""
         self.out = out
         names = [(o.name + ".npy").encode("utf-8") for o in outputs]
         heads = [npyformat.header(o.dtype, o.shape) for o in outputs]
@@ -112,46 +117,61 @@ class NpzSink(Sink):
                 self._members[i] = _Member(names[i], pos, heads[i], data_at, outputs[i].nbytes, g)
                 pos += sizes[i]
         if self.max_file_size:
-            stem, n = shard_stem(out), len(groups)
-            safefs.make_dir(out)
-            self._files = [_File(out / name, g) for name, g in zip(filesink.shard_names(stem, ".npz", n), groups)]
+            names_ = filesink.shard_names(shard_stem(out), ".npz", len(groups))
+            self._files = [_File(out / name, g) for name, g in zip(names_, groups)]
         else:
             self._files = [_File(out, groups[0])]
         for f in self._files:
             last = self._members[f.members[-1]] if f.members else None
             f.end = last.data_offset + last.nbytes if last else 0
-        if not resume or not all(f.path.exists() for f in self._files):
-            filesink.check_free_space(out.parent, sum(f.end for f in self._files) + 1024 * len(outputs))
+
+    def prepare(self, out: Path, outputs: list[OutputTensor]) -> None:
+        """Create each file at its data size with every ``.npy`` header in place."""
+        self._layout(out, outputs)
+        if self.max_file_size:
+            safefs.make_dir(out)
+        filesink.check_free_space(out.parent, sum(f.end for f in self._files) + 1024 * len(outputs))
         for f in self._files:
-            exists = resume and f.path.exists()
-            f.fd = safefs.open_file(f.path, os.O_RDWR | (0 if exists else os.O_CREAT | os.O_TRUNC))
+            f.fd = safefs.open_file(f.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC)
             truncate(f.fd, f.end, f.path)
-            for k in f.members:
-                m = self._members[k]
-                pwrite_all(f.fd, m.npy_header, m.data_offset - len(m.npy_header), f.path)
+            self._write_npy_headers(f)
+
+    def attach(self, out: Path, outputs: list[OutputTensor]) -> None:
+        """Open the files a prepare made; no byte in them changes (a finished file keeps its zip
+        directory until ``finish`` writes the same one again). A file shorter than its data (or
+        missing) is only extended: its chunks fail ``check`` and are written again."""
+        self._layout(out, outputs)
+        for f in self._files:
+            f.fd = safefs.open_file(f.path, os.O_RDWR | os.O_CREAT)
+            filesink.extend_to(f.fd, f.end, f.path)
+
+    def _write_npy_headers(self, f: _File) -> None:
+        for k in f.members:
+            m = self._members[k]
+            pwrite_all(f.fd, m.npy_header, m.data_offset - len(m.npy_header), f.path)
 
     def write(self, chunk: Chunk, data: memoryview) -> int:
         m = self._members[chunk.index]
         f = self._files[m.file]
         pwrite_all(f.fd, data, m.data_offset + chunk.offset, f.path)
-        if self.durable:
+        if self.ctx is not None and self.ctx.durable:
             start_writeback(f.fd, m.data_offset + chunk.offset, len(data))
         return crc32(data)
 
     def check(self, chunk: Chunk, receipt: Any) -> bool:
         m = self._members[chunk.index]
-        return filesink.range_crc32(self._files[m.file].fd, m.data_offset + chunk.offset, chunk.length) == receipt
+        return range_crc(self._files[m.file].fd, m.data_offset + chunk.offset, chunk.length) == receipt
 
-    def finish(self, receipts: list[tuple[Chunk, Any]], manifest: dict[str, Any], fsync: bool,
-               dest: Path) -> list[tuple[Path, Path]]:
+    def finish(self, receipts: list[tuple[Chunk, Any]], manifest: dict[str, Any]) -> list[tuple[Path, Path]]:
+        assert self.ctx is not None
         data_crc = filesink.tensor_crcs(receipts, len(self._members))
-        for entry, dcrc in zip(manifest["tensors"], data_crc):
-            entry["crc32"] = dcrc
+        manifest = filesink.with_crcs(manifest, data_crc)
+        fsync, dest = self.ctx.durable, self.ctx.dest.path
         for f in self._files:
             self._finish_file(f, data_crc, fsync)
         if not self.max_file_size:
             staged_manifest = self.out.with_name("manifest.json")
-            filesink.write_json(staged_manifest, manifest, fsync)
+            safefs.write_json(staged_manifest, manifest, fsync)
             return [(staged_manifest, manifest_path(dest)), (self.out, dest)]
         files = [(f.path, f.members) for f in self._files]
         filesink.finish_split(self.out, files, manifest, shard_stem(self.out) + INDEX_SUFFIX,
@@ -159,7 +179,10 @@ class NpzSink(Sink):
         return [(self.out, dest)]
 
     def _finish_file(self, f: _File, data_crc: list[int], fsync: bool) -> None:
-        """Local headers with their CRCs, the central directory and the zip64 end records."""
+        """The ``.npy`` headers (again: the same bytes, so an output attached to after a crash in
+        its prepare is whole), local headers with their CRCs, the central directory and the zip64
+        end records."""
+        self._write_npy_headers(f)
         central = bytearray()
         pos = f.end
         for k in f.members:
@@ -168,10 +191,10 @@ class NpzSink(Sink):
             pwrite_all(f.fd, zipformat.local_header(m.name, crc, m.size), m.local_offset, f.path)
             central += zipformat.central_header(m.name, crc, m.size, m.local_offset)
             if len(central) >= 1 << 20:
-                pwrite_all(f.fd, central, pos, f.path)
+                pwrite_all(f.fd, bytes(central), pos, f.path)
                 pos += len(central)
                 central.clear()
-        pwrite_all(f.fd, central, pos, f.path)
+        pwrite_all(f.fd, bytes(central), pos, f.path)
         pos += len(central)
         end = zipformat.end_records(len(f.members), f.end, pos - f.end)
         pwrite_all(f.fd, end, pos, f.path)

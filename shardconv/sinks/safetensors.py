@@ -25,13 +25,12 @@ from typing import Any
 
 from .. import __version__
 from ..core.plan import Chunk, OutputTensor
-from ..errors import UsageError
 from ..sources.safetensors import DTYPE_ORDER, DTYPES, INDEX_SUFFIX, MAX_HEADER
 from ..util import safefs
 from ..util.checksums import crc32
-from ..util.fileio import fsync_file, pwrite_all, start_writeback, truncate
+from ..util.fileio import fsync_file, pwrite_all, range_crc, start_writeback, truncate
 from . import filesink
-from .base import Sink
+from .base import Capabilities, Sink
 
 #: Canonical dtype name -> safetensors code, for the dtypes written.
 CODES: dict[str, str] = {name: code for code, name in DTYPES.items()}
@@ -76,17 +75,21 @@ def _metadata(source: str = "x" * SOURCE_ROOM, plan: str = "0" * 64) -> dict[str
 
 
 class SafetensorsSink(Sink):
-    name = "safetensors"
+    """safetensors output (see the module docstring): one file, or with ``max_file_size`` a
+    directory of files and the index transformers loads."""
 
-    def __init__(self, max_file_size: int | None = None) -> None:
-        if max_file_size is not None and max_file_size < 1 << 20:
-            raise UsageError(f"max_file_size {max_file_size} is below the 1 MiB minimum")
-        self.max_file_size = max_file_size
+    name = "safetensors"
+    Options = filesink.SplitOptions
+    options_help = "safetensors output (DEST ending in .safetensors, or --to safetensors)"
+    capabilities = Capabilities(dtypes=frozenset(CODES))
+    opts: filesink.SplitOptions
+
+    def __init__(self, options: filesink.SplitOptions | None = None) -> None:
+        super().__init__(options)
+        self.max_file_size = self.opts.max_file_size
         self._files: list[_File] = []
         self._where: list[tuple[_File, int]] = []
-
-    def options(self) -> dict[str, Any]:
-        return {"max_file_size": self.max_file_size} if self.max_file_size else {}
+        self._outputs: list[OutputTensor] = []
 
     @property
     def output_kind(self) -> str:  # type: ignore[override]
@@ -120,19 +123,28 @@ class SafetensorsSink(Sink):
                             "split the output with --max-file-size")
         return problems
 
-    def open(self, out: Path, outputs: list[OutputTensor], resume: bool) -> None:
-        self.out = out
+    def prepare(self, out: Path, outputs: list[OutputTensor]) -> None:
+        """Create each file at its full size; its first 8 bytes stay zero until ``finish``."""
         self._layout(out, outputs)
-        if not resume or not all(f.path.exists() for f in self._files):
-            filesink.check_free_space(out.parent, sum(f.data_start + self._data_len(f, outputs) for f in self._files))
+        if self.max_file_size:
+            safefs.make_dir(out)
+        filesink.check_free_space(out.parent, sum(f.data_start + self._data_len(f, outputs) for f in self._files))
         for f in self._files:
-            exists = resume and f.path.exists()
-            f.fd = safefs.open_file(f.path, os.O_RDWR | (0 if exists else os.O_CREAT | os.O_TRUNC))
+            f.fd = safefs.open_file(f.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC)
             truncate(f.fd, f.data_start + self._data_len(f, outputs), f.path)
-        self._outputs = outputs
+
+    def attach(self, out: Path, outputs: list[OutputTensor]) -> None:
+        """Open the files a prepare made, changing no byte (a file found short or missing is
+        only extended: its chunks then fail ``check``)."""
+        self._layout(out, outputs)
+        for f in self._files:
+            f.fd = safefs.open_file(f.path, os.O_RDWR | os.O_CREAT)
+            filesink.extend_to(f.fd, f.data_start + self._data_len(f, outputs), f.path)
 
     def _layout(self, out: Path, outputs: list[OutputTensor]) -> None:
-        """Files, each tensor's file and data offset, and each header's reserved length."""
+        """Files, each tensor's file and data offset, and each header's reserved length (a pure
+        function of the outputs and ``max_file_size``)."""
+        self.out, self._outputs = out, outputs
         # A file's size counts its tensors' bytes and header entries (offsets at their widest),
         # the 8-byte length, the metadata and up to 7 bytes of padding: never over the size.
         room, total = len(header([], _metadata())), sum(o.nbytes for o in outputs)
@@ -140,7 +152,6 @@ class SafetensorsSink(Sink):
                  for o in outputs]
         groups = filesink.group_by_size(sizes, self.max_file_size, overhead=8 + room + 7)
         if self.max_file_size:
-            safefs.make_dir(out)
             names = filesink.shard_names(SHARD_STEM, ".safetensors", len(groups))
             self._files = [_File(out / n, g) for n, g in zip(names, groups)]
         else:
@@ -168,19 +179,18 @@ class SafetensorsSink(Sink):
         f, begin = self._where[chunk.index]
         pos = f.data_start + begin + chunk.offset
         pwrite_all(f.fd, data, pos, f.path)
-        if self.durable:
+        if self.ctx is not None and self.ctx.durable:
             start_writeback(f.fd, pos, len(data))
         return crc32(data)
 
     def check(self, chunk: Chunk, receipt: Any) -> bool:
         f, begin = self._where[chunk.index]
-        return filesink.range_crc32(f.fd, f.data_start + begin + chunk.offset, chunk.length) == receipt
+        return range_crc(f.fd, f.data_start + begin + chunk.offset, chunk.length) == receipt
 
-    def finish(self, receipts: list[tuple[Chunk, Any]], manifest: dict[str, Any], fsync: bool,
-               dest: Path) -> list[tuple[Path, Path]]:
-        crcs = filesink.tensor_crcs(receipts, len(self._outputs))
-        for entry, crc in zip(manifest["tensors"], crcs):
-            entry["crc32"] = crc
+    def finish(self, receipts: list[tuple[Chunk, Any]], manifest: dict[str, Any]) -> list[tuple[Path, Path]]:
+        assert self.ctx is not None
+        fsync, dest = self.ctx.durable, self.ctx.dest.path
+        manifest = filesink.with_crcs(manifest, filesink.tensor_crcs(receipts, len(self._outputs)))
         meta = _metadata(manifest["source"]["format"], manifest["plan"])
         for f in self._files:
             head = header(self._entries(f, self._outputs), meta, f.header_len)
@@ -189,7 +199,7 @@ class SafetensorsSink(Sink):
                 fsync_file(f.fd, f.path)
         if not self.max_file_size:
             staged = self.out.with_name("manifest.json")
-            filesink.write_json(staged, manifest, fsync)
+            safefs.write_json(staged, manifest, fsync)
             return [(staged, filesink.manifest_path(dest)), (self.out, dest)]
         files = [(f.path, f.members) for f in self._files]
         filesink.finish_split(self.out, files, manifest, SHARD_STEM + INDEX_SUFFIX, {"format": "safetensors"}, fsync)

@@ -40,33 +40,33 @@ store, are written as ``uint8`` (same bytes) with the true dtype in the attribut
 """
 from __future__ import annotations
 
-import hashlib
 import itertools
 import json
 import math
 import os
 import shutil
 import time
-from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from .. import __version__
+from ..core.destination import Destination
 from ..core.plan import Chunk, OutputTensor, check_name, chunk_region
-from ..core.staging import Staging
 from ..core.types import TensorInfo
 from ..errors import DestinationError, UsageError
 from ..formats import tsio
+from ..frontend import option, option_name
 from ..mapping.roles import assign_roles
 from ..mapping.rules import rename_rule
 from ..util import safefs
 from ..util.checksums import combine_crc32, crc32
 from ..util.dtypes import STRING, is_ml_dtype, itemsize, numpy_dtype
-from ..util.fileio import start_writeback
+from ..util.fileio import fsync_tree, start_writeback
 from ..util.units import format_size
-from .base import Sink
+from .base import Capabilities, Sink, SinkOptions, sink_option
 
 LAYOUTS = ("zarr", "orbax")
 COMPRESSIONS = ("none", "zstd", "blosc")
@@ -75,7 +75,6 @@ DEFAULT_CHUNK_MIB = 4.0
 MAX_DROPPED_LISTED = 1000
 #: On object stores: present while a run on this prefix is unfinished (the prefix is ours).
 PARTIAL_KEY = ".shardconv.partial"
-STATE_ENV = "SHARDCONV_STATE_DIR"
 #: Dtypes TensorStore cannot store in Zarr: written as this one (same bytes per element).
 STORAGE_DTYPE = {"uint4": "uint8", "uint2": "uint8"}
 ZSTD_LEVEL = 3
@@ -91,15 +90,6 @@ _ORBAX_RESERVED = _RESERVED | {"_METADATA", "_CHECKPOINT_METADATA", "commit_succ
 MAX_COMPONENT_BYTES = 255
 #: Handles kept open at once (the engine writes tensors in order; a few suffice).
 _OPEN_HANDLES = 8
-
-
-def state_dir() -> Path:
-    """Where locks and journals of object-store outputs live (see the module docstring)."""
-    env = os.environ.get(STATE_ENV)
-    if env:
-        return Path(env).absolute()
-    base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
-    return Path(base) / "shardconv"
 
 
 def chunk_shape(shape: tuple[int, ...], isz: int, target: int, engine_chunk: int) -> list[int]:
@@ -221,33 +211,53 @@ class _Array:
         self.metadata = metadata
 
 
-class ZarrSink(Sink):
-    name = "zarr"
+def _parse_int(text: str) -> int:
+    return int(text)
 
-    def __init__(self, zarr_format: int | str = 3, compression: str = "none",
-                 chunk_mib: float | str = DEFAULT_CHUNK_MIB, layout: str = "zarr",
-                 orbax_step: int | None = None) -> None:
-        try:
-            self.zarr_format = int(zarr_format)
-            self.chunk_mib = float(chunk_mib)
-        except (TypeError, ValueError):
-            raise UsageError(f"zarr options: zarr_format must be 2 or 3 and chunk_mib a number "
-                             f"(got {zarr_format!r}, {chunk_mib!r})") from None
-        if self.zarr_format not in (2, 3):
-            raise UsageError(f"--zarr-format must be 2 or 3, not {zarr_format!r}")
-        if compression not in COMPRESSIONS:
-            raise UsageError(f"--compression must be one of {', '.join(COMPRESSIONS)}, not {compression!r}")
-        if not 1 / 1024 <= self.chunk_mib <= 1024:
-            raise UsageError(f"--chunk-mib must be between 1/1024 and 1024, not {chunk_mib!r}")
-        if layout not in LAYOUTS:
-            raise UsageError(f"--layout must be one of {', '.join(LAYOUTS)}, not {layout!r}")
-        if orbax_step is not None and layout != "orbax":
-            raise UsageError("--orbax-step writes a CheckpointManager step of the Orbax layout; pass --layout orbax")
-        if orbax_step is not None and (not isinstance(orbax_step, int) or orbax_step < 0):
-            raise UsageError(f"--orbax-step must be a non-negative integer, not {orbax_step!r}")
-        self.orbax_step = orbax_step
-        self.compression = compression
-        self.layout = layout
+
+@dataclass(frozen=True)
+class ZarrOptions(SinkOptions):
+    """Options of the Zarr sink (see the module docstring)."""
+
+    zarr_format: int = sink_option(3, "Zarr v3 (default) or v2", choices=(2, 3), parse=_parse_int)
+    compression: str = sink_option("none", "chunk compression (default none)", choices=COMPRESSIONS)
+    chunk_mib: float = sink_option(DEFAULT_CHUNK_MIB, "target Zarr chunk size (default 4)", metavar="MIB",
+                                   parse=float)
+    layout: str = sink_option("zarr", "zarr: a group per '/' in names (default); orbax: a checkpoint "
+                              "orbax.checkpoint restores", choices=LAYOUTS)
+    orbax_step: int | None = sink_option(None, "with --layout orbax: write DEST/N/default/ as "
+                                         "orbax.checkpoint.CheckpointManager(DEST) saves step N, beside other "
+                                         "steps in DEST", metavar="N", parse=_parse_int)
+
+    def validate(self) -> None:
+        """Raises: UsageError for a chunk size out of range or a step without the Orbax layout."""
+        if isinstance(self.chunk_mib, bool) or not isinstance(self.chunk_mib, (int, float)) \
+                or not 1 / 1024 <= self.chunk_mib <= 1024:
+            raise UsageError(f"{option_name('chunk_mib')} must be between 1/1024 and 1024, not {self.chunk_mib!r}")
+        if self.orbax_step is not None and self.layout != "orbax":
+            raise UsageError(f"{option_name('orbax_step')} writes a CheckpointManager step of the Orbax layout; "
+                             f"pass {option('layout', 'orbax')}")
+        if self.orbax_step is not None and (not isinstance(self.orbax_step, int) or self.orbax_step < 0):
+            raise UsageError(f"{option_name('orbax_step')} must be a non-negative integer, not {self.orbax_step!r}")
+
+
+class ZarrSink(Sink):
+    """Zarr output through TensorStore (see the module docstring)."""
+
+    name = "zarr"
+    Options = ZarrOptions
+    options_help = "Zarr output (DEST ending in .zarr, or --to zarr; see docs/zarr.md)"
+    opts: ZarrOptions
+
+    def __init__(self, options: ZarrOptions | None = None) -> None:
+        super().__init__(options)
+        self.zarr_format = self.opts.zarr_format
+        self.chunk_mib = float(self.opts.chunk_mib)
+        self.orbax_step = self.opts.orbax_step
+        self.compression = self.opts.compression
+        self.layout = self.opts.layout
+        # A step joins other steps in a local directory; no object store.
+        self.capabilities = Capabilities(nested_names=self.layout == "zarr", remote=self.orbax_step is None)
         self.url: str | None = None           # object-store destination, or None for a local path
         self._kv_spec: dict[str, Any] | None = None
         self._kvstore: Any = None
@@ -256,14 +266,12 @@ class ZarrSink(Sink):
         self._handles: dict[tuple[int, bool], Any] = {}
         self._scratch: np.ndarray | None = None
         self._where = "zarr output"
+        self._unpublished = False  # the completion marker is known to be absent
 
     # -- engine hooks -------------------------------------------------------------
 
     def options(self) -> dict[str, Any]:
-        opts = {"zarr_format": self.zarr_format, "compression": self.compression, "chunk_mib": self.chunk_mib,
-                "layout": self.layout}
-        if self.orbax_step is not None:
-            opts["orbax_step"] = self.orbax_step
+        opts = {**self.opts.recorded(), "chunk_mib": self.chunk_mib}
         return opts
 
     def baseline_bytes(self) -> int:
@@ -275,30 +283,19 @@ class ZarrSink(Sink):
         # a resume re-reads into our own chunk-sized scratch buffer.
         return 2
 
-    def local_dest(self, dest: str | os.PathLike) -> Path:
-        if not tsio.is_remote(dest):
-            return tsio.local_path(dest)
-        if self.orbax_step is not None:
-            raise UsageError(f"{dest}: --orbax-step writes to a local directory only; write there and copy "
-                             "the step directory to the object store")
-        self.url = tsio.normalize_url(os.fspath(dest))
-        self._kv_spec = tsio.kvstore_spec(self.url)
-        self._where = self.url
-        base = self.url.split("://", 1)[1].rsplit("/", 1)[-1] or "store"
-        digest = hashlib.sha256(self.url.encode()).hexdigest()[:16]
-        root = state_dir() / "remote"
-        try:
-            root.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise DestinationError(f"{root}: cannot create the local state directory for {self.url} "
-                                   f"({e.strerror}); set {STATE_ENV}") from None
-        return root / f"{base}-{digest}"
+    def _use(self, dest: Destination) -> None:
+        """Address ``dest``: an object store's URL and kvstore, or (url None) a local store."""
+        if dest.url is not None and dest.url != self.url:
+            self.url = dest.url
+            self._kv_spec = tsio.kvstore_spec(dest.url)
+            self._kvstore = None
+            self._where = dest.url
 
-    def exists(self, dest: Path) -> bool:
-        if self.url is None:
+    def exists(self, dest: Destination) -> bool:
+        """A local output: anything at its place; an object store: the root marker at the URL."""
+        if not dest.is_url:
             return super().exists(dest)
-        if Staging(dest).journal_path.exists():
-            return False  # our own unfinished (or unreleased) run: resume it
+        self._use(dest)
         return self._has(self._marker_key())
 
     def row_multiple(self, output: OutputTensor) -> int:
@@ -313,6 +310,15 @@ class ZarrSink(Sink):
     def _item_prefix(self) -> str:
         """Where the Orbax item's files go in the store: its root, or ``STEP/default/``."""
         return "" if self.orbax_step is None else f"{self.orbax_step}/{ORBAX_ITEM}/"
+
+    def _completion_keys(self) -> list[str]:
+        """What marks the store complete, the marker first (Orbax: its commit files too)."""
+        keys = [self._marker_key()]
+        if self.layout == "orbax":
+            keys.append(self._item_prefix() + "commit_success.txt")
+            if self.orbax_step is not None:
+                keys.append(f"{self.orbax_step}/commit_success.txt")
+        return keys
 
     def _marker_key(self) -> str:
         if self.layout == "orbax":
@@ -374,12 +380,17 @@ class ZarrSink(Sink):
             return f"{why}; rename it with a rule: {rename_rule(name, _fixed_name(name))}"
         return None
 
-    def open(self, out: Path, outputs: list[OutputTensor], resume: bool) -> None:
+    def _layout(self, out: Path, outputs: list[OutputTensor]) -> None:
+        """Each array's key, storage dtype, chunk shape and metadata (a pure function of the
+        outputs, the options and the engine's chunk size)."""
+        assert self.ctx is not None
         self.out = out
+        self._use(self.ctx.dest)
         if self.url is None:
             self._where = str(out)
+            self._kv_spec = tsio.kvstore_spec(out)
         target = max(1, int(self.chunk_mib * (1 << 20)))
-        engine_chunk = self.chunk_bytes or target
+        engine_chunk = self.ctx.chunk_bytes or target
         target = min(target, engine_chunk)
         self._arrays = []
         for o in outputs:
@@ -389,12 +400,15 @@ class ZarrSink(Sink):
             self._arrays.append(_Array(o, self._array_key(o.name), storage, chunks, md))
         self._by_name = {a.out.name: a for a in self._arrays}
         self._handles = {}
+
+    def prepare(self, out: Path, outputs: list[OutputTensor]) -> None:
+        """A local store: an empty directory (room checked). An object store: the prefix made
+        ours and not complete-looking (see ``_claim_remote``), a local placeholder beside."""
+        self._layout(out, outputs)
         if self.url is None:
-            self._kv_spec = tsio.kvstore_spec(out)
-            if not resume:
-                safefs.remove(out)
+            safefs.remove(out)
             safefs.make_dir(out)
-            need = sum(o.nbytes for o in outputs) if self.compression == "none" and not resume else 0
+            need = sum(o.nbytes for o in outputs) if self.compression == "none" else 0
             free = shutil.disk_usage(out.parent).free
             if need > free:
                 raise DestinationError(f"{out.parent}: needs {format_size(need)} for the output, "
@@ -402,28 +416,42 @@ class ZarrSink(Sink):
         else:
             safefs.make_dir(out)  # local placeholder: tells the engine a partial run exists
             safefs.write_file(out.parent / "destination.txt", (self.url + "\n").encode(), fsync=False)
-            self._prepare_remote(resume)
+            self._claim_remote()
+        self._unpublished = True
 
-    def _prepare_remote(self, resume: bool) -> None:
-        """Make the prefix ours and not complete-looking: remove a root marker first; on a
-        fresh start remove a previous (ours) store; refuse a prefix holding foreign data."""
+    def attach(self, out: Path, outputs: list[OutputTensor]) -> None:
+        """Address the store a prepare made; nothing in it changes. A finished store keeps its
+        root marker until a chunk is written again (``write`` removes it first)."""
+        self._layout(out, outputs)
+        safefs.make_dir(out)  # already there (a local store, or the placeholder of a remote one)
+        self._unpublished = False
+
+    def _claim_remote(self) -> None:
+        """Make the prefix ours and not complete-looking: remove a previous (ours) store; refuse
+        a prefix holding foreign data."""
         marker = self._marker_key()
-        ours = self._has(PARTIAL_KEY) or self._has(marker)
-        if not resume:
-            if ours:
-                self._delete(marker)
-                self._delete_all()
-            else:
-                keys = tsio.wrap(DestinationError, self._where, lambda: self._kv().list().result())
-                if keys:
-                    raise DestinationError(f"{self.url}: holds {len(keys)} objects shardconv did not write "
-                                           f"(e.g. {keys[0].decode(errors='replace')!r}); choose an empty prefix")
-        else:
+        if self._has(PARTIAL_KEY) or self._has(marker):
             self._delete(marker)
-            if self.layout == "orbax":
-                self._delete("commit_success.txt")
-        self._put(PARTIAL_KEY, _json({"format": "shardconv-partial", "shardconv": __version__,
-                                      "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}))
+            self._delete_all()
+        else:
+            keys = tsio.wrap(DestinationError, self._where, lambda: self._kv().list().result())
+            if keys:
+                raise DestinationError(f"{self.url}: holds {len(keys)} objects shardconv did not write "
+                                       f"(e.g. {keys[0].decode(errors='replace')!r}); choose an empty prefix")
+        self._mark_partial()
+
+    def _mark_partial(self) -> None:
+        if self.url is not None:
+            self._put(PARTIAL_KEY, _json({"format": "shardconv-partial", "shardconv": __version__,
+                                          "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}))
+
+    def _unpublish(self) -> None:
+        """Before the first chunk written after an attach: the completion markers go (the
+        marker first: a store that looks complete must be complete), the prefix marked ours."""
+        for key in self._completion_keys():
+            self._delete(key)
+        self._mark_partial()
+        self._unpublished = True
 
     # -- TensorStore access ---------------------------------------------------------
 
@@ -456,6 +484,7 @@ class ZarrSink(Sink):
             return h
         ts = tsio.tensorstore("Zarr output")
         a = self._arrays[index]
+        assert self._kv_spec is not None  # set by open
         spec = {"driver": "zarr3" if self.zarr_format == 3 else "zarr",
                 "kvstore": {**self._kv_spec, "path": self._kv_spec["path"] + a.key + "/"},
                 "metadata": a.metadata, "assume_metadata": True, "store_data_equal_to_fill_value": True,
@@ -480,6 +509,8 @@ class ZarrSink(Sink):
         a = self._arrays[chunk.index]
         region, shape = self._region(chunk)
         arr = np.frombuffer(data, dtype=a.np_dtype).reshape(shape)
+        if not self._unpublished:
+            self._unpublish()
         store = self._handle(chunk.index)
         self._scratch = None  # the resume checks are over
         # TensorStore may reference ``data`` instead of copying it (half the time of a copy into
@@ -487,7 +518,7 @@ class ZarrSink(Sink):
         # pool is 0 bytes), before the engine reuses the buffer.
         tsio.wrap(DestinationError, f"{self._where}: array {a.key!r}",
                   lambda: store[region].write(arr, can_reference_source_data_indefinitely=True).result())
-        if self.url is None and self.durable:
+        if self.url is None and self.ctx is not None and self.ctx.durable:
             self._writeback(a, region)
         return crc32(data)
 
@@ -516,7 +547,7 @@ class ZarrSink(Sink):
         a = self._arrays[chunk.index]
         region, shape = self._region(chunk)
         if self._scratch is None or self._scratch.size < chunk.length:
-            self._scratch = np.empty(max(chunk.length, self.chunk_bytes), np.uint8)
+            self._scratch = np.empty(max(chunk.length, self.ctx.chunk_bytes if self.ctx else 0), np.uint8)
         raw = self._scratch[: chunk.length]
         try:
             dst = ts.array(raw.view(a.np_dtype).reshape(shape), copy=False, write=True)
@@ -527,8 +558,11 @@ class ZarrSink(Sink):
 
     # -- finish -------------------------------------------------------------------------
 
-    def finish(self, receipts: list[tuple[Chunk, Any]], manifest: dict[str, Any], fsync: bool,
-               dest: Path) -> list[tuple[Path, Path]]:
+    def finish(self, receipts: list[tuple[Chunk, Any]], manifest: dict[str, Any]) -> list[tuple[Path, Path]]:
+        """Array metadata, then the groups, then the root files (the completion marker last);
+        a local store is fsynced (``ctx.durable``) and renamed by the engine."""
+        assert self.ctx is not None
+        dest = self.ctx.dest.path
         crcs = [0] * len(self._arrays)
         for chunk, crc in sorted(receipts, key=lambda r: (r[0].index, r[0].offset)):
             crcs[chunk.index] = combine_crc32(crcs[chunk.index], crc, chunk.length)
@@ -552,8 +586,8 @@ class ZarrSink(Sink):
         if self.url is not None:
             self._delete(PARTIAL_KEY)
             return []
-        if fsync:
-            self._fsync_tree(self.out)  # nothing is visible at DEST before the engine's rename
+        if self.ctx.durable:
+            fsync_tree(self.out)  # nothing is visible at DEST before the engine's rename
         return self._moves(dest)
 
     def _root_files(self, manifest: dict[str, Any], dest: Path) -> list[tuple[str, bytes]]:
@@ -602,16 +636,6 @@ class ZarrSink(Sink):
             futures = [(k, kv.write(k, v)) for k, v in part]
             for k, f in futures:
                 tsio.wrap(DestinationError, f"{self._where}/{k}", f.result)
-
-    def _fsync_tree(self, root: Path) -> None:
-        """fsync every file and directory under ``root`` (TensorStore writes without syncing;
-        one pass at the end is what the NPZ sink's final fsync is)."""
-        paths: list[tuple[Path, bool]] = []
-        for d, _dirs, names in os.walk(root):
-            paths += [(Path(d) / n, False) for n in names]
-            paths.append((Path(d), True))
-        with ThreadPoolExecutor(4) as pool:
-            list(pool.map(lambda p: safefs.fsync_path(*p), paths))
 
     def close(self) -> None:
         self._handles = {}
