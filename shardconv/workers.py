@@ -1,0 +1,198 @@
+"""Running one conversion's shares on workers: local processes, Dask distributed, or a job array.
+
+A worker gets a ``Job`` (paths and options: a few hundred bytes, never tensor data),
+rebuilds the plan from it, checks the plan digest is the coordinator's, and runs one
+share (``core/distributed.py``). The coordinator prepares, schedules the shares that
+are not finished yet and finalizes; rerunning it redoes no finished share.
+"""
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import FIRST_EXCEPTION, Future, ProcessPoolExecutor, wait
+from dataclasses import asdict, dataclass, field
+from multiprocessing import get_context
+from typing import Any
+
+from .core import distributed
+from .core.distributed import ShareResult
+from .core.engine import Result
+from .errors import DestinationError, ResumeError, UsageError
+from .progress import ProgressArg
+from .progress import start as start_progress
+
+
+@dataclass(frozen=True)
+class Job:
+    """Everything a worker needs to rebuild the coordinator's plan and sink: JSON-able."""
+
+    src: str
+    dest: str
+    to: str | None = None
+    step: int | None = None
+    sink_options: dict[str, Any] = field(default_factory=dict)
+    mapping: dict[str, Any] = field(default_factory=dict)
+    max_memory: int = 512 << 20
+    fsync: bool = True
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> Job:
+        return cls(**obj)
+
+
+def _build(job: Job) -> tuple[Any, Any, Any]:
+    """(source, plan, sink) of ``job``, as ``api.convert`` builds them."""
+    from .api import make_plan, step_option
+    from .sinks import require, sink_for
+    from .sources import open_source
+
+    source = open_source(job.src, **step_option(job.step))
+    try:
+        plan = make_plan(source, **job.mapping)
+        sink = sink_for(job.dest, job.to, **job.sink_options)
+        require(sink.name)
+        return source, plan.leave_out(sink.leave_out), sink
+    except BaseException:
+        source.close()
+        raise
+
+
+def share_task(job: Job, index: int, digest: str) -> ShareResult:
+    """Run share ``index`` of ``job`` in this process (what a worker executes).
+
+    Raises: ResumeError if this worker's plan is not the coordinator's (another input or
+    another shardconv version at the same path), and whatever ``run_share`` raises."""
+    source, plan, sink = _build(job)
+    with source:
+        if plan.digest() != digest:
+            raise ResumeError(f"{job.src}: the plan rebuilt on this worker differs from the coordinator's "
+                              "(another input at that path, or another shardconv version); workers must see "
+                              "the same files and software")
+        return distributed.run_share(plan, sink, job.dest, index, max_memory=job.max_memory, fsync=job.fsync)
+
+
+def convert(job: Job, *, workers: int | None = None, client: Any = None, overwrite: bool = False,
+            restart: bool = False, share_bytes: int | None = None, progress: ProgressArg = False) -> Result:
+    """Prepare, run every unfinished share on ``workers`` local processes or a Dask ``client``,
+    then finalize. Returns: the Result. Raises: the first share's error (others are cancelled)."""
+    t0 = time.monotonic()
+    source, plan, sink = _build(job)
+    with source:
+        table = distributed.prepare(plan, sink, job.dest, max_memory=job.max_memory, overwrite=overwrite,
+                                    restart=restart, fsync=job.fsync, share_bytes=share_bytes)
+        todo = distributed.missing_shares(job.dest)
+        digest = plan.digest()
+        done_bytes = sum(s.nbytes for s in table.shares if s.index not in set(todo))
+        bar = start_progress(progress, plan.total_bytes, done_bytes, os.path.basename(job.dest))
+        try:
+            run = _on_dask if client is not None else _on_processes
+            for index in run(job, todo, digest, client if client is not None else (workers or 1)):
+                if bar is not None:
+                    bar.update(table.shares[index].nbytes)
+        finally:
+            if bar is not None:
+                bar.close()
+        _, plan, sink = _build_again(job, source, plan)
+        return distributed.finalize(plan, sink, job.dest, overwrite=overwrite, fsync=job.fsync, t0=t0)
+
+
+def _build_again(job: Job, source: Any, plan: Any) -> tuple[Any, Any, Any]:
+    """A fresh sink for finalize (the one prepare used is closed)."""
+    from .sinks import sink_for
+
+    return source, plan, sink_for(job.dest, job.to, **job.sink_options)
+
+
+def _on_processes(job: Job, todo: list[int], digest: str, workers: Any) -> Iterable[int]:
+    """Run ``todo`` on a pool of ``workers`` fresh processes; yield each share as it finishes."""
+    if int(workers) < 1:
+        raise UsageError(f"--workers must be at least 1, not {workers}")
+    with ProcessPoolExecutor(max_workers=min(int(workers), max(1, len(todo))),
+                             mp_context=get_context("spawn")) as pool:
+        pending: set[Future[ShareResult]] = {pool.submit(share_task, job, k, digest) for k in todo}
+        try:
+            while pending:
+                finished, pending = wait(pending, return_when=FIRST_EXCEPTION)
+                for f in finished:
+                    yield f.result().index
+        finally:
+            for f in pending:
+                f.cancel()
+
+
+def _on_dask(job: Job, todo: list[int], digest: str, client: Any) -> Iterable[int]:
+    """Run ``todo`` as Dask tasks (scheduled dynamically); yield each share as it finishes."""
+    from dask.distributed import as_completed
+
+    futures = [client.submit(share_task, job, k, digest, pure=False, key=f"shardconv-share-{k:06d}-{digest[:12]}")
+               for k in todo]
+    try:
+        for f in as_completed(futures):
+            yield f.result().index
+    finally:
+        for f in futures:
+            f.cancel()
+
+
+def run_array_task(job: Job, task: int, count: int, *, share_bytes: int | None = None,
+                   log: Callable[[str], None] | None = None) -> list[ShareResult]:
+    """Job-array entry (``--share I/N``): prepare if nobody has, then run the unfinished shares
+    ``k`` with ``k % count == task``. No finalize: ``shardconv finalize`` does that once all
+    tasks are done. Returns: what each share did."""
+    if not 0 <= task < count:
+        raise UsageError(f"--share {task}/{count}: the task number must be in 0..{count - 1}")
+    source, plan, sink = _build(job)
+    with source:
+        _prepare_once(job, plan, sink, share_bytes)
+        digest = plan.digest()
+    results = []
+    for k in distributed.missing_shares(job.dest):
+        if k % count == task:
+            results.append(share_task(job, k, digest))
+            if log:
+                log(f"share {k} done")
+    return results
+
+
+#: How long a job-array task waits for another task that is preparing the output.
+PREPARE_WAIT_SECONDS = 600.0
+
+
+def _prepare_once(job: Job, plan: Any, sink: Any, share_bytes: int | None) -> None:
+    """Prepare unless a task already has; a task that finds another one preparing waits
+    for its share table instead of failing."""
+    staging = distributed.Staging(distributed.Destination.parse(job.dest).path)
+    if distributed.load_table(staging) is not None:
+        return
+    try:
+        distributed.prepare(plan, sink, job.dest, max_memory=job.max_memory, fsync=job.fsync,
+                            share_bytes=share_bytes)
+    except DestinationError:
+        deadline = time.monotonic() + PREPARE_WAIT_SECONDS
+        while _lock_held(staging) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        if distributed.load_table(staging) is None:
+            raise
+
+
+def _lock_held(staging: Any) -> bool:
+    """True while another process holds the staging lock (a task preparing)."""
+    import fcntl
+
+    try:
+        fd = os.open(staging.dir / "lock", os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+
+
+def job_record(job: Job) -> dict[str, Any]:
+    """``job`` as JSON-able data (kept in the share table so ``finalize DEST`` needs no SRC)."""
+    return asdict(job)

@@ -1,0 +1,210 @@
+"""One conversion split over workers (core/distributed.py, workers.py): byte-identical to a
+single-process run, resumable per share, idempotent, and an error in any share ends the run
+with one line and nothing at DEST."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from procs import tree_digest
+
+from shardconv import api
+from shardconv.core import distributed
+from shardconv.core.destination import Destination
+from shardconv.core.staging import Staging
+from shardconv.errors import ChecksumError, ResumeError
+from shardconv.testing.sink_suite import write_reference_npz
+from shardconv.workers import Job, convert, run_array_task, share_task
+
+BUDGET = 8 << 20          # small chunks: many of them
+SHARE = 3 << 20           # several shares for the ~14 MiB tree below
+
+
+def _tree() -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(16)
+    return {
+        "big/kernel": rng.standard_normal((1024, 2048)).astype(np.float32),     # 8 MiB: spans shares
+        "mid/kernel": rng.standard_normal((512, 1024)).astype(np.float32),
+        "small/bias": np.arange(10, dtype=np.int64),
+        "empty": np.zeros((0, 3), np.float16),
+        "scalar": np.array(3.5, np.float64),
+        "half": rng.standard_normal((300, 700)).astype(np.float16),
+    }
+
+
+@pytest.fixture
+def src(tmp_path: Path) -> Path:
+    path = tmp_path / "src.npz"
+    write_reference_npz(path, _tree())
+    return path
+
+
+def _job(src: Path, dest: Path, **kw) -> Job:
+    return Job(src=str(src), dest=str(dest), max_memory=BUDGET, **kw)
+
+
+def _single(src: Path, dest: Path, **kw) -> dict[str, bytes]:
+    api.convert(src, dest, max_memory=BUDGET, **kw)
+    return _digest(dest)
+
+
+def _digest(dest: Path) -> dict[str, bytes]:
+    """The output and its sidecar, by name relative to DEST's directory."""
+    out = tree_digest(dest)
+    for p in dest.parent.iterdir():
+        if p.name.startswith(dest.name) and p != dest and not p.name.endswith(".partial"):
+            out.update(tree_digest(p))
+    return {k.replace(dest.name, "DEST", 1): v for k, v in out.items()}
+
+
+def _prepared(src: Path, dest: Path, **kw):
+    job = _job(src, dest, **kw)
+    from shardconv.workers import _build
+
+    source, plan, sink = _build(job)
+    with source:
+        table = distributed.prepare(plan, sink, dest, max_memory=BUDGET, share_bytes=SHARE)
+    return job, plan, table
+
+
+@pytest.mark.parametrize("to,options", [("npz", {}), ("npz", {"max_file_size": "4MiB"}), ("zarr", {})],
+                         ids=["npz", "split-npz", "zarr"])
+def test_two_workers_write_the_bytes_one_process_writes(src, tmp_path, to, options):
+    want = _single(src, tmp_path / "one" / f"out.{to}", to=to, sink_options=options)
+    dest = tmp_path / "two" / f"out.{to}"
+    dest.parent.mkdir()
+    result = convert(_job(src, dest, to=to, sink_options=options), workers=2, share_bytes=SHARE)
+    assert _digest(dest) == want
+    assert result.bytes_total == sum(a.nbytes for a in _tree().values())
+    assert not (tmp_path / "two" / f"out.{to}.partial").exists()
+
+
+def test_shares_are_independent_of_the_worker_count_and_cover_every_chunk(src, tmp_path):
+    _, plan, table = _prepared(src, tmp_path / "a.npz")
+    _, _, again = _prepared(src, tmp_path / "b.npz")
+    assert [(s.start, s.stop) for s in table.shares] == [(s.start, s.stop) for s in again.shares]
+    assert len(table.shares) >= 4
+    assert table.shares[0].start == 0 and all(a.stop == b.start for a, b in zip(table.shares, table.shares[1:]))
+    assert sum(s.nbytes for s in table.shares) == plan.total_bytes
+
+
+def test_a_worker_killed_mid_share_resumes_from_its_journal(src, tmp_path):
+    dest = tmp_path / "out.npz"
+    job, plan, table = _prepared(src, dest)
+    share = max(table.shares, key=len)
+    kill_at = share.start + len(share) // 2
+    code = ("import sys, json; from shardconv.workers import Job, share_task; "
+            "share_task(Job.from_json(json.loads(sys.argv[1])), int(sys.argv[2]), sys.argv[3])")
+    env = {**os.environ, "SHARDCONV_TEST_KILL": f"journal:{kill_at}"}
+    p = subprocess.run([sys.executable, "-c", code, json.dumps(job.__dict__), str(share.index), plan.digest()],
+                       env=env, capture_output=True, text=True)
+    assert p.returncode == -9, p.stderr
+    again = share_task(job, share.index, plan.digest())
+    assert again.chunks_resumed == kill_at - share.start + 1 and again.chunks_written == share.stop - kill_at - 1
+    convert(job, workers=1)
+    assert _digest(dest) == _single(src, tmp_path / "ref" / "out.npz")
+
+
+def test_a_rerun_coordinator_redoes_no_finished_share(src, tmp_path):
+    dest = tmp_path / "out.npz"
+    job = _job(src, dest)
+    first = run_array_task(job, 0, 2, share_bytes=SHARE)            # half the shares, then "killed"
+    assert first and all(r.index % 2 == 0 for r in first)
+    left = distributed.missing_shares(dest)
+    assert left and all(k % 2 == 1 for k in left)
+    journals_before = set(os.listdir(Staging(Destination.parse(dest).path).dir / distributed.JOURNALS))
+    convert(job, workers=2, share_bytes=SHARE)
+    assert _digest(dest) == _single(src, tmp_path / "ref" / "out.npz")
+    # the coordinator's rerun started one attempt per unfinished share only
+    assert all(int(name[:6]) % 2 == 0 for name in journals_before)
+
+
+def test_the_same_share_run_twice_at_once_gives_the_same_output(src, tmp_path):
+    dest = tmp_path / "out.npz"
+    job, plan, table = _prepared(src, dest)
+    code = ("import sys, json; from shardconv.workers import Job, share_task; "
+            "share_task(Job.from_json(json.loads(sys.argv[1])), int(sys.argv[2]), sys.argv[3])")
+    args = [json.dumps(job.__dict__), str(max(table.shares, key=len).index), plan.digest()]
+    procs = [subprocess.Popen([sys.executable, "-c", code, *args]) for _ in range(2)]
+    assert [p.wait() for p in procs] == [0, 0]
+    convert(job, workers=2)
+    assert _digest(dest) == _single(src, tmp_path / "ref" / "out.npz")
+
+
+def test_job_array_tasks_then_finalize(src, tmp_path):
+    dest = tmp_path / "out.zarr"
+    job = _job(src, dest, to="zarr")
+    for task in (1, 0, 2):
+        run_array_task(job, task, 3, share_bytes=SHARE)
+    with pytest.raises(ResumeError):
+        share_task(job, 10_000, "x" * 64)
+    from shardconv.workers import _build
+
+    source, plan, sink = _build(job)
+    with source:
+        distributed.finalize(plan, sink, dest)
+    assert _digest(dest) == _single(src, tmp_path / "ref" / "out.zarr", to="zarr")
+
+
+def test_finalize_refuses_while_a_share_is_unfinished(src, tmp_path):
+    dest = tmp_path / "out.npz"
+    job, plan, table = _prepared(src, dest)
+    share_task(job, 0, plan.digest())
+    from shardconv.workers import _build
+
+    source, plan, sink = _build(job)
+    with source, pytest.raises(ResumeError, match=r"shares are not finished \(first: 1"):
+        distributed.finalize(plan, sink, dest)
+    assert not dest.exists()
+
+
+def test_a_corrupt_byte_in_one_share_ends_the_run_naming_file_and_tensor(src, tmp_path):
+    import zipfile
+
+    with zipfile.ZipFile(src) as z:
+        info = z.getinfo("mid/kernel.npy")
+    with open(src, "r+b") as f:     # a byte well inside mid/kernel's data (past the npy header)
+        f.seek(info.header_offset + 30 + len(info.filename) + len(info.extra) + 4096)
+        b = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([b[0] ^ 0x10]))
+    dest = tmp_path / "out.npz"
+    with pytest.raises(ChecksumError, match=r"mid/kernel") as e:
+        convert(_job(src, dest), workers=2, share_bytes=SHARE)
+    assert "\n" not in str(e.value) and str(src) in str(e.value)
+    assert not dest.exists()
+
+
+def test_a_worker_with_another_plan_is_refused(src, tmp_path):
+    dest = tmp_path / "out.npz"
+    job, plan, _ = _prepared(src, dest)
+    with pytest.raises(ResumeError, match="differs from the coordinator"):
+        share_task(job, 0, "0" * 64)
+    other = Job(**{**job.__dict__, "mapping": {"exclude": "small/*"}})
+    with pytest.raises(ResumeError):
+        share_task(other, 0, api.make_plan(api.open_source(src), exclude="small/*").digest())
+
+
+@pytest.fixture(scope="session")
+def dask_client():
+    distributed_mod = pytest.importorskip("dask.distributed")
+    cluster = distributed_mod.LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=None,
+                                           processes=True)
+    client = distributed_mod.Client(cluster)
+    yield client
+    client.close()
+    cluster.close()
+
+
+@pytest.mark.parametrize("to", ["npz", "zarr"])
+def test_dask_workers_write_the_bytes_one_process_writes(src, tmp_path, dask_client, to):
+    dest = tmp_path / f"out.{to}"
+    convert(_job(src, dest, to=to), client=dask_client, share_bytes=SHARE)
+    assert _digest(dest) == _single(src, tmp_path / "ref" / f"out.{to}", to=to)
+    workers = {w["id"] for w in dask_client.scheduler_info()["workers"].values()}
+    assert len(workers) == 2
