@@ -4,13 +4,15 @@ start-up and imports included) and in-process (open the source and list its tens
 best of ``--repeat`` in wall and in CPU seconds (user + sys: steadier than wall on a
 shared machine), with the load average around each row.
 
-    .venv/bin/python bench/index_listing.py [--counts 20000,100000] [--repeat 5] [--markdown]
-                                            [--workdir bench/out] [--python PY]
+    .venv/bin/python bench/index_listing.py [--counts 20000,100000] [--kinds tf1,tf2] [--repeat 5]
+                                            [--markdown] [--workdir bench/out] [--python PY]
 
-Checkpoints are written once per count by TensorFlow in a child process
-(``tf.raw_ops.SaveV2`` of float32[4] tensors named ``model/layer_NNNNN/wK``, ten per
-layer) into ``WORKDIR/index-<count>/`` and reused while their ``bench-ok`` marker is
-there. A ``small`` row lists a 5-tensor SavedModel from tests/data: the fixed cost of
+Checkpoints are written once per count and kind by TensorFlow in a child process: ``tf1``
+is ``tf.raw_ops.SaveV2`` of float32[4] tensors named ``model/layer_NNNNN/wK``, ten per
+layer, into ``WORKDIR/index-<count>/``; ``tf2`` is ``tf.train.Checkpoint.write`` of the
+same values as ``tf.Variable``s in one ``tf.Module`` per layer (so its index holds the
+object graph, which names them) into ``WORKDIR/index-tf2-<count>/``. Each is reused while
+its ``bench-ok`` marker is there. A ``small`` row lists a 5-tensor SavedModel from tests/data: the fixed cost of
 a command. See bench/README.md ("Listing big indexes").
 """
 from __future__ import annotations
@@ -32,10 +34,20 @@ SMALL = REPO / "tests" / "data" / "tf-serving" / "saved_model_half_plus_two_cpu"
 WRITER = r"""
 import sys
 import tensorflow as tf
-prefix, n = sys.argv[1], int(sys.argv[2])
-names = [f"model/layer_{i // 10:05d}/w{i % 10}" for i in range(n)]
-tensors = [tf.constant([i, i + 1, i + 2, i + 3], tf.float32) for i in range(n)]
-tf.raw_ops.SaveV2(prefix=prefix, tensor_names=names, shape_and_slices=[""] * n, tensors=tensors)
+prefix, n, kind = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+if kind == "tf1":
+    names = [f"model/layer_{i // 10:05d}/w{i % 10}" for i in range(n)]
+    tensors = [tf.constant([i, i + 1, i + 2, i + 3], tf.float32) for i in range(n)]
+    tf.raw_ops.SaveV2(prefix=prefix, tensor_names=names, shape_and_slices=[""] * n, tensors=tensors)
+else:  # tf2: n - 1 variables in modules of ten, and the object graph
+    root, layers = tf.Module(), []
+    for i in range(n - 1):
+        if i % 10 == 0:
+            layers.append(tf.Module(name=f"layer_{i // 10:05d}"))
+        setattr(layers[-1], f"w{i % 10}",
+                tf.Variable([i, i + 1, i + 2, i + 3], dtype=tf.float32, name=f"model/layer_{i // 10:05d}/w{i % 10}"))
+    root.layers = layers
+    tf.train.Checkpoint(model=root).write(prefix)
 """
 
 IN_PROCESS = r"""
@@ -59,17 +71,18 @@ def loadavg() -> float:
     return os.getloadavg()[0]
 
 
-def ensure_checkpoint(workdir: Path, count: int, py: str) -> Path:
-    """The prefix of a SaveV2 checkpoint of ``count`` tensors, written once."""
-    d = workdir / f"index-{count}"
+def ensure_checkpoint(workdir: Path, count: int, py: str, kind: str = "tf1") -> Path:
+    """The prefix of a checkpoint of ``count`` tensors (``kind`` tf1: SaveV2, tf2: an object
+    graph and ``count - 1`` variables), written once."""
+    d = workdir / (f"index-{count}" if kind == "tf1" else f"index-{kind}-{count}")
     if (d / "bench-ok").is_file():
         return d / "model.ckpt"
-    tmp = workdir / f"index-{count}.tmp"
+    tmp = d.with_name(d.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    log(f"writing {count} tensors with TensorFlow into {d} ...")
+    log(f"writing {count} {kind} tensors with TensorFlow into {d} ...")
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": ""}
-    subprocess.run([py, "-c", WRITER, str(tmp / "model.ckpt"), str(count)], check=True, env=env)
+    subprocess.run([py, "-c", WRITER, str(tmp / "model.ckpt"), str(count), kind], check=True, env=env)
     (tmp / "bench-ok").write_text(f"{count}\n")
     shutil.rmtree(d, ignore_errors=True)
     tmp.rename(d)
@@ -110,12 +123,12 @@ def measure(label: str, tensors: int | str, fn) -> dict:
     return row
 
 
-def rows_for(src: Path, count: int | str, py: str, repeat: int) -> list[dict]:
+def rows_for(src: Path, count: int | str, py: str, repeat: int, kind: str = "tf1") -> list[dict]:
     cli = [py, "-m", "shardconv"]
     rows = []
     for cmd in ("ls", "plan"):
-        rows.append(measure(f"shardconv {cmd}", count, lambda: time_command(cli + [cmd, str(src)], repeat)))
-    rows.append(measure("in-process listing", count, lambda: time_in_process(py, src, repeat)))
+        rows.append(measure(f"shardconv {cmd} ({kind})", count, lambda cmd=cmd: time_command(cli + [cmd, str(src)], repeat)))
+    rows.append(measure(f"in-process listing ({kind})", count, lambda: time_in_process(py, src, repeat)))
     return rows
 
 
@@ -134,17 +147,20 @@ def render(rows: list[dict], markdown: bool) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--counts", default="20000,100000", help="tensor counts, comma-separated")
+    p.add_argument("--kinds", default="tf1,tf2", help="checkpoint kinds: tf1 (SaveV2), tf2 (object graph)")
     p.add_argument("--repeat", type=int, default=5, help="runs per row; the table shows the best and the median")
     p.add_argument("--workdir", type=Path, default=BENCH_DIR / "out")
     p.add_argument("--python", default=sys.executable, help="interpreter for the rows and the TF writer")
     p.add_argument("--markdown", action="store_true")
     args = p.parse_args(argv)
     counts = [int(c) for c in args.counts.split(",") if c]
-    prefixes = {n: ensure_checkpoint(args.workdir, n, args.python) for n in counts}
+    kinds = [k for k in args.kinds.split(",") if k]
+    prefixes = {(n, k): ensure_checkpoint(args.workdir, n, args.python, k) for n in counts for k in kinds}
     cli = [args.python, "-m", "shardconv"]
     rows = [measure("shardconv ls (small)", 5, lambda: time_command(cli + ["ls", str(SMALL)], args.repeat))]
     for n in counts:
-        rows += rows_for(prefixes[n], n, args.python, args.repeat)
+        for k in kinds:
+            rows += rows_for(prefixes[n, k], n, args.python, args.repeat, k)
     print(render(rows, args.markdown))
     return 0
 

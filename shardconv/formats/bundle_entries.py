@@ -154,8 +154,13 @@ def _uvarint(raw: bytes | None) -> int:
     """The value of a varint matched whole by ``_VARINT63`` (None, an absent field: 0)."""
     if raw is None:
         return 0
-    if len(raw) == 1:
+    n = len(raw)
+    if n == 1:
         return raw[0]
+    if n == 2:  # offsets below 16 KiB
+        return (raw[0] & 0x7F) | raw[1] << 7
+    if n == 3:  # ... below 2 MiB
+        return (raw[0] & 0x7F) | (raw[1] & 0x7F) << 7 | raw[2] << 14
     value = 0
     for i, b in enumerate(raw):
         value |= (b & 0x7F) << (7 * i)
@@ -182,10 +187,11 @@ class EntryReader:
             dtype = TF_DTYPES.get(value[1])
             shape = self._shape(value[4:stop]) if stop <= len(value) else None
             m = _CANONICAL_TAIL.fullmatch(value, stop) if shape is not None else None
-            if m is not None and dtype is not None:
+            if m is not None and dtype is not None and shape is not None:
                 shard, offset, size, crc = m.groups()
-                return Entry(name, dtype, shape, _uvarint(shard), _uvarint(offset), _uvarint(size),
-                              None if crc is None else int.from_bytes(crc, "little"), ())
+                return Entry(name, dtype, shape, 0 if shard is None else _uvarint(shard), _uvarint(offset),
+                             size[0] if size is not None and len(size) == 1 else _uvarint(size),
+                             None if crc is None else int.from_bytes(crc, "little"), ())
         return parse_entry(name, value, self.where)
 
     def _shape(self, raw: bytes) -> tuple[int, ...] | None:

@@ -64,7 +64,6 @@ class SSTable:
             raise self._err(f"bad magic 0x{magic:016x} (expected 0x{MAGIC:016x}); not a TensorFlow checkpoint index or truncated")
         try:
             pos = 0
-            self.metaindex = []
             handles = []
             for _ in range(2):
                 off, pos = read_varint(footer, pos, 40, "footer block offset")

@@ -6,13 +6,17 @@ Every read checks it stays inside the buffer; a violation raises FormatError.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 from ..errors import FormatError
 
 INT64_MAX = (1 << 63) - 1
 
+#: What the readers take: any bytes-like object indexable to ints.
+Bytes = bytes | bytearray | memoryview
 
-def read_varint(buf: bytes | memoryview, pos: int, limit: int | None = None, what: str = "varint") -> tuple[int, int]:
+
+def read_varint(buf: Bytes, pos: int, limit: int | None = None, what: str = "varint") -> tuple[int, int]:
     """Decode a base-128 varint (at most 10 bytes) at ``pos``; returns (value, new pos)."""
     end = len(buf) if limit is None else limit
     if pos < end:
@@ -21,7 +25,7 @@ def read_varint(buf: bytes | memoryview, pos: int, limit: int | None = None, wha
             return b, pos + 1
     result = 0
     shift = 0
-    for i in range(10):
+    for _ in range(10):
         if pos >= end:
             raise FormatError(f"truncated {what}")
         b = buf[pos]
@@ -36,18 +40,21 @@ def read_varint(buf: bytes | memoryview, pos: int, limit: int | None = None, wha
 
 
 def as_int64(v: int) -> int:
+    """A uint64 as the int64 it encodes (two's complement)."""
     return v - (1 << 64) if v >= (1 << 63) else v
 
 
-def fields(buf: bytes | memoryview, what: str = "message") -> Iterator[tuple[int, int, object]]:
+def fields(buf: Bytes, what: str = "message") -> Iterator[tuple[int, int, Any]]:
     """Yield (field number, wire type, value) for each field of a serialized message.
 
-    Varints are ints, fixed32/64 are ints, length-delimited values are memoryviews.
+    Varints are ints, fixed32/64 are ints, length-delimited values are memoryviews (typed
+    ``Any``: which one a field holds is known from its wire type).
     """
     mv = memoryview(buf)
     pos = 0
     end = len(mv)
     while pos < end:
+        val: Any
         key, pos = read_varint(mv, pos, end, f"{what} field key")
         num, wt = key >> 3, key & 7
         if num == 0:
@@ -76,6 +83,7 @@ def fields(buf: bytes | memoryview, what: str = "message") -> Iterator[tuple[int
 
 
 def packed_varints(buf: memoryview, what: str) -> list[int]:
+    """The varints of a packed repeated field."""
     out = []
     pos = 0
     while pos < len(buf):

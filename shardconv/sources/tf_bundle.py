@@ -25,6 +25,7 @@ from .base import Source
 
 #: String tensors larger than this are refused (they are read whole).
 MAX_STRING_TENSOR_BYTES = 256 << 20
+_NO_NOTES: dict[str, str] = {}
 
 
 # --------------------------------------------------------------------------- paths
@@ -259,27 +260,37 @@ class TFBundleSource(Source):
             except FileNotFoundError:
                 self._sizes[s] = None
         self._entries = entries
-        self._infos: list[TensorInfo] = []
         self._parts: dict[str, list[_Part]] = {}
-        self._units: dict[str, Unit] = {}
+        self._units_built: dict[str, Unit] | None = None
+        self._by_name: dict[str, TensorInfo] | None = None
+        rows = self._check_entries(raw_slices, where)
+        notes = self._graph_notes()
+        self._infos = [TensorInfo(name, e.dtype, e.shape, nbytes, checksum,
+                                  {"shard": e.shard, "sliced": bool(e.slices), **notes.get(name, _NO_NOTES)})
+                       for name, e, nbytes, checksum in rows]
+
+    def _check_entries(self, raw_slices: dict[bytes, bytes], where: str) -> list[tuple[str, Entry, int, str | None]]:
+        """Each tensor's entry with its size and checksum, every extent and partition checked."""
+        rows = []
         nbytes_of: dict[tuple[tuple[int, ...], str], int] = {}  # checked shape x dtype sizes seen
-        for name, e in entries.items():
+        sizes, num_shards = self._sizes, self.num_shards
+        for name, e in self._entries.items():
             nbytes = nbytes_of.get((e.shape, e.dtype))
             if nbytes is None:
                 nbytes = nbytes_of[(e.shape, e.dtype)] = _checked_nbytes(e, where)
+            checksum = None
             if e.slices:
                 self._parts[name] = self._resolve_slices(e, raw_slices, where)
-                checksum = None
             else:
-                self._check_extent(e, nbytes, where)
-                checksum = f"crc32c:{e.crc}" if e.crc is not None else None
+                fsize = sizes.get(e.shard) if e.shard < num_shards else None
+                if e.size != nbytes or fsize is None or e.offset + e.size > fsize or e.dtype == STRING:
+                    self._check_extent(e, nbytes, where)  # the rare cases, each its own message
                 if e.crc is not None:
-                    self._units[name] = Unit(e.size, "crc32c", unmask(e.crc), name, self._data_file(e.shard))
+                    checksum = f"crc32c:{e.crc}"
             if e.dtype == STRING:
                 nbytes = e.size
-            self._infos.append(TensorInfo(name, e.dtype, e.shape, nbytes, checksum,
-                                          {"shard": e.shard, "sliced": bool(e.slices)}))
-        self._annotate()
+            rows.append((name, e, nbytes, checksum))
+        return rows
 
     def _read_entries(self, where: str) -> tuple[dict[str, Entry], dict[bytes, bytes]]:
         """The index's tensor entries by name and its raw slice entries by key; reads the header."""
@@ -304,20 +315,18 @@ class TFBundleSource(Source):
             raise FormatError(f"{where}: no bundle header (key \"\"); not a TF2-format checkpoint index")
         return entries, raw_slices
 
-    def _annotate(self) -> None:
-        """TF2 checkpoints: model names and roles from the object graph (see tf_object_graph)."""
+    def _graph_notes(self) -> dict[str, dict[str, str]]:
+        """TF2 checkpoints: model names and roles by checkpoint key, from the object graph (see
+        tf_object_graph); the graph's own entry is ``meta``. Nothing for a TF1 checkpoint."""
         graph = self._entries.get(OBJECT_GRAPH_KEY)
         if graph is None or graph.dtype != STRING:
-            return
+            return {}
         from . import tf_object_graph
 
         notes = tf_object_graph.annotate(tf_object_graph.parse(self.read_strings(OBJECT_GRAPH_KEY)[0],
                                                                  str(self.data_path(graph.shard))))
-        self._infos = [TensorInfo(t.name, t.dtype, t.shape, t.nbytes, t.checksum,
-                                  {**t.extra, **notes.get(t.name, {})}) for t in self._infos]
-        for i, t in enumerate(self._infos):
-            if t.name == OBJECT_GRAPH_KEY:
-                self._infos[i] = TensorInfo(t.name, t.dtype, t.shape, t.nbytes, t.checksum, {**t.extra, "role": "meta"})
+        notes[OBJECT_GRAPH_KEY] = {**notes.get(OBJECT_GRAPH_KEY, {}), "role": "meta"}
+        return notes
 
     def _parse_header(self, value: bytes, where: str) -> None:
         endianness = 0
@@ -367,8 +376,6 @@ class TFBundleSource(Source):
             nbytes = _checked_nbytes(se, where)
             self._check_extent(se, nbytes, where)
             unit = f"{e.name}@{';'.join(f'{s},{l}' for s, l in resolved)}"
-            if se.crc is not None:
-                self._units[unit] = Unit(se.size, "crc32c", unmask(se.crc), e.name, str(self.data_path(se.shard)))
             parts.append(_Part(resolved, 0, se, unit))
             covered += math.prod(l for _, l in resolved)
         if covered != math.prod(e.shape) or not _disjoint(parts):
@@ -379,13 +386,31 @@ class TFBundleSource(Source):
         return list(self._infos)
 
     def info(self, name: str) -> TensorInfo:
-        for t in self._infos:
-            if t.name == name:
-                return t
+        if self._by_name is None:
+            self._by_name = {t.name: t for t in self._infos}
+        t = self._by_name.get(name)
+        if t is not None:
+            return t
         raise SourceError(f"{self.location}: no tensor named {name!r}")
 
     def units(self) -> dict[str, Unit]:
-        return dict(self._units)
+        if self._units_built is None:  # built on first use: listing needs none
+            self._units_built = self._build_units()
+        return dict(self._units_built)
+
+    def _build_units(self) -> dict[str, Unit]:
+        """One unit per stored checksum: a whole tensor's, or each partition's (``tensor@start,len;...``)."""
+        units: dict[str, Unit] = {}
+        for name, e in self._entries.items():
+            parts = self._parts.get(name)
+            if parts is not None:
+                for p in parts:
+                    if p.entry.crc is not None:
+                        units[p.unit] = Unit(p.entry.size, "crc32c", unmask(p.entry.crc), name,
+                                             self._data_file(p.entry.shard))
+            elif e.crc is not None:
+                units[name] = Unit(e.size, "crc32c", unmask(e.crc), name, self._data_file(e.shard))
+        return units
 
     def input_files(self) -> list[str]:
         """The .index, every .data shard that exists and the ``checkpoint`` state file if it chose the prefix."""
@@ -474,7 +499,7 @@ class TFBundleSource(Source):
             prow = math.prod(x for _, x in p.extents[1:])
             tmp = np.empty((hi - lo,) + tuple(x for _, x in p.extents[1:]), dtype=out.dtype)
             pos = p.base + (lo - s) * prow * out.itemsize
-            mv = memoryview(tmp.reshape(-1).view(np.uint8))
+            mv = memoryview(tmp.reshape(-1).view(np.uint8).data)
             self._pread_into(p.entry, pos, mv)
             segs.append(Segment(p.unit, pos, len(mv), crc32c(mv)))
             index = (slice(lo - r0, hi - r0),) + tuple(slice(st, st + ln) for st, ln in p.extents[1:])
