@@ -1,5 +1,6 @@
 """The values that travel between layers: what a source knows about a tensor
-(`TensorInfo`) and the checksum bookkeeping of its stored bytes (`Unit`, `Segment`).
+(`TensorInfo`, with the `SourceRole` a source may have recorded for it), what a tensor is
+to the model (`Role`), and the checksum bookkeeping of its stored bytes (`Unit`, `Segment`).
 
 Core, sources, mapping and sinks all import these; this module imports nothing
 above `util`.
@@ -8,9 +9,40 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any, NamedTuple
 
 from ..util.dtypes import STRING, itemsize
+
+
+class Role(str, Enum):
+    """What a tensor is to the model. A ``str``: compares, prints and serializes as its value."""
+
+    PARAM = "param"          # a model weight or statistic: written by default
+    OPTIMIZER = "optimizer"  # optimizer slots, moments, hyperparameters
+    EMA = "ema"              # an exponential moving average of a param (``ema_of``)
+    META = "meta"            # training counters, metrics, checkpoint bookkeeping
+
+    def __str__(self) -> str:
+        return str(self.value)
+
+    def __format__(self, spec: str) -> str:
+        return format(str(self.value), spec)
+
+
+@dataclass(frozen=True)
+class SourceRole:
+    """The role a source itself recorded for a tensor (TF2's object graph does), which the
+    mapping layer takes over its own guesses from names and tree structure.
+
+    ``model_name``: the model-facing name (``dense/kernel``), None to keep the tensor's name;
+    ``ema_of`` / ``slot_of``: the model name of the param an EMA averages / a slot belongs to.
+    """
+
+    role: Role
+    model_name: str | None = None
+    ema_of: str | None = None
+    slot_of: str | None = None
 
 
 @dataclass(frozen=True)
@@ -22,7 +54,10 @@ class TensorInfo:
     shape: tuple[int, ...]
     nbytes: int                   # bytes of the C-order array (strings: stored bytes)
     checksum: str | None = None   # e.g. "crc32c:1234" over the tensor's stored bytes
+    #: Informational details for listings (``shard``, ``value_type``, ``sharding``, ...); nothing
+    #: decides on them. What the tensor is to the model travels in ``role``.
     extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+    role: SourceRole | None = field(default=None, compare=False, hash=False)
 
     @property
     def is_string(self) -> bool:

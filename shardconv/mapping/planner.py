@@ -12,26 +12,44 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..core.plan import Copy, OutputTensor, Plan, check_name
-from ..core.types import TensorInfo
+from ..core.types import Role, TensorInfo
 from ..errors import PlanError
 from ..frontend import option
 from ..sources.base import Source
 from ..util.dtypes import numpy_dtype
 from .assemble import Assemble, Piece, check_piece
-from .roles import Role, assign_roles
-from .rules import Rule, parse_rules
+from .options import DEFAULTS, MappingOptions, Resolved, resolve
+from .roles import TensorRole, assign_roles
+from .rules import Rule, RuleSet, parse_rules
 from .select import check_options, select
 
-DEFAULTS = {"prefer_ema": False, "drop_optimizer": False, "allow_unmapped": False, "names": "model"}
+__all__ = ["DEFAULTS", "MappingOptions", "build_plan", "cast_problem"]
 
 
 @dataclass
 class _Item:
     name: str
     src: TensorInfo
-    role: Role
+    role: TensorRole
     notes: list[str] = field(default_factory=list)
     cast: str | None = None  # the global dtype option, for a floating-point tensor no rule casts
+
+
+@dataclass
+class _Build:
+    """What planning collects on the way: problems (reported together), tensors left out, notes."""
+
+    loc: str
+    opts: dict[str, Any]
+    settings: Resolved
+    problems: list[str] = field(default_factory=list)
+    dropped: list[tuple[str, str]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def shown(self, it: _Item | TensorInfo, role: TensorRole) -> str:
+        """The name a tensor goes by under the ``names`` option."""
+        src = it if isinstance(it, TensorInfo) else it.src
+        return role.name if self.opts["names"] == "model" else src.name
 
 
 def cast_problem(src: str, dst: str) -> str | None:
@@ -54,133 +72,161 @@ def _expand(m: re.Match, template: str) -> str:
     return m.expand(template.replace("{part}", "\x00part\x00").replace("{i}", "\x00i\x00"))
 
 
-def build_plan(source: Source, rules: list[dict[str, Any]] | None = None, *, options: dict[str, Any] | None = None,
-               origins: dict[str, str] | None = None, **overrides: Any) -> Plan:
-    """The plan for ``source`` under ``rules``; ``overrides`` (prefer_ema, drop_optimizer,
-    allow_unmapped, names, ...) take precedence over options given with the rules. ``origins``
-    says where those came from (``preset keras-ema``), for messages; an override is named as
-    the user gave it (``--drop-optimizer`` or ``drop_optimizer=True``)."""
-    ruleset = parse_rules(rules, options)
-    opts = {**DEFAULTS, **ruleset.options, **{k: v for k, v in overrides.items() if v is not None}}
-    origins = {**(origins or {}), **{k: option(k, v) for k, v in overrides.items() if v is not None}}
-    by = {k: origins.get(k, option(k)) for k in ("prefer_ema", "drop_optimizer")}
-    if opts["names"] not in ("model", "keys"):
-        raise PlanError([f"names must be 'model' or 'keys', got {opts['names']!r}"])
-    bad = check_options(opts)
+def build_plan(source: Source, mapping: MappingOptions | list[dict[str, Any]] | None = None, *,
+               options: dict[str, Any] | None = None, origins: dict[str, str] | None = None,
+               **overrides: Any) -> Plan:
+    """The plan for ``source`` under the mapping options: roles, EMA, optimizer state,
+    selection, then rules. Reads no values.
+
+    ``mapping`` is a ``MappingOptions``. (Transitional: a list of rule dicts with the rules'
+    ``options``, their ``origins`` and explicit ``overrides``, as ``api.make_plan`` passed them.)
+
+    Returns: the Plan. Raises: PlanError listing every problem; UsageError for an unknown
+    preset or an unreadable rules file."""
+    if isinstance(mapping, MappingOptions):
+        settings = resolve(mapping)
+    else:
+        given = {k: v for k, v in overrides.items() if v is not None}
+        settings = Resolved(list(mapping or []), dict(options or {}), given,
+                            {**(origins or {}), **{k: option(k, v) for k, v in given.items()}})
+    ruleset = parse_rules(settings.rules or None, settings.file_options)
+    b = _Build(source.location, {**DEFAULTS, **ruleset.options, **settings.overrides}, settings)
+    if b.opts["names"] not in ("model", "keys"):
+        raise PlanError([f"names must be 'model' or 'keys', got {b.opts['names']!r}"])
+    bad = check_options(b.opts)
     if bad:
         raise PlanError(bad)
-    problems: list[str] = []
-    dropped: list[tuple[str, str]] = []
-    notes: list[str] = []
-    loc = source.location
+    items = _assign_roles(source, b)
+    items = _apply_ema(items, b)
+    if b.opts["drop_optimizer"]:
+        items = _drop_optimizer(items, b.dropped, b.notes, settings.by("drop_optimizer"))
+    items = select(items, b.opts, b.dropped)
+    outputs = _apply_rules(items, ruleset, b)
+    _check_outputs(outputs, b)
+    if b.problems:
+        raise PlanError([p.removeprefix(f"{b.loc}: ") for p in b.problems], where=b.loc)
+    if not source.stores_checksums and source.input_files():
+        b.notes.append(f"{source.format} input stores no checksums: a change to it during the run is detected "
+                       "only from file metadata (size, times, inode)")
+    plan = Plan(source, outputs, b.dropped, {**b.opts, "rules": [r.raw for r in ruleset.rules]})
+    plan.notes = b.notes
+    return plan
 
+
+def _assign_roles(source: Source, b: _Build) -> list[_Item]:
+    """Each numeric tensor as an item named as the ``names`` option says; strings are left out."""
     items: list[_Item] = []
     infos = list(source.tensors())
     for t, role in zip(infos, assign_roles(infos)):
         if t.is_string:
-            dropped.append((role.name if opts["names"] == "model" else t.name,
-                            "string tensor (array outputs hold numbers only)"))
+            b.dropped.append((b.shown(t, role), "string tensor (array outputs hold numbers only)"))
             continue
-        items.append(_Item(role.name if opts["names"] == "model" else t.name, t, role))
+        items.append(_Item(b.shown(t, role), t, role))
+    return items
 
-    # -- EMA and optimizer state
-    emas = [it for it in items if it.role.kind == "ema"]
-    if opts["prefer_ema"]:
-        if not emas:
-            problems.append(f"{loc}: {by['prefer_ema']}, but the checkpoint holds no EMA values (looked for Keras "
-                            "use_ema averages, .../ExponentialMovingAverage shadows, flax ema_params and "
-                            "optax EmaState trees; see docs/mapping.md)")
-        params = {it.role.name: it for it in items if it.role.kind == "param"}
-        seen: dict[str, _Item] = {}
-        for e in emas:
-            target = e.role.ema_of
-            if target in seen:
-                problems.append(f"{loc}: two EMA values for {target!r}: {seen[target].src.name} and {e.src.name}")
-                continue
-            seen[target] = e
-            p = params.get(target)
-            if p is None:
-                # Only the average was saved: it is the model's value.
-                e.role = Role("param", target)
-                e.name = target if opts["names"] == "model" else e.src.name
-                e.notes.append(f"EMA {e.src.name} (its raw weight is not in the checkpoint)")
-                continue
-            if (p.src.dtype, p.src.shape) != (e.src.dtype, e.src.shape):
-                problems.append(f"{loc}: EMA {e.src.name} is {e.src.dtype}{list(e.src.shape)} but {target} is "
-                                f"{p.src.dtype}{list(p.src.shape)}")
-                continue
-            dropped.append((p.name, f"raw weight; its EMA is written under the model name ({by['prefer_ema']})"))
+
+def _apply_ema(items: list[_Item], b: _Build) -> list[_Item]:
+    """With ``prefer_ema``: each param takes its EMA's value (an EMA without its raw weight
+    becomes the param); without it, a note that EMAs exist."""
+    emas = [it for it in items if it.role.kind == Role.EMA]
+    by = b.settings.by("prefer_ema")
+    if not b.opts["prefer_ema"]:
+        if emas:
+            shown = ", ".join(sorted({e.role.ema_of or e.name for e in emas})[:3])
+            b.notes.append(f"the checkpoint holds EMA averages of {len(emas)} weight(s) (e.g. {shown}); "
+                           f"{option('prefer_ema')} writes them under the weights' names")
+        return items
+    if not emas:
+        b.problems.append(f"{b.loc}: {by}, but the checkpoint holds no EMA values (looked for Keras "
+                          "use_ema averages, .../ExponentialMovingAverage shadows, flax ema_params and "
+                          "optax EmaState trees; see docs/mapping.md)")
+    consumed = _take_emas(items, emas, b, by)
+    items = [it for it in items if id(it) not in consumed]
+    raw = [it.name for it in items if it.role.kind == Role.PARAM and not it.notes]
+    if raw:
+        b.notes.append(f"{by}: {len(raw)} parameter(s) have no EMA and keep their raw value "
+                       f"(e.g. {', '.join(raw[:3])})")
+    return items
+
+
+def _take_emas(items: list[_Item], emas: list[_Item], b: _Build, by: str) -> set[int]:
+    """Give each param its EMA's source tensor; returns the ids of the EMA items used up."""
+    params = {it.role.name: it for it in items if it.role.kind == Role.PARAM}
+    seen: dict[str | None, _Item] = {}
+    consumed: set[int] = set()
+    for e in emas:
+        target = e.role.ema_of
+        if target in seen:
+            b.problems.append(f"{b.loc}: two EMA values for {target!r}: {seen[target].src.name} and {e.src.name}")
+            continue
+        seen[target] = e
+        p = params.get(target) if target is not None else None
+        if p is None:  # only the average was saved: it is the model's value
+            e.role = TensorRole(Role.PARAM, target or e.role.name)
+            e.name = b.shown(e, e.role)
+            e.notes.append(f"EMA {e.src.name} (its raw weight is not in the checkpoint)")
+        elif (p.src.dtype, p.src.shape) != (e.src.dtype, e.src.shape):
+            b.problems.append(f"{b.loc}: EMA {e.src.name} is {e.src.dtype}{list(e.src.shape)} but {target} is "
+                              f"{p.src.dtype}{list(p.src.shape)}")
+        else:
+            b.dropped.append((p.name, f"raw weight; its EMA is written under the model name ({by})"))
             p.notes.append(f"EMA value from {e.src.name}")
             p.src = e.src
-            e.role = Role("consumed", e.role.name)
-        items = [it for it in items if it.role.kind != "consumed"]
-        raw = [it.name for it in items if it.role.kind == "param" and not it.notes]
-        if raw:
-            notes.append(f"{by['prefer_ema']}: {len(raw)} parameter(s) have no EMA and keep their raw value "
-                         f"(e.g. {', '.join(raw[:3])})")
-    elif emas:
-        shown = ", ".join(sorted({e.role.ema_of or e.name for e in emas})[:3])
-        notes.append(f"the checkpoint holds EMA averages of {len(emas)} weight(s) (e.g. {shown}); "
-                     f"{option('prefer_ema')} writes them under the weights' names")
-    if opts["drop_optimizer"]:
-        items = _drop_optimizer(items, dropped, notes, by["drop_optimizer"])
-    items = select(items, opts, dropped)
+            consumed.add(id(e))
+    return consumed
 
-    # -- rules
+
+def _apply_rules(items: list[_Item], ruleset: RuleSet, b: _Build) -> list[OutputTensor]:
+    """The output tensors: each item through the first rule matching its name (or as it is)."""
     outputs: list[OutputTensor] = []
-    groups: dict[tuple[int, str], list[tuple[Any, _Item]]] = defaultdict(list)
+    groups: dict[tuple[int, str], list[tuple[int, _Item, Rule]]] = defaultdict(list)
     for it in items:
         hit = ruleset.first_match(it.name) if ruleset.rules else None
         if hit is None:
-            if ruleset.rules and not opts["allow_unmapped"]:
-                problems.append(f"no rule maps {it.name!r}" + (f" (source {it.src.name})" if it.src.name != it.name else ""))
-                continue
-            _single(it, it.name, None, outputs, problems)
+            if ruleset.rules and not b.opts["allow_unmapped"]:
+                b.problems.append(f"no rule maps {it.name!r}"
+                                  + (f" (source {it.src.name})" if it.src.name != it.name else ""))
+            else:
+                _single(it, it.name, None, outputs, b.problems)
             continue
         rule, m = hit
         if rule.drop:
-            dropped.append((it.name, f"dropped by {rule.label}"))
+            b.dropped.append((it.name, f"dropped by {rule.label}"))
             continue
         new = _expand(m, rule.rename) if rule.rename is not None else it.name
-        if rule.group:
-            try:
-                idx = int(m.expand(rule.group_index))
-            except (ValueError, IndexError, re.error):
-                problems.append(f"{rule.label}: index {rule.group_index!r} of {it.name!r} is not an integer")
-                continue
-            groups[(rule.index, new)].append((idx, it, rule))
-        else:
-            _single(it, new, rule, outputs, problems)
+        if not rule.group:
+            _single(it, new, rule, outputs, b.problems)
+            continue
+        try:
+            idx = int(m.expand(rule.group_index or ""))
+        except (ValueError, IndexError, re.error):
+            b.problems.append(f"{rule.label}: index {rule.group_index!r} of {it.name!r} is not an integer")
+            continue
+        groups[(rule.index, new)].append((idx, it, rule))
     for (_, new), members in groups.items():
-        _group(new, members, outputs, problems)
+        _group(new, members, outputs, b.problems)
+    return outputs
 
-    # -- collisions and names
+
+def _check_outputs(outputs: list[OutputTensor], b: _Build) -> None:
+    """Refuse two outputs with one name, and unsafe output names."""
     by_name: dict[str, list[OutputTensor]] = defaultdict(list)
     for o in outputs:
         by_name[o.name].append(o)
     for name, outs in by_name.items():
+        srcs = sorted({s for o in outs for s in o.producer.inputs}) if len(outs) > 1 else []
         if len(outs) > 1:
-            srcs = sorted({s for o in outs for s in o.producer.inputs})
-            problems.append(f"{len(outs)} tensors map to the output name {name!r}: {', '.join(srcs[:6])}")
+            b.problems.append(f"{len(outs)} tensors map to the output name {name!r}: {', '.join(srcs[:6])}")
         why = check_name(name)
         if why:
-            srcs = sorted({s for o in outs for s in o.producer.inputs})
-            problems.append(f"output name {name!r} (from {', '.join(srcs[:3])}) is unsafe ({why})")
-    if problems:
-        raise PlanError([p.removeprefix(f"{loc}: ") for p in problems], where=loc)
-    plan_options = {**opts, "rules": [r.raw for r in ruleset.rules]}
-    if not source.stores_checksums and source.input_files():
-        notes.append(f"{source.format} input stores no checksums: a change to it during the run is detected "
-                     "only from file metadata (size, times, inode)")
-    plan = Plan(source, outputs, dropped, plan_options)
-    plan.notes = notes
-    return plan
+            srcs = srcs or sorted({s for o in outs for s in o.producer.inputs})
+            b.problems.append(f"output name {name!r} (from {', '.join(srcs[:3])}) is unsafe ({why})")
 
 
 _DROP_REASONS = {
-    "optimizer": "optimizer state ({by})",
-    "meta": "training counter, metric or checkpoint bookkeeping ({by})",
-    "ema": "EMA copy ({by}; add {prefer_ema} to write it instead of the raw weight)",
+    Role.OPTIMIZER: "optimizer state ({by})",
+    Role.META: "training counter, metric or checkpoint bookkeeping ({by})",
+    Role.EMA: "EMA copy ({by}; add {prefer_ema} to write it instead of the raw weight)",
 }
 
 

@@ -2,8 +2,8 @@
 
 Decided in this order (the table in docs/mapping.md lists every convention):
 
-1. what the source recorded: the TF2 object graph puts ``role``, ``model_name``,
-   ``ema_of`` and ``slot_of`` in ``TensorInfo.extra``;
+1. what the source recorded: the TF2 object graph gives each variable a ``SourceRole``
+   (``TensorInfo.role``: role, model name, ``ema_of``, ``slot_of``);
 2. the structure of a saved tree: a flax ``TrainState``'s ``opt_state``, t5x's
    ``optimizer/state`` (its ``optimizer/target`` is the model), optax state records
    recognised by their fields anywhere (``count``/``mu``/``nu``, ``hyperparams``/
@@ -24,7 +24,7 @@ from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 
-from ..core.types import TensorInfo
+from ..core.types import Role, SourceRole, TensorInfo
 from ..sources.tf_object_graph import METRIC_CONTAINERS
 
 #: TF1 slot suffixes (tf.compat.v1.train optimizers), Keras/optax names, Mesh TF Adafactor slots.
@@ -74,8 +74,10 @@ _FACTORED_SLOTS = frozenset({"v_row", "v_col", "vr", "vc", "v", "m"})
 
 
 @dataclass(frozen=True)
-class Role:
-    kind: str          # param | optimizer | ema | meta
+class TensorRole:
+    """What one source tensor is to the model, under which name, and whose EMA or slot it is."""
+
+    kind: Role
     name: str          # model-facing name
     ema_of: str | None = None
     slot_of: str | None = None
@@ -96,21 +98,21 @@ class _Tree:
         self.ema_roots = {g for g, c in children.items() if c == _EMA_STATE}
         self.t5x = "target" in children.get("optimizer", ()) and "state" in children.get("optimizer", ())
 
-    def role(self, t: TensorInfo) -> Role | None:
+    def role(self, t: TensorInfo) -> TensorRole | None:
         parts = t.name.split("/")
         if self.t5x and parts[0] == "optimizer" and len(parts) > 2:
-            return Role("param" if parts[1] == "target" else "optimizer", t.name)
+            return TensorRole(Role.PARAM if parts[1] == "target" else Role.OPTIMIZER, t.name)
         if self.t5x and t.name == "version":
-            return Role("meta", t.name)
-        ema: Role | None = None
+            return TensorRole(Role.META, t.name)
+        ema: TensorRole | None = None
         group, last = "", len(parts) - 1
         for i, part in enumerate(parts):  # ``group`` holds ``part``
             if group in self.opt_roots or (i < last and part in _OPT_TREE_FIELDS):
-                return Role("optimizer", t.name)
+                return TensorRole(Role.OPTIMIZER, t.name)
             if ema is None and group in self.ema_roots:
-                ema = Role("ema" if part == "ema" else "meta", t.name)
+                ema = TensorRole(Role.EMA if part == "ema" else Role.META, t.name)
             elif ema is None and i < last and part in _EMA_TREE_FIELDS:
-                ema = Role("ema", t.name, "/".join(parts[:i] + ["params"] + parts[i + 1:]))
+                ema = TensorRole(Role.EMA, t.name, "/".join(parts[:i] + ["params"] + parts[i + 1:]))
             group = f"{group}/{part}" if group else part
         return ema
 
@@ -128,16 +130,16 @@ def _keras_optimizer_state(t: TensorInfo, tree: _Tree) -> bool:
     return False
 
 
-def _by_name(t: TensorInfo, tree: _Tree) -> Role | None:
+def _by_name(t: TensorInfo, tree: _Tree) -> TensorRole | None:
     m = _EMA.match(t.name)
     if m:
-        return Role("ema", t.name, m.group("base"))
+        return TensorRole(Role.EMA, t.name, m.group("base"))
     m = _OPT_SLOT.match(t.name)
     if m:
         base = m.group(1) or m.group(3)
-        return Role("optimizer", t.name, slot_of=base if base in tree.names else None)
+        return TensorRole(Role.OPTIMIZER, t.name, slot_of=base if base in tree.names else None)
     if _OPT_NAME.match(t.name) or _keras_optimizer_state(t, tree):
-        return Role("optimizer", t.name)
+        return TensorRole(Role.OPTIMIZER, t.name)
     return None
 
 
@@ -150,25 +152,35 @@ def _is_metric(name: str) -> bool:
     return parts[-1] in _METRIC_VARS and any(p in METRIC_CONTAINERS for p in parts[:-1])
 
 
-def _decide(t: TensorInfo, tree: _Tree) -> Role:
-    e = t.extra or {}
+def _recorded(t: TensorInfo) -> SourceRole | None:
+    """The role the source recorded for ``t``, if any."""
+    if t.role is not None:
+        return t.role
+    e = t.extra or {}  # transitional: the TF bundle source still records roles as extra keys
     if "role" in e:
-        role = Role(e["role"], e.get("model_name") or t.name, e.get("ema_of"), e.get("slot_of"))
+        return SourceRole(Role(e["role"]), e.get("model_name"), e.get("ema_of"), e.get("slot_of"))
+    return None
+
+
+def _decide(t: TensorInfo, tree: _Tree) -> TensorRole:
+    rec = _recorded(t)
+    if rec is not None:
+        role = TensorRole(rec.role, rec.model_name or t.name, rec.ema_of, rec.slot_of)
     else:
-        role = tree.role(t) or _by_name(t, tree) or Role("param", t.name)
-    if role.kind in ("param", "optimizer") and _is_counter(t, role.name):
-        return replace(role, kind="meta")
-    if role.kind == "param" and _is_metric(role.name):
-        return replace(role, kind="meta")
+        role = tree.role(t) or _by_name(t, tree) or TensorRole(Role.PARAM, t.name)
+    if role.kind in (Role.PARAM, Role.OPTIMIZER) and _is_counter(t, role.name):
+        return replace(role, kind=Role.META)
+    if role.kind == Role.PARAM and _is_metric(role.name):
+        return replace(role, kind=Role.META)
     return role
 
 
 class _Weights:
     """Params indexed by every tail of their path, to find the weight a slot or EMA belongs to."""
 
-    def __init__(self, params: Iterable[tuple[Role, TensorInfo]]) -> None:
-        self.tails: dict[tuple[str, ...], list[tuple[Role, TensorInfo]]] = defaultdict(list)
-        self.flat: dict[str, tuple[Role, TensorInfo]] = {}
+    def __init__(self, params: Iterable[tuple[TensorRole, TensorInfo]]) -> None:
+        self.tails: dict[tuple[str, ...], list[tuple[TensorRole, TensorInfo]]] = defaultdict(list)
+        self.flat: dict[str, tuple[TensorRole, TensorInfo]] = {}
         for role, t in params:
             parts = tuple(role.name.split("/"))
             for i in range(len(parts)):
@@ -200,20 +212,20 @@ class _Weights:
         return None
 
 
-def assign_roles(infos: Sequence[TensorInfo]) -> list[Role]:
+def assign_roles(infos: Sequence[TensorInfo]) -> list[TensorRole]:
     """The role of each of ``infos`` (one source's tensors), in order, with slots and EMAs linked."""
     tree = _Tree(infos)
     roles = [_decide(t, tree) for t in infos]
-    weights = _Weights((r, t) for r, t in zip(roles, infos) if r.kind == "param" and not t.is_string)
+    weights = _Weights((r, t) for r, t in zip(roles, infos) if r.kind == Role.PARAM and not t.is_string)
     for i, (r, t) in enumerate(zip(roles, infos)):
-        if r.kind == "optimizer" and r.slot_of is None:
+        if r.kind == Role.OPTIMIZER and r.slot_of is None:
             roles[i] = replace(r, slot_of=weights.owner(r.name, t))
-        elif r.kind == "ema" and r.ema_of is None:
+        elif r.kind == Role.EMA and r.ema_of is None:
             owner = weights.owner(r.name, t)
-            roles[i] = replace(r, ema_of=owner) if owner else replace(r, kind="param")
+            roles[i] = replace(r, ema_of=owner) if owner else replace(r, kind=Role.PARAM)
     return roles
 
 
-def role_of(t: TensorInfo) -> Role:
+def role_of(t: TensorInfo) -> TensorRole:
     """The role of one tensor seen alone (no tree structure, no links); prefer ``assign_roles``."""
     return assign_roles([t])[0]
