@@ -80,7 +80,7 @@ def convert(job: Job, *, workers: int | None = None, client: Any = None, overwri
     source, plan, sink = _build(job)
     with source:
         table = distributed.prepare(plan, sink, job.dest, max_memory=job.max_memory, overwrite=overwrite,
-                                    restart=restart, fsync=job.fsync, share_bytes=share_bytes)
+                                    restart=restart, fsync=job.fsync, share_bytes=share_bytes, job=job_record(job))
         todo = distributed.missing_shares(job.dest)
         digest = plan.digest()
         done_bytes = sum(s.nbytes for s in table.shares if s.index not in set(todo))
@@ -167,7 +167,7 @@ def _prepare_once(job: Job, plan: Any, sink: Any, share_bytes: int | None) -> No
         return
     try:
         distributed.prepare(plan, sink, job.dest, max_memory=job.max_memory, fsync=job.fsync,
-                            share_bytes=share_bytes)
+                            share_bytes=share_bytes, job=job_record(job))
     except DestinationError:
         deadline = time.monotonic() + PREPARE_WAIT_SECONDS
         while _lock_held(staging) and time.monotonic() < deadline:
@@ -196,3 +196,18 @@ def _lock_held(staging: Any) -> bool:
 def job_record(job: Job) -> dict[str, Any]:
     """``job`` as JSON-able data (kept in the share table so ``finalize DEST`` needs no SRC)."""
     return asdict(job)
+
+
+def finalize(dest: str, *, overwrite: bool = False) -> Result:
+    """Finalize the prepared output at ``dest`` once every share is done (``shardconv finalize``):
+    the plan is rebuilt from the job its share table records.
+
+    Returns: the Result. Raises: ResumeError (nothing prepared there, or shares unfinished)."""
+    staging = distributed.Staging(distributed.Destination.parse(dest).path)
+    table = distributed.load_table(staging)
+    if table is None or table.job is None:
+        raise ResumeError(f"{dest}: nothing prepared to finalize (no share table written by a split run)")
+    job = Job.from_json(table.job)
+    source, plan, sink = _build(job)
+    with source:
+        return distributed.finalize(plan, sink, job.dest, overwrite=overwrite, fsync=job.fsync, expected=table)

@@ -59,9 +59,11 @@ class ShareTable:
     header: dict[str, Any]
     chunk_bytes: int
     shares: list[Share]
+    #: How workers rebuild the plan (paths and options), so ``finalize DEST`` needs nothing else.
+    job: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {"format": TABLE_FORMAT, "version": TABLE_VERSION, "header": self.header,
+        return {"format": TABLE_FORMAT, "version": TABLE_VERSION, "header": self.header, "job": self.job,
                 "chunk_bytes": self.chunk_bytes, "shares": [[s.start, s.stop, s.nbytes] for s in self.shares]}
 
     @classmethod
@@ -71,7 +73,8 @@ class ShareTable:
             if obj["format"] != TABLE_FORMAT or obj["version"] != TABLE_VERSION:
                 raise ValueError(f"format {obj.get('format')!r} version {obj.get('version')!r}")
             shares = [Share(k, int(a), int(b), int(n)) for k, (a, b, n) in enumerate(obj["shares"])]
-            return cls(dict(obj["header"]), int(obj["chunk_bytes"]), shares)
+            job = obj.get("job")
+            return cls(dict(obj["header"]), int(obj["chunk_bytes"]), shares, dict(job) if job else None)
         except (KeyError, TypeError, ValueError) as e:
             raise ResumeError(f"{path}: not a share table shardconv wrote ({e}); rerun the coordinator with "
                               f"{option('restart')}") from None
@@ -109,7 +112,7 @@ def load_table(staging: Staging) -> ShareTable | None:
 
 def prepare(plan: Plan, sink: Sink, dest: str | os.PathLike[str] | Destination, *, max_memory: int,
             overwrite: bool = False, restart: bool = False, fsync: bool = True, chunk_bytes: int | None = None,
-            share_bytes: int | None = None) -> ShareTable:
+            share_bytes: int | None = None, job: dict[str, Any] | None = None) -> ShareTable:
     """Lay out the partial output and write its share table (or keep the one there, when it is
     of this same run). Returns: the table. Raises: what ``engine.run`` raises before its first
     chunk (PlanError, BudgetError, UsageError, DestinationError, ResumeError)."""
@@ -129,9 +132,9 @@ def prepare(plan: Plan, sink: Sink, dest: str | os.PathLike[str] | Destination, 
         budget = Budget.for_limit(max_memory, chunk_bytes, scratch_factor=scratch,
                                   reserve=plan.source.budget_reserve())
         ctx = SinkContext(where, durable=fsync, chunk_bytes=budget.chunk_bytes, resume=False, source=plan.source)
-        engine._open_sink(sink, staging.out, plan.outputs, ctx)
+        sink.open(staging.out, plan.outputs, ctx)
         chunks = chunk_plan(plan.outputs, budget.chunk_bytes, sink.row_multiple)
-        table = ShareTable(header, budget.chunk_bytes, cut_shares(chunks, share_bytes))
+        table = ShareTable(header, budget.chunk_bytes, cut_shares(chunks, share_bytes), job)
         safefs.write_json(staging.dir / TABLE, table.to_json(), fsync)
         return table
     finally:
@@ -150,7 +153,7 @@ def _attached(plan: Plan, sink: Sink, where: Destination, staging: Staging, fsyn
     if expected is not None and expected != table:
         raise ResumeError(f"{staging.dir / TABLE}: was replaced since this run prepared it; rerun the coordinator")
     ctx = SinkContext(where, durable=fsync, chunk_bytes=table.chunk_bytes, resume=True, source=plan.source)
-    engine._open_sink(sink, staging.out, plan.outputs, ctx)
+    sink.open(staging.out, plan.outputs, ctx)
     return table, chunk_plan(plan.outputs, table.chunk_bytes, sink.row_multiple)
 
 
@@ -250,7 +253,7 @@ def finalize(plan: Plan, sink: Sink, dest: str | os.PathLike[str] | Destination,
         engine.verify_inputs(plan, tracker, table.chunk_bytes)
         engine.check_source_unchanged(plan, table.header["source"], where.label)
         receipts = [(c, records[i]["r"]) for i, c in enumerate(chunks)]
-        moves = engine._finish_sink(sink, receipts, engine.manifest_for(plan, sink), where, fsync)
+        moves = sink.finish(receipts, engine.manifest_for(plan, sink))
         engine._hook("finish", where.path)
         staging.commit(moves, overwrite, fsync)
         committed = True
