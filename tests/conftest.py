@@ -52,3 +52,39 @@ tf2_v1_slots_ckpt = _tf_checkpoint("tf2_v1_slots", doc="tf.train.Checkpoint of a
 big_ckpt = _tf_checkpoint("big", "--mib", "192", "--shards", "3", "--no-reference", "--digests",
                           doc="TF1 sharded checkpoint of ~192 MiB float32 over 3 shards (largest tensor ~58 MiB), "
                               "with TF's sha256 of every tensor in reference/index.json.")
+
+
+S3_BUCKET = "shardconv-test"
+
+
+@pytest.fixture(scope="module")
+def s3():
+    """A moto S3 server on 127.0.0.1 for one test module, with bucket ``S3_BUCKET``; the
+    environment points boto3 and TensorStore (and processes started meanwhile) at it.
+    Yields the endpoint URL."""
+    pytest.importorskip("flask", reason="moto's server needs moto[server]")
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_ENDPOINT_URL": f"http://{host}:{port}"}
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in env.items():
+            mp.setenv(k, v)
+        import boto3
+
+        boto3.client("s3").create_bucket(Bucket=S3_BUCKET)
+        yield env["AWS_ENDPOINT_URL"]
+    server.stop()
+
+
+def s3_objects(prefix: str) -> dict[str, bytes]:
+    """Every object under ``prefix`` in ``S3_BUCKET``: key (after the prefix) -> bytes."""
+    import boto3
+
+    client = boto3.client("s3")
+    pages = client.get_paginator("list_objects_v2").paginate(Bucket=S3_BUCKET, Prefix=prefix)
+    keys = [o["Key"] for page in pages for o in page.get("Contents", [])]
+    return {k[len(prefix):]: client.get_object(Bucket=S3_BUCKET, Key=k)["Body"].read() for k in keys}

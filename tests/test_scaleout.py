@@ -44,7 +44,7 @@ def src(tmp_path: Path) -> Path:
     return path
 
 
-def _job(src: Path, dest: Path, **kw) -> Job:
+def _job(src: Path, dest: Path | str, **kw) -> Job:
     return Job(src=str(src), dest=str(dest), max_memory=BUDGET, **kw)
 
 
@@ -206,3 +206,14 @@ def test_dask_workers_write_the_bytes_one_process_writes(src, tmp_path, dask_cli
     assert _digest(dest) == _single(src, tmp_path / "ref" / f"out.{to}", to=to)
     workers = {w["id"] for w in dask_client.scheduler_info()["workers"].values()}
     assert len(workers) == 2
+
+
+def test_zarr_on_s3_from_two_workers_equals_one_process(src, tmp_path, s3, monkeypatch):
+    from conftest import s3_objects
+
+    monkeypatch.setenv("SHARDCONV_STATE_DIR", str(tmp_path / "state"))
+    api.convert(src, "s3://shardconv-test/one/m.zarr", max_memory=BUDGET)
+    convert(_job(src, "s3://shardconv-test/two/m.zarr", to="zarr"), workers=2, share_bytes=SHARE)
+    one, two = s3_objects("one/m.zarr/"), s3_objects("two/m.zarr/")
+    assert one and one == two
+    assert not list((tmp_path / "state").rglob("*.jsonl"))   # share journals released with the state
