@@ -121,7 +121,7 @@ def test_a_lock_that_cannot_be_opened_is_one_line(tmp_path, monkeypatch):
     s = Staging(tmp_path / "o")
     with pytest.raises(DestinationError, match=r"o\.partial/lock: cannot open for writing: Too many open files"):
         s.acquire()
-    assert s._dir_fd == -1
+    assert s._dir_fd == -1 and not (tmp_path / "o.partial").exists()   # nothing left behind
 
 
 def test_staging_dir_fsync_failure_is_a_durability_error(tmp_path, monkeypatch):

@@ -49,6 +49,11 @@ class Staging:
         except BaseException:
             os.close(self._dir_fd)
             self._dir_fd = -1
+            if self.created:  # refused before anything was staged: leave nothing behind
+                try:
+                    os.rmdir(self.dir)
+                except OSError:
+                    pass
             raise
 
     def _open_lock(self) -> int:

@@ -239,8 +239,19 @@ class SinkTests:
         return e.value
 
     def _clean_run(self, src: Path, tmp_path: Path) -> Any:
+        """The snapshot of an uninterrupted run; skips where ``convert`` runs in another process
+        (a TensorFlow worker), out of reach of the faults patched into this one."""
         clean = tmp_path / f"clean{self.suffix}"
-        self.convert(src, clean, max_memory="1MiB")
+        real, staged = os.open, []
+
+        def open_(path: Any, *a: Any, **k: Any) -> int:
+            staged.append(f"{clean.name}.partial" in os.fspath(path))
+            return real(path, *a, **k)
+
+        with _patched(os, {"open": open_}):
+            self.convert(src, clean, max_memory="1MiB")
+        if not any(staged):  # the staging directory was never opened here
+            pytest.skip(f"{self._label()}: convert runs in another process; os faults are patched into this one")
         return self.snapshot(clean)
 
     @pytest.mark.parametrize("fn,err", [("pwrite", errno.ENOSPC), ("pwrite", errno.EIO), ("write", errno.ENOSPC)])
