@@ -141,6 +141,18 @@ class TestSavedModelSink(_TFSinkTests):
     to = "savedmodel"
     kind = "savedmodel"
 
+    # The suite's fault tests patch os.fsync / os.open in this process, but a SavedModel is written
+    # in the TensorFlow helper process, out of their reach. The values go through the same bundle
+    # writer (sinks/tf/bundle.py) as --to tf-checkpoint, whose suite runs these tests in-process.
+    _IN_HELPER = "os.* is patched in this process; the SavedModel is written in the TF helper process"
+
+    def test_a_failed_fsync_of_the_output_is_one_line_and_discards_the_partial(self, source_npz, tmp_path):
+        pytest.skip(self._IN_HELPER)
+
+    @pytest.mark.parametrize("what", ["lock", "output"])
+    def test_an_open_that_fails_is_one_line(self, source_npz, tmp_path, what):
+        pytest.skip(self._IN_HELPER)
+
     def snapshot(self, dest: Path) -> Any:
         """The variables bundle's bytes (shardconv writes them: deterministic) and the values TF loads."""
         files = {p.name: p.read_bytes() for p in sorted((dest / "variables").iterdir())}

@@ -27,6 +27,7 @@ from shardconv.testing.sink_suite import SinkTests, reference_tree, write_refere
 from shardconv.util.checksums import crc32c, mask
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from conftest import skip_unless_installed  # noqa: E402
 from reference import load_reference  # noqa: E402
 from test_savedmodel import _load_dump, _stop_worker, assert_exact, tf_read  # noqa: E402,F401
 
@@ -277,3 +278,70 @@ def test_table_writer_refuses_keys_out_of_order():
     table.add(b"b", b"")
     with pytest.raises(ValueError, match="out of order"):
         table.add(b"a", b"")
+
+
+# ------------------------------------------------------------------------- issue 17 leftovers
+
+@pytest.mark.xfail(strict=True, reason="until shardconv/verify.py keeps meta tensors the plan writes (requested of "
+                                        "its owner); strict: remove this mark when it passes")
+def test_verify_dest_src_of_a_tf2_output_with_its_object_graph(tf2_keras_ckpt, tmp_path):
+    """verify DEST SRC of a --names keys output (object graph carried) compares every tensor,
+    save_counter included: it is an output of the plan, so verify must not set it aside as
+    bookkeeping (it once stopped at "missing ['save_counter']", as verify SRC SRC did)."""
+    dest = tmp_path / "out"
+    shardconv.convert(tf2_keras_ckpt, dest, to="tf-checkpoint", names="keys", max_memory="1MiB")
+    numeric = {k: v for k, v in raw_values(tf2_keras_ckpt).items() if v.dtype.kind != "S"}
+    for out in (dest, tf2_keras_ckpt):
+        r = shardconv.verify(out, tf2_keras_ckpt)
+        assert r["tensors"] == len(numeric), r
+        assert r["bytes_compared"] == sum(v.nbytes for v in numeric.values()), r
+
+
+#: Orbax's side, in a child process (JAX and Orbax stay out of this one): save a tree with
+#: ``orbax.checkpoint``, restore it, and dump the restored leaves (``tf_sink_helper._dump`` layout).
+ORBAX_CHILD = r'''
+import sys
+from pathlib import Path
+import jax.numpy as jnp, numpy as np, orbax.checkpoint as ocp
+sys.path.insert(0, sys.argv[2])
+from tf_sink_helper import _dump
+rng = np.random.default_rng(17)
+tree = {"params": {"dense": {"kernel": rng.standard_normal((40, 24)).astype(np.float32),
+                             "bias": jnp.asarray(rng.standard_normal(24), dtype=jnp.bfloat16)},
+                   "emb": jnp.asarray(rng.standard_normal((300, 64)), dtype=jnp.bfloat16),
+                   "layers": [rng.integers(-100, 100, (7, 3)).astype(np.int32), np.arange(5, dtype=np.int64)]},
+        "opt": {"count": np.array(12, np.int32), "mu": jnp.full((4, 4), 0.5, jnp.float16)},
+        "fp8": jnp.linspace(-4, 4, 24).astype(jnp.float8_e4m3fn).reshape(4, 6)}
+out = Path(sys.argv[1])
+with ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_ocdbt=True)) as c:
+    c.save(out / "ckpt", tree)
+    restored = c.restore(out / "ckpt")
+flat = {}
+def walk(prefix, node):
+    if isinstance(node, dict):
+        for k, v in node.items():
+            walk(f"{prefix}{k}/", v)
+    elif isinstance(node, (list, tuple)):
+        for i, v in enumerate(node):
+            walk(f"{prefix}{i}/", v)
+    else:
+        flat[prefix[:-1]] = np.asarray(node)
+walk("", restored)
+_dump(flat, out / "restored")
+'''
+
+
+def test_orbax_checkpoint_to_tf_checkpoint_equals_the_orbax_restore(tmp_path):
+    """An Orbax (OCDBT) checkpoint written by orbax-checkpoint -> --to tf-checkpoint (no
+    TensorFlow in this process) -> tf.train.load_checkpoint (in a child) equals Orbax's own
+    restore, dtype, shape and bytes, bfloat16 and float8 included."""
+    skip_unless_installed("jax", "orbax.checkpoint")
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.run([sys.executable, "-c", ORBAX_CHILD, str(tmp_path), str(HERE)], capture_output=True,
+                          text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    restored = read_dump(tmp_path / "restored")
+    assert len(restored) == 8 and restored["params/emb"].dtype.name == "bfloat16", sorted(restored)
+    dest = tmp_path / "tf"
+    shardconv.convert(tmp_path / "ckpt", dest, to="tf-checkpoint", max_memory="1MiB")
+    assert_exact(tf_read(dest, "checkpoint"), restored)
