@@ -19,14 +19,15 @@ from pathlib import Path
 from ..errors import DestinationError
 from ..frontend import option
 from ..util import safefs
-from ..util.safefs import fsync_dir
 
-__all__ = ["Staging", "fsync_dir"]
+__all__ = ["Staging"]
 
 LOCK = "lock"
 
 
 class Staging:
+    """``DEST.partial/`` of one destination: lock, journal and the output being built."""
+
     def __init__(self, dest: Path) -> None:
         self.dest = dest
         self.dir = dest.with_name(dest.name + ".partial")
@@ -115,7 +116,7 @@ class Staging:
             safefs.publish(src, dst, overwrite or k < len(moves) - 1, aside)
         if fsync:
             for parent in sorted({dst.parent for _, dst in moves} | {self.dest.parent}):
-                fsync_dir(parent)
+                safefs.fsync_dir(parent)
 
     def release(self, remove: bool) -> None:
         """Unlock; with ``remove`` also delete the staging directory (never through a link)."""
