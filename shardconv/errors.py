@@ -11,6 +11,18 @@ class ShardconvError(Exception):
 
     exit_code = 1
 
+    def __reduce__(self) -> tuple[object, ...]:
+        # Pickled as class + message, whatever the constructor takes: errors raised in a
+        # worker process reach the coordinator as the same class with the same one line.
+        return (_rebuild, (type(self), str(self), dict(self.__dict__)))
+
+
+def _rebuild(cls: type[ShardconvError], message: str, state: dict[str, object]) -> ShardconvError:
+    error = cls.__new__(cls)
+    Exception.__init__(error, message)
+    error.__dict__.update(state)
+    return error
+
 
 class UsageError(ShardconvError):
     """Bad arguments or options."""
@@ -78,3 +90,7 @@ class VerifyError(ShardconvError):
 
 class BudgetError(ShardconvError):
     """The memory budget is too small for the work asked."""
+
+
+class WorkerError(ShardconvError):
+    """A worker of a split conversion was lost (killed, out of memory) more often than retried."""

@@ -18,7 +18,7 @@ from typing import Any
 from .core import distributed
 from .core.distributed import ShareResult
 from .core.engine import Result
-from .errors import DestinationError, ResumeError, UsageError
+from .errors import DestinationError, ResumeError, UsageError, WorkerError
 from .progress import ProgressArg
 from .progress import start as start_progress
 
@@ -125,11 +125,18 @@ def _on_dask(job: Job, todo: list[int], digest: str, client: Any) -> Iterable[in
     """Run ``todo`` as Dask tasks (scheduled dynamically); yield each share as it finishes."""
     from dask.distributed import as_completed
 
-    futures = [client.submit(share_task, job, k, digest, pure=False, key=f"shardconv-share-{k:06d}-{digest[:12]}")
-               for k in todo]
+    futures = {client.submit(share_task, job, k, digest, pure=False, key=f"shardconv-share-{k:06d}-{digest[:12]}"): k
+               for k in todo}
     try:
-        for f in as_completed(futures):
-            yield f.result().index
+        for f in as_completed(list(futures)):
+            try:
+                yield f.result().index
+            except Exception as e:
+                if type(e).__name__ != "KilledWorker":
+                    raise
+                raise WorkerError(f"{job.dest}: share {futures[f]} was lost with its worker each time it ran (killed, "
+                                  "e.g. over the Dask worker's memory limit: give workers at least --max-memory "
+                                  "plus their baseline, or lower --max-memory); rerun to resume") from None
     finally:
         for f in futures:
             f.cancel()

@@ -217,3 +217,103 @@ def test_zarr_on_s3_from_two_workers_equals_one_process(src, tmp_path, s3, monke
     one, two = s3_objects("one/m.zarr/"), s3_objects("two/m.zarr/")
     assert one and one == two
     assert not list((tmp_path / "state").rglob("*.jsonl"))   # share journals released with the state
+
+
+def _cluster(memory_limit: int):
+    import dask
+    from dask.distributed import Client, LocalCluster
+
+    with dask.config.set({"distributed.scheduler.allowed-failures": 0}):
+        cluster = LocalCluster(n_workers=1, threads_per_worker=1, dashboard_address=None,
+                               memory_limit=memory_limit)
+    return cluster, Client(cluster)
+
+
+def _worker_rss(client) -> int:
+    """The worker's RSS once it has imported what a share needs (its baseline)."""
+    def load() -> int:
+        import psutil
+
+        import shardconv.workers  # noqa: F401
+        from shardconv.sinks import npz  # noqa: F401
+        from shardconv.sources import npz as npz_source  # noqa: F401
+
+        return psutil.Process().memory_info().rss
+    return max(client.run(load).values())
+
+
+class _PeakSampler:
+    """Peak RSS of this process's children (the Dask nanny's worker), sampled from outside."""
+
+    def __enter__(self):
+        import threading
+
+        import psutil
+
+        self.peak, self._stop = 0, threading.Event()
+
+        def sample() -> None:
+            while not self._stop.is_set():
+                for child in psutil.Process().children(recursive=True):
+                    try:
+                        self.peak = max(self.peak, child.memory_info().rss)
+                    except psutil.Error:
+                        pass
+                self._stop.wait(0.005)
+        self._thread = threading.Thread(target=sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
+@pytest.fixture
+def big_src(tmp_path: Path) -> Path:
+    path = tmp_path / "big.npz"
+    rng = np.random.default_rng(7)
+    write_reference_npz(path, {"w": rng.standard_normal((128, 1 << 18)).astype(np.float32)})  # 128 MiB
+    return path
+
+
+def test_an_in_budget_worker_under_a_memory_limit_of_budget_plus_baseline_is_never_killed(big_src, tmp_path):
+    budget = 32 << 20
+    probe, client = _cluster(1 << 30)
+    try:
+        baseline = _worker_rss(client)
+    finally:
+        client.close()
+        probe.close()
+    cluster, client = _cluster(budget + baseline)
+    try:
+        _worker_rss(client)
+        with _PeakSampler() as rss:
+            convert(Job(src=str(big_src), dest=str(tmp_path / "out.npz"), max_memory=budget), client=client,
+                    share_bytes=32 << 20)
+        assert rss.peak <= budget + baseline, (rss.peak >> 20, baseline >> 20)
+    finally:
+        client.close()
+        cluster.close()
+    with np.load(tmp_path / "out.npz") as z, np.load(big_src) as want:
+        assert np.array_equal(z["w"], want["w"])
+
+
+def test_a_worker_over_the_dask_memory_limit_is_a_clear_error_naming_the_share(big_src, tmp_path):
+    from shardconv.errors import WorkerError
+
+    probe, client = _cluster(1 << 30)
+    try:
+        baseline = _worker_rss(client)
+    finally:
+        client.close()
+        probe.close()
+    cluster, client = _cluster(baseline + (16 << 20))      # far less than the 512 MiB budget needs
+    try:
+        with pytest.raises(WorkerError, match=r"share 0 was lost with its worker") as e:
+            convert(Job(src=str(big_src), dest=str(tmp_path / "out.npz"), max_memory=512 << 20), client=client)
+        assert "\n" not in str(e.value)
+    finally:
+        client.close()
+        cluster.close()
+    assert not (tmp_path / "out.npz").exists()
