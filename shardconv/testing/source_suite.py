@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 import time
@@ -105,8 +106,21 @@ class SourceTests:
             t = max(arrays, key=lambda t: t.nbytes)
             with pytest.raises(SourceError):
                 src.read_into(t.name, t.nbytes, memoryview(bytearray(max(t.itemsize, 1))))
-        with pytest.raises((SourceError, KeyError)):
+        with pytest.raises(SourceError, match="no/such/tensor"):
             src.read_into("no/such/tensor", 0, memoryview(bytearray(1)))
+
+    def test_unknown_names_and_wrong_kinds_are_source_errors(self, case):
+        """info, read_into and read_strings of a name the source lacks, and read_strings of an
+        array, raise SourceError naming the tensor (one line at the CLI, never a KeyError)."""
+        src, _ = case
+        for call in (lambda: src.info("no/such/tensor"), lambda: src.read_strings("no/such/tensor")):
+            with pytest.raises(SourceError, match="no/such/tensor") as e:
+                call()
+            assert "\n" not in str(e.value)
+        arrays = [t for t in src.tensors() if not t.is_string]
+        if arrays:
+            with pytest.raises(SourceError, match=re.escape(repr(arrays[0].name))):
+                src.read_strings(arrays[0].name)
 
     def mutate_input(self, src: Source, tmp_path) -> str:
         """Rewrite one file ``src`` reads with other bytes of the same size, its mtime restored
