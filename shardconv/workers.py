@@ -218,3 +218,72 @@ def finalize(dest: str, *, overwrite: bool = False) -> Result:
     source, plan, sink = _build(job)
     with source:
         return distributed.finalize(plan, sink, job.dest, overwrite=overwrite, fsync=job.fsync, expected=table)
+
+
+# --------------------------------------------------------------------------- front ends
+
+def job_for(src: Any, dest: str | os.PathLike[str], *, to: str | None, step: int | None,
+            sink_options: dict[str, Any] | None, mapping: dict[str, Any], max_memory: int, fsync: bool) -> Job:
+    """The Job of an ``api.convert`` call. Raises: UsageError if SRC is not a path (workers
+    open the input themselves) or an option cannot travel to a worker."""
+    if not isinstance(src, (str, os.PathLike)):
+        raise UsageError("a conversion split over workers needs SRC as a path or URL (each worker opens it); "
+                         "an in-memory tree converts in this process only")
+    mapping = {k: v for k, v in mapping.items() if v is not None}
+    rules = mapping.get("rules")
+    if isinstance(rules, (str, os.PathLike)):
+        mapping["rules"] = os.path.abspath(rules)
+    elif rules is not None and not isinstance(rules, list):
+        raise UsageError("rules for a split conversion must be a file path or a list of rule dicts")
+    options = {k: (str(v) if isinstance(v, os.PathLike) else v) for k, v in (sink_options or {}).items()}
+    return Job(src=_absolute(os.fspath(src)), dest=_absolute(os.fspath(dest)), to=to, step=step,
+               sink_options=options, mapping=mapping, max_memory=max_memory, fsync=fsync)
+
+
+def _absolute(path: str) -> str:
+    """A local path made absolute (workers may start elsewhere); an object-store URL as it is."""
+    from .formats import tsio
+
+    return path if tsio.is_remote(path) else os.path.abspath(tsio.local_path(path))
+
+
+def client_for(scheduler: str) -> tuple[Any, Callable[[], None]]:
+    """A Dask client for ``--scheduler``: ``tcp://HOST:PORT`` (a running scheduler) or ``local:N``
+    (a LocalCluster of N one-thread worker processes started here). Returns: (client, close).
+    Raises: MissingDependencyError without dask.distributed; UsageError for a bad address."""
+    try:
+        from dask.distributed import Client, LocalCluster
+    except ImportError:
+        from .errors import MissingDependencyError
+
+        raise MissingDependencyError("distributed", "dask", "--scheduler") from None
+    if scheduler.startswith("local:"):
+        try:
+            n = int(scheduler[6:])
+        except ValueError:
+            n = 0
+        if n < 1:
+            raise UsageError(f"--scheduler {scheduler}: local:N needs a worker count N >= 1")
+        cluster = LocalCluster(n_workers=n, threads_per_worker=1, dashboard_address=None)
+        client = Client(cluster)
+
+        def close() -> None:
+            client.close()
+            cluster.close()
+        return client, close
+    try:
+        client = Client(scheduler, timeout="30s")
+    except (OSError, ValueError, TimeoutError) as e:
+        raise UsageError(f"--scheduler {scheduler}: cannot connect ({e})") from None
+    return client, client.close
+
+
+def parse_share(text: str) -> tuple[int, int]:
+    """``--share I/N`` -> (I, N). Raises: UsageError."""
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise UsageError(f"--share {text}: expected I/N, e.g. 0/16 for the first of 16 tasks") from None
+    if not 0 <= i < n:
+        raise UsageError(f"--share {text}: I must be in 0..N-1")
+    return i, n
