@@ -135,3 +135,21 @@ def test_staging_dir_fsync_failure_is_a_durability_error(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "fsync", fsync)
     with pytest.raises(DurabilityError, match=f"{tmp_path}: fsync failed"):
         safefs.fsync_dir(tmp_path)
+
+
+def test_injected_faults_match_paths_count_calls_and_fail_after(tmp_path):
+    from shardconv.testing.faults import Fault, injected
+
+    (tmp_path / "d").mkdir()
+    dfd = os.open(tmp_path / "d", os.O_RDONLY)
+    try:
+        with injected([Fault("open", errno.EMFILE, after=1, path="d/x"), Fault("fsync", after=None)]) as counts:
+            os.close(os.open("x", os.O_WRONLY | os.O_CREAT, dir_fd=dfd))       # matched (dir_fd joined), allowed
+            os.close(os.open(tmp_path / "y", os.O_WRONLY | os.O_CREAT))         # not matched
+            with pytest.raises(OSError, match="Too many open files"):
+                os.open(tmp_path / "d" / "x", os.O_RDONLY)                      # the second matching call fails
+            os.fsync(dfd)
+        assert counts == [2, 1]
+    finally:
+        os.close(dfd)
+    assert os.open.__module__ == "posix" or os.open.__name__ == "open"         # restored

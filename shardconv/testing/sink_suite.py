@@ -5,8 +5,6 @@ import errno
 import os
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -15,8 +13,9 @@ import numpy as np
 import pytest
 
 from .. import api
-from ..errors import DestinationError, DurabilityError
+from ..errors import DestinationError, DurabilityError, ShardconvError
 from .caselog import log_case
+from .faults import Fault, injected
 
 
 def reference_tree() -> dict[str, np.ndarray]:
@@ -223,35 +222,34 @@ class SinkTests:
         assert not Path(f"{dest}.partial").exists()
         log_case("corrupt-partial", self._label())
 
-    def _faulty_run(self, src: Path, dest: Path, name: str, fail: Callable[..., Any]) -> DestinationError:
-        """Convert with ``os.<name>`` replaced by ``fail``: it must raise a DestinationError of
-        one line naming the destination, and leave nothing at DEST."""
-        real = getattr(os, name)
-        setattr(os, name, fail)
-        try:
-            with pytest.raises(DestinationError) as e:
-                self.convert(src, dest, max_memory="1MiB")
-        finally:
-            setattr(os, name, real)
-        msg = str(e.value)
+    def convert_faulty(self, src: Path, dest: Path, faults: list[Fault], **kw: Any) -> tuple[Any, list[int]]:
+        """Convert with ``faults`` injected where the conversion runs: (the ShardconvError it
+        raised, or None; how many calls each fault matched). A sink whose ``convert`` runs in
+        another process overrides this to install them there (``faults.injected``)."""
+        with injected(faults) as counts:
+            try:
+                self.convert(src, dest, max_memory="1MiB", **kw)
+            except ShardconvError as e:
+                return e, counts
+        return None, counts
+
+    def _faulty_run(self, src: Path, dest: Path, faults: list[Fault]) -> tuple[DestinationError, list[int]]:
+        """A conversion under ``faults`` must raise a DestinationError of one line naming the
+        destination, and leave nothing at DEST."""
+        e, counts = self.convert_faulty(src, dest, faults)
+        assert isinstance(e, DestinationError), (e, counts)
+        msg = str(e)
         assert "\n" not in msg and dest.name in msg, msg
         assert not os.path.lexists(dest), msg
-        return e.value
+        return e, counts
 
     def _clean_run(self, src: Path, tmp_path: Path) -> Any:
-        """The snapshot of an uninterrupted run; skips where ``convert`` runs in another process
-        (a TensorFlow worker), out of reach of the faults patched into this one."""
+        """The snapshot of an uninterrupted run; skips where the faults cannot reach the
+        conversion (it runs in another process and ``convert_faulty`` is not overridden)."""
         clean = tmp_path / f"clean{self.suffix}"
-        real, staged = os.open, []
-
-        def open_(path: Any, *a: Any, **k: Any) -> int:
-            staged.append(f"{clean.name}.partial" in os.fspath(path))
-            return real(path, *a, **k)
-
-        with _patched(os, {"open": open_}):
-            self.convert(src, clean, max_memory="1MiB")
-        if not any(staged):  # the staging directory was never opened here
-            pytest.skip(f"{self._label()}: convert runs in another process; os faults are patched into this one")
+        _, (staged,) = self.convert_faulty(src, clean, [Fault("open", after=None, path=f"{clean.name}.partial")])
+        if not staged:
+            pytest.skip(f"{self._label()}: convert runs in another process; override convert_faulty")
         return self.snapshot(clean)
 
     @pytest.mark.parametrize("fn,err", [("pwrite", errno.ENOSPC), ("pwrite", errno.EIO), ("write", errno.ENOSPC)])
@@ -260,13 +258,11 @@ class SinkTests:
         a run makes: one line, nothing at DEST, the partial kept; the next run resumes it."""
         src, _ = source_npz
         want = self._clean_run(src, tmp_path)
-        calls = _Counter()
-        with _patched(os, {fn: calls.wrap(getattr(os, fn))}):
-            self.convert(src, tmp_path / f"counted{self.suffix}", max_memory="1MiB")
-        if calls.n < 2:
+        _, (calls,) = self.convert_faulty(src, tmp_path / f"counted{self.suffix}", [Fault(fn, after=None)])
+        if calls < 2:
             pytest.skip(f"{self._label()} writes through a native library, not os.{fn}")
         dest = tmp_path / f"out{self.suffix}"
-        e = self._faulty_run(src, dest, fn, _Counter(fail_after=calls.n // 2, err=err).wrap(getattr(os, fn)))
+        e, _ = self._faulty_run(src, dest, [Fault(fn, err, after=calls // 2)])
         assert os.strerror(err) in str(e), str(e)
         assert (Path(f"{dest}.partial") / "journal.jsonl").exists()
         r = self.convert(src, dest, max_memory="1MiB")
@@ -279,16 +275,7 @@ class SinkTests:
         src, _ = source_npz
         want = self._clean_run(src, tmp_path)
         dest = tmp_path / f"out{self.suffix}"
-        partial_out = str(Path(f"{dest}.partial") / dest.name)
-        real, refused = os.fsync, []
-
-        def fsync(fd: int) -> None:
-            if _fd_path(fd).startswith(partial_out):
-                refused.append(fd)
-                raise OSError(errno.EIO, os.strerror(errno.EIO))
-            real(fd)
-
-        e = self._faulty_run(src, dest, "fsync", fsync)
+        e, (refused,) = self._faulty_run(src, dest, [Fault("fsync", path=str(Path(f"{dest}.partial") / dest.name))])
         assert refused, "the sink never fsyncs its output"
         assert isinstance(e, DurabilityError) and "fsync failed" in str(e), str(e)
         assert not os.path.lexists(f"{dest}.partial"), "the partial was kept after a failed fsync"
@@ -302,19 +289,12 @@ class SinkTests:
         src, _ = source_npz
         want = self._clean_run(src, tmp_path)
         dest = tmp_path / f"out{self.suffix}"
-        real = os.open
-
-        def refuse(path: Any, *a: Any, **k: Any) -> int:
-            p = os.fspath(path)
-            hit = p == "lock" if what == "lock" else f"{dest.name}.partial/{dest.name}" in p
-            if hit:
-                raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
-            return real(path, *a, **k)
-
-        e = self._faulty_run(src, dest, "open", refuse)
-        assert os.strerror(errno.EMFILE) in str(e), str(e)
+        where = f"{dest.name}.partial/{'lock' if what == 'lock' else dest.name}"
+        e, (refused,) = self._faulty_run(src, dest, [Fault("open", errno.EMFILE, path=where)])
+        assert refused and os.strerror(errno.EMFILE) in str(e), str(e)
         self.convert(src, dest, max_memory="1MiB")
         assert self.snapshot(dest) == want
+        log_case(f"fault-open-{what}", self._label())
 
     def test_a_rename_that_fails_is_one_line_and_keeps_the_output(self, source_npz, tmp_path):
         """os.replace and os.rename fail (EIO) for every path outside ``DEST.partial``: publishing
@@ -324,28 +304,14 @@ class SinkTests:
         want = self._clean_run(src, tmp_path)
         dest = tmp_path / f"out{self.suffix}"
         self.convert(src, dest, max_memory="1MiB")
-
-        refused: list[str] = []
-
-        def failing(real: Callable[..., Any]) -> Callable[..., Any]:
-            def f(a: Any, b: Any, *rest: Any, **k: Any) -> Any:
-                if f"{dest.name}.partial" in os.fspath(b):
-                    return real(a, b, *rest, **k)
-                refused.append(os.fspath(b))
-                raise OSError(errno.EIO, os.strerror(errno.EIO))
-            return f
-
-        error = None
-        with _patched(os, {"replace": failing(os.replace), "rename": failing(os.rename)}):
-            try:
-                self.convert(src, dest, max_memory="1MiB", overwrite=True)
-            except DestinationError as e:
-                error = str(e)
+        outside = f"{dest.name}.partial"
+        e, counts = self.convert_faulty(src, dest, [Fault("replace", exclude=outside), Fault("rename", exclude=outside)],
+                                        overwrite=True)
         assert self.snapshot(dest) == want
-        if not refused:  # published by renameat2 alone (a directory): nothing went through os.*
-            assert error is None, error
+        if not any(counts):  # published by renameat2 alone (a directory): nothing went through os.*
+            assert e is None, str(e)
             return
-        assert error is not None and "\n" not in error and os.strerror(errno.EIO) in error, error
+        assert isinstance(e, DestinationError) and "\n" not in str(e) and os.strerror(errno.EIO) in str(e), e
         r = self.convert(src, dest, max_memory="1MiB", overwrite=True)
         assert self.snapshot(dest) == want and r.chunks_written == 0
         log_case("fault-rename", self._label())
@@ -451,41 +417,6 @@ class SinkTests:
 
 #: What the filesystem tests plant where shardconv must not write: a directory or a file.
 PLANTED: dict[str, Any] = {"directory": {"a": b"precious a\n", "sub/b": b"precious b\n"}, "file": b"precious\n"}
-
-
-class _Counter:
-    """Counts calls of wrapped functions; with ``fail_after`` every later call fails with ``err``."""
-
-    def __init__(self, fail_after: int | None = None, err: int = errno.EIO) -> None:
-        self.n = 0
-        self.fail_after = fail_after
-        self.err = err
-
-    def wrap(self, real: Callable[..., Any]) -> Callable[..., Any]:
-        def f(*a: Any, **k: Any) -> Any:
-            self.n += 1
-            if self.fail_after is not None and self.n > self.fail_after:
-                raise OSError(self.err, os.strerror(self.err))
-            return real(*a, **k)
-        return f
-
-
-@contextmanager
-def _patched(module: Any, attrs: dict[str, Any]) -> Iterator[None]:
-    """``module``'s attributes replaced within the block (the real ``os`` functions themselves,
-    so every caller is hit, not one wrapper)."""
-    with pytest.MonkeyPatch.context() as mp:
-        for name, value in attrs.items():
-            mp.setattr(module, name, value)
-        yield
-
-
-def _fd_path(fd: int) -> str:
-    """The path an open descriptor names (Linux), or "" where it cannot be told."""
-    try:
-        return os.readlink(f"/proc/self/fd/{fd}")
-    except OSError:
-        return ""
 
 
 def _plant(path: Path, kind: str) -> Path:
