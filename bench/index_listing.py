@@ -5,7 +5,8 @@ best of ``--repeat`` in wall and in CPU seconds (user + sys: steadier than wall 
 shared machine), with the load average around each row.
 
     .venv/bin/python bench/index_listing.py [--counts 20000,100000] [--kinds tf1,tf2] [--repeat 5]
-                                            [--markdown] [--workdir bench/out] [--python PY]
+                                            [--trees DIR,DIR] [--markdown] [--json FILE]
+                                            [--workdir bench/out] [--python PY]
 
 Checkpoints are written once per count and kind by TensorFlow in a child process: ``tf1``
 is ``tf.raw_ops.SaveV2`` of float32[4] tensors named ``model/layer_NNNNN/wK``, ten per
@@ -13,11 +14,14 @@ layer, into ``WORKDIR/index-<count>/``; ``tf2`` is ``tf.train.Checkpoint.write``
 same values as ``tf.Variable``s in one ``tf.Module`` per layer (so its index holds the
 object graph, which names them) into ``WORKDIR/index-tf2-<count>/``. Each is reused while
 its ``bench-ok`` marker is there. A ``small`` row lists a 5-tensor SavedModel from tests/data: the fixed cost of
-a command. See bench/README.md ("Listing big indexes").
+a command. ``--trees`` compares source trees (say a checkout of the commit before a change
+and one after it): every command runs with its tree as working directory, so ``python -m
+shardconv`` imports that tree's package, and the trees alternate within each repeat. See bench/README.md ("Listing big indexes").
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import resource
 import shutil
@@ -94,53 +98,67 @@ def _children_cpu() -> float:
     return ru.ru_utime + ru.ru_stime
 
 
-def time_command(argv: list[str], repeat: int) -> tuple[float, float | None, float]:
-    """Best and median wall seconds, and best CPU seconds, of ``repeat`` runs of ``argv``
-    (output discarded); a failure stops the bench."""
-    walls, cpus = [], []
+def run_once(argv: list[str], tree: Path) -> tuple[float, float]:
+    """Wall and CPU seconds of one run of ``argv`` in ``tree`` (output discarded); a failure
+    stops the bench."""
+    t, c = time.perf_counter(), _children_cpu()
+    r = subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=tree)
+    wall, cpu = time.perf_counter() - t, _children_cpu() - c
+    if r.returncode:
+        raise SystemExit(f"{' '.join(argv)} failed in {tree} ({r.returncode}): {r.stderr.decode()[-500:]}")
+    return wall, cpu
+
+
+def in_process_once(py: str, src: Path, tree: Path) -> tuple[float, float]:
+    """Best wall and CPU seconds of two listings of ``src`` in one interpreter (the second pays no imports)."""
+    out = subprocess.run([py, "-c", IN_PROCESS, str(src), "2"], check=True, capture_output=True,
+                         text=True, cwd=tree).stdout.split()
+    return float(out[1]), float(out[2])
+
+
+def measure(label: str, tensors: int | str, run, trees: list[Path], repeat: int) -> list[dict]:
+    """``repeat`` runs of ``run(tree)`` for each tree, the trees alternating within each repeat;
+    one row per tree: best and median wall, best CPU, the load average range over its runs."""
+    walls: dict[Path, list[float]] = {t: [] for t in trees}
+    cpus: dict[Path, list[float]] = {t: [] for t in trees}
+    loads: dict[Path, list[float]] = {t: [] for t in trees}
     for _ in range(repeat):
-        t, c = time.perf_counter(), _children_cpu()
-        r = subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=REPO)
-        walls.append(time.perf_counter() - t)
-        cpus.append(_children_cpu() - c)
-        if r.returncode:
-            raise SystemExit(f"{' '.join(argv)} failed ({r.returncode}): {r.stderr.decode()[-500:]}")
-    return min(walls), statistics.median(walls), min(cpus)
+        for tree in trees:
+            loads[tree].append(loadavg())
+            wall, cpu = run(tree)
+            walls[tree].append(wall)
+            cpus[tree].append(cpu)
+            loads[tree].append(loadavg())
+    rows = []
+    for tree in trees:
+        row = {"row": label, "tree": tree.name, "tensors": tensors, "best": min(walls[tree]),
+               "median": statistics.median(walls[tree]), "cpu": min(cpus[tree]),
+               "load": (min(loads[tree]), max(loads[tree]))}
+        log(f"{label:<28} {tree.name:<12} {tensors!s:>7}  best {row['best']:.3f} s  cpu {row['cpu']:.3f} s  "
+            f"load {row['load'][0]:.1f}-{row['load'][1]:.1f}")
+        rows.append(row)
+    return rows
 
 
-def time_in_process(py: str, src: Path, repeat: int) -> tuple[float, None, float]:
-    """Best wall and CPU seconds of opening ``src`` and listing its tensors, in one interpreter."""
-    out = subprocess.run([py, "-c", IN_PROCESS, str(src), str(repeat)], check=True, capture_output=True,
-                         text=True, cwd=REPO).stdout.split()
-    return float(out[1]), None, float(out[2])
-
-
-def measure(label: str, tensors: int | str, fn) -> dict:
-    before = loadavg()
-    best, median, cpu = fn()
-    row = {"row": label, "tensors": tensors, "best": best, "median": median, "cpu": cpu, "load": (before, loadavg())}
-    log(f"{label:<22} {tensors!s:>7}  best {best:.3f} s  cpu {cpu:.3f} s  load {row['load'][0]:.1f}-{row['load'][1]:.1f}")
-    return row
-
-
-def rows_for(src: Path, count: int | str, py: str, repeat: int, kind: str = "tf1") -> list[dict]:
+def rows_for(src: Path, count: int | str, py: str, trees: list[Path], repeat: int, kind: str = "tf1") -> list[dict]:
     cli = [py, "-m", "shardconv"]
     rows = []
     for cmd in ("ls", "plan"):
-        rows.append(measure(f"shardconv {cmd} ({kind})", count, lambda cmd=cmd: time_command(cli + [cmd, str(src)], repeat)))
-    rows.append(measure(f"in-process listing ({kind})", count, lambda: time_in_process(py, src, repeat)))
+        rows += measure(f"shardconv {cmd} ({kind})", count, lambda tree, cmd=cmd: run_once(cli + [cmd, str(src)], tree),
+                        trees, repeat)
+    rows += measure(f"in-process listing ({kind})", count, lambda tree: in_process_once(py, src, tree), trees, repeat)
     return rows
 
 
 def render(rows: list[dict], markdown: bool) -> str:
-    head = ["row", "tensors", "best wall s", "median wall s", "best CPU s", "load avg (1 min)"]
-    cells = [[r["row"], str(r["tensors"]), f"{r['best']:.3f}", "-" if r["median"] is None else f"{r['median']:.3f}",
+    head = ["row", "tree", "tensors", "best wall s", "median wall s", "best CPU s", "load avg (1 min)"]
+    cells = [[r["row"], r["tree"], str(r["tensors"]), f"{r['best']:.3f}", f"{r['median']:.3f}",
               f"{r['cpu']:.3f}", f"{r['load'][0]:.1f}-{r['load'][1]:.1f}"] for r in rows]
     if markdown:
-        lines = ["| " + " | ".join(head) + " |", "|---|---:|---:|---:|---:|---:|"]
+        lines = ["| " + " | ".join(head) + " |", "|---|---|---:|---:|---:|---:|---:|"]
         return "\n".join(lines + ["| " + " | ".join(c) + " |" for c in cells])
     widths = [max(len(x) for x in col) for col in zip(head, *cells)]
-    return "\n".join("  ".join(x.ljust(w) if i == 0 else x.rjust(w) for i, (x, w) in enumerate(zip(c, widths)))
+    return "\n".join("  ".join(x.ljust(w) if i < 2 else x.rjust(w) for i, (x, w) in enumerate(zip(c, widths)))
                      for c in [head] + cells)
 
 
@@ -149,19 +167,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--counts", default="20000,100000", help="tensor counts, comma-separated")
     p.add_argument("--kinds", default="tf1,tf2", help="checkpoint kinds: tf1 (SaveV2), tf2 (object graph)")
     p.add_argument("--repeat", type=int, default=5, help="runs per row; the table shows the best and the median")
+    p.add_argument("--trees", default=str(REPO),
+                   help="source trees to compare, comma-separated (each row alternates them); default this one")
     p.add_argument("--workdir", type=Path, default=BENCH_DIR / "out")
     p.add_argument("--python", default=sys.executable, help="interpreter for the rows and the TF writer")
     p.add_argument("--markdown", action="store_true")
+    p.add_argument("--json", type=Path, help="also write the rows to this file")
     args = p.parse_args(argv)
     counts = [int(c) for c in args.counts.split(",") if c]
     kinds = [k for k in args.kinds.split(",") if k]
-    prefixes = {(n, k): ensure_checkpoint(args.workdir, n, args.python, k) for n in counts for k in kinds}
+    trees = [Path(t).resolve() for t in args.trees.split(",") if t]
+    prefixes = {(n, k): ensure_checkpoint(args.workdir.resolve(), n, args.python, k) for n in counts for k in kinds}
     cli = [args.python, "-m", "shardconv"]
-    rows = [measure("shardconv ls (small)", 5, lambda: time_command(cli + ["ls", str(SMALL)], args.repeat))]
+    rows = measure("shardconv ls (small)", 5, lambda tree: run_once(cli + ["ls", str(SMALL)], tree), trees, args.repeat)
     for n in counts:
         for k in kinds:
-            rows += rows_for(prefixes[n, k], n, args.python, args.repeat, k)
+            rows += rows_for(prefixes[n, k], n, args.python, trees, args.repeat, k)
     print(render(rows, args.markdown))
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1) + "\n")
     return 0
 
 

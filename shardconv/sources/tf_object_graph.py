@@ -235,6 +235,14 @@ def _fast_child(buf: bytes, pos: int, stop: int) -> tuple[str, int]:
 
 
 def _fast_attribute(buf: bytes, pos: int, stop: int) -> tuple[str, str, str]:
+    if pos + 2 <= stop and buf[pos] == 0x0A and buf[pos + 1] < 0x80:  # TF's form: name, full_name, checkpoint_key
+        a = pos + 2
+        b = a + buf[pos + 1]
+        if b + 2 <= stop and buf[b] == 0x12 and buf[b + 1] < 0x80:
+            c = b + 2 + buf[b + 1]
+            if c + 2 <= stop and buf[c] == 0x1A and buf[c + 1] < 0x80 and c + 2 + buf[c + 1] == stop:
+                return (buf[a:b].decode("utf-8", "replace"), buf[b + 2:c].decode("utf-8", "replace"),
+                        buf[c + 2:stop].decode("utf-8", "replace"))
     texts = ["", "", "", ""]
     while pos < stop:
         key, n = buf[pos], buf[pos + 1]
@@ -362,8 +370,10 @@ class _Graph:
         locals_ = {local for node in nodes for local, _ in node.children}
         self.keras3 = not locals_.isdisjoint(_KERAS3_MARKS)
         self.metrics = not locals_.isdisjoint(METRIC_CONTAINERS)  # does any path pass through a metric?
-        self.optimizers = {nid for nid, node in enumerate(nodes) if node.slots or any(
-            local in (_KERAS_TRAINABLE_LIST, "_iterations") for local, _ in node.children)}
+        marks = (_KERAS_TRAINABLE_LIST, "_iterations")
+        scan = not locals_.isdisjoint(marks)  # else only slot references make an optimizer
+        self.optimizers = {nid for nid, node in enumerate(nodes) if node.slots or scan and any(
+            local in marks for local, _ in node.children)}
         self.opt_paths = {p for nid in self.optimizers for p in self.paths.get(nid, [])}
         self.keys: dict[int, tuple[str, str]] = {}   # variable node -> (checkpoint key, full_name)
         for node in nodes:
@@ -461,7 +471,7 @@ def _slots(g: _Graph, params: list[int]) -> dict[int, tuple[int, str]]:
     Keras 2 optimizer's variables named ``<Optimizer>/<slot>/<weight's full name>``."""
     out: dict[int, tuple[int, str]] = {}
     by_full: dict[str, list[int]] = {}
-    for nid in params:  # in g.keys order; a full name several params share: in key order
+    for nid in params if g.optimizers else ():  # in g.keys order; a full name several params share: in key order
         by_full.setdefault(g.keys[nid][1], []).append(nid)
     for full, same in by_full.items():
         if len(same) > 1:
@@ -511,10 +521,12 @@ def annotate(nodes: list[Node]) -> dict[str, dict[str, str]]:
     for nid, (w, slot) in slots.items():
         if w in names and nid in g.keys:
             names[nid] = f"{SLOT_ROOT}/{names[w]}/{slot}"
-    fulls = Counter(full for _, full in g.keys.values())
-    taken = set(names.values())  # every name given so far (a set: a list scan per variable is quadratic)
-    for nid, (key, full) in g.keys.items():
-        if nid not in names:
+    unnamed = [nid for nid in g.keys if nid not in names]
+    if unnamed:
+        fulls = Counter(full for _, full in g.keys.values())
+        taken = set(names.values())  # every name given so far (a set: a list scan per variable is quadratic)
+        for nid in unnamed:
+            key, full = g.keys[nid]
             good = "/" in full and fulls[full] == 1 and full not in taken
             names[nid] = full if good else _strip_key(key)
             taken.add(names[nid])
