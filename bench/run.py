@@ -508,12 +508,20 @@ def table_cells(s: dict) -> list[str]:
             load, budget, status]
 
 
+def _columns(rows: list[dict]) -> tuple[list[int], list[list[str]]]:
+    """Indexes of the columns to show (those with a value in some row) and every row's cells."""
+    cells = [table_cells(s) for s in rows]
+    keep = [i for i in range(len(COLUMNS)) if i in (0, len(COLUMNS) - 1) or any(c[i] != "-" for c in cells)]
+    return keep, cells
+
+
 def render_text(rows: list[dict]) -> str:
-    cells = [COLUMNS] + [table_cells(s) for s in rows]
-    widths = [max(len(c[i]) for c in cells) for i in range(len(COLUMNS))]
+    keep, body = _columns(rows)
+    cells = [[COLUMNS[i] for i in keep]] + [[c[i] for i in keep] for c in body]
+    widths = [max(len(c[j]) for c in cells) for j in range(len(keep))]
     lines = []
     for n, c in enumerate(cells):
-        parts = [c[i].rjust(widths[i]) if i in RIGHT else c[i].ljust(widths[i]) for i in range(len(c))]
+        parts = [c[j].rjust(widths[j]) if keep[j] in RIGHT else c[j].ljust(widths[j]) for j in range(len(c))]
         lines.append("  ".join(parts).rstrip())
         if n == 0:
             lines.append("  ".join("-" * w for w in widths))
@@ -521,10 +529,11 @@ def render_text(rows: list[dict]) -> str:
 
 
 def render_markdown(rows: list[dict]) -> str:
-    out = ["| " + " | ".join(COLUMNS) + " |",
-           "|" + "|".join("---:" if i in RIGHT else "---" for i in range(len(COLUMNS))) + "|"]
-    for s in rows:
-        out.append("| " + " | ".join(c.replace("|", "\\|") for c in table_cells(s)) + " |")
+    keep, body = _columns(rows)
+    out = ["| " + " | ".join(COLUMNS[i] for i in keep) + " |",
+           "|" + "|".join("---:" if i in RIGHT else "---" for i in keep) + "|"]
+    for c in body:
+        out.append("| " + " | ".join(c[i].replace("|", "\\|") for i in keep) + " |")
     return "\n".join(out)
 
 
@@ -625,9 +634,9 @@ rows (--rows, comma-separated; 'all' for every one):
   tf2-npz        TF2 object-based checkpoint -> npz
   orbax-npz      Orbax (OCDBT + zstd) -> npz, against cp -r of the Orbax directory
   naive          TensorFlow's reader + one np.savez (whole model in memory)
-Every input gets its own cp and cp+sync rows. Before the sized rows: import tensorflow,
-import shardconv, ls of a 5-tensor SavedModel, and ls/plan of the --listing indexes
-(always warm).
+Every input gets its own cp and cp+sync rows. Before the sized rows: import shardconv,
+ls of a 5-tensor SavedModel (the fixed cost of a command), import tensorflow (only with
+savedmodel or naive), and ls/plan of the --listing indexes (always warm).
 
 quiet-machine re-run (as root, nothing else running):
   python bench/run.py --cold
@@ -687,7 +696,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def size_independent(runner: Runner, a: argparse.Namespace, ctx: dict, results: dict,
                      summaries: list[dict]) -> dict[str, int]:
     """Footprint and listing rows; returns the footprint rows' peak RSS (for LIBRARY_ROWS)."""
-    rows = ([] if a.skip_footprint else list(FOOTPRINT_ROWS)) + listing_rows(a.counts, a.kinds)
+    needs_tf = any(r.label in LIBRARY_ROWS or r.kind == "naive" for r in a.row_list)
+    footprint_rows = [r for r in FOOTPRINT_ROWS if needs_tf or r.label != "import tensorflow"]
+    rows = ([] if a.skip_footprint else footprint_rows) + listing_rows(a.counts, a.kinds)
     if not rows:
         return {}
     inputs = {}
@@ -815,12 +826,16 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def report(results: dict, summaries: list[dict], markdown: bool) -> None:
-    table = render_markdown(summaries) if markdown else render_text(summaries)
+    """Header, then one table for the import and listing rows and one for the sized rows, then notes."""
+    render = render_markdown if markdown else render_text
     bullet = "- " if markdown else ""
     print("\n".join(bullet + line for line in header(results)))
     print()
-    print(table)
-    print()
+    for part in ([s for s in summaries if s["kind"] in ("footprint", "listing")],
+                 [s for s in summaries if s["kind"] not in ("footprint", "listing")]):
+        if part:
+            print(render(part))
+            print()
     print("\n".join(bullet + line for line in notes(results)))
 
 
