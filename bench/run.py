@@ -736,9 +736,9 @@ def sized(runner: Runner, a: argparse.Namespace, size: float, ctx: dict, results
     rows = [r for i in used for r in (*BASELINES[i], *[r for r in a.row_list if r.input == i])]
     resume = None
     if any(r.kind == "resume" for r in rows):
-        npz = next(r for r in CONVERTER_ROWS if r.label == "npz")
+        row = next(r for r in rows if r.kind == "resume")
         resume = resume_kill_point(runner, lambda out: expand(
-            npz.argv, {**ctx, "src": inputs["tf"]["src"], "out": str(out)}, []))
+            row.argv, {**ctx, "src": inputs[row.input]["src"], "out": str(out)}, inputs[row.input]["files"]))
         log(f"resume: kill point {resume}")
     for w in range(a.warmup if used else 0):  # the first write after an input is written is often slow
         cp, inp = BASELINES[used[0]][0], inputs[used[0]]
