@@ -63,13 +63,37 @@ def share_task(job: Job, index: int, digest: str) -> ShareResult:
 
     Raises: ResumeError if this worker's plan is not the coordinator's (another input or
     another shardconv version at the same path), and whatever ``run_share`` raises."""
-    source, plan, sink = _build(job)
-    with source:
-        if plan.digest() != digest:
-            raise ResumeError(f"{job.src}: the plan rebuilt on this worker differs from the coordinator's "
-                              "(another input at that path, or another shardconv version); workers must see "
-                              "the same files and software")
-        return distributed.run_share(plan, sink, job.dest, index, max_memory=job.max_memory, fsync=job.fsync)
+    from .sinks import sink_for
+
+    plan = _worker_plan(job)
+    if plan.digest() != digest:
+        raise ResumeError(f"{job.src}: the plan rebuilt on this worker differs from the coordinator's "
+                          "(another input at that path, or another shardconv version); workers must see "
+                          "the same files and software")
+    sink = sink_for(job.dest, job.to, **job.sink_options)
+    return distributed.run_share(plan, sink, job.dest, index, max_memory=job.max_memory, fsync=job.fsync)
+
+
+#: Per worker thread: the job whose source is open and its plan, kept between its shares
+#: (opening a source and planning cost more than a small share's I/O).
+_OPEN: dict[int, tuple[str, Any, Any]] = {}
+
+
+def _worker_plan(job: Job) -> Any:
+    """The plan of ``job``, built once per worker thread and job (the source stays open)."""
+    import json
+    import threading
+
+    key, me = json.dumps(job_record(job), sort_keys=True), threading.get_ident()
+    held = _OPEN.get(me)
+    if held is not None and held[0] == key:
+        return held[2]
+    if held is not None:
+        held[1].close()
+        del _OPEN[me]
+    source, plan, _ = _build(job)
+    _OPEN[me] = (key, source, plan)
+    return plan
 
 
 def convert(job: Job, *, workers: int | None = None, client: Any = None, overwrite: bool = False,
