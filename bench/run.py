@@ -110,6 +110,8 @@ SMALL = REPO / "tests" / "data" / "tf-serving" / "saved_model_half_plus_two_cpu"
 FOOTPRINT_ROWS = [
     Row("import tensorflow", "", "footprint", [PY, "-c", "import tensorflow"]),
     Row("import shardconv", "", "footprint", [PY, "-c", "import shardconv"]),
+    Row("import numpy", "", "footprint", [PY, "-c", "import numpy"]),
+    Row("import ml_dtypes", "", "footprint", [PY, "-c", "import ml_dtypes"]),
     Row("ls small", "", "footprint", [PY, "-m", "shardconv", "ls", str(SMALL)]),
 ]
 DEFAULT_LISTING = "20000,100000"
@@ -635,7 +637,7 @@ rows (--rows, comma-separated; 'all' for every one):
   orbax-npz      Orbax (OCDBT + zstd) -> npz, against cp -r of the Orbax directory
   naive          TensorFlow's reader + one np.savez (whole model in memory)
 Every input gets its own cp and cp+sync rows. Before the sized rows: import shardconv,
-ls of a 5-tensor SavedModel (the fixed cost of a command), import tensorflow (only with
+import numpy, import ml_dtypes, ls of a 5-tensor SavedModel (the fixed cost of a command), import tensorflow (only with
 savedmodel or naive), and ls/plan of the --listing indexes (always warm).
 
 quiet-machine re-run (as root, nothing else running):
