@@ -317,3 +317,21 @@ def test_a_worker_over_the_dask_memory_limit_is_a_clear_error_naming_the_share(b
         client.close()
         cluster.close()
     assert not (tmp_path / "out.npz").exists()
+
+
+@pytest.mark.parametrize("ocdbt", [False, True], ids=["per-array", "ocdbt"])
+def test_an_orbax_checkpoint_from_two_workers_equals_one_process_and_the_restore(tmp_path, ocdbt):
+    ocp = pytest.importorskip("orbax.checkpoint")
+    rng = np.random.default_rng(3)
+    tree = {"dense": {"kernel": rng.standard_normal((512, 1024)).astype(np.float32),
+                      "bias": rng.standard_normal(1024).astype(np.float32)},
+            "embed": rng.standard_normal((700, 512)).astype(np.float32), "step": np.int64(12)}
+    with ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_ocdbt=ocdbt)) as c:
+        c.save(tmp_path / "ckpt", tree)
+    want = _single(tmp_path / "ckpt", tmp_path / "one" / "out.npz")
+    dest = tmp_path / "two" / "out.npz"
+    dest.parent.mkdir()
+    convert(Job(src=str(tmp_path / "ckpt"), dest=str(dest), max_memory=BUDGET), workers=2, share_bytes=1 << 20)
+    assert _digest(dest) == want
+    with np.load(dest) as z:
+        assert np.array_equal(z["dense/kernel"], tree["dense"]["kernel"]) and z["step"] == 12
