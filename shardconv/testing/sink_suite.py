@@ -316,6 +316,28 @@ class SinkTests:
         assert self.snapshot(dest) == want and r.chunks_written == 0
         log_case("fault-rename", self._label())
 
+    def test_attaching_to_a_committed_output_changes_no_byte(self, source_npz, tmp_path):
+        """A sink opened with ``resume`` on a finished output (a late duplicate worker, a
+        resume) and closed again never truncates, deletes or rewrites anything of it (it may
+        refuse to attach, in one line)."""
+        from ..core.destination import Destination, SinkContext
+        from ..sinks import sink_for
+
+        src, _ = source_npz
+        self._clean_run(src, tmp_path)  # skips where the sink runs in another process
+        dest = tmp_path / f"clean{self.suffix}"
+        sink = sink_for(dest, self.to, **self.sink_options)
+        before = {str(p): _contents(p) for p in sink.final_paths(dest)}
+        outputs = api.plan(src).leave_out(sink.leave_out).outputs
+        chunk_bytes = self.convert(src, tmp_path / f"again{self.suffix}", max_memory="1MiB").chunk_bytes
+        try:  # a sink may refuse to attach (one line), but never changes what it found
+            sink.open(dest, outputs, SinkContext(Destination.parse(dest), chunk_bytes=chunk_bytes, resume=True))
+        except DestinationError as e:
+            assert "\n" not in str(e), str(e)
+        finally:
+            sink.close()
+        assert {str(p): _contents(p) for p in sink.final_paths(dest)} == before
+
     # -- the filesystem: planted links, races, the input, refusals before the first byte ------
 
     def _output_kind(self, dest: Path) -> str:
