@@ -208,6 +208,10 @@ def run_measured(argv: list[str], *, cwd: str | os.PathLike | None = None,
                 _kill_tree(proc)
                 rc = proc.wait()
                 error = f"timeout after {timeout:g} s"
+            except BaseException:  # interrupted: leave no command running behind us
+                _kill_tree(proc)
+                proc.wait()
+                raise
             wall = time.perf_counter() - t0
             rusage_cpu = _children_cpu() - cpu0
             sampler.stop_event.set()

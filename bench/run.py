@@ -28,6 +28,7 @@ import os
 import platform
 import re
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -781,6 +782,7 @@ def _summarize_size(a: argparse.Namespace, rows: list[Row], res: dict[str, RowRe
 
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so the CPU hogs are killed on the way out
     a.workdir = a.workdir.resolve()
     a.workdir.mkdir(parents=True, exist_ok=True)
     scratch_root, tmpdir = a.workdir / "scratch", a.workdir / "tmp"
