@@ -167,3 +167,23 @@ def test_a_partial_that_cannot_be_removed_is_one_line(tmp_path, monkeypatch):
     monkeypatch.undo()
     shardconv.convert(tmp_path / "in.npz", dest, to="npz", sink_options={"max_file_size": 1 << 20}, restart=True)
     assert dest.is_dir()
+
+
+@pytest.mark.parametrize("fault", ["fsync", "pwrite"])
+def test_an_os_fault_at_the_command_line_is_one_line(ckpt, tmp_path, fault):
+    """The same faults the sink suite injects, in the CLI's own process: one line on stderr,
+    exit 1, no traceback, nothing at DEST."""
+    import sys
+
+    dest = tmp_path / "o.npz"
+    spec = (f"Fault('fsync', path='{dest.name}.partial/{dest.name}')" if fault == "fsync"
+            else "Fault('pwrite', errno.ENOSPC, after=30)")
+    code = ("import errno, sys; from shardconv.testing.faults import Fault, injected; from shardconv import cli\n"
+            f"with injected([{spec}]):\n    rc = cli.main(sys.argv[1:])\nsys.exit(rc)")
+    p = subprocess.run([sys.executable, "-c", code, "convert", str(ckpt), str(dest), "--max-memory", "1MiB", "--quiet"],
+                       capture_output=True, text=True)
+    lines = p.stderr.strip().splitlines()
+    assert p.returncode == 1 and len(lines) == 1 and lines[0].startswith("shardconv: error: "), p.stderr
+    assert ("fsync failed" if fault == "fsync" else "No space left on device") in lines[0], lines[0]
+    assert not dest.exists()
+    assert (tmp_path / "o.npz.partial").exists() == (fault == "pwrite")  # discarded after a failed fsync only
