@@ -540,13 +540,26 @@ def render_markdown(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+def code_version() -> str:
+    """The commit the measured code is at, and whether shardconv/ has uncommitted changes."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
+                              text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "shardconv"], cwd=REPO, capture_output=True,
+                               text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown (not a git checkout)"
+    return head + (" with uncommitted changes in shardconv/" if dirty else "")
+
+
 def header(results: dict) -> list[str]:
     """What the table was measured under: date, machine, cache, load, the command."""
     m = results["meta"]
     loads = "; ".join(f"{sec}: " + ", ".join(f"r{i + 1} {x:.2f}" for i, x in enumerate(v))
                       for sec, v in results["repeat_loads"].items())
     return [f"{m['date']}, {m['cpus']} CPUs, {m['mem_gib']:.0f} GiB RAM, Python {m['python']}, "
-            f"--max-memory {m['max_memory']}; command: python bench/run.py {' '.join(m['argv'])}".rstrip(),
+            f"--max-memory {m['max_memory']}; code {m['code']}",
+            f"command: python bench/run.py {' '.join(m['argv'])}".rstrip(),
             f"page cache: {m['cache']}", m["busy"],
             f"load average (1 min) at the start of each repeat: {loads}"]
 
@@ -806,7 +819,7 @@ def main(argv: list[str] | None = None) -> int:
         "platform": platform.platform(), "python": sys.version.split()[0], "cpus": os.cpu_count(),
         "mem_gib": psutil.virtual_memory().total / GIB, "argv": sys.argv[1:] if argv is None else argv,
         "sizes_gib": a.size_list, "repeat": a.repeat, "max_memory": a.max_memory, "max_memory_bytes": a.budget,
-        "interval_s": a.interval, "cache": cache, "busy": "busy: no"},
+        "interval_s": a.interval, "cache": cache, "busy": "busy: no", "code": code_version()},
         "repeat_loads": {}, "inputs": {}, "rows": []}
     summaries: list[dict] = []
     with Hogs() as hogs:
