@@ -728,7 +728,7 @@ def size_independent(runner: Runner, a: argparse.Namespace, ctx: dict, results: 
         if row.kind == "footprint":  # one untimed run: the libraries into the page cache
             subprocess.run(expand(row.argv, {**ctx, "src": "", "out": ""}, []), cwd=REPO, env=runner.env,
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    res = run_section(runner, "listing", rows, inputs, ctx, a.repeat, results, None)
+    res = run_section(runner, "imports+listing", rows, inputs, ctx, a.repeat, results, None)
     footprint = {}
     for row in rows:
         s = res[row.label].summary(None, None, None, None)
