@@ -8,18 +8,16 @@ load on first use, so ``shardconv --help`` starts without NumPy.
 from __future__ import annotations
 
 import importlib
-import sys
-import types
 from typing import Any
 
 __version__ = "0.1.0"
 
 _ERRORS = ("ShardconvError", "UsageError", "SourceError", "SourceChangedError", "FormatError", "ChecksumError",
            "UnsupportedError", "MissingDependencyError", "DestinationError", "DurabilityError", "ResumeError",
-           "PlanError", "VerifyError", "BudgetError")
+           "PlanError", "VerifyError", "BudgetError", "WorkerError")
 
 #: Public name -> module it lives in (imported on first access).
-_EXPORTS = {"convert": ".api", "list_tensors": ".api", "open_source": ".api", "plan": ".api", "verify": ".verify",
+_EXPORTS = {"convert": ".api", "list_tensors": ".api", "open_source": ".api", "plan": ".api", "verify": ".verification",
             "make_plan": ".api", "JaxTreeSource": ".sources.jax_tree", **dict.fromkeys(_ERRORS, ".errors")}
 
 __all__ = list(_EXPORTS) + ["__version__"]
@@ -37,20 +35,3 @@ def __getattr__(name: str) -> Any:
 def __dir__() -> list[str]:
     return sorted([*globals(), *_EXPORTS])
 
-
-class _Package(types.ModuleType):
-    """``shardconv.verify`` is the function, also once its module ``shardconv.verify`` is imported
-    (the import system then sets the package attribute to the module; that write is ignored)."""
-
-    @property
-    def verify(self) -> Any:
-        from .verify import verify
-
-        return verify
-
-    @verify.setter
-    def verify(self, value: Any) -> None:
-        pass
-
-
-sys.modules[__name__].__class__ = _Package

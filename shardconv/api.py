@@ -1,27 +1,29 @@
-"""The Python API; the CLI is a thin layer over these functions (``verify`` is in ``shardconv.verify``)."""
+"""The Python API; the CLI is a thin layer over these functions (``verify`` is in ``shardconv.verification``)."""
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .core import engine
+from .core.destination import Destination
 from .core.plan import Plan
 from .core.types import TensorInfo
-from .errors import DestinationError
+from .errors import DestinationError, UsageError
 from .frontend import DEFAULT_MAX_MEMORY
 from .progress import ProgressArg
 from .sinks import require, sink_for
 from .sources import Source, open_source
 from .util.units import parse_size
 
-__all__ = ["DEFAULT_MAX_MEMORY", "convert", "list_tensors", "make_plan", "plan"]
+if TYPE_CHECKING:  # the mapping layer loads on first use
+    from .mapping.options import MappingOptions, RulesArg
+
+__all__ = ["DEFAULT_MAX_MEMORY", "convert", "list_tensors", "make_plan", "mapping_options", "plan"]
 
 
 def step_option(step: int | None) -> dict[str, Any]:
-    """``open_source``'s keyword for ``step``: none when it is None (the latest step).
-
-    Returns: a dict for ``**``. Raises: nothing."""
+    """Transition for workers.py (``open_source`` now takes ``step=None``): ``{"step": step}`` or {}."""
     return {} if step is None else {"step": step}
 
 
@@ -31,64 +33,69 @@ def list_tensors(src: Any, **source_options: Any) -> list[TensorInfo]:
         return s.tensors()
 
 
-def make_plan(source: Source, rules: str | os.PathLike | list[dict[str, Any]] | None = None, *,
-              preset: str | None = None, prefer_ema: bool | None = None, drop_optimizer: bool | None = None,
-              allow_unmapped: bool | None = None, names: str | None = None,
-              include: str | list[str] | None = None, exclude: str | list[str] | None = None,
-              dtype: str | None = None) -> Plan:
+def make_plan(source: Source, rules: MappingOptions | RulesArg = None, **options: Any) -> Plan:
     """The plan for ``source``: names and roles, EMA/optimizer switches, selection, then rules.
 
-    ``rules`` is a TOML file path or a list of rule dicts; ``preset`` names a shipped
-    rule set (its rules come first). Explicit switches override a rule file's [options].
-    ``include`` / ``exclude``: globs (``*`` also matches ``/``) on the names ``list_tensors``
-    and ``shardconv ls`` show, keeping only names an include matches and no exclude does;
-    ``dtype``: cast every floating-point tensor no rule casts (e.g. ``"bfloat16"``).
-    """
-    from .mapping import build_plan, load_preset, load_rules_file
+    ``rules``: a ``MappingOptions``, or the rules alone (a TOML file path or a list of rule
+    dicts). ``options``: the other mapping options by name, as ``MappingOptions`` lists them
+    (``preset``: a shipped rule set, its rules first; ``prefer_ema``, ``drop_optimizer``,
+    ``allow_unmapped``, ``names``; ``include`` / ``exclude``: globs (``*`` also matches ``/``)
+    on the names ``list_tensors`` and ``shardconv ls`` show; ``dtype``: cast every
+    floating-point tensor no rule casts). Explicit switches override a rule file's [options].
 
-    rule_list: list[dict[str, Any]] = []
-    options: dict[str, Any] = {}
-    origins: dict[str, str] = {}  # where each option of a preset or rules file came from, for messages
-    if preset:
-        r, o = load_preset(preset)
-        rule_list += r
-        options.update(o)
-        origins.update(dict.fromkeys(o, f"preset {preset}"))
-    if isinstance(rules, (str, os.PathLike)):
-        r, o = load_rules_file(Path(rules))
-        rule_list += r
-        options.update(o)
-        origins.update(dict.fromkeys(o, f"rules file {os.path.basename(rules)}"))
-    elif rules:
-        rule_list += list(rules)
-    return build_plan(source, rule_list or None, options=options, origins=origins, prefer_ema=prefer_ema,
-                      drop_optimizer=drop_optimizer, allow_unmapped=allow_unmapped, names=names,
-                      include=include, exclude=exclude, dtype=dtype)
+    Returns: the Plan (reads no values). Raises: UsageError for an unknown option or preset,
+    PlanError listing every problem of the mapping."""
+    from .mapping import MappingOptions, build_plan
+
+    if isinstance(rules, MappingOptions):
+        if options:
+            raise UsageError(f"make_plan: pass the mapping options in the MappingOptions, not also as "
+                             f"{', '.join(sorted(options))}")
+        return build_plan(source, rules)
+    return build_plan(source, MappingOptions.from_mapping({"rules": rules, **options}))
 
 
-def plan(src: Any, *, step: int | None = None, **mapping: Any) -> Plan:
-    """The plan a conversion would follow; reads no tensor values.
+def mapping_options(mapping: MappingOptions | None = None, **options: Any) -> MappingOptions:
+    """The mapping options of a call: ``mapping`` as given, or built from the keyword arguments
+    (``prefer_ema=True``, ...; None counts as not given).
+
+    Returns: a MappingOptions. Raises: UsageError for an unknown name, or for both forms at once."""
+    from .mapping import MappingOptions
+
+    if mapping is None:
+        return MappingOptions.from_mapping(options)
+    given = sorted(k for k, v in options.items() if v is not None)
+    if given:
+        raise UsageError(f"pass the mapping options in mapping= or as keywords, not both ({', '.join(given)})")
+    return mapping
+
+
+def plan(src: Any, *, step: int | None = None, mapping: MappingOptions | None = None, **options: Any) -> Plan:
+    """The plan a conversion would follow; reads no tensor values. Mapping options: ``mapping``
+    (a MappingOptions) or keywords, as ``make_plan`` takes them.
 
     Returns: the Plan (its source closed: the plan describes, it does not convert). Raises:
     UsageError, SourceError, FormatError, PlanError."""
-    with open_source(src, **step_option(step)) as source:
-        return make_plan(source, **mapping)
+    with open_source(src, step=step) as source:
+        return make_plan(source, mapping_options(mapping, **options))
 
 
 def convert(src: Any, dest: str | os.PathLike, *, to: str | None = None, max_memory: str | int = DEFAULT_MAX_MEMORY,
             overwrite: bool = False, restart: bool = False, fsync: bool = True, progress: ProgressArg = False,
             step: int | None = None, sink_options: dict[str, Any] | None = None,
-            **mapping: Any) -> engine.Result:
+            mapping: MappingOptions | None = None, **options: Any) -> engine.Result:
     """Convert a checkpoint to ``dest`` within ``max_memory``; resumes an interrupted run.
 
     ``progress``: ``True`` draws a bar (a widget in a notebook), a callable is called as
     ``progress(done_bytes, total_bytes)`` as the output is written.
 
-    Mapping arguments (``rules``, ``preset``, ``prefer_ema``, ``drop_optimizer``,
-    ``allow_unmapped``, ``names``, ``include``, ``exclude``, ``dtype``) are those of ``make_plan``.
-    """
-    with open_source(src, **step_option(step)) as source:
-        plan = make_plan(source, **mapping)
+    Mapping options: ``mapping`` (a MappingOptions) or keywords (``rules``, ``preset``,
+    ``drop_optimizer``, ...), as ``make_plan`` takes them. ``sink_options``: the output format's
+    options (``Sink.Options`` fields; text is parsed as on the command line).
+
+    Returns: the engine's Result. Raises: what ``engine.run`` raises; UsageError for options."""
+    with open_source(src, step=step) as source:
+        plan = make_plan(source, mapping_options(mapping, **options))
         sink = sink_for(dest, to, **(sink_options or {}))
         require(sink.name)
         plan = plan.leave_out(sink.leave_out)
@@ -104,12 +111,11 @@ def convert(src: Any, dest: str | os.PathLike, *, to: str | None = None, max_mem
 def _make_parents(dest: str | os.PathLike) -> list[Path]:
     """Create the missing parent directories of a local ``dest`` (``mkdir -p``, as a TF
     Serving ``models/NAME/`` needs); return those created, deepest first."""
-    from .formats import tsio
-
-    if tsio.is_remote(dest):
+    where = Destination.parse(dest)
+    if where.is_url:
         return []
     missing = []
-    p = tsio.local_path(dest).parent
+    p = where.path.parent
     while not os.path.lexists(p):
         missing.append(p)
         p = p.parent

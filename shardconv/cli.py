@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import inspect
 import json
 import os
 import signal
@@ -82,17 +81,6 @@ def _mapping(p: argparse.ArgumentParser, title: str = "see docs/mapping.md") -> 
         g.add_argument("--" + name.replace("_", "-"), **specs[name])
 
 
-def _tf_output(p: argparse.ArgumentParser) -> None:
-    """Transition: the TF sinks' flags, until their options are a dataclass (then generated)."""
-    g = p.add_argument_group("TensorFlow output (--to savedmodel / tf-checkpoint; see docs/savedmodel.md)")
-    g.add_argument("--serving-version", dest=SINK_DEST + "serving_version", type=int, metavar="N",
-                   help="savedmodel: write DEST/N/ (TF Serving layout), beside other versions in DEST")
-    g.add_argument("--model-builder", dest=SINK_DEST + "model_builder", metavar="MODULE:FUNCTION",
-                   help="build the model with this function (from the current directory or PYTHONPATH) and fill "
-                        "its variables; the SavedModel keeps its serving signature")
-    g.add_argument("--model-config", dest=SINK_DEST + "model_config", metavar="FILE", help="the one argument passed to --model-builder")
-
-
 #: Where the parser puts each output format's option (``--max-file-size`` -> ``sink_option__max_file_size``),
 #: apart from every other argument's name.
 SINK_DEST = "sink_option__"
@@ -121,7 +109,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _sink_classes() -> dict[str, Any]:
-    """Each output format's sink class that declares its options (``Sink.Options``)."""
+    """Each output format's sink class (its ``Options`` generate the flags)."""
     from .sinks import REGISTRY, sink_class
 
     classes = {}
@@ -130,8 +118,7 @@ def _sink_classes() -> dict[str, Any]:
             cls = sink_class(fmt)
         except ImportError:  # a format whose module cannot load takes no flags (convert says why)
             continue
-        if "options" in inspect.signature(cls).parameters:
-            classes[fmt] = cls
+        classes[fmt] = cls
     return classes
 
 
@@ -139,10 +126,13 @@ def _sink_output(p: argparse.ArgumentParser) -> None:
     """One argument group per output format, generated from its options dataclass: each field a
     ``--flag`` (added once where formats share it, its help naming them)."""
     classes = _sink_classes()
-    owners: dict[str, list[str]] = {}
+    owners: dict[str, list[str]] = {}  # a field declared by several options classes: the formats taking it
     for fmt, cls in classes.items():
         for f in dataclasses.fields(cls.Options):
             owners.setdefault(f.name, []).append(fmt)
+    for name, fmts in owners.items():
+        if len({classes[fmt].options_help or fmt for fmt in fmts}) == 1:  # formats of one group
+            owners[name] = fmts[:1]
     added: set[str] = set()
     for fmt, cls in classes.items():
         fields = [f for f in dataclasses.fields(cls.Options) if f.name not in added]
@@ -152,8 +142,6 @@ def _sink_output(p: argparse.ArgumentParser) -> None:
         for f in fields:
             added.add(f.name)
             g.add_argument("--" + f.name.replace("_", "-"), **_flag_spec(f, owners[f.name]))
-    if "model_builder" not in added:
-        _tf_output(p)
 
 
 def _flag_spec(f: dataclasses.Field, owners: list[str]) -> dict[str, Any]:
@@ -195,12 +183,15 @@ def _presets() -> list[str]:
     return sorted(p.stem for p in (Path(__file__).parent / "mapping" / "presets").glob("*.toml"))
 
 
-def _mapping_kwargs(args: argparse.Namespace) -> dict:
-    """The mapping options given on the command line (those not given are None)."""
-    return {k: getattr(args, k, None) for k in MAPPING_OPTIONS}
+def _mapping_options(args: argparse.Namespace) -> Any:
+    """The mapping options given on the command line, a ``MappingOptions`` (imported here:
+    the mapping layer loads NumPy, which ``--help`` does not)."""
+    from .mapping import MappingOptions
+
+    return MappingOptions.from_args(args)
 
 
-COMMANDS = ("ls", "plan", "convert", "verify")
+COMMANDS = ("ls", "plan", "convert", "verify", "finalize")
 SRC_HELP = ("the checkpoint: a TF checkpoint prefix or its .index, a checkpoint or SavedModel directory, an .npz "
             "(or a directory of them with an index), a Zarr store, an Orbax or t5x checkpoint, a flax msgpack file")
 MAX_MEMORY_HELP = (f"bound on every buffer shardconv allocates (default {DEFAULT_MAX_MEMORY}); units: K, M, G binary as in Docker and "
@@ -232,6 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
     _convert_parser(sub.add_parser("convert", help="convert a checkpoint, streaming within --max-memory"), formats)
     _verify_parser(sub.add_parser("verify", help="re-read an output and check it against its checksums (and SRC)",
                                   description=VERIFY_HELP, formatter_class=argparse.RawDescriptionHelpFormatter))
+    _finalize_parser(sub.add_parser("finalize", help="publish the output the --share I/N tasks of a split "
+                                                     "conversion wrote, once all are done (reads no tensor data)"))
     assert tuple(sub.choices) == COMMANDS
     return parser
 
@@ -270,6 +263,27 @@ def _convert_parser(p: argparse.ArgumentParser, formats: list[str]) -> None:
     p.add_argument("--dry-run", action="store_true", help="print the plan (as shardconv plan) and write nothing")
     _mapping(p)
     p.deferred.append(_sink_output)  # type: ignore[attr-defined]
+    _split_args(p)
+    _common(p)
+
+
+def _split_args(p: argparse.ArgumentParser) -> None:
+    """Splitting one conversion over workers (shardconv.workers; docs/scale-out.md)."""
+    g = p.add_argument_group("split over workers (see docs/scale-out.md; the output is the same bytes)")
+    g.add_argument("--workers", type=int, metavar="N", help="run the shares on N local worker processes, each "
+                   "within --max-memory")
+    g.add_argument("--scheduler", metavar="ADDR", help="run the shares on a Dask cluster: tcp://HOST:PORT of a "
+                   "running scheduler, or local:N to start a LocalCluster of N workers here (shardconv[dask])")
+    g.add_argument("--share", metavar="I/N", help="job-array task I of N (no scheduler): run its shares and exit; "
+                   "then run 'shardconv finalize DEST' once")
+    g.add_argument("--share-size", metavar="SIZE", help="target bytes per share (default: the output's size / 64, "
+                   "within 256MiB..4GiB)")
+
+
+def _finalize_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("dest", help="the output the --share I/N tasks of a split conversion wrote")
+    p.add_argument("--overwrite", action="store_true", help="replace DEST if it exists")
+    p.add_argument("--json", action="store_true", help="print the result as one JSON object on stdout")
     _common(p)
 
 
@@ -286,7 +300,7 @@ def _open_src(args: argparse.Namespace) -> Any:
     """Open SRC (``--step``), saying on stderr which step a directory resolved to."""
     from .sources import open_source, resolution_note
 
-    source = open_source(args.src, **({"step": args.step} if args.step is not None else {}))
+    source = open_source(args.src, step=args.step)
     note = resolution_note(args.src, source, args.step)
     if note and not args.quiet:
         _say(note)
@@ -326,9 +340,54 @@ def _convert(args: argparse.Namespace) -> int:
 
     if args.dry_run:
         return _plan(args)
-    r = convert(_open_src(args), args.dest, to=args.to, max_memory=args.max_memory, overwrite=args.overwrite,
-                restart=args.restart, fsync=args.fsync, progress=not args.quiet, step=args.step,
-                sink_options=_sink_values(args) or None, **_mapping_kwargs(args))
+    if args.workers is not None or args.scheduler or args.share:
+        r = _convert_split(args)
+        if r is None:
+            return 0
+    else:
+        r = convert(_open_src(args), args.dest, to=args.to, max_memory=args.max_memory, overwrite=args.overwrite,
+                    restart=args.restart, fsync=args.fsync, progress=not args.quiet, step=args.step,
+                    sink_options=_sink_values(args) or None, mapping=_mapping_options(args))
+    _report(args, r)
+    return 0
+
+
+def _convert_split(args: argparse.Namespace) -> Any:
+    """``convert`` over workers (``--workers``, ``--scheduler``), or one job-array task (``--share``,
+    which returns None: ``finalize`` publishes the output)."""
+    from . import workers as split
+    from .errors import UsageError
+
+    if args.share and (args.workers is not None or args.scheduler):
+        raise UsageError("--share runs one task of a job array; it does not combine with --workers or --scheduler")
+    job = split.job_for(args.src, args.dest, to=args.to, step=args.step, sink_options=_sink_values(args) or None,
+                        mapping=_mapping_options(args).given(), max_memory=parse_size(args.max_memory),
+                        fsync=args.fsync)
+    share_bytes = parse_size(args.share_size) if args.share_size else None
+    if args.share:
+        i, n = split.parse_share(args.share)
+        done = split.run_array_task(job, i, n, share_bytes=share_bytes)
+        if not args.quiet:
+            _say(f"task {i}/{n}: wrote {len(done)} shares ({format_size(sum(d.bytes_written for d in done))}); run "
+                 f"'shardconv finalize {args.dest}' once every task is done")
+        return None
+    client, close = split.client_for(args.scheduler) if args.scheduler else (None, lambda: None)
+    try:
+        return split.convert(job, workers=args.workers, client=client, overwrite=args.overwrite,
+                             restart=args.restart, share_bytes=share_bytes, progress=not args.quiet)
+    finally:
+        close()
+
+
+def _finalize(args: argparse.Namespace) -> int:
+    from . import workers as split
+
+    _report(args, split.finalize(args.dest, overwrite=args.overwrite))
+    return 0
+
+
+def _report(args: argparse.Namespace, r: Any) -> None:
+    """A conversion's result: one JSON object on stdout with ``--json``, else a summary on stderr."""
     if args.json:
         import dataclasses
 
@@ -342,7 +401,6 @@ def _convert(args: argparse.Namespace) -> int:
             _say(f"  {line}")
         for note in r.notes:
             _say(f"  note: {note}")
-    return 0
 
 
 def _print_json(obj: Any) -> None:
@@ -380,7 +438,7 @@ def _plan(args: argparse.Namespace) -> int:
     with _open_src(args) as source:
         sink = sink_for(getattr(args, "dest", "x"), args.to, **_sink_values(args))
         require(sink.name)  # a missing library is reported by plan as by convert
-        plan = make_plan(source, **_mapping_kwargs(args)).leave_out(sink.leave_out)
+        plan = make_plan(source, _mapping_options(args)).leave_out(sink.leave_out)
         infos = {t.name: t for t in source.tensors()}
         sizes = _sizes_by_name(list(infos.values()))
         est = memory_estimate(plan, sink, parse_size(args.max_memory))
@@ -420,10 +478,10 @@ def _plan(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    from .verify import verify
+    from .verification import verify
 
-    mapping = {k: v for k, v in _mapping_kwargs(args).items() if v is not None}
-    r = verify(args.dest, args.src, max_memory=args.max_memory, progress=not args.quiet, step=args.step, **mapping)
+    r = verify(args.dest, args.src, max_memory=args.max_memory, progress=not args.quiet, step=args.step,
+               mapping=_mapping_options(args))
     if args.json:
         _print_json(r)
     elif not args.quiet:
@@ -459,7 +517,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             # A file-size limit then fails the write with EFBIG (a clean error) instead of killing us.
             signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         previous = signal.signal(signal.SIGTERM, _on_sigterm)
-    handler = {"ls": _ls, "plan": _plan, "convert": _convert, "verify": _verify}[args.command]
+    handler = {"ls": _ls, "plan": _plan, "convert": _convert, "verify": _verify,
+               "finalize": _finalize}[args.command]
     try:
         with command_line():
             return handler(args)

@@ -10,15 +10,15 @@ from __future__ import annotations
 import contextlib
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .api import make_plan, step_option
+from .api import make_plan, mapping_options
 from .core.budget import Budget
 from .core.integrity import IntegrityTracker
 from .core.plan import Copy, OutputTensor, Plan, chunk_plan
-from .core.types import TensorInfo
+from .core.types import Role, TensorInfo
 from .errors import ChecksumError, UsageError, VerifyError
 from .frontend import DEFAULT_MAX_MEMORY, MAPPING_OPTIONS, options_list
 from .progress import ProgressArg
@@ -28,24 +28,30 @@ from .sinks import sink_for
 from .sources import Source, open_source
 from .util.units import parse_size
 
+if TYPE_CHECKING:  # the mapping layer loads on first use
+    from .mapping.options import MappingOptions
+
 __all__ = ["verify"]
 
 
 def verify(dest: str | os.PathLike[str], src: Any = None, *, max_memory: str | int = DEFAULT_MAX_MEMORY,
-           progress: ProgressArg = False, step: int | None = None, **mapping: Any) -> dict[str, Any]:
+           progress: ProgressArg = False, step: int | None = None, mapping: MappingOptions | None = None,
+           **options: Any) -> dict[str, Any]:
     """Re-read an output: every stored checksum, and (with ``src``) every value against the source.
 
-    ``mapping``: the mapping options given to ``convert``, for an output that records none.
+    ``mapping`` (a MappingOptions) or keyword options: the mapping options given to ``convert``,
+    for an output that records none.
     Returns: counts (``tensors``, ``bytes_compared``, ``checksums_verified``,
     ``source_checksums_verified``). Raises: VerifyError naming the first tensor that differs;
     UsageError, SourceError, FormatError for trouble reading either side."""
     chunk = Budget.for_limit(parse_size(max_memory)).chunk_bytes
+    given = mapping_options(mapping, **options)
     with contextlib.ExitStack() as stack:
         out = stack.enter_context(open_source(dest))
         ref = None
         if src is not None:
-            ref = stack.enter_context(open_source(src, **step_option(step)))
-        return _Check(str(dest), out, ref, chunk, mapping).run(progress)
+            ref = stack.enter_context(open_source(src, step=step))
+        return _Check(str(dest), out, ref, chunk, given).run(progress)
 
 
 @dataclass
@@ -56,7 +62,7 @@ class _Check:
     out: Source
     ref: Source | None
     chunk: int
-    mapping: dict[str, Any]
+    mapping: MappingOptions
 
     def run(self, progress: ProgressArg) -> dict[str, Any]:
         """Read every stored tensor (compared with the source when there is one); then every
@@ -119,18 +125,18 @@ def _stored(out: Source) -> dict[str, TensorInfo]:
     graph); string tensors and bookkeeping are the format's, not the model's."""
     from .mapping.roles import role_of
 
-    stored = [t for t in out.tensors() if not t.is_string and (t.extra or {}).get("role") != "meta"]
+    stored = [t for t in out.tensors() if not t.is_string and (t.role is None or t.role.role != Role.META)]
     return {role_of(t).name: t for t in stored}
 
 
 def _reference_plan(dest: str, out: Source, ref: Source, outputs: dict[str, TensorInfo],
-                    mapping: dict[str, Any]) -> Plan:
+                    mapping: MappingOptions) -> Plan:
     """The plan ``ref`` gives under ``mapping`` (by default the one ``out`` records), checked
     name by name, dtype and shape against ``outputs``. An output that records no mapping
     (SavedModel) and matches no default mapping is trouble, not a difference: UsageError."""
-    given = {k: v for k, v in mapping.items() if v is not None}
+    given = mapping.given()
     recorded = _recorded_mapping(out)
-    plan = make_plan(ref, **(given or recorded))
+    plan = make_plan(ref, mapping if given else mapping_options(**recorded))
     if out.format in SINKS:  # what the output's format cannot hold is not in it
         plan = plan.leave_out(sink_for(dest, out.format).leave_out)
     want = {o.name: o for o in plan.outputs}
@@ -152,17 +158,9 @@ def _reference_plan(dest: str, out: Source, ref: Source, outputs: dict[str, Tens
 
 def _recorded_mapping(out: Source) -> dict[str, Any]:
     """The mapping options an output was written with (from its manifest), to rebuild its plan."""
-    opts = dict(_recorded_options(out))
+    opts = dict(out.recorded_options())
     rules = opts.pop("rules", None)
     keep = {k: opts[k] for k in MAPPING_OPTIONS if k in opts and k not in ("rules", "preset")}
     if rules:
         keep["rules"] = rules
     return keep
-
-
-def _recorded_options(out: Source) -> dict[str, Any]:
-    """The options ``out``'s manifest records ({} for an input shardconv did not write)."""
-    recorded = getattr(out, "recorded_options", None)  # transition: until every Source declares it
-    if recorded is not None:
-        return dict(recorded())
-    return dict(getattr(out, "manifest_options", None) or {})

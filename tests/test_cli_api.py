@@ -355,3 +355,20 @@ def test_verify_of_a_savedmodel_takes_the_mapping_flags_convert_was_given(src, t
     p = run_cli("verify", sm, src, "--drop-optimizer", "--json", "--quiet")
     assert p.returncode == 0, p.stderr
     assert json.loads(p.stdout)["tensors"] == 2
+
+
+def test_mapping_options_as_one_object_or_as_keywords(src, tmp_path):
+    """convert, plan and verify take a MappingOptions (what the CLI passes) or the same options as
+    keywords; both at once, or an unknown name, is a usage error."""
+    from shardconv.mapping import MappingOptions
+
+    opts = MappingOptions(exclude=["dense/bias"], drop_optimizer=True)
+    assert [o.name for o in shardconv.plan(src, mapping=opts).outputs] == ["dense/kernel"]
+    assert shardconv.plan(src, mapping=opts).digest() == shardconv.plan(src, exclude=["dense/bias"],
+                                                                        drop_optimizer=True).digest()
+    r = shardconv.convert(src, tmp_path / "o.npz", mapping=opts)
+    assert r.tensors == 1 and shardconv.verify(tmp_path / "o.npz", src, mapping=opts)["bytes_compared"] == 24
+    with pytest.raises(shardconv.UsageError, match="not both"):
+        shardconv.plan(src, mapping=opts, drop_optimizer=True)
+    with pytest.raises(shardconv.UsageError, match="unknown mapping option"):
+        shardconv.plan(src, drop_optimiser=True)

@@ -242,6 +242,16 @@ def _worker_rss(client) -> int:
     return max(client.run(load).values())
 
 
+def _baseline() -> int:
+    """A fresh worker's RSS with what a share imports loaded (Dask's own baseline included)."""
+    cluster, client = _cluster(1 << 30)
+    try:
+        return _worker_rss(client)
+    finally:
+        client.close()
+        cluster.close()
+
+
 class _PeakSampler:
     """Peak RSS of this process's children (the Dask nanny's worker), sampled from outside."""
 
@@ -279,12 +289,7 @@ def big_src(tmp_path: Path) -> Path:
 
 def test_an_in_budget_worker_under_a_memory_limit_of_budget_plus_baseline_is_never_killed(big_src, tmp_path):
     budget = 32 << 20
-    probe, client = _cluster(1 << 30)
-    try:
-        baseline = _worker_rss(client)
-    finally:
-        client.close()
-        probe.close()
+    baseline = _baseline()
     cluster, client = _cluster(budget + baseline)
     try:
         _worker_rss(client)
@@ -302,12 +307,7 @@ def test_an_in_budget_worker_under_a_memory_limit_of_budget_plus_baseline_is_nev
 def test_a_worker_over_the_dask_memory_limit_is_a_clear_error_naming_the_share(big_src, tmp_path):
     from shardconv.errors import WorkerError
 
-    probe, client = _cluster(1 << 30)
-    try:
-        baseline = _worker_rss(client)
-    finally:
-        client.close()
-        probe.close()
+    baseline = _baseline()
     cluster, client = _cluster(baseline + (16 << 20))      # far less than the 512 MiB budget needs
     try:
         with pytest.raises(WorkerError, match=r"share 0 was lost with its worker") as e:

@@ -272,7 +272,7 @@ def test_orbax_restores_the_orbax_layout_exactly(npz_in, tmp_path):
         for restored in (ocp.StandardCheckpointer().restore(dest), ocp.PyTreeCheckpointer().restore(dest)):
             flat: dict[str, np.ndarray] = {}
 
-            def walk(d: dict, prefix: str) -> None:
+            def walk(d: dict, prefix: str, flat: dict[str, np.ndarray] = flat) -> None:
                 for k, v in d.items():
                     walk(v, f"{prefix}{k}/") if isinstance(v, dict) else flat.__setitem__(prefix + k, np.asarray(v))
 
@@ -371,28 +371,6 @@ def test_memory_destination_round_trip(npz_in):
 
 
 # -- S3, against moto's server on 127.0.0.1 ------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def s3():
-    """A moto S3 server started (and stopped) by this test module; env points boto3 and
-    TensorStore at it. Yields the endpoint URL."""
-    pytest.importorskip("flask", reason="moto's server needs moto[server]")
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-           "AWS_ENDPOINT_URL": f"http://{host}:{port}"}
-    with pytest.MonkeyPatch.context() as mp:
-        for k, v in env.items():
-            mp.setenv(k, v)
-        import boto3
-
-        boto3.client("s3").create_bucket(Bucket="shardconv-test")
-        yield env["AWS_ENDPOINT_URL"]
-    server.stop()
 
 
 def _keys(prefix: str) -> list[str]:
@@ -506,7 +484,8 @@ def test_engine_chunks_cover_whole_zarr_chunks():
         chunks = chunk_shape(shape, isz, min(rng.choice([1 << 16, 4 << 20]), engine), engine)
         assert math.prod(chunks) * isz <= engine or not shape
         out = OutputTensor("x", {1: "uint8", 2: "float16", 4: "float32", 8: "float64"}[isz], shape, Copy("x"))
-        for c in chunk_plan([out], engine, lambda _: chunks[0] if chunks else 1):
+        rows = chunks[0] if chunks else 1
+        for c in chunk_plan([out], engine, lambda _, rows=rows: rows):
             if c.length:
                 for s, z, d in zip(chunk_region(shape, isz, c.offset, c.length), chunks, shape):
                     assert s.start % z == 0 and (s.stop % z == 0 or s.stop == d), (shape, isz, engine, chunks)

@@ -5,7 +5,6 @@ The engine knows no format: sources and sinks plug in through their interfaces.
 """
 from __future__ import annotations
 
-import inspect
 import os
 import queue
 import signal
@@ -27,7 +26,7 @@ from .budget import Budget, BufferPool
 from .destination import Destination, SinkContext
 from .integrity import IntegrityTracker
 from .journal import Journal, describe_changes
-from .plan import Chunk, OutputTensor, Plan, chunk_plan
+from .plan import Chunk, Plan, chunk_plan
 from .staging import Staging
 
 if TYPE_CHECKING:  # the contract only; core never imports a sink at run time
@@ -226,7 +225,7 @@ def _open(job: _Job, restart: bool, max_memory: int, chunk_bytes: int | None, sc
     resume = prior is not None and safefs.lstat(job.staging.out) is not None
     ctx = SinkContext(job.dest, durable=job.fsync, chunk_bytes=budget.chunk_bytes, resume=resume,
                       source=job.plan.source)
-    _open_sink(job.sink, job.staging.out, job.plan.outputs, ctx)
+    job.sink.open(job.staging.out, job.plan.outputs, ctx)
     chunks = chunk_plan(job.plan.outputs, budget.chunk_bytes, job.sink.row_multiple)
     tracker = IntegrityTracker(job.plan.source.units())
     done = _kept_chunks(prior[1], chunks, job.sink, tracker) if resume and prior else {}
@@ -249,33 +248,12 @@ def _convert(job: _Job, opened: _Opened, progress: ProgressArg, resumed: int) ->
 def _commit(job: _Job, opened: _Opened, overwrite: bool) -> None:
     """Finish the output and publish it (atomic renames)."""
     receipts = [(c, opened.done[i]["r"]) for i, c in enumerate(opened.chunks)]
-    moves = _finish_sink(job.sink, receipts, manifest_for(job.plan, job.sink), job.dest, job.fsync)
+    moves = job.sink.finish(receipts, manifest_for(job.plan, job.sink))
     job.journal.close()
     _hook("finish", job.dest.path)
     job.staging.commit(moves, overwrite, job.fsync)
     job.committed = True
     _hook("renamed")
-
-
-def _legacy(sink: Sink) -> bool:
-    """Transition: a sink of the contract before SinkContext (``open(out, outputs, resume)``,
-    ``finish(receipts, manifest, fsync, dest)``): the TF sinks until they move."""
-    return "resume" in inspect.signature(sink.open).parameters
-
-
-def _open_sink(sink: Sink, out: Path, outputs: list[OutputTensor], ctx: SinkContext) -> None:
-    if _legacy(sink):
-        sink.durable, sink.chunk_bytes, sink.source = ctx.durable, ctx.chunk_bytes, ctx.source
-        sink.open(out, outputs, resume=ctx.resume)  # type: ignore[call-arg]
-    else:
-        sink.open(out, outputs, ctx)
-
-
-def _finish_sink(sink: Sink, receipts: list[tuple[Chunk, Any]], manifest: dict[str, Any], dest: Destination,
-                 fsync: bool) -> list[tuple[Path, Path]]:
-    if _legacy(sink):
-        return sink.finish(receipts, manifest, fsync, dest.path)  # type: ignore[call-arg]
-    return sink.finish(receipts, manifest)
 
 
 def _scratch_slots(plan: Plan, sink: Sink) -> int:

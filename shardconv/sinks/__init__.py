@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import inspect
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -110,15 +109,8 @@ def sink_for(dest: Any, to: str | None = None, **options: Any) -> Sink:
     Returns: the sink (nothing written). Raises: UsageError for an unknown format or an
     option it does not take or refuses; MissingDependencyError is raised by ``require``."""
     to = format_for(dest, to)
-    factory = sink_class(to)
-    if "options" in inspect.signature(factory).parameters:
-        return factory(factory.Options.build(to, options))
-    # Transition: the TF sinks still take their options as keyword arguments.
-    try:
-        inspect.signature(factory).bind(**options)
-    except TypeError:
-        raise UsageError(f"output format {to!r} does not take the option(s) {', '.join(sorted(options))}") from None
-    return factory(**options)
+    cls = sink_class(to)
+    return cls(cls.Options.build(to, options))
 
 
 #: Modules (comma-separated) imported when the registry loads; each registers its sinks with ``register``.

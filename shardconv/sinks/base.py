@@ -137,11 +137,6 @@ class Sink(ABC):
     #: What the main output is at its final path: "file" or "directory". Checked before the
     #: first byte: ``--overwrite`` replaces an output of the same kind only.
     output_kind: str = "directory"
-    # Transition: the TF sinks still follow the contract before SinkContext, where the engine
-    # set these before ``open(out, outputs, resume)``. Removed once they move.
-    durable: bool = True
-    chunk_bytes: int = 0
-    source: Any = None
 
     def __init__(self, options: SinkOptions | None = None) -> None:
         """Raises: UsageError if ``options`` is not this sink's ``Options``."""
@@ -228,19 +223,19 @@ class Sink(ABC):
         else:
             self.prepare(out, outputs)
 
+    @abstractmethod
     def prepare(self, out: Path, outputs: list[OutputTensor]) -> None:
         """Lay out a new partial output for ``outputs`` at ``out`` (``self.ctx`` is set):
         anything an earlier run left at ``out`` is replaced; nothing else is touched.
 
         Returns: None. Raises: DestinationError (no room, I/O, a foreign object-store prefix)."""
-        raise NotImplementedError(f"{type(self).__name__}.prepare")  # abstract once the TF sinks move
 
+    @abstractmethod
     def attach(self, out: Path, outputs: list[OutputTensor]) -> None:
         """Open the partial output at ``out`` that a ``prepare`` for the same outputs, options and
         chunk size made, without changing any byte of it (finished or not).
 
         Returns: None. Raises: DestinationError if it cannot be opened."""
-        raise NotImplementedError(f"{type(self).__name__}.attach")  # abstract once the TF sinks move
 
     @abstractmethod
     def write(self, chunk: Chunk, data: memoryview) -> Any:
@@ -257,6 +252,7 @@ class Sink(ABC):
         Returns: True if its bytes match ``receipt`` (missing or unreadable: False).
         Raises: nothing for a damaged chunk; DestinationError if the output cannot be read."""
 
+    @abstractmethod
     def finish(self, receipts: list[tuple[Chunk, Any]], manifest: dict[str, Any]) -> list[tuple[Path, Path]]:
         """Complete the output: what depends on every chunk, ``manifest`` (not modified) wherever
         the format keeps it, all of it fsynced when ``ctx.durable``.
@@ -265,7 +261,6 @@ class Sink(ABC):
         Returns: (staged path, final path) renames, the main output last; none for an output
         that marks its own completion (an object store). Raises: DestinationError,
         DurabilityError (a failed fsync: the engine then discards the partial output)."""
-        raise NotImplementedError(f"{type(self).__name__}.finish")  # abstract once the TF sinks move
 
     def close(self) -> None:
         """Release what ``open`` holds (file descriptors, handles); the engine calls it once.

@@ -17,7 +17,7 @@ from ..errors import DestinationError, UsageError
 from ..frontend import option_name
 from ..util import safefs
 from ..util.checksums import combine_crc32
-from ..util.fileio import range_crc, truncate
+from ..util.fileio import truncate
 from ..util.units import format_size, parse_size
 from .base import SinkOptions, sink_option
 
@@ -102,11 +102,6 @@ def extend_to(fd: int, size: int, path: Path) -> None:
         raise DestinationError(f"{path}: cannot examine the partial output: {e.strerror}") from None
     if have < size:
         truncate(fd, size, path)
-
-
-#: Transition names for the TF sinks (use ``fileio.range_crc`` and ``safefs.write_json``).
-range_crc32 = range_crc
-write_json = safefs.write_json
 
 
 def finish_split(out: Path, files: list[tuple[Path, list[int]]], manifest: dict[str, Any], index_name: str,
