@@ -171,3 +171,41 @@ def test_collision_suffixes_skip_names_already_taken_and_a_model_scope_goes_only
     assert strip_model_scope(["net/conv/kernel", "net/dense/bias"]) == ["conv/kernel", "dense/bias"]
     assert strip_model_scope(["dense/kernel", "dense/bias"]) == ["dense/kernel", "dense/bias"]  # a layer, not a scope
     assert strip_model_scope(["net/conv/kernel", "head/bias"]) == ["net/conv/kernel", "head/bias"]
+
+
+def test_the_source_records_typed_roles(written):
+    """TF2 sources record what the object graph says as ``TensorInfo.role`` (a ``SourceRole`` of a
+    ``Role``), with the variable's ``full_name`` in ``extra``; the graph's own entry is ``meta``."""
+    from shardconv.core.types import Role, SourceRole
+
+    path, _ = written["keras3", "sequential", "checkpoint"]
+    with open_source(path) as src:
+        infos = {t.name: t for t in src.tensors()}
+    assert infos["_CHECKPOINTABLE_OBJECT_GRAPH"].role == SourceRole(Role.META)
+    variables = [t for name, t in infos.items() if name != "_CHECKPOINTABLE_OBJECT_GRAPH"]
+    assert variables and all(isinstance(t.role, SourceRole) and isinstance(t.role.role, Role) for t in variables)
+    assert all(not {"role", "model_name", "ema_of", "slot_of"} & set(t.extra) and "full_name" in t.extra
+               for t in variables)
+    params = {t.role.model_name for t in variables if t.role.role is Role.PARAM}
+    assert params == PARAMS["sequential"]
+    slots = {t.role.model_name: t.role.slot_of for t in variables if t.role.slot_of}
+    assert slots == {f"optimizer/{w}/{s}": w for w in PARAMS["sequential"] for s in SLOTS["keras3"]}
+
+
+def test_names_outside_the_model_stay_unique():
+    """Variables that are not params (here metrics: ``meta``) take their ``full_name`` only when
+    no other variable has that name yet: the second falls back to its key."""
+    from test_index_decoding import g_attr, g_graph, g_node, g_ref
+
+    from shardconv.core.types import Role
+    from shardconv.sources import tf_object_graph as og
+
+    def var(full: bytes, key: bytes) -> bytes:
+        return g_node(attributes=[g_attr(b"VARIABLE_VALUE", full, key + b"/.ATTRIBUTES/VARIABLE_VALUE")])
+
+    blob = g_graph(g_node([g_ref(1, b"metrics")]), g_node([g_ref(2, b"m1"), g_ref(3, b"m2")]),
+                   var(b"x", b"k/v"), var(b"k/v", b"metrics/m2"))
+    notes = og.annotate(og.parse(blob, "g"))
+    assert {k: (r.role, r.model_name, full) for k, (r, full) in notes.items()} == {
+        "k/v/.ATTRIBUTES/VARIABLE_VALUE": (Role.META, "k/v", "x"),
+        "metrics/m2/.ATTRIBUTES/VARIABLE_VALUE": (Role.META, "metrics/m2", "k/v")}

@@ -166,3 +166,16 @@ def test_every_fixture_tensor_converts_to_npz_exactly(tf1_dtypes_ckpt, tmp_path)
         assert got[k].dtype == v.dtype and got[k].shape == v.shape and got[k].tobytes() == v.tobytes(), k
     assert {n for n, _ in r.dropped} == {k for k, v in ref.items() if isinstance(v, list)}
     assert r.verified_units == len(TFBundleSource(reference_prefix(tf1_dtypes_ckpt)).units()) - 2  # 2 string units
+
+
+@pytest.mark.parametrize("thing", [b"\xff", b"model.ckpt", 12, None, "a\x00b", ["x"]], ids=repr)
+def test_the_probe_never_raises(thing):
+    from shardconv.sources.tf_bundle import is_tf_bundle
+
+    assert is_tf_bundle(thing) is False
+
+
+def test_a_tf1_bundle_records_no_roles():
+    with TFBundleSource(TF_SERVING / "saved_model_half_plus_two_cpu" / "00000123" / "variables" / "variables") as src:
+        infos = src.tensors()
+    assert infos and all(t.role is None and set(t.extra) == {"shard", "sliced"} for t in infos)

@@ -14,9 +14,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from ..core.types import Segment, TensorInfo, Unit
+from ..core.types import Role, Segment, SourceRole, TensorInfo, Unit
 from ..errors import ChecksumError, FormatError, SourceError, UnsupportedError
 from ..formats.bundle_entries import OBJECT_GRAPH_KEY, Entry, EntryReader, parse_entry, slice_key
 from ..formats.sstable import SSTable
@@ -30,7 +30,6 @@ if TYPE_CHECKING:
 
 #: String tensors larger than this are refused (they are read whole).
 MAX_STRING_TENSOR_BYTES = 256 << 20
-_NO_NOTES: dict[str, str] = {}
 
 
 # --------------------------------------------------------------------------- paths
@@ -182,23 +181,27 @@ def _state_file_used(path: Path, step: int | None, prefix: Path) -> Path | None:
     return state
 
 
-def is_tf_bundle(path: str | os.PathLike) -> bool:
+def is_tf_bundle(path: object) -> bool:
     """True for anything ``resolve_prefix`` takes, and for a path that is recognisably meant
     as a TF checkpoint but is not usable as given (several checkpoints and no state file, a
-    ``.meta`` without its index): opening it then says what to pass instead."""
+    ``.meta`` without its index): opening it then says what to pass instead. A probe: never
+    raises (False for what is not a path at all, bytes included, or a path the OS refuses)."""
+    try:
+        return _claims(path)  # type: ignore[arg-type]
+    except (SourceError, OSError, ValueError, TypeError):
+        return False
+
+
+def _claims(path: str | os.PathLike) -> bool:
     try:
         resolve_prefix(path)
         return True
     except SourceError:
         pass
     p = Path(path)
-    try:
-        if p.is_dir():
-            return _is_state_file(p / "checkpoint") or any(q.is_file() for q in p.glob("*.index")) or \
-                bool(_strays(p))
-        return p.is_file() and (p.name.endswith(".meta") or bool(_DATA_SUFFIX.search(p.name)))
-    except OSError:
-        return False
+    if p.is_dir():
+        return _is_state_file(p / "checkpoint") or any(q.is_file() for q in p.glob("*.index")) or bool(_strays(p))
+    return p.is_file() and (p.name.endswith(".meta") or bool(_DATA_SUFFIX.search(p.name)))
 
 
 def _checked_nbytes(e: Entry, where: str) -> int:
@@ -270,10 +273,17 @@ class TFBundleSource(Source):
         self._units_built: dict[str, Unit] | None = None
         self._by_name: dict[str, TensorInfo] | None = None
         rows = self._check_entries(raw_slices, where)
-        notes = self._graph_notes()
-        self._infos = [TensorInfo(name, e.dtype, e.shape, nbytes, checksum,
-                                  {"shard": e.shard, "sliced": bool(e.slices), **notes.get(name, _NO_NOTES)})
-                       for name, e, nbytes, checksum in rows]
+        roles = self._graph_roles()
+        self._infos = []
+        for name, e, nbytes, checksum in rows:
+            extra: dict[str, Any] = {"shard": e.shard, "sliced": bool(e.slices)}
+            recorded = roles.get(name)
+            if recorded is None:
+                self._infos.append(TensorInfo(name, e.dtype, e.shape, nbytes, checksum, extra))
+                continue
+            if recorded[1] is not None:
+                extra["full_name"] = recorded[1]
+            self._infos.append(TensorInfo(name, e.dtype, e.shape, nbytes, checksum, extra, recorded[0]))
 
     def _check_entries(self, raw_slices: dict[bytes, bytes], where: str) -> list[tuple[str, Entry, int, str | None]]:
         """Each tensor's entry with its size and checksum, every extent and partition checked."""
@@ -321,18 +331,19 @@ class TFBundleSource(Source):
             raise FormatError(f"{where}: no bundle header (key \"\"); not a TF2-format checkpoint index")
         return entries, raw_slices
 
-    def _graph_notes(self) -> dict[str, dict[str, str]]:
-        """TF2 checkpoints: model names and roles by checkpoint key, from the object graph (see
-        tf_object_graph); the graph's own entry is ``meta``. Nothing for a TF1 checkpoint."""
+    def _graph_roles(self) -> dict[str, tuple[SourceRole, str | None]]:
+        """TF2 checkpoints: each variable's role and model name, with its ``full_name``, by
+        checkpoint key, from the object graph (see tf_object_graph); the graph's own entry is
+        ``meta``. Nothing for a TF1 checkpoint."""
         graph = self._entries.get(OBJECT_GRAPH_KEY)
         if graph is None or graph.dtype != STRING:
             return {}
         from . import tf_object_graph
 
-        notes = tf_object_graph.annotate(tf_object_graph.parse(self.read_strings(OBJECT_GRAPH_KEY)[0],
-                                                                 str(self.data_path(graph.shard))))
-        notes[OBJECT_GRAPH_KEY] = {**notes.get(OBJECT_GRAPH_KEY, {}), "role": "meta"}
-        return notes
+        roles: dict[str, tuple[SourceRole, str | None]] = dict(tf_object_graph.annotate(tf_object_graph.parse(
+            self.read_strings(OBJECT_GRAPH_KEY)[0], str(self.data_path(graph.shard)))))
+        roles[OBJECT_GRAPH_KEY] = (SourceRole(Role.META), None)
+        return roles
 
     def _parse_header(self, value: bytes, where: str) -> None:
         endianness = 0

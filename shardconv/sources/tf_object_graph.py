@@ -13,6 +13,7 @@ import re
 from collections import Counter, deque
 from dataclasses import dataclass, field
 
+from ..core.types import Role, SourceRole
 from ..errors import FormatError
 from ..formats.wire import fields, read_varint
 
@@ -421,22 +422,22 @@ class _Graph:
                     ema_of[avg] = params[k]
         return ema_of, trainable
 
-    def role(self, nid: int, ema_of: dict[int, int], trainable: set[int], slots: dict[int, tuple[int, str]]) -> str:
+    def role(self, nid: int, ema_of: dict[int, int], trainable: set[int], slots: dict[int, tuple[int, str]]) -> Role:
         ps = self.paths.get(nid)
         if nid in ema_of:
-            return "ema"
+            return Role.EMA
         if nid in slots:
-            return "optimizer"
+            return Role.OPTIMIZER
         if nid in trainable:
-            return "param"
+            return Role.PARAM
         if nid in self.copies:
-            return "meta"
+            return Role.META
         if ps and self.opt_paths and all(self.under_optimizer(p) for p in ps):
-            return "optimizer"
+            return Role.OPTIMIZER
         if ps == ["save_counter"] or ps and self.metrics and all(METRIC_CONTAINERS.intersection(p.split("/"))
                                                                  for p in ps):
-            return "meta"
-        return "param"
+            return Role.META
+        return Role.PARAM
 
 
 def _param_names(g: _Graph, params: list[int]) -> dict[int, str]:
@@ -501,10 +502,11 @@ def _slots(g: _Graph, params: list[int]) -> dict[int, tuple[int, str]]:
     return out
 
 
-def annotate(nodes: list[Node]) -> dict[str, dict[str, str]]:
-    """For each checkpoint key holding a variable: its model name and role (docs/mapping.md, "TF2 names").
+def annotate(nodes: list[Node]) -> dict[str, tuple[SourceRole, str]]:
+    """For each checkpoint key holding a variable: its role with its model name, and its
+    ``full_name`` (docs/mapping.md, "TF2 names").
 
-    ``role`` is ``param`` (a model weight or statistic), ``optimizer`` (slots, moments, counters),
+    The role is ``param`` (a model weight or statistic), ``optimizer`` (slots, moments, counters),
     ``ema`` (an average of the param named in ``ema_of``) or ``meta`` (``save_counter``, variables
     of metrics, an export archive's second copies). A param is named by ``_param_names``, a slot
     ``optimizer/<weight>/<slot>`` (``slot_of`` names the weight), anything else by its ``full_name`` when that
@@ -517,7 +519,7 @@ def annotate(nodes: list[Node]) -> dict[str, dict[str, str]]:
         not all(g.under_optimizer(p) for p in g.paths[nid]))}
     slots = _slots(g, [nid for nid in g.keys if nid in candidates])
     roles = {nid: g.role(nid, ema_of, trainable, slots) for nid in g.keys}
-    names = _param_names(g, [nid for nid, r in roles.items() if r == "param"])
+    names = _param_names(g, [nid for nid, r in roles.items() if r is Role.PARAM])
     for nid, (w, slot) in slots.items():
         if w in names and nid in g.keys:
             names[nid] = f"{SLOT_ROOT}/{names[w]}/{slot}"
@@ -530,11 +532,10 @@ def annotate(nodes: list[Node]) -> dict[str, dict[str, str]]:
             good = "/" in full and fulls[full] == 1 and full not in taken
             names[nid] = full if good else _strip_key(key)
             taken.add(names[nid])
-    out: dict[str, dict[str, str]] = {}
+    out: dict[str, tuple[SourceRole, str]] = {}
     for nid, (key, full) in g.keys.items():
-        out[key] = {"model_name": names[nid], "role": roles[nid], "full_name": full}
-        if nid in ema_of and ema_of[nid] in names:
-            out[key]["ema_of"] = names[ema_of[nid]]
-        if nid in slots and slots[nid][0] in names and slots[nid][0] in g.keys:
-            out[key]["slot_of"] = names[slots[nid][0]]
+        ema = names[ema_of[nid]] if nid in ema_of and ema_of[nid] in names else None
+        weight = slots[nid][0] if nid in slots else None
+        slot_of = names[weight] if weight is not None and weight in names and weight in g.keys else None
+        out[key] = (SourceRole(roles[nid], names[nid], ema, slot_of), full)
     return out
