@@ -8,6 +8,7 @@ point (SHARDCONV_TEST_KILL) SIGKILLs the forked child, exactly as it would a CLI
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -24,6 +25,7 @@ import pytest
 import shardconv
 from shardconv import errors
 from shardconv.sources.tf_bundle import TFBundleSource
+from shardconv.testing.faults import Fault
 from shardconv.testing.sink_suite import SinkTests, reference_tree, write_reference_npz
 from shardconv.util.dtypes import numpy_dtype
 
@@ -85,11 +87,16 @@ def tf_convert(src: Path, dest: Path, **kwargs: Any) -> SimpleNamespace:
     assert res["rc"] == 0, res["log"]
     r = res["res"]
     if "error" in r:
-        cls = getattr(errors, r["error"])
-        e = cls.__new__(cls)
-        Exception.__init__(e, r["message"])
-        raise e
+        raise _error(r)
     return SimpleNamespace(**r["result"])
+
+
+def _error(r: dict[str, Any]) -> Exception:
+    """The helper's ShardconvError (class name and message) as the same class here."""
+    cls = getattr(errors, r["error"])
+    e = cls.__new__(cls)
+    Exception.__init__(e, r["message"])
+    return e
 
 
 def tf_cli(*argv: Any, kill: str | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
@@ -136,22 +143,18 @@ class _TFSinkTests(SinkTests):
     def _kill_at(self, src: Path, dest: Path, point: str) -> subprocess.CompletedProcess:
         return tf_cli("convert", src, dest, "--max-memory", "1MiB", "--quiet", "--to", self.to, kill=point)
 
+    def convert_faulty(self, src: Path, dest: Path, faults: list[Fault], **kw: Any) -> tuple[Any, list[int]]:
+        """The suite's faults installed in the TF helper's child, where the conversion runs."""
+        res = worker().call("convert", src=str(src), dest=str(dest), kwargs={"to": self.to, "max_memory": "1MiB", **kw},
+                            faults=[dataclasses.asdict(f) for f in faults])
+        assert res["rc"] == 0, res["log"]
+        r = res["res"]
+        return (_error(r) if "error" in r else None), r["counts"]
+
 
 class TestSavedModelSink(_TFSinkTests):
     to = "savedmodel"
     kind = "savedmodel"
-
-    # The suite's fault tests patch os.fsync / os.open in this process, but a SavedModel is written
-    # in the TensorFlow helper process, out of their reach. The values go through the same bundle
-    # writer (sinks/tf/bundle.py) as --to tf-checkpoint, whose suite runs these tests in-process.
-    _IN_HELPER = "os.* is patched in this process; the SavedModel is written in the TF helper process"
-
-    def test_a_failed_fsync_of_the_output_is_one_line_and_discards_the_partial(self, source_npz, tmp_path):
-        pytest.skip(self._IN_HELPER)
-
-    @pytest.mark.parametrize("what", ["lock", "output"])
-    def test_an_open_that_fails_is_one_line(self, source_npz, tmp_path, what):
-        pytest.skip(self._IN_HELPER)
 
     def snapshot(self, dest: Path) -> Any:
         """The variables bundle's bytes (shardconv writes them: deterministic) and the values TF loads."""

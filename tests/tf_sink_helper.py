@@ -7,7 +7,7 @@ imported, so a request costs milliseconds, not the 5 s of ``import tensorflow``)
 child killed by SIGKILL (the engine's SHARDCONV_TEST_KILL hook) is answered with
 ``rc = -9``, as a killed subprocess would be. Requests::
 
-    {"op": "convert", "src", "dest", "kwargs"}      shardconv.api.convert in the child
+    {"op": "convert", "src", "dest", "kwargs", "faults"}  shardconv.api.convert in the child (faults injected)
     {"op": "cli", "argv", "kill", "cwd"}            shardconv.cli.main(argv), killed at "kill"
     {"op": "read", "path", "kind", "out"}           values as TF loads them (savedmodel | checkpoint)
     {"op": "signature", "path", "input", "out"}     run serving_default on a .npy input
@@ -94,16 +94,20 @@ def op_signature(req: dict) -> dict:
 
 
 def op_convert(req: dict) -> dict:
+    """shardconv.convert; with ``faults`` (``testing.faults.Fault`` fields) injected into ``os``
+    here, and how many calls each matched returned as ``counts``."""
     import shardconv
     from shardconv.errors import ShardconvError
+    from shardconv.testing.faults import Fault, injected
 
-    try:
-        r = shardconv.convert(req["src"], req["dest"], **req.get("kwargs", {}))
-    except ShardconvError as e:
-        return {"error": type(e).__name__, "message": str(e)}
+    with injected([Fault(**f) for f in req.get("faults", [])]) as counts:
+        try:
+            r = shardconv.convert(req["src"], req["dest"], **req.get("kwargs", {}))
+        except ShardconvError as e:
+            return {"error": type(e).__name__, "message": str(e), "counts": counts}
     return {"result": {"chunks_written": r.chunks_written, "chunks_resumed": r.chunks_resumed,
                        "tensors": r.tensors, "bytes_total": r.bytes_total, "chunk_bytes": r.chunk_bytes,
-                       "seconds": r.seconds}}
+                       "seconds": r.seconds}, "counts": counts}
 
 
 def op_cli(req: dict) -> dict:

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from ...core.plan import Copy, OutputTensor
-from ...errors import DestinationError, PlanError, UsageError
+from ...errors import ChecksumError, DestinationError, FormatError, PlanError, UnsupportedError, UsageError
 from ...formats import bundleformat
 from ...formats.bundle_entries import OBJECT_GRAPH_KEY, Entry, EntryReader
 from ...formats.sstable import SSTable
@@ -110,18 +110,23 @@ def savedmodel_problems(outputs: list[OutputTensor]) -> list[str]:
 # --------------------------------------------------------------------------- the skeleton's checkpoint (no TF)
 
 def read_bundle(prefix: Path) -> dict[str, Entry]:
-    """The entries of a single-shard bundle TensorFlow just wrote (the skeleton's)."""
+    """The entries of a single-shard bundle TensorFlow just wrote (the skeleton's). Raises:
+    DestinationError (it is part of the output being built, not an input) naming the file."""
     where = f"{prefix}.index"
     entries: dict[str, Entry] = {}
     read = EntryReader(where)
-    with SSTable(where) as table:
-        for key, value in table.items():
-            if not key:
-                shards = [as_int64(v) for n, w, v in fields(value, where) if n == 1 and w == 0]
-                if shards and shards[0] != 1:
-                    raise DestinationError(f"{where}: the skeleton's checkpoint has {shards[0]} shards, expected 1")
-            else:
-                entries[key.decode("utf-8")] = read(key.decode("utf-8"), value)
+    try:
+        with SSTable(where) as table:
+            for key, value in table.items():
+                if not key:
+                    shards = [as_int64(v) for n, w, v in fields(value, where) if n == 1 and w == 0]
+                    if shards and shards[0] != 1:
+                        raise DestinationError(f"{where}: the skeleton's checkpoint has {shards[0]} shards, "
+                                               "expected 1")
+                else:
+                    entries[key.decode("utf-8")] = read(key.decode("utf-8"), value)
+    except (FormatError, UnsupportedError, ChecksumError, UnicodeDecodeError) as e:
+        raise DestinationError(f"the skeleton TensorFlow wrote cannot be read back: {e}") from None
     return entries
 
 
@@ -260,18 +265,23 @@ class Layout:
         return {}
 
     def model_dir(self, root: Path) -> Path:
+        """The directory (under the output's root) that holds the model: the root, or ``N/``."""
         return root
 
     def final_paths(self, dest: Path) -> list[Path]:
+        """Every path the committed output occupies (``Sink.final_paths``)."""
         return [dest]
 
     def manifest_path(self, root: Path) -> Path:
+        """Where the manifest goes in the output rooted at ``root``."""
         return self.model_dir(root) / MANIFEST_NAME
 
     def moves(self, out: Path, dest: Path) -> list[tuple[Path, Path]]:
+        """The renames that publish the staged output ``out`` at ``dest``."""
         return [(out, dest)]
 
     def check_outputs(self, outputs: list[OutputTensor]) -> list[str]:
+        """Problems the layout itself has with the outputs (names), one line each."""
         return []
 
     def build(self, out: Path, work: Path, outputs: list[OutputTensor], source: Any = None) -> Skeleton:
@@ -313,6 +323,8 @@ def carried_graph(source: Any, outputs: list[OutputTensor]) -> tuple[tuple[int, 
 
 
 class _BuilderOptions(Layout):
+    """A layout TensorFlow builds, optionally from a model builder (recorded by name and config digest)."""
+
     needs_tf = True
 
     def __init__(self, builder: str | None, config: Path | None) -> None:
