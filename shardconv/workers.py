@@ -43,13 +43,13 @@ class Job:
 
 def _build(job: Job) -> tuple[Any, Any, Any]:
     """(source, plan, sink) of ``job``, as ``api.convert`` builds them."""
-    from .api import make_plan, step_option
+    from .mapping import MappingOptions, build_plan
     from .sinks import require, sink_for
     from .sources import open_source
 
-    source = open_source(job.src, **step_option(job.step))
+    source = open_source(job.src, step=job.step)
     try:
-        plan = make_plan(source, **job.mapping)
+        plan = build_plan(source, MappingOptions.from_mapping(job.mapping))
         sink = sink_for(job.dest, job.to, **job.sink_options)
         require(sink.name)
         return source, plan.leave_out(sink.leave_out), sink

@@ -18,7 +18,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "shardconv"
 LAYERS = {
     "errors": 0, "frontend": 0, "progress": 0,
     "util": 1, "formats": 2, "core": 3, "sources": 4, "mapping": 5, "sinks": 6,
-    "api": 7, "cli": 7, "verify": 7, "workers": 7, "testing": 7, "__init__": 7, "__main__": 7,
+    "api": 7, "cli": 7, "verification": 7, "workers": 7, "testing": 7, "__init__": 7, "__main__": 7,
 }
 
 
