@@ -2,17 +2,19 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
-
-import numpy as np
+from typing import TYPE_CHECKING
 
 from ..errors import FormatError, UnsupportedError
 
-_NUMPY_TYPES: dict[str, type] = {
-    "bool": np.bool_,
-    "int8": np.int8, "int16": np.int16, "int32": np.int32, "int64": np.int64,
-    "uint8": np.uint8, "uint16": np.uint16, "uint32": np.uint32, "uint64": np.uint64,
-    "float16": np.float16, "float32": np.float32, "float64": np.float64,
-    "complex64": np.complex64, "complex128": np.complex128,
+if TYPE_CHECKING:
+    import numpy as np
+
+#: NumPy's own dtypes with their item sizes, known without importing NumPy (listing a
+#: checkpoint needs sizes, not arrays; tests/test_dtypes.py checks them against NumPy).
+_NUMPY_ITEMSIZES: dict[str, int] = {
+    "bool": 1, "int8": 1, "int16": 2, "int32": 4, "int64": 8,
+    "uint8": 1, "uint16": 2, "uint32": 4, "uint64": 8,
+    "float16": 2, "float32": 4, "float64": 8, "complex64": 8, "complex128": 16,
 }
 #: ml_dtypes types (bfloat16, float8, sub-byte ints; one element per byte, value in the low
 #: bits: TF's and ml_dtypes' layout alike) with their item sizes, known without importing it.
@@ -20,24 +22,31 @@ _ML_ITEMSIZES: dict[str, int] = {
     "bfloat16": 2, "float8_e4m3fn": 1, "float8_e5m2": 1, "float8_e4m3fnuz": 1, "float8_e5m2fnuz": 1,
     "float8_e4m3b11fnuz": 1, "int4": 1, "uint4": 1, "int2": 1, "uint2": 1,
 }
-_ITEMSIZES: dict[str, int] = {**{n: np.dtype(t).itemsize for n, t in _NUMPY_TYPES.items()}, **_ML_ITEMSIZES}
+_ITEMSIZES: dict[str, int] = {**_NUMPY_ITEMSIZES, **_ML_ITEMSIZES}
 
 
-class _DtypeTable(Mapping[str, np.dtype]):
-    """Canonical name -> NumPy dtype; ``ml_dtypes`` (over a second to import, for its ufunc
-    registration) is imported only when one of its types is first looked up."""
+class _DtypeTable(Mapping[str, "np.dtype"]):
+    """Canonical name -> NumPy dtype, built on first lookup: NumPy is imported then, and
+    ``ml_dtypes`` (over a second to import, for its ufunc registration) only when one of
+    its types is first looked up."""
 
     def __init__(self) -> None:
-        self._dtypes = {n: np.dtype(t) for n, t in _NUMPY_TYPES.items()}
+        self._dtypes: dict[str, np.dtype] = {}
 
     def __getitem__(self, name: str) -> np.dtype:
         dt = self._dtypes.get(name)
         if dt is None:
-            if name not in _ML_ITEMSIZES:
-                raise KeyError(name)
-            import ml_dtypes
+            import numpy as np
 
-            dt = self._dtypes[name] = np.dtype(getattr(ml_dtypes, name))
+            if name in _NUMPY_ITEMSIZES:
+                dt = np.dtype(name)
+            elif name in _ML_ITEMSIZES:
+                import ml_dtypes
+
+                dt = np.dtype(getattr(ml_dtypes, name))
+            else:
+                raise KeyError(name)
+            self._dtypes[name] = dt
         return dt
 
     def __contains__(self, name: object) -> bool:
@@ -81,6 +90,8 @@ def numpy_dtype(name: str) -> np.dtype:
 
 def dtype_name(dtype: np.dtype | str | type) -> str:
     """Canonical name of a NumPy (or ml_dtypes) dtype."""
+    import numpy as np
+
     if isinstance(dtype, str) and dtype == STRING:
         return STRING
     dt = np.dtype(dtype)
