@@ -134,6 +134,8 @@ def _varint(buf: bytes, pos: int, stop: int) -> tuple[int, int]:
     """The varint at ``pos`` inside [pos, stop) and the position after it, as ``wire.read_varint``."""
     if pos < stop and buf[pos] < 0x80:
         return buf[pos], pos + 1
+    if pos + 1 < stop and buf[pos + 1] < 0x80:  # two bytes: node ids up to 16383, lengths up to 16 KiB
+        return (buf[pos] & 0x7F) | buf[pos + 1] << 7, pos + 2
     try:
         return read_varint(buf, pos, stop)
     except FormatError:
