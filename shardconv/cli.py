@@ -310,29 +310,35 @@ def _open_src(args: argparse.Namespace) -> Any:
 def _ls(args: argparse.Namespace) -> int:
     from .mapping.roles import assign_roles
 
-    rows = []
     with _open_src(args) as source:
         infos = source.tensors()
-    for t, role in zip(infos, assign_roles(infos)):
-        rows.append({"name": role.name if args.names == "model" else t.name, "key": t.name,
-                     "role": role.kind, "ema_of": role.ema_of, "slot_of": role.slot_of,
-                     "dtype": t.dtype, "shape": list(t.shape),
-                     "nbytes": t.nbytes, "checksum": t.checksum})
-    rows.sort(key=lambda r: r["name"])
+    named = sorted(((role.name if args.names == "model" else t.name, t, role)
+                    for t, role in zip(infos, assign_roles(infos))), key=lambda r: r[0])
     if args.json:
-        json.dump(rows, sys.stdout, indent=1)
-        sys.stdout.write("\n")
+        rows = [{"name": name, "key": t.name, "role": role.kind, "ema_of": role.ema_of, "slot_of": role.slot_of,
+                 "dtype": t.dtype, "shape": list(t.shape), "nbytes": t.nbytes, "checksum": t.checksum}
+                for name, t, role in named]
+        _print_json(rows)
         return 0
-    width = max([len(r["name"]) for r in rows] + [4])
-    for r in rows:
-        what = (f"ema of {r['ema_of']}" if r["ema_of"] else
-                f"optimizer, slot of {r['slot_of']}" if r["slot_of"] else r["role"])
-        key = f"  <- {r['key']}" if r["key"] != r["name"] else ""
-        print(one_line(f"{r['name']:<{width}}  {r['dtype']:<9} {str(r['shape']):<20} {format_size(r['nbytes']):>10}  "
-                       f"{what}{key}"))
+    sys.stdout.write(_ls_text(named))
     if not args.quiet:
-        _say(f"{len(rows)} tensors, {format_size(sum(r['nbytes'] for r in rows))}")
+        _say(f"{len(named)} tensors, {format_size(sum(t.nbytes for _, t, _ in named))}")
     return 0
+
+
+def _ls_text(named: list[tuple[str, Any, Any]]) -> str:
+    """``ls``'s table, one line per (name, TensorInfo, role), written at once (20 000 separate
+    prints cost more than building the rows); a size is formatted once per distinct size."""
+    width = max([len(name) for name, _, _ in named] + [4])
+    sizes: dict[int, str] = {}
+    lines = []
+    for name, t, role in named:
+        size = sizes.get(t.nbytes) or sizes.setdefault(t.nbytes, format_size(t.nbytes))
+        what = (f"ema of {role.ema_of}" if role.ema_of else
+                f"optimizer, slot of {role.slot_of}" if role.slot_of else role.kind)
+        key = f"  <- {t.name}" if t.name != name else ""
+        lines.append(one_line(f"{name:<{width}}  {t.dtype:<9} {str(list(t.shape)):<20} {size:>10}  {what}{key}") + "\n")
+    return "".join(lines)
 
 
 def _convert(args: argparse.Namespace) -> int:

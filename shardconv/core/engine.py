@@ -178,9 +178,11 @@ def run(plan: Plan, sink: Sink, dest: str | os.PathLike[str] | Destination, *, m
         job.discard = True  # after a failed fsync nothing written is trusted; a changed source's chunks never are
         raise
     finally:
-        job.journal.close()
-        sink.close()
-        staging.release(remove=job.committed or job.discard or (staging.created and not job.journaled))
+        try:
+            job.journal.close()
+            sink.close()
+        finally:  # the lock is released even if closing failed
+            staging.release(remove=job.committed or job.discard or (staging.created and not job.journaled))
 
 
 def _header(plan: Plan, sink: Sink) -> dict[str, Any]:
