@@ -12,7 +12,9 @@ from reference import load_model_values, reference_prefix
 from test_npz import load_npz
 
 import shardconv
+from shardconv.core.types import Role
 from shardconv.errors import PlanError
+from shardconv.mapping.roles import assign_roles
 from shardconv.sources import open_source
 
 MiB = 1 << 20
@@ -71,8 +73,9 @@ def test_ls_shows_the_names_rules_see_with_roles_and_raw_keys(keras_ema_ckpt):
 def test_optimizer_slot_variables_are_dropped_and_named_by_the_object_graph(tf2_v1_slots_ckpt, tmp_path):
     model = load_model_values(tf2_v1_slots_ckpt)
     with open_source(reference_prefix(tf2_v1_slots_ckpt)) as src:
-        slots = {t.name: t.extra for t in src.tensors() if ".OPTIMIZER_SLOT" in t.name}
-        assert slots and all(e["role"] == "optimizer" and e["slot_of"] in model for e in slots.values())
+        infos = src.tensors()
+        slots = [r for t, r in zip(infos, assign_roles(infos)) if ".OPTIMIZER_SLOT" in t.name]
+        assert slots and all(r.kind == Role.OPTIMIZER and r.slot_of in model for r in slots)
     shardconv.convert(reference_prefix(tf2_v1_slots_ckpt), tmp_path / "o.npz", drop_optimizer=True)
     got = load_npz(tmp_path / "o.npz")
     assert {k: v.tobytes() for k, v in got.items()} == {k: v["raw"].tobytes() for k, v in model.items()}
@@ -249,3 +252,16 @@ def test_plan_json_reports_outputs_coverage_and_memory_without_reading_values(ke
     assert report["totals"]["bytes_out"] + report["totals"]["bytes_dropped"] == report["totals"]["bytes_in"]
     assert {d["reason"] for d in report["dropped"]} >= {"optimizer state (preset keras-ema)"}
     assert report["memory"]["peak"] > report["memory"]["buffers"]
+
+
+@pytest.mark.parametrize("how", ["dtype", "rule"])
+def test_a_scalar_is_cast_like_any_tensor(tmp_path, how):
+    """A 0-d tensor cast by ``dtype`` or by a rule's ``cast`` (NumPy indexes a 0-d array with ``()``
+    to a scalar, not a view, so the producer must ask for a view)."""
+    tree = {"step_scale": np.float32(2.5), "w": np.array([1.5, -3.25, 65504.0], np.float32)}
+    np.savez(tmp_path / "in.npz", **tree)
+    mapping = {"dtype": "float16"} if how == "dtype" else {"rules": [{"match": ".*", "cast": "float16"}]}
+    shardconv.convert(tmp_path / "in.npz", tmp_path / "o.npz", **mapping)
+    got = load_npz(tmp_path / "o.npz")
+    assert got["step_scale"].shape == () and got["step_scale"].dtype == np.float16 and got["step_scale"] == 2.5
+    assert got["w"].dtype == np.float16 and got["w"].tobytes() == tree["w"].astype(np.float16).tobytes()

@@ -337,7 +337,7 @@ class StreamReader:
                 target = dst[dsel + (Ellipsis,)]
                 full = all(local[k] == (0, layout.chunks[k]) for k in range(j + 1, nd))
                 if full and target.flags.c_contiguous:  # decode straight into the caller's buffer
-                    self._decoded(layout, cidx, start, memoryview(target.reshape(-1).view(np.uint8)), where)
+                    self._decoded(layout, cidx, start, target.reshape(-1).view(np.uint8).data, where)
                     continue
                 buf = bytearray(end - start)
                 self._decoded(layout, cidx, start, memoryview(buf), where)
@@ -370,7 +370,7 @@ class StreamReader:
             else:
                 data = self._fetch(kv, st, start, len(out), at)
                 n = None if data is None else len(data)
-                if n == len(out):
+                if data is not None and n == len(out):
                     out[:] = data
             if n is None:
                 return self._fill(layout, out, at)
@@ -435,6 +435,8 @@ class StreamReader:
     @staticmethod
     def _open(st: _Stream, at: str) -> int | None:
         """A descriptor of the stream's local chunk file, or None if it is missing."""
+        if st.path is None:
+            return None
         try:
             return os.open(st.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
         except FileNotFoundError:

@@ -10,6 +10,8 @@ import ast
 import math
 import struct
 import warnings
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -26,12 +28,12 @@ def descr_of(dtype: str) -> str:
     """What ``np.save`` writes: ml_dtypes become raw void of their size (``<V2``)."""
     if is_ml_dtype(dtype):
         return f"<V{itemsize(dtype)}"
-    return np.lib.format.dtype_to_descr(numpy_dtype(dtype))
+    return str(np.lib.format.dtype_to_descr(numpy_dtype(dtype)))
 
 
 def header(dtype: str, shape: tuple[int, ...]) -> bytes:
     """The exact header ``np.save`` writes for a C-order array (version 1.0, or 2.0 if long)."""
-    d = "{'descr': %r, 'fortran_order': False, 'shape': %r, }" % (descr_of(dtype), tuple(int(x) for x in shape))
+    d = f"{{'descr': {descr_of(dtype)!r}, 'fortran_order': False, 'shape': {tuple(int(x) for x in shape)!r}, }}"
     for version, fmt in (((1, 0), "<H"), ((2, 0), "<I")):
         prefix = len(MAGIC) + 2 + struct.calcsize(fmt)
         hlen = len(d) + 1
@@ -42,11 +44,9 @@ def header(dtype: str, shape: tuple[int, ...]) -> bytes:
     raise AssertionError("unreachable")
 
 
-def parse_header(read, where: str, max_header: int = MAX_HEADER_LEN) -> tuple[np.dtype | None, str, tuple[int, ...], bool, int]:
-    """Parse a header with ``read(n) -> bytes``, checks in a fixed order.
-
-    Returns (numpy dtype or None for void, descr, shape, fortran_order, header length).
-    """
+def _read_dict(read: Callable[[int], bytes], where: str, max_header: int) -> tuple[dict[str, Any], int]:
+    """The header's dict literal (checked to hold exactly descr, fortran_order, shape) and the
+    header's total length in bytes."""
     head = read(len(MAGIC) + 2)
     if len(head) < len(MAGIC) + 2 or head[: len(MAGIC)] != MAGIC:
         raise FormatError(f"{where}: not an .npy array (bad magic {head[:6]!r})")
@@ -74,12 +74,12 @@ def parse_header(read, where: str, max_header: int = MAX_HEADER_LEN) -> tuple[np
         raise FormatError(f"{where}: .npy header is not a Python literal: {text[:80]!r}") from None
     if not isinstance(d, dict) or set(d) != {"descr", "fortran_order", "shape"}:
         raise FormatError(f"{where}: .npy header must have exactly descr, fortran_order, shape: {d!r:.120}")
-    shape = d["shape"]
-    if not isinstance(shape, tuple) or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in shape):
-        raise FormatError(f"{where}: bad .npy shape {shape!r}")
-    if not isinstance(d["fortran_order"], bool):
-        raise FormatError(f"{where}: bad fortran_order {d['fortran_order']!r}")
-    descr = d["descr"]
+    return d, len(MAGIC) + 2 + struct.calcsize(fmt) + hlen
+
+
+def _dtype(descr: Any, where: str) -> np.dtype | None:
+    """The header's dtype: None for raw void (ml_dtypes saved by NumPy); refused when it is
+    structured, holds objects, is big-endian or is not a number."""
     if not isinstance(descr, str):
         raise UnsupportedError(f"{where}: structured dtype {descr!r:.80} is not supported")
     try:
@@ -89,14 +89,30 @@ def parse_header(read, where: str, max_header: int = MAX_HEADER_LEN) -> tuple[np
     if dt.hasobject:
         raise UnsupportedError(f"{where}: holds Python objects (pickled data); shardconv never unpickles")
     if dt.kind == "V":
-        return None, descr, shape, d["fortran_order"], len(MAGIC) + 2 + struct.calcsize(fmt) + hlen
+        return None
     if dt.byteorder == ">":
         raise UnsupportedError(f"{where}: big-endian dtype {descr!r} is not supported")
     try:
         dtype_name(dt)  # raises for dtypes we do not handle (str, datetime, ...)
     except UnsupportedError:
         raise UnsupportedError(f"{where}: dtype {descr!r} is not supported (numbers only)") from None
-    return dt, descr, shape, d["fortran_order"], len(MAGIC) + 2 + struct.calcsize(fmt) + hlen
+    return dt
+
+
+def parse_header(read: Callable[[int], bytes], where: str,
+                 max_header: int = MAX_HEADER_LEN) -> tuple[np.dtype | None, str, tuple[int, ...], bool, int]:
+    """Parse a header with ``read(n) -> bytes``, checks in a fixed order.
+
+    Returns (numpy dtype or None for void, descr, shape, fortran_order, header length).
+    Raises FormatError (malformed) or UnsupportedError (a dtype shardconv does not read).
+    """
+    d, total = _read_dict(read, where, max_header)
+    shape = d["shape"]
+    if not isinstance(shape, tuple) or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in shape):
+        raise FormatError(f"{where}: bad .npy shape {shape!r}")
+    if not isinstance(d["fortran_order"], bool):
+        raise FormatError(f"{where}: bad fortran_order {d['fortran_order']!r}")
+    return _dtype(d["descr"], where), d["descr"], shape, d["fortran_order"], total
 
 
 def numel(shape: tuple[int, ...]) -> int:

@@ -12,7 +12,6 @@ sources' business. Importing this module does not import TensorStore.
 from __future__ import annotations
 
 import json
-import math
 import os
 import threading
 from dataclasses import dataclass, field
@@ -100,7 +99,7 @@ def zarr_array_info(meta: dict[str, Any], where: str) -> tuple[str, tuple[int, .
         fmt = 2
     chunk = _shape(grid, where)
     checked_nbytes(shape, dtype, where)
-    if len(chunk) != len(shape) or (math.prod(shape) and not all(chunk)):
+    if len(chunk) != len(shape) or (all(shape) and not all(chunk)):
         raise FormatError(f"{where}: bad chunk shape {list(chunk)} for shape {list(shape)}")
     return dtype, shape, fmt, checked_nbytes(chunk, dtype, where)
 
@@ -245,7 +244,7 @@ def _spec_metadata(spec: dict[str, Any], full: str, where: str) -> tuple[_ArrayI
     """(array info, Zarr metadata for streaming, open spec without kvstore, assume_metadata)
     of a t5x array: its own ``.zarray``/``zarr.json`` when present, else the spec's metadata."""
     driver = spec["driver"]
-    md = spec.get("metadata") if isinstance(spec.get("metadata"), dict) else {}
+    md: dict[str, Any] = spec["metadata"] if isinstance(spec.get("metadata"), dict) else {}
     marker = Path(full) / ("zarr.json" if driver == "zarr3" else ".zarray")
     if marker.is_file():
         stored = read_json_file(marker, MAX_ARRAY_METADATA)

@@ -27,15 +27,46 @@ NAMES = ("bfloat16", "float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_
 _registered: dict[str, type] = {}
 
 
+class _Scalars:
+    """JSON and Python scalars of one ml_dtypes type: floats may be "NaN"/"Infinity" in JSON."""
+
+    def __init__(self, name: str, native: np.dtype) -> None:
+        self.name, self.native = name, native
+        self.is_float = name.startswith(("float", "bfloat"))
+
+    def check(self, data: object) -> bool:
+        return isinstance(data, (int, float, np.generic)) or (self.is_float and isinstance(data, str))
+
+    def cast(self, data: object) -> Any:
+        if not self.check(data):
+            raise TypeError(f"cannot cast {data!r} to {self.name}")
+        value: Any = data
+        return self.native.type(float(value) if self.is_float else int(value))
+
+    def from_json(self, data: Any) -> Any:
+        if data is None:
+            return self.native.type(0)
+        if self.is_float and isinstance(data, str):  # "NaN", "Infinity", "-Infinity"
+            return self.native.type(float(data.replace("Infinity", "inf")))
+        return self.cast(data)
+
+    def to_json(self, data: object) -> Any:
+        v = float(self.cast(data)) if self.is_float else int(self.cast(data))
+        if self.is_float and (v != v or v in (float("inf"), float("-inf"))):
+            return "NaN" if v != v else ("Infinity" if v > 0 else "-Infinity")
+        return v
+
+
 def _make(name: str) -> type:
+    """A zarr-python ZDType class for ml_dtypes type ``name`` (Zarr name = the type's name)."""
     from zarr.core.dtype.common import DataTypeValidationError, HasEndianness, HasItemSize
     from zarr.core.dtype.wrapper import ZDType
 
     native = np.dtype(getattr(ml_dtypes, name))
-    is_float = name.startswith(("float", "bfloat"))
+    scalars = _Scalars(name, native)
 
     @dataclass(frozen=True, kw_only=True)
-    class MLDType(ZDType, HasEndianness, HasItemSize):  # type: ignore[misc]
+    class MLDType(ZDType, HasEndianness, HasItemSize):
         dtype_cls = type(native)
         _zarr_v3_name = name
 
@@ -65,29 +96,15 @@ def _make(name: str) -> type:
         def to_json(self, zarr_format: int) -> Any:
             return {"name": name, "object_codec_id": None} if zarr_format == 2 else name
 
-        def _check_scalar(self, data: object) -> bool:
-            return isinstance(data, (int, float, np.generic)) or (is_float and isinstance(data, str))
-
-        def cast_scalar(self, data: object) -> Any:
-            if not self._check_scalar(data):
-                raise TypeError(f"cannot cast {data!r} to {name}")
-            return native.type(float(data) if is_float else int(data))  # type: ignore[arg-type]
-
-        def default_scalar(self) -> Any:
-            return native.type(0)
+        _check_scalar = staticmethod(scalars.check)
+        cast_scalar = staticmethod(scalars.cast)
+        default_scalar = staticmethod(lambda: native.type(0))
 
         def from_json_scalar(self, data: Any, *, zarr_format: int) -> Any:
-            if data is None:
-                return self.default_scalar()
-            if is_float and isinstance(data, str):  # "NaN", "Infinity", "-Infinity"
-                return native.type(float(data.replace("Infinity", "inf")))
-            return self.cast_scalar(data)
+            return scalars.from_json(data)
 
         def to_json_scalar(self, data: object, *, zarr_format: int) -> Any:
-            v = float(self.cast_scalar(data)) if is_float else int(self.cast_scalar(data))  # type: ignore[arg-type]
-            if is_float and (v != v or v in (float("inf"), float("-inf"))):
-                return "NaN" if v != v else ("Infinity" if v > 0 else "-Infinity")
-            return v
+            return scalars.to_json(data)
 
         @property
         def item_size(self) -> int:

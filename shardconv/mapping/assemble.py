@@ -79,7 +79,7 @@ def read_rect(read: ReadFn, name: str, shape: tuple[int, ...], isz: int, box: Bo
     nd = len(shape)
     flat = dest.reshape(-1).view(np.uint8)
     if nd == 0:
-        return read(name, 0, memoryview(flat)), True
+        return read(name, 0, flat.data), True
     k = nd - 1
     while k > 0 and box[k] == (0, shape[k]):
         k -= 1
@@ -95,7 +95,7 @@ def read_rect(read: ReadFn, name: str, shape: tuple[int, ...], isz: int, box: Bo
     pos = 0
     for idx in np.ndindex(*[len(r) for r in outer]) if outer else [()]:
         off = sum((outer[i][j]) * strides[i] for i, j in enumerate(idx)) + box[k][0] * strides[k]
-        got = read(name, off, memoryview(flat[pos:pos + run]))
+        got = read(name, off, flat[pos:pos + run].data)
         if report:
             segs.extend(got)
         pos += run
@@ -133,7 +133,7 @@ class Assemble(Producer):
         rect_shape = tuple(s.stop - s.start for s in rect)
         out_arr = np.frombuffer(out, dtype=numpy_dtype(self.out_dtype)).reshape(rect_shape)
         segs: list[Segment] = []
-        self.unreported = getattr(self, "unreported", set())
+        self.unreported: set[str] = getattr(self, "unreported", set())
         for piece in self.pieces:
             inter = []
             for s, (lo, hi) in zip(rect, piece.out_box):
@@ -154,7 +154,7 @@ class Assemble(Producer):
         for pa, oa in zip(p_nonunit, o_nonunit):
             lo = piece.out_box[oa][0]
             p_ranges[pa] = (inter[oa][0] - lo, inter[oa][1] - lo)
-        v_box = [None] * len(piece.view)
+        v_box: list[tuple[int, int]] = [(0, 0)] * len(piece.view)
         for j, ax in enumerate(piece.perm):
             start = piece.box[ax][0]
             v_box[ax] = (start + p_ranges[j][0], start + p_ranges[j][1])
@@ -166,5 +166,6 @@ class Assemble(Producer):
         if not complete:
             self.unreported.add(piece.input)
         block = tmp.transpose(piece.perm)
-        dest = out_arr[tuple(slice(lo - s.start, hi - s.start) for (lo, hi), s in zip(inter, rect))]
+        # the trailing Ellipsis keeps a 0-d output a view (``arr[()]`` would be a NumPy scalar)
+        dest = out_arr[tuple(slice(lo - s.start, hi - s.start) for (lo, hi), s in zip(inter, rect)) + (Ellipsis,)]
         np.copyto(dest, block.reshape(dest.shape), casting="unsafe")

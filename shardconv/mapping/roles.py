@@ -162,10 +162,12 @@ def _recorded(t: TensorInfo) -> SourceRole | None:
     return None
 
 
-def _decide(t: TensorInfo, tree: _Tree) -> TensorRole:
-    rec = _recorded(t)
-    if rec is not None:
-        role = TensorRole(rec.role, rec.model_name or t.name, rec.ema_of, rec.slot_of)
+def _decide(t: TensorInfo, rec: SourceRole | None, tree: _Tree | None) -> TensorRole:
+    """``t``'s role: as recorded, else from the tree and names (``tree`` is given when any
+    tensor lacks a recorded role); counters and metric variables are ``meta``."""
+    if rec is not None or tree is None:
+        role = TensorRole(rec.role, rec.model_name or t.name, rec.ema_of, rec.slot_of) if rec is not None \
+            else TensorRole(Role.PARAM, t.name)
     else:
         role = tree.role(t) or _by_name(t, tree) or TensorRole(Role.PARAM, t.name)
     if role.kind in (Role.PARAM, Role.OPTIMIZER) and _is_counter(t, role.name):
@@ -214,15 +216,20 @@ class _Weights:
 
 def assign_roles(infos: Sequence[TensorInfo]) -> list[TensorRole]:
     """The role of each of ``infos`` (one source's tensors), in order, with slots and EMAs linked."""
-    tree = _Tree(infos)
-    roles = [_decide(t, tree) for t in infos]
-    weights = _Weights((r, t) for r, t in zip(roles, infos) if r.kind == Role.PARAM and not t.is_string)
+    recorded = [_recorded(t) for t in infos]
+    # The tree and the weight index cost more than the rest; build each only if a tensor needs it.
+    tree = _Tree(infos) if any(r is None for r in recorded) else None
+    roles = [_decide(t, rec, tree) for t, rec in zip(infos, recorded)]
+    weights: _Weights | None = None
     for i, (r, t) in enumerate(zip(roles, infos)):
-        if r.kind == Role.OPTIMIZER and r.slot_of is None:
-            roles[i] = replace(r, slot_of=weights.owner(r.name, t))
-        elif r.kind == Role.EMA and r.ema_of is None:
+        if (r.kind == Role.OPTIMIZER and r.slot_of is None) or (r.kind == Role.EMA and r.ema_of is None):
+            if weights is None:
+                weights = _Weights((r, t) for r, t in zip(roles, infos) if r.kind == Role.PARAM and not t.is_string)
             owner = weights.owner(r.name, t)
-            roles[i] = replace(r, ema_of=owner) if owner else replace(r, kind=Role.PARAM)
+            if r.kind == Role.OPTIMIZER:
+                roles[i] = replace(r, slot_of=owner)
+            else:
+                roles[i] = replace(r, ema_of=owner) if owner else replace(r, kind=Role.PARAM)
     return roles
 
 

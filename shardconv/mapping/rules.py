@@ -11,6 +11,7 @@ first rule that matches a name decides it.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -61,92 +62,129 @@ def _int_list(v: Any) -> bool:
     return isinstance(v, list) and all(isinstance(x, int) and not isinstance(x, bool) for x in v)
 
 
+def _rename(r: Rule, v: Any, where: str, problems: list[str]) -> None:
+    if not isinstance(v, str):
+        problems.append(f"{where}: 'rename' must be a string")
+        return
+    r.rename = v
+    try:
+        _check_template(r.pattern, v)
+    except (re.error, IndexError) as e:
+        problems.append(f"{where}: bad rename template {v!r}: {e}")
+
+
+def _cast(r: Rule, v: Any, where: str, problems: list[str]) -> None:
+    if v not in NUMPY_DTYPES:
+        problems.append(f"{where}: unknown cast dtype {v!r} (known: {', '.join(sorted(NUMPY_DTYPES))})")
+    else:
+        r.cast = v
+
+
+def _transpose(r: Rule, v: Any, where: str, problems: list[str]) -> None:
+    if not _int_list(v) or sorted(v) != list(range(len(v))):
+        problems.append(f"{where}: 'transpose' must be a permutation like [1, 0], got {v!r}")
+    else:
+        r.transpose = tuple(v)
+
+
+def _reshape(r: Rule, v: Any, where: str, problems: list[str]) -> None:
+    if not _int_list(v) or sum(1 for x in v if x == -1) > 1 or any(x < -1 for x in v):
+        problems.append(f"{where}: 'reshape' must be a list of sizes with at most one -1, got {v!r}")
+    else:
+        r.reshape = tuple(v)
+
+
+def _group(r: Rule, k: str, spec: dict[str, Any], axis: int, where: str, problems: list[str]) -> None:
+    """``stack``/``concat``: several inputs into one at positions the ``index`` template gives."""
+    r.group, r.group_axis, r.group_index = k, axis, spec.get("index")
+    if not isinstance(r.group_index, str):
+        problems.append(f"{where}: '{k}.index' must be a template (e.g. '\\\\1') giving each input's position")
+    if r.rename is None:
+        problems.append(f"{where}: '{k}' needs 'rename' (the name of the combined tensor)")
+
+
+def _split(r: Rule, k: str, spec: dict[str, Any], axis: int, where: str, problems: list[str]) -> None:
+    """``split``: one input into named parts of the given sizes along ``axis``."""
+    sizes, names = spec.get("sizes"), spec.get("names")
+    if not _int_list(sizes) or not sizes or any(s <= 0 for s in sizes):
+        problems.append(f"{where}: 'split.sizes' must be a list of positive sizes")
+    elif not isinstance(names, list) or len(names) != len(sizes) or not all(isinstance(n, str) for n in names):
+        problems.append(f"{where}: 'split.names' must list one name per size")
+    else:
+        r.split = {"axis": axis, "sizes": list(sizes), "names": list(names)}
+
+
+def _unstack(r: Rule, k: str, spec: dict[str, Any], axis: int, where: str, problems: list[str]) -> None:
+    r.unstack_axis = axis
+
+
+#: Per-key validators of a rule's transforms, in the order their problems are reported; each
+#: sets its field of the Rule or appends a problem.
+_TRANSFORMS: dict[str, Callable[[Rule, Any, str, list[str]], None]] = {
+    "rename": _rename, "cast": _cast, "transpose": _transpose, "reshape": _reshape}
+#: The structural transforms (at most one per rule), validated after the others.
+_STRUCTURAL: dict[str, Callable[[Rule, str, dict[str, Any], int, str, list[str]], None]] = {
+    "stack": _group, "concat": _group, "split": _split, "unstack": _unstack}
+
+
+def _structural(r: Rule, raw: dict[str, Any], where: str, problems: list[str]) -> None:
+    """The one stack/concat/split/unstack of a rule, if any: a table with an integer ``axis``."""
+    found = [k for k in _STRUCTURAL if k in raw]
+    if len(found) > 1:
+        problems.append(f"{where}: only one of stack/concat/split/unstack per rule, got {found}")
+        return
+    if not found:
+        return
+    k = found[0]
+    spec = raw[k]
+    if isinstance(spec, bool) and spec and k in ("stack", "unstack"):
+        spec = {}
+    if not isinstance(spec, dict):
+        problems.append(f"{where}: '{k}' must be a table like {{axis = 0, ...}}")
+        return
+    axis = spec.get("axis", 0)
+    if not isinstance(axis, int) or isinstance(axis, bool):
+        problems.append(f"{where}: '{k}.axis' must be an integer")
+        axis = 0
+    _STRUCTURAL[k](r, k, spec, axis, where, problems)
+
+
+def _parse_rule(i: int, raw: Any, problems: list[str]) -> Rule | None:
+    """Rule ``i`` from its dict, or None when it cannot be used at all (problems say why)."""
+    where = f"rule {i}"
+    if not isinstance(raw, dict):
+        problems.append(f"{where}: must be a table/dict, got {type(raw).__name__}")
+        return None
+    unknown = set(raw) - KEYS
+    if unknown:
+        problems.append(f"{where}: unknown key(s) {sorted(unknown)} (known: {sorted(KEYS - {'note'})})")
+    if "match" not in raw or not isinstance(raw["match"], str):
+        problems.append(f"{where}: needs a 'match' regex string")
+        return None
+    try:
+        r = Rule(i, re.compile(raw["match"]), raw=raw)
+    except re.error as e:
+        problems.append(f"{where}: invalid regex {raw['match']!r}: {e}")
+        return None
+    if raw.get("drop"):
+        extra = set(raw) - {"match", "drop", "note"}
+        if extra:
+            problems.append(f"{r.label}: 'drop' cannot be combined with {sorted(extra)}")
+        r.drop = True
+        return r
+    for key, check in _TRANSFORMS.items():
+        if key in raw:
+            check(r, raw[key], r.label, problems)
+    _structural(r, raw, r.label, problems)
+    return r
+
+
 def parse_rules(rules: list[dict[str, Any]] | None, options: dict[str, Any] | None = None) -> RuleSet:
-    """Validate rule dicts; every problem is reported at once (PlanError)."""
+    """Validate rule dicts and a rules file's ``[options]``.
+
+    Returns: the RuleSet. Raises: PlanError listing every problem at once."""
     problems: list[str] = []
-    out: list[Rule] = []
-    for i, raw in enumerate(rules or [], start=1):
-        where = f"rule {i}"
-        if not isinstance(raw, dict):
-            problems.append(f"{where}: must be a table/dict, got {type(raw).__name__}")
-            continue
-        unknown = set(raw) - KEYS
-        if unknown:
-            problems.append(f"{where}: unknown key(s) {sorted(unknown)} (known: {sorted(KEYS - {'note'})})")
-        if "match" not in raw or not isinstance(raw["match"], str):
-            problems.append(f"{where}: needs a 'match' regex string")
-            continue
-        try:
-            pattern = re.compile(raw["match"])
-        except re.error as e:
-            problems.append(f"{where}: invalid regex {raw['match']!r}: {e}")
-            continue
-        r = Rule(i, pattern, raw=raw)
-        where = r.label
-        if raw.get("drop"):
-            extra = set(raw) - {"match", "drop", "note"}
-            if extra:
-                problems.append(f"{where}: 'drop' cannot be combined with {sorted(extra)}")
-            r.drop = True
-            out.append(r)
-            continue
-        if "rename" in raw:
-            if not isinstance(raw["rename"], str):
-                problems.append(f"{where}: 'rename' must be a string")
-            else:
-                r.rename = raw["rename"]
-                try:
-                    _check_template(pattern, r.rename)
-                except (re.error, IndexError) as e:
-                    problems.append(f"{where}: bad rename template {r.rename!r}: {e}")
-        if "cast" in raw:
-            if raw["cast"] not in NUMPY_DTYPES:
-                problems.append(f"{where}: unknown cast dtype {raw['cast']!r} (known: {', '.join(sorted(NUMPY_DTYPES))})")
-            else:
-                r.cast = raw["cast"]
-        if "transpose" in raw:
-            if not _int_list(raw["transpose"]) or sorted(raw["transpose"]) != list(range(len(raw["transpose"]))):
-                problems.append(f"{where}: 'transpose' must be a permutation like [1, 0], got {raw['transpose']!r}")
-            else:
-                r.transpose = tuple(raw["transpose"])
-        if "reshape" in raw:
-            v = raw["reshape"]
-            if not _int_list(v) or sum(1 for x in v if x == -1) > 1 or any(x < -1 for x in v):
-                problems.append(f"{where}: 'reshape' must be a list of sizes with at most one -1, got {v!r}")
-            else:
-                r.reshape = tuple(v)
-        structural = [k for k in ("stack", "concat", "split", "unstack") if k in raw]
-        if len(structural) > 1:
-            problems.append(f"{where}: only one of stack/concat/split/unstack per rule, got {structural}")
-        elif structural:
-            k = structural[0]
-            spec = raw[k]
-            if isinstance(spec, bool) and spec and k in ("stack", "unstack"):
-                spec = {}
-            if not isinstance(spec, dict):
-                problems.append(f"{where}: '{k}' must be a table like {{axis = 0, ...}}")
-            else:
-                axis = spec.get("axis", 0)
-                if not isinstance(axis, int) or isinstance(axis, bool):
-                    problems.append(f"{where}: '{k}.axis' must be an integer")
-                    axis = 0
-                if k in ("stack", "concat"):
-                    r.group, r.group_axis, r.group_index = k, axis, spec.get("index")
-                    if not isinstance(r.group_index, str):
-                        problems.append(f"{where}: '{k}.index' must be a template (e.g. '\\\\1') giving each input's position")
-                    if r.rename is None:
-                        problems.append(f"{where}: '{k}' needs 'rename' (the name of the combined tensor)")
-                elif k == "split":
-                    sizes, names = spec.get("sizes"), spec.get("names")
-                    if not _int_list(sizes) or not sizes or any(s <= 0 for s in sizes):
-                        problems.append(f"{where}: 'split.sizes' must be a list of positive sizes")
-                    elif not isinstance(names, list) or len(names) != len(sizes) or not all(isinstance(n, str) for n in names):
-                        problems.append(f"{where}: 'split.names' must list one name per size")
-                    else:
-                        r.split = {"axis": axis, "sizes": list(sizes), "names": list(names)}
-                else:
-                    r.unstack_axis = axis
-        out.append(r)
+    out = [r for i, raw in enumerate(rules or [], start=1) if (r := _parse_rule(i, raw, problems)) is not None]
     opts = dict(options or {})
     unknown = set(opts) - OPTION_KEYS
     if unknown:
@@ -172,7 +210,7 @@ def load_rules_file(path: str | Path) -> tuple[list[dict[str, Any]], dict[str, A
     try:
         import tomllib
     except ImportError:  # Python 3.10
-        import tomli as tomllib  # type: ignore[no-redef]
+        import tomli as tomllib  # type: ignore[no-redef, unused-ignore]
 
     p = Path(path)
     try:

@@ -10,24 +10,38 @@ import inspect
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from ..core.types import Segment, TensorInfo, Unit
 from ..errors import SourceError, UsageError
+from ..frontend import option_name
 from .base import Source
 
-#: (format name, module, probe function, class). Probes must be cheap and never raise.
-REGISTRY: list[tuple[str, str, str, str]] = [
-    ("npz-split", ".npz", "is_split_npz", "SplitNpzSource"),
-    ("npz", ".npz", "is_npz", "NpzSource"),
-    ("safetensors-split", ".safetensors", "is_split_safetensors", "SplitSafetensorsSource"),
-    ("safetensors", ".safetensors", "is_safetensors", "SafetensorsSource"),
-    ("tf", ".tf_bundle", "is_tf_bundle", "TFBundleSource"),
-    ("zarr", ".zarr", "is_zarr", "ZarrSource"),
-    ("orbax", ".orbax", "is_orbax", "OrbaxSource"),
-    ("t5x", ".t5x", "is_t5x", "T5xSource"),  # before flax-msgpack: a t5x ``checkpoint`` file is msgpack too
-    ("flax-msgpack", ".flax_msgpack", "is_flax_msgpack", "FlaxMsgpackSource"),
-    ("jax-tree", ".jax_tree", "is_pytree", "JaxTreeSource"),
+
+class Format(NamedTuple):
+    """A source format: its name, the module of its class, and its probe (a function of
+    ``probe_module``: ``probes`` for all but TF, so probing imports no reader)."""
+
+    name: str
+    module: str
+    probe_module: str
+    probe: str
+    cls: str
+
+
+#: Every source format. Probes look at content, are cheap, never raise, and claim disjoint
+#: inputs (tests/test_probes.py checks both), so the order here decides nothing.
+REGISTRY: list[Format] = [
+    Format("npz-split", ".npz", ".probes", "is_split_npz", "SplitNpzSource"),
+    Format("npz", ".npz", ".probes", "is_npz", "NpzSource"),
+    Format("safetensors-split", ".safetensors", ".probes", "is_split_safetensors", "SplitSafetensorsSource"),
+    Format("safetensors", ".safetensors", ".probes", "is_safetensors", "SafetensorsSource"),
+    Format("tf", ".tf_bundle", ".tf_bundle", "is_tf_bundle", "TFBundleSource"),
+    Format("zarr", ".zarr", ".probes", "is_zarr", "ZarrSource"),
+    Format("orbax", ".orbax", ".probes", "is_orbax", "OrbaxSource"),
+    Format("t5x", ".t5x", ".probes", "is_t5x", "T5xSource"),
+    Format("flax-msgpack", ".flax_msgpack", ".probes", "is_flax_msgpack", "FlaxMsgpackSource"),
+    Format("jax-tree", ".jax_tree", ".probes", "is_pytree", "JaxTreeSource"),
 ]
 
 #: Formats whose probes take in-memory objects (not paths); only these are probed for them.
@@ -46,51 +60,55 @@ def _instantiate(name: str, module: str, cls: str, src: Any, options: dict[str, 
     if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
         unknown = [k for k in options if k not in params]
         if unknown:
-            flags = ", ".join("--" + k.replace("_", "-") for k in unknown)
+            flags = ", ".join(option_name(k) for k in unknown)
             raise UsageError(f"{src}: {flags} does not apply to a {name} checkpoint")
     return klass(src, **options)
 
 
-def open_source(src: Any, *, format: str | None = None, **options: Any) -> Source:
-    """Open a checkpoint path (or an in-memory object, where a format supports it)."""
+def detect(src: Any) -> list[str]:
+    """The formats whose probes claim ``src`` (one for any checkpoint; none for anything else).
+
+    Returns: format names in REGISTRY order. Raises: nothing (probes never raise)."""
+    in_memory = not isinstance(src, (str, bytes, os.PathLike))
+    return [f.name for f in REGISTRY
+            if (f.name in OBJECT_FORMATS) == in_memory and _load(f.probe_module, f.probe)(src)]
+
+
+def open_source(src: Any, *, format: str | None = None, step: int | None = None, **options: Any) -> Source:
+    """Open a checkpoint path (or an in-memory object, where a format supports it).
+
+    ``step``: the step of a directory of several (None: the latest); other ``options`` go to
+    the format's class (``item``, ``allow_missing_chunks``); None values count as not given.
+
+    Returns: the open Source (close it, or use it as a context manager). Raises: SourceError
+    (nothing readable there, or two formats claim it), UsageError (an option the format does
+    not take), and what the format's class raises on opening."""
     if isinstance(src, Source):
         return src
-    names = [r[0] for r in REGISTRY]
+    options = {k: v for k, v in {"step": step, **options}.items() if v is not None}
     if format is not None:
-        for name, module, _, cls in REGISTRY:
-            if name == format:
-                return _instantiate(name, module, cls, src, options)
-        raise SourceError(f"unknown source format {format!r} (known: {', '.join(names)})")
+        for f in REGISTRY:
+            if f.name == format:
+                return _instantiate(f.name, f.module, f.cls, src, options)
+        raise SourceError(f"unknown source format {format!r} (known: {', '.join(f.name for f in REGISTRY)})")
     if isinstance(src, (str, os.PathLike)) and "://" not in os.fspath(src):  # URLs: probed below
         p = Path(src)
         if not p.exists() and not Path(str(p) + ".index").exists():
             raise SourceError(f"{p}: no such file or directory")
-    in_memory = not isinstance(src, (str, bytes, os.PathLike))
-    for name, module, probe, cls in REGISTRY:
-        if in_memory and name not in OBJECT_FORMATS:
-            continue
-        try:
-            hit = _load(module, probe)(src)
-        except Exception:
-            hit = False
-        if hit:
-            return _instantiate(name, module, cls, src, options)
-    if not in_memory and "://" not in os.fspath(src) and Path(src).is_dir():
+    found = detect(src)
+    if len(found) > 1:
+        raise SourceError(f"{src}: could be any of {', '.join(found)}; say which with format=")
+    if found:
+        f = next(f for f in REGISTRY if f.name == found[0])
+        return _instantiate(f.name, f.module, f.cls, src, options)
+    if isinstance(src, (str, os.PathLike)) and "://" not in os.fspath(src) and Path(src).is_dir():
         _refuse_parent_of_checkpoints(Path(src))
-    raise SourceError(f"{src}: not a checkpoint shardconv can read (tried: {', '.join(names)})")
+    raise SourceError(f"{src}: not a checkpoint shardconv can read (tried: {', '.join(f.name for f in REGISTRY)})")
 
 
 def _is_checkpoint(path: Path) -> bool:
     """True if any path format's probe takes ``path``."""
-    for name, module, probe, _ in REGISTRY:
-        if name in OBJECT_FORMATS:
-            continue
-        try:
-            if _load(module, probe)(path):
-                return True
-        except Exception:
-            continue
-    return False
+    return bool(detect(path))
 
 
 def _refuse_parent_of_checkpoints(p: Path, limit: int = 200) -> None:
@@ -131,4 +149,4 @@ def resolution_note(src: Any, source: Source, step: int | None = None) -> str | 
     return f"{src}: opened step {int(m.group(1))} ({shown}); --step N opens another"
 
 
-__all__ = ["Segment", "Source", "TensorInfo", "Unit", "open_source", "resolution_note", "REGISTRY"]
+__all__ = ["REGISTRY", "Format", "Segment", "Source", "TensorInfo", "Unit", "detect", "open_source", "resolution_note"]

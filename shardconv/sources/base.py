@@ -112,8 +112,17 @@ class Source(ABC):
         return {}
 
     def read_strings(self, name: str) -> list[bytes]:
-        """Elements of a string tensor, flattened."""
-        raise NotImplementedError(f"{self.location}: {name} is not a string tensor")
+        """Elements of a string tensor, flattened.
+
+        Returns: the elements. Raises: SourceError where ``name`` is no string tensor of this source."""
+        raise SourceError(f"{self.location}: no string tensor named {name!r}")
+
+    def recorded_options(self) -> dict[str, Any]:
+        """The mapping options a shardconv output records (its manifest's ``options``), to
+        rebuild its plan (``verify``); {} for any other input.
+
+        Returns: a new dict. Raises: nothing."""
+        return {}
 
     def fingerprint(self) -> dict[str, Any]:
         """What identifies this input for resume and change detection: the tensor table and
@@ -141,13 +150,21 @@ class Source(ABC):
         return [os.path.abspath(loc)] if isinstance(loc, str) and os.path.isfile(loc) else []
 
     def info(self, name: str) -> TensorInfo:
-        for t in self.tensors():
-            if t.name == name:
-                return t
-        raise KeyError(name)
+        """What this source knows about tensor ``name`` (found by name in a table built once).
 
-    def read(self, name: str):
-        """Whole tensor as a NumPy array. For tests and small tensors only."""
+        Returns: its TensorInfo. Raises: SourceError naming this input and ``name`` when there is none."""
+        index: dict[str, TensorInfo] | None = self.__dict__.get("_info_index")
+        if index is None:
+            index = {t.name: t for t in self.tensors()}
+            self.__dict__["_info_index"] = index
+        t = index.get(name)
+        if t is None:
+            raise SourceError(f"{self.location}: no tensor named {name!r}")
+        return t
+
+    def read(self, name: str) -> Any:
+        """Whole tensor as a NumPy array (a list of bytes for a string tensor). For tests and
+        small tensors only: it reads the whole tensor into memory."""
         import numpy as np
 
         from ..util.dtypes import numpy_dtype
@@ -157,11 +174,12 @@ class Source(ABC):
             return self.read_strings(name)
         arr = np.empty(t.shape, dtype=numpy_dtype(t.dtype))
         if t.nbytes:
-            self.read_into(name, 0, memoryview(arr.reshape(-1).view(np.uint8)))
+            self.read_into(name, 0, arr.reshape(-1).view(np.uint8).data)
         return arr
 
     def close(self) -> None:
-        pass
+        """Release the files and handles the source holds (the default holds none). Raises: nothing."""
+        return None
 
     def __enter__(self) -> Source:
         return self

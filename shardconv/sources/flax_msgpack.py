@@ -106,6 +106,7 @@ class _Reader:
         return n
 
     def value(self, depth: int = 0) -> Any:
+        """The next msgpack value; bins and exts as (offset, length), containers nested at most MAX_DEPTH."""
         if depth > MAX_DEPTH:
             raise self._err(f"nesting deeper than {MAX_DEPTH}")
         b = self.take(1)[0]
@@ -119,6 +120,14 @@ class _Reader:
             return self._array(b & 0x0F, depth)
         if 0xA0 <= b <= 0xBF:
             return self._str(b & 0x1F)
+        if b in (0xDC, 0xDD):
+            return self._array(int.from_bytes(self.take(2 if b == 0xDC else 4), "big"), depth)
+        if b in (0xDE, 0xDF):
+            return self._map(int.from_bytes(self.take(2 if b == 0xDE else 4), "big"), depth)
+        return self._scalar(b)
+
+    def _scalar(self, b: int) -> Any:
+        """A value of type byte ``b`` that holds no other values (nil, bool, numbers, str, bin, ext)."""
         simple = {0xC0: None, 0xC2: False, 0xC3: True}
         if b in simple:
             return simple[b]
@@ -129,10 +138,8 @@ class _Reader:
             n = int.from_bytes(self.take(1 << (b - 0xC7)), "big")
             code = struct.unpack("b", self.take(1))[0]
             return _Ext(code, self.skip(n), n)
-        if b == 0xCA:
-            return struct.unpack(">f", self.take(4))[0]
-        if b == 0xCB:
-            return struct.unpack(">d", self.take(8))[0]
+        if b in (0xCA, 0xCB):
+            return struct.unpack(">f" if b == 0xCA else ">d", self.take(4 if b == 0xCA else 8))[0]
         if 0xCC <= b <= 0xCF:
             return int.from_bytes(self.take(1 << (b - 0xCC)), "big")
         if 0xD0 <= b <= 0xD3:
@@ -143,10 +150,6 @@ class _Reader:
             return _Ext(code, self.skip(n), n)
         if 0xD9 <= b <= 0xDB:
             return self._str(int.from_bytes(self.take(1 << (b - 0xD9)), "big"))
-        if b in (0xDC, 0xDD):
-            return self._array(int.from_bytes(self.take(2 if b == 0xDC else 4), "big"), depth)
-        if b in (0xDE, 0xDF):
-            return self._map(int.from_bytes(self.take(2 if b == 0xDE else 4), "big"), depth)
         raise self._err(f"invalid type byte 0x{b:02x}")
 
     def _str(self, n: int) -> str:
@@ -176,27 +179,6 @@ class _Reader:
                 raise self._err(f"duplicate key {k!r}")
             out[k] = self._keyed(k, depth)
         return out
-
-
-def is_msgpack_map(p: Path) -> bool:
-    """A regular file whose first byte starts a msgpack map. Never raises."""
-    try:
-        if not p.is_file():
-            return False
-        with open(p, "rb") as f:
-            b = f.read(1)
-        return bool(b) and (0x80 <= b[0] <= 0x8F or b[0] in (0xDE, 0xDF))
-    except (OSError, ValueError):
-        return False
-
-
-def is_flax_msgpack(path: Any) -> bool:
-    """A regular file starting with a msgpack map (flax/t5x checkpoints are maps)."""
-    try:
-        p = Path(path)
-        return p.suffix not in (".npz", ".index", ".json") and is_msgpack_map(p)
-    except (OSError, TypeError, ValueError):
-        return False
 
 
 class FlaxMsgpackSource(Source):

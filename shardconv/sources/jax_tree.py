@@ -37,11 +37,6 @@ NON_ARRAYS = ("error", "drop")
 _PACKED = {"int4", "uint4", "int2", "uint2"}  # JAX packs these on devices
 
 
-def is_pytree(src: Any) -> bool:
-    """Anything that is not a path, URL or open source: an in-memory tree."""
-    return not isinstance(src, (str, bytes, os.PathLike, Source))
-
-
 @dataclass
 class _Leaf:
     dtype: str
@@ -263,7 +258,7 @@ class JaxTreeSource(Source):
         out = self._region(name, offset, out, nbytes)
         a = leaf.array
         if a is not None and a.flags.c_contiguous and a.dtype.isnative:
-            out[:] = memoryview(a.reshape(-1).view(np.uint8))[offset:offset + len(out)]
+            out[:] = a.reshape(-1).view(np.uint8).data[offset:offset + len(out)]
             return []
         read_bytes_by_elements(offset, out, isz, lambda lo, hi, buf: self._read_elements(leaf, lo, hi, buf))
         return []

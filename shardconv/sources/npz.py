@@ -14,7 +14,7 @@ import threading
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from ..core.plan import check_name
 from ..core.types import Segment, TensorInfo, Unit
@@ -24,8 +24,7 @@ from ..util.checksums import combine_crc32, crc32
 from ..util.dtypes import dtype_name, itemsize
 from ..util.fileio import open_read
 from .base import Source, read_sidecar
-
-MAX_MEMBERS = 10_000_000
+from .probes import MAX_MEMBERS, NPZ_INDEX_SUFFIX, index_file
 
 
 @dataclass
@@ -39,14 +38,7 @@ class _Member:
     header_len: int = 0
     dtype: str = ""
     shape: tuple[int, ...] = ()
-
-
-def is_npz(path: str | os.PathLike) -> bool:
-    p = Path(path)
-    if not p.is_file():
-        return False
-    with open(p, "rb") as f:
-        return f.read(4) == b"PK\x03\x04" or p.suffix == ".npz"
+    header_crc: int = 0  # CRC32 of the npy header (the zip CRC covers header + data)
 
 
 class NpzSource(Source):
@@ -179,6 +171,10 @@ class NpzSource(Source):
     def units(self) -> dict[str, Unit]:
         return dict(getattr(self, "_units", {}))
 
+    def recorded_options(self) -> dict[str, Any]:
+        """The mapping options in the shardconv manifest (none for another writer's file)."""
+        return dict(self.manifest_options)
+
     def input_files(self) -> list[str]:
         """The archive, and the shardconv manifest beside it if there is one (its options are read)."""
         manifest = self.path.with_name(self.path.name + ".shardconv.json")
@@ -258,23 +254,8 @@ class _Inflater:
 
 # -- several npz files with an index (shardconv --max-file-size, Hugging Face style) ----------
 
-INDEX_SUFFIX = ".npz.index.json"
+INDEX_SUFFIX = NPZ_INDEX_SUFFIX
 _MAX_INDEX = 256 << 20
-
-
-def _index_file(path: Path, suffix: str = INDEX_SUFFIX) -> Path | None:
-    """The index of a split output: ``path`` itself, or the one index in directory ``path``."""
-    if path.is_file() and path.name.endswith(suffix):
-        return path
-    if path.is_dir():
-        found = sorted(path.glob("*" + suffix))
-        if len(found) == 1:
-            return found[0]
-    return None
-
-
-def is_split_npz(path: str | os.PathLike) -> bool:
-    return _index_file(Path(path)) is not None
 
 
 class SplitNpzSource(Source):
@@ -286,11 +267,11 @@ class SplitNpzSource(Source):
     #: The index's name ends so; each file it names is read by ``part_class`` (other formats
     #: split the same way subclass this).
     index_suffix = INDEX_SUFFIX
-    part_class: type[Source] = NpzSource
+    part_class: ClassVar[type[Any]] = NpzSource  # its constructor takes the part's path
 
     @classmethod
     def index_file(cls, path: Path) -> Path | None:
-        return _index_file(path, cls.index_suffix)
+        return index_file(path, cls.index_suffix)
 
     def __init__(self, path: str | os.PathLike) -> None:
         index = self.index_file(Path(path))
@@ -318,7 +299,7 @@ class SplitNpzSource(Source):
             raise
         self._infos = [t for part in self._parts.values() for t in part.tensors()]
         first = next(iter(self._parts.values()), None)
-        self.manifest_options = dict(first.manifest_options) if first is not None else {}
+        self.manifest_options = first.recorded_options() if first is not None else {}
 
     def _read_index(self) -> dict[str, str]:
         try:
@@ -353,6 +334,10 @@ class SplitNpzSource(Source):
     def read_into(self, name: str, offset: int, out: memoryview) -> list[Segment]:
         part = self._entry(self._where, name, "tensor")
         return part.read_into(name, offset, out)
+
+    def recorded_options(self) -> dict[str, Any]:
+        """The mapping options in the shardconv manifest (none for another writer's file)."""
+        return dict(self.manifest_options)
 
     def input_files(self) -> list[str]:
         """The index and every part (with their manifests)."""

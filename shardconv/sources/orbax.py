@@ -52,44 +52,15 @@ from ..formats.tensorstore_arrays import (
 )
 from ..util.dtypes import itemsize
 from .base import Source, walk_files
-from .flax_msgpack import PLACEHOLDER_PREFIXES, FlaxMsgpackSource, is_msgpack_map
-from .steps import STEP, choose_step, is_dir, steps
+from .flax_msgpack import PLACEHOLDER_PREFIXES, FlaxMsgpackSource
+from .probes import is_msgpack_map, is_orbax_checkpoint, orbax_items
+from .steps import choose_step, is_dir
 
 #: Orbax value types of empty containers and None: nothing to convert.
 _EMPTY_TYPES = {"None", "Dict", "List", "Tuple", "NamedTuple"}
 
 
 # -- locating checkpoints ---------------------------------------------------------------
-
-def _orbax_items(d: Path) -> list[Path]:
-    """Item directories of an Orbax step (``CheckpointManager``: ``1234/default/_METADATA``).
-    Without the step's ``_CHECKPOINT_METADATA``, children named like steps are steps, not items."""
-    try:
-        items = sorted(c for c in d.iterdir() if c.is_dir() and (c / "_METADATA").is_file())
-    except OSError:
-        return []
-    if not (d / "_CHECKPOINT_METADATA").is_file():
-        items = [c for c in items if not STEP.match(c.name)]
-    return items
-
-
-def _is_orbax_checkpoint(d: Path) -> bool:
-    return (d / "_METADATA").is_file() or bool(_orbax_items(d))
-
-
-def is_orbax(src: Any) -> bool:
-    """An Orbax checkpoint (``_METADATA``), a step holding items, or a directory of steps."""
-    if not isinstance(src, (str, os.PathLike)) or "://" in os.fspath(src):
-        return False
-    try:
-        p = Path(src)
-        return is_dir(p) and (_is_orbax_checkpoint(p) or bool(steps(p, _is_orbax_checkpoint)))
-    except (OSError, ValueError):
-        return False
-
-
-
-# -- Orbax ------------------------------------------------------------------------------
 
 @dataclass
 class _StringLeaf:
@@ -124,6 +95,48 @@ class _AggregateFile(FlaxMsgpackSource):
             self.strings[name] = value
 
 
+@dataclass
+class _ItemLayout:
+    """How an Orbax item stores its arrays: per-array directories or one OCDBT database, Zarr v2 or v3."""
+
+    base: dict[str, Any]     # kvstore spec of the item
+    ocdbt: bool
+    fmt3: bool
+    fill_missing: bool       # a chunk not stored reads as the fill value (Orbax's default)
+
+    @classmethod
+    def of(cls, d: Path, meta: dict[str, Any]) -> _ItemLayout:
+        """From the item's ``_METADATA``. Raises FormatError when its OCDBT manifest is missing."""
+        ocdbt = bool(meta.get("use_ocdbt"))
+        base: dict[str, Any] = {"driver": "file", "path": str(d) + "/"}
+        if ocdbt:
+            if not (d / "manifest.ocdbt").is_file():
+                raise FormatError(f"{d}: use_ocdbt is set but manifest.ocdbt is missing (incomplete checkpoint?)")
+            base = {"driver": "ocdbt", "base": base, "cache_pool": "cache_pool#ocdbt"}
+        return cls(base, ocdbt, bool(meta.get("use_zarr3")),
+                   not meta.get("store_array_data_equal_to_fill_value", False))
+
+    @property
+    def marker(self) -> str:
+        return "zarr.json" if self.fmt3 else ".zarray"
+
+    def array(self, d: Path, pname: str, raw: bytes, extra: dict[str, Any]) -> TsArray:
+        """Array ``pname`` of item ``d`` from its metadata document ``raw``."""
+        where = f"{d}: array {pname!r}"
+        if len(raw) > MAX_ARRAY_METADATA:
+            raise FormatError(f"{where}: {self.marker} of {len(raw)} bytes is too large")
+        zmeta = parse_json_object(raw, f"{where} {self.marker}")
+        dtype, shape, fmt, chunk = zarr_array_info(zmeta, where)
+        if fmt != (3 if self.fmt3 else 2):
+            raise FormatError(f"{where}: {self.marker} says zarr_format {fmt}, _METADATA says {3 if self.fmt3 else 2}")
+        kvpath = f"{pname}/" if self.ocdbt else f"{self.base['path']}{pname}/"
+        spec: dict[str, Any] = {"driver": "zarr3" if self.fmt3 else "zarr", "kvstore": {**self.base, "path": kvpath},
+                "recheck_cached_data": False, "recheck_cached_metadata": False,
+                "fill_missing_data_reads": self.fill_missing}
+        return TsArray(where, spec, dtype, shape, chunk, extra=extra,
+                       stream=stream_layout(zmeta, dtype, spec["kvstore"], self.fill_missing))
+
+
 class OrbaxSource(Source):
     """An Orbax checkpoint (either layout), a step of one, or a directory of steps."""
 
@@ -133,13 +146,13 @@ class OrbaxSource(Source):
         root = Path(path)
         if not is_dir(root):
             raise SourceError(f"{root}: not a directory (an Orbax checkpoint is a directory)")
-        self.dir = choose_step(root, step, _is_orbax_checkpoint, "Orbax")
-        items = [self.dir] if (self.dir / "_METADATA").is_file() else _orbax_items(self.dir)
+        self.dir = choose_step(root, step, is_orbax_checkpoint, "Orbax")
+        items = [self.dir] if (self.dir / "_METADATA").is_file() else orbax_items(self.dir)
         if item is not None:
             items = [d for d in items if d.name == item]
             if not items:
                 raise SourceError(f"{self.dir}: no item {item!r} (items: "
-                                  f"{', '.join(d.name for d in _orbax_items(self.dir)) or 'none'})")
+                                  f"{', '.join(d.name for d in orbax_items(self.dir)) or 'none'})")
         self._items = items
         self._arrays: dict[str, TsArray] = {}
         self._strings: dict[str, _StringLeaf] = {}
@@ -147,6 +160,7 @@ class OrbaxSource(Source):
         self._inline: dict[str, _InlineLeaf] = {}
         self._aggregates: list[_AggregateFile] = []
         self._order: list[str] = []
+        self._names: set[str] = set()
         self._reader: TsReader | None = None
         try:
             for d in items:
@@ -169,75 +183,63 @@ class OrbaxSource(Source):
         return str(self.dir)
 
     def _list_item(self, d: Path, prefix: str) -> None:
+        """List the leaves of item ``d`` (names prefixed with ``prefix``): metadata only, the
+        arrays' ``.zarray``/``zarr.json`` read in parallel through the item's kvstore."""
         meta = read_json_file(d / "_METADATA")
         tree = meta.get("tree_metadata")
         if not isinstance(tree, dict):
             raise FormatError(f"{d}/_METADATA: no tree_metadata (not a PyTree checkpoint?)")
-        ocdbt = bool(meta.get("use_ocdbt"))
-        fmt3 = bool(meta.get("use_zarr3"))
-        fill_missing = not meta.get("store_array_data_equal_to_fill_value", False)
-        if ocdbt:
-            if not (d / "manifest.ocdbt").is_file():
-                raise FormatError(f"{d}: use_ocdbt is set but manifest.ocdbt is missing (incomplete checkpoint?)")
-            base = {"driver": "ocdbt", "base": {"driver": "file", "path": str(d) + "/"},
-                    "cache_pool": "cache_pool#ocdbt"}
-        else:
-            base = {"driver": "file", "path": str(d) + "/"}
-        shardings = self._shardings(d)
+        layout = _ItemLayout.of(d, meta)
         ts = tsio.tensorstore("Orbax input")
         ctx = context(0)
-        kv = tsio.wrap(SourceError, str(d), lambda: ts.KvStore.open(base, context=ctx).result())
-        marker = "zarr.json" if fmt3 else ".zarray"
+        kv = tsio.wrap(SourceError, str(d), lambda: ts.KvStore.open(layout.base, context=ctx).result())
         agg = self._aggregate_file(d)
         pending = []
         for entry in tree.values():
-            keys = self._keys(entry, d)
-            vm = entry.get("value_metadata") if isinstance(entry.get("value_metadata"), dict) else {}
-            vtype = vm.get("value_type")
-            if vtype in _EMPTY_TYPES:
-                continue
-            name = prefix + "/".join(keys)
-            why = check_name(name)
-            if why:
-                raise FormatError(f"{d}/_METADATA: leaf name {name!r} is unsafe ({why}); refused")
-            if name in self._arrays or name in self._strings:
-                raise FormatError(f"{d}/_METADATA: two leaves are named {name!r}")
-            pname = ".".join(keys)
-            if self._take_inline(agg, "/".join(keys), name, pname, vm, d):
-                self._order.append(name)
-                continue
-            if vtype == "string":
-                self._strings[name] = _StringLeaf(d, pname)
-                self._order.append(name)
-                continue
-            if not ocdbt:
-                real = os.path.realpath(d / pname)
-                if os.path.commonpath([os.path.realpath(d), real]) != os.path.realpath(d) or real == os.path.realpath(d):
-                    raise FormatError(f"{d}/_METADATA: leaf {name!r} would be read from outside the checkpoint; refused")
-            pending.append((name, pname, vtype, kv.read(f"{pname}/{marker}")))
+            leaf = self._leaf(entry, d, prefix, agg, layout.ocdbt)
+            if leaf is not None:
+                name, pname, vtype = leaf
+                pending.append((name, pname, vtype, kv.read(f"{pname}/{layout.marker}")))
+        shardings = self._shardings(d)
         for name, pname, vtype, fut in pending:
             r = tsio.wrap(SourceError, f"{d}: leaf {name!r}", fut.result)
             if r.state != "value":
-                raise FormatError(f"{d}: leaf {name!r} ({vtype}) has no array data: {pname}/{marker} is missing "
-                                  f"{'from the OCDBT database ' if ocdbt else ''}(incomplete or damaged checkpoint)")
-            raw = bytes(r.value)
-            where = f"{d}: array {pname!r}"
-            if len(raw) > MAX_ARRAY_METADATA:
-                raise FormatError(f"{where}: {marker} of {len(raw)} bytes is too large")
-            zmeta = parse_json_object(raw, f"{where} {marker}")
-            dtype, shape, fmt, chunk = zarr_array_info(zmeta, where)
-            if fmt != (3 if fmt3 else 2):
-                raise FormatError(f"{where}: {marker} says zarr_format {fmt}, _METADATA says {3 if fmt3 else 2}")
-            kvpath = f"{pname}/" if ocdbt else f"{base['path']}{pname}/"
-            spec = {"driver": "zarr3" if fmt3 else "zarr", "kvstore": {**base, "path": kvpath},
-                    "recheck_cached_data": False, "recheck_cached_metadata": False,
-                    "fill_missing_data_reads": fill_missing}
-            extra = {"value_type": vtype}
-            if pname in shardings:
-                extra["sharding"] = shardings[pname]
-            self._arrays[name] = TsArray(f"{d}: array {pname!r}", spec, dtype, shape, chunk, extra=extra,
-                                         stream=stream_layout(zmeta, dtype, spec["kvstore"], fill_missing))
+                raise FormatError(f"{d}: leaf {name!r} ({vtype}) has no array data: {pname}/{layout.marker} is "
+                                  f"missing {'from the OCDBT database ' if layout.ocdbt else ''}"
+                                  "(incomplete or damaged checkpoint)")
+            extra = {"value_type": vtype, **({"sharding": shardings[pname]} if pname in shardings else {})}
+            self._arrays[name] = layout.array(d, pname, bytes(r.value), extra)
             self._order.append(name)
+
+    def _leaf(self, entry: Any, d: Path, prefix: str, agg: _AggregateFile | None,
+              ocdbt: bool) -> tuple[str, str, Any] | None:
+        """(name, param name, value type) of an array leaf of ``_METADATA`` still to be read;
+        None for empty containers and for leaves recorded here (inline values, strings)."""
+        keys = self._keys(entry, d)
+        vm = entry.get("value_metadata") if isinstance(entry.get("value_metadata"), dict) else {}
+        vtype = vm.get("value_type")
+        if vtype in _EMPTY_TYPES:
+            return None
+        name = prefix + "/".join(keys)
+        why = check_name(name)
+        if why:
+            raise FormatError(f"{d}/_METADATA: leaf name {name!r} is unsafe ({why}); refused")
+        if name in self._names:
+            raise FormatError(f"{d}/_METADATA: two leaves are named {name!r}")
+        self._names.add(name)
+        pname = ".".join(keys)
+        if self._take_inline(agg, "/".join(keys), name, pname, vm, d):
+            self._order.append(name)
+            return None
+        if vtype == "string":
+            self._strings[name] = _StringLeaf(d, pname)
+            self._order.append(name)
+            return None
+        if not ocdbt:
+            real = os.path.realpath(d / pname)
+            if os.path.commonpath([os.path.realpath(d), real]) != os.path.realpath(d) or real == os.path.realpath(d):
+                raise FormatError(f"{d}/_METADATA: leaf {name!r} would be read from outside the checkpoint; refused")
+        return name, pname, vtype
 
     def _aggregate_file(self, d: Path) -> _AggregateFile | None:
         """The item's legacy msgpack ``checkpoint`` file, if it has one (walked, not loaded)."""
@@ -291,7 +293,7 @@ class OrbaxSource(Source):
         except (SourceError, ValueError, UnicodeDecodeError, AttributeError):
             return {}  # informational: a damaged _sharding does not stop the conversion
 
-    def _string(self, name: str) -> str:
+    def _string(self, name: str) -> bytes:
         leaf = self._strings[name]
         if leaf.value is not None:
             return leaf.value

@@ -23,9 +23,9 @@ from ..util.dtypes import checked_nbytes
 from ..util.fileio import open_read
 from .base import Source, read_sidecar
 from .npz import SplitNpzSource
+from .probes import SAFETENSORS_INDEX_SUFFIX, SAFETENSORS_MAX_HEADER, the_safetensors_file
 
-#: The safetensors library refuses longer headers (MAX_HEADER_SIZE).
-MAX_HEADER = 100_000_000
+MAX_HEADER = SAFETENSORS_MAX_HEADER  # the safetensors library refuses longer headers
 #: safetensors dtype code -> canonical dtype name, for the codes shardconv writes.
 DTYPES: dict[str, str] = {
     "BOOL": "bool", "U8": "uint8", "I8": "int8", "I16": "int16", "U16": "uint16", "I32": "int32",
@@ -43,42 +43,14 @@ UNSUPPORTED_DTYPES = ("F4", "F6_E2M3", "F6_E3M2", "F8_E8M0")
 DTYPE_ORDER = ("BOOL", "F4", "F6_E2M3", "F6_E3M2", "U8", "I8", "F8_E5M2", "F8_E4M3", "F8_E8M0",
                "F8_E4M3FNUZ", "F8_E5M2FNUZ", "I16", "U16", "F16", "BF16", "I32", "U32", "F32", "C64",
                "F64", "I64", "U64")
-INDEX_SUFFIX = ".safetensors.index.json"
-
-
-def _the_file(path: Path) -> Path:
-    """``path``, or the one ``*.safetensors`` file in directory ``path`` (as transformers
-    saves an unsharded model beside its config)."""
-    if path.is_dir():
-        found = sorted(path.glob("*.safetensors"))
-        if len(found) == 1:
-            return found[0]
-    return path
-
-
-def is_safetensors(path: str | os.PathLike) -> bool:
-    """A ``.safetensors`` file (its header is checked on opening, so a bad one gets its own
-    message), or any file starting with a plausible header length followed by ``{``."""
-    p = _the_file(Path(path))
-    try:
-        if not p.is_file():
-            return False
-        if p.suffix == ".safetensors":
-            return True
-        with open(p, "rb") as f:
-            head = f.read(9)
-        size = p.stat().st_size
-    except OSError:
-        return False
-    n = struct.unpack("<Q", head[:8])[0] if len(head) == 9 else 0
-    return head[8:9] == b"{" and 0 < n <= MAX_HEADER and n + 8 <= size
+INDEX_SUFFIX = SAFETENSORS_INDEX_SUFFIX
 
 
 class SafetensorsSource(Source):
     format = "safetensors"
 
     def __init__(self, path: str | os.PathLike) -> None:
-        self.path = _the_file(Path(path))
+        self.path = the_safetensors_file(Path(path))
         self._fd = open_read(self.path, SourceError)
         try:
             self.size = os.fstat(self._fd).st_size
@@ -131,6 +103,10 @@ class SafetensorsSource(Source):
         """The sidecar's CRC32s (shardconv output); the format itself stores none."""
         return {t.name: Unit(t.nbytes, "crc32", int(t.checksum[6:]), t.name, str(self.path))
                 for t in self._infos if t.checksum}
+
+    def recorded_options(self) -> dict[str, Any]:
+        """The mapping options in the shardconv manifest (none for another writer's file)."""
+        return dict(self.manifest_options)
 
     def input_files(self) -> list[str]:
         sidecar = self.path.with_name(self.path.name + ".shardconv.json")
@@ -237,10 +213,6 @@ def parse_header(head: bytes, file_size: int, where: str) -> tuple[dict[str, str
 
 
 # -- several files with a Hugging Face index (transformers' sharded checkpoints) ------------
-
-def is_split_safetensors(path: str | os.PathLike) -> bool:
-    return SplitSafetensorsSource.index_file(Path(path)) is not None
-
 
 class SplitSafetensorsSource(SplitNpzSource):
     """Files named by a ``*.safetensors.index.json`` weight map, each read by SafetensorsSource."""

@@ -14,30 +14,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
 
 from ..errors import SourceError
 from ..frontend import option_name
-from .flax_msgpack import FlaxMsgpackSource, is_msgpack_map
-from .steps import choose_step, is_dir, steps
-
-
-def _is_t5x_checkpoint(d: Path) -> bool:
-    return is_msgpack_map(d / "checkpoint")
-
-
-def is_t5x(src: Any) -> bool:
-    """A t5x checkpoint: a ``checkpoint`` msgpack file, its directory, or a directory of
-    ``checkpoint_N`` steps. Never raises."""
-    if not isinstance(src, (str, os.PathLike)) or "://" in os.fspath(src):
-        return False
-    try:
-        p = Path(src)
-        if p.name == "checkpoint" and is_msgpack_map(p):
-            return True
-        return is_dir(p) and (_is_t5x_checkpoint(p) or bool(steps(p, _is_t5x_checkpoint)))
-    except (OSError, ValueError):
-        return False
+from .flax_msgpack import FlaxMsgpackSource
+from .probes import is_t5x_checkpoint
+from .steps import choose_step
 
 
 class T5xSource(FlaxMsgpackSource):
@@ -54,5 +36,5 @@ class T5xSource(FlaxMsgpackSource):
                                   "not to one file")
             f = p
         else:
-            f = choose_step(p, step, _is_t5x_checkpoint, "t5x") / "checkpoint"
+            f = choose_step(p, step, is_t5x_checkpoint, "t5x") / "checkpoint"
         super().__init__(f)

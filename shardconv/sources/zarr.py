@@ -22,7 +22,6 @@ fill value (a writer that skipped all-fill chunks, such as zarr-python by defaul
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 from typing import Any
@@ -53,31 +52,6 @@ _MISSING = ("the store is incomplete, or its writer skipped chunks equal to the 
 def _read_kv(kv: Any, key: str) -> bytes | None:
     r = kv.read(key).result()
     return bytes(r.value) if r.state == "value" else None
-
-
-def is_zarr(src: Any) -> bool:
-    """A Zarr group/array (``zarr.json``, ``.zgroup``, ``.zarray``) or a non-OCDBT Orbax
-    checkpoint written by shardconv; a URL is probed with one read per marker."""
-    if not isinstance(src, (str, os.PathLike)):
-        return False
-    s = os.fspath(src)
-    if tsio.is_remote(s):
-        try:
-            ts = tsio.tensorstore()
-            kv = ts.KvStore.open(tsio.kvstore_spec(s), context=tsio.context()).result()
-            return any(kv.read(k).result().state == "value" for k in ("zarr.json", ".zgroup", ".zarray", "_METADATA"))
-        except Exception:
-            return False
-    p = tsio.local_path(s)
-    if not p.is_dir():
-        return False
-    if any((p / k).is_file() for k in ("zarr.json", ".zgroup", ".zarray")):
-        return True
-    try:
-        meta = json.loads((p / "_CHECKPOINT_METADATA").read_text())
-        return "shardconv" in (meta.get("custom_metadata") or {}) and (p / "_METADATA").is_file()
-    except (OSError, ValueError, AttributeError):
-        return False
 
 
 class _Array:
@@ -208,14 +182,16 @@ class ZarrSource(Source):
 
     def _local_metadata(self, fmt: int) -> list[tuple[str, dict[str, Any]]]:
         """Walk groups only (never into an array's chunks); refuse links out of the store."""
-        root = os.path.realpath(self._root)
+        assert self._root is not None  # a local store
+        top = str(self._root)
+        root = os.path.realpath(top)
         out = []
-        for d, dirs, names in os.walk(self._root):
-            rel = os.path.relpath(d, self._root).replace(os.sep, "/")
+        for d, dirs, names in os.walk(top):
+            rel = os.path.relpath(d, top).replace(os.sep, "/")
             for n in dirs + names:
                 p = os.path.join(d, n)
                 if os.path.islink(p) and os.path.commonpath([root, os.path.realpath(p)]) != root:
-                    raise FormatError(f"{self._loc}: {os.path.relpath(p, self._root)!r} is a link pointing "
+                    raise FormatError(f"{self._loc}: {os.path.relpath(p, top)!r} is a link pointing "
                                       "outside the store; refused")
             dirs.sort()
             if rel == ".":
@@ -287,7 +263,7 @@ class ZarrSource(Source):
         a.stream = stream_layout(meta, storage, self._array_kv(a), self.allow_missing_chunks)
         if a.stream is not None:
             a.stream.missing_hint = _MISSING
-        elif a.shape and math.prod(a.shape):
+        elif a.shape and all(a.shape):
             a.whole_chunk = whole_chunk_bytes(meta, fmt, itemsize(storage))
         return a
 
@@ -399,6 +375,10 @@ class ZarrSource(Source):
     def stores_checksums(self) -> bool:  # type: ignore[override]
         """Only shardconv's own stores record a CRC per array (in their manifest)."""
         return bool(self._arrays) and all(a.crc is not None for a in self._arrays.values())
+
+    def recorded_options(self) -> dict[str, Any]:
+        """The mapping options in the shardconv manifest (none for another writer's file)."""
+        return dict(self.manifest_options)
 
     def input_files(self) -> list[str]:
         """Every metadata and chunk file of a local store; none for a URL (its fingerprint is
