@@ -179,3 +179,26 @@ def test_a_tf1_bundle_records_no_roles():
     with TFBundleSource(TF_SERVING / "saved_model_half_plus_two_cpu" / "00000123" / "variables" / "variables") as src:
         infos = src.tensors()
     assert infos and all(t.role is None and set(t.extra) == {"shard", "sliced"} for t in infos)
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_opening_leaves_the_garbage_collector_as_it_was(enabled, tmp_path):
+    """The index is loaded with the cyclic GC paused (a quarter of a 100k-tensor listing's CPU);
+    opening restores it, on or off, also when the index is refused."""
+    import gc
+
+    import tf_index_writer as w
+
+    from shardconv.errors import FormatError
+
+    (tmp_path / "bad.index").write_bytes(w.index([(b"", w.header()), (b"a", w.entry(1, [-3]))]))
+    was = gc.isenabled()
+    (gc.enable if enabled else gc.disable)()
+    try:
+        with TFBundleSource(TF_SERVING / "saved_model_half_plus_two_cpu" / "00000123" / "variables" / "variables"):
+            assert gc.isenabled() is enabled
+        with pytest.raises(FormatError, match="negative dimension"):
+            TFBundleSource(tmp_path / "bad")
+        assert gc.isenabled() is enabled
+    finally:
+        (gc.enable if was else gc.disable)()
