@@ -58,6 +58,7 @@ class TFSink(Sink):
         super().__init__(options)
         self.layout = layout
         self._bundle: Bundle | None = None
+        self._doc: Any = None  # the layout prepare recorded (kept in the manifest: attach finds it there)
 
     def _ctx(self) -> SinkContext:
         assert self.ctx is not None, "open() sets the context"
@@ -101,20 +102,34 @@ class TFSink(Sink):
         return {o.name: [o.dtype, list(o.shape)] for o in outputs}
 
     def attach(self, out: Path, outputs: list[OutputTensor]) -> None:
-        """Reopen the partial output a ``prepare`` for the same outputs and options made, changing
-        no byte of it; no TensorFlow. Raises: DestinationError where it is not there whole."""
+        """Reopen the output a ``prepare`` for the same outputs and options made (half-written or
+        finished), changing no byte of it; no TensorFlow. Raises: DestinationError where it is not
+        there whole."""
         want = self._paths(out, outputs)
+        doc = self._layout_doc()
         try:
-            doc = json.loads((self.work / "layout.json").read_text())
             same = (doc.get("version"), doc.get("outputs"), doc.get("options")) == (LAYOUT_VERSION, want, self.options())
             self.keys = {k: list(v) for k, v in doc["keys"].items()}
             carried = [Carried.from_json(c) for c in doc["carried"]]
-        except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        except (ValueError, TypeError, KeyError, AttributeError):
             same = False
+        self._doc = doc
         self._bundle = Bundle(self._prefix(), outputs, self.keys, carried) if same else None
         if self._bundle is None or not self.layout.skeleton_intact(out) or not self._bundle.attach():
-            raise DestinationError(f"{out}: the partial output is damaged (its layout, skeleton or carried tensors); "
+            raise DestinationError(f"{out}: cannot attach to this output: its layout, skeleton or carried tensors "
+                                   f"are missing or damaged, or it was written for other tensors or options; "
                                    f"rerun with {option('restart')}")
+
+    def _layout_doc(self) -> Any:
+        """The layout ``prepare`` recorded: in the work directory beside a partial output, in the
+        manifest of a finished one. None if neither has it."""
+        for path, key in ((self.work / "layout.json", None), (self.layout.manifest_path(self.out), "tf_layout")):
+            try:
+                doc = json.loads(path.read_text())
+                return doc if key is None else doc[key]
+            except (OSError, ValueError, TypeError, KeyError):
+                continue
+        return None
 
     def prepare(self, out: Path, outputs: list[OutputTensor]) -> None:
         """The skeleton (TensorFlow, for a layout that needs it), then the values' data file of
@@ -129,9 +144,9 @@ class TFSink(Sink):
         self._bundle = Bundle(self._prefix(), outputs, self.keys, skel.carried)
         self._prefix().parent.mkdir(parents=True, exist_ok=True)
         self._bundle.create(self._ctx().durable)
-        doc = {"version": LAYOUT_VERSION, "outputs": want, "options": self.options(), "keys": self.keys,
-               "carried": [c.to_json() for c in skel.carried]}
-        safefs.write_atomic(self.work / "layout.json", json.dumps(doc, sort_keys=True).encode(), fsync=False)
+        self._doc = {"version": LAYOUT_VERSION, "outputs": want, "options": self.options(), "keys": self.keys,
+                     "carried": [c.to_json() for c in skel.carried]}
+        safefs.write_atomic(self.work / "layout.json", json.dumps(self._doc, sort_keys=True).encode(), fsync=False)
 
     def _prefix(self) -> Path:
         return self.layout.model_dir(self.out) / self.layout.prefix
@@ -158,7 +173,7 @@ class TFSink(Sink):
         tensors = [{**t, "crc32c": crc} for t, crc in zip(manifest["tensors"], crcs)]
         mpath = self.layout.manifest_path(self.out)
         mpath.parent.mkdir(parents=True, exist_ok=True)
-        doc = {**manifest, "tensors": tensors, "tf_keys": dict(self.keys)}
+        doc = {**manifest, "tensors": tensors, "tf_keys": dict(self.keys), "tf_layout": self._doc}
         safefs.write_file(mpath, (json.dumps(doc, indent=1, sort_keys=True) + "\n").encode(), fsync=False)
         if fsync:
             fsync_tree(self.out)
