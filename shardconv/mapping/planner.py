@@ -72,23 +72,13 @@ def _expand(m: re.Match, template: str) -> str:
     return m.expand(template.replace("{part}", "\x00part\x00").replace("{i}", "\x00i\x00"))
 
 
-def build_plan(source: Source, mapping: MappingOptions | list[dict[str, Any]] | None = None, *,
-               options: dict[str, Any] | None = None, origins: dict[str, str] | None = None,
-               **overrides: Any) -> Plan:
-    """The plan for ``source`` under the mapping options: roles, EMA, optimizer state,
-    selection, then rules. Reads no values.
-
-    ``mapping`` is a ``MappingOptions``. (Transitional: a list of rule dicts with the rules'
-    ``options``, their ``origins`` and explicit ``overrides``, as ``api.make_plan`` passed them.)
+def build_plan(source: Source, mapping: MappingOptions | None = None) -> Plan:
+    """The plan for ``source`` under the mapping options (None: all defaults): roles, EMA,
+    optimizer state, selection, then rules. Reads no values.
 
     Returns: the Plan. Raises: PlanError listing every problem; UsageError for an unknown
     preset or an unreadable rules file."""
-    if isinstance(mapping, MappingOptions):
-        settings = resolve(mapping)
-    else:
-        given = {k: v for k, v in overrides.items() if v is not None}
-        settings = Resolved(list(mapping or []), dict(options or {}), given,
-                            {**(origins or {}), **{k: option(k, v) for k, v in given.items()}})
+    settings = resolve(mapping or MappingOptions())
     ruleset = parse_rules(settings.rules or None, settings.file_options)
     b = _Build(source.location, {**DEFAULTS, **ruleset.options, **settings.overrides}, settings)
     if b.opts["names"] not in ("model", "keys"):

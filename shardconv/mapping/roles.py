@@ -154,12 +154,7 @@ def _is_metric(name: str) -> bool:
 
 def _recorded(t: TensorInfo) -> SourceRole | None:
     """The role the source recorded for ``t``, if any."""
-    if t.role is not None:
-        return t.role
-    e = t.extra or {}  # transitional: the TF bundle source still records roles as extra keys
-    if "role" in e:
-        return SourceRole(Role(e["role"]), e.get("model_name"), e.get("ema_of"), e.get("slot_of"))
-    return None
+    return t.role
 
 
 def _decide(t: TensorInfo, rec: SourceRole | None, tree: _Tree | None) -> TensorRole:
