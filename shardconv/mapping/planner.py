@@ -296,6 +296,10 @@ def _ops(rule: Rule | None) -> list[str]:
 
 
 def _single(it: _Item, new: str, rule: Rule | None, outputs: list[OutputTensor], problems: list[str]) -> None:
+    """The output(s) one input becomes under ``rule`` (None: as it is, cast by the dtype option)."""
+    if rule is None and it.cast in (None, it.src.dtype):  # a copy: what _make finds, without the pieces
+        outputs.append(OutputTensor(new, it.src.dtype, tuple(it.src.shape), Copy(it.src.name)))
+        return
     base = _base(it, rule, problems)
     dtype = _dtype(it, rule, problems)
     if base is None or dtype is None:
