@@ -1,4 +1,8 @@
-"""Command line: ``shardconv ls | convert | verify``. Errors print one line; --debug shows tracebacks."""
+"""Command line: ``shardconv ls | plan | convert | verify | finalize``. Errors print one line; --debug shows tracebacks.
+
+Each command is a thin layer over the Python API (``api``, ``verification``, ``workers``); the output
+formats' flags are generated from their sinks' options dataclasses (``Sink.Options``).
+"""
 from __future__ import annotations
 
 import argparse
@@ -257,7 +261,8 @@ def _convert_parser(p: argparse.ArgumentParser, formats: list[str]) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace DEST if it exists")
     p.add_argument("--restart", action="store_true", help="discard a partial output instead of resuming it")
     p.add_argument("--no-fsync", dest="fsync", action="store_false",
-                   help="skip the final fsync (the rename stays atomic, but a power loss may lose the output)")
+                   help="skip every fsync (output, journal, directories): faster, and the rename stays atomic, "
+                        "but after a power loss the published output may be incomplete")
     p.add_argument("--json", action="store_true", help="print the result (counts, time, what was left out) as one "
                                                        "JSON object on stdout")
     p.add_argument("--dry-run", action="store_true", help="print the plan (as shardconv plan) and write nothing")

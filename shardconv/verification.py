@@ -122,10 +122,11 @@ class _Check:
 
 def _stored(out: Source) -> dict[str, TensorInfo]:
     """The output's tensors under the names its own metadata gives them (a SavedModel's object
-    graph); string tensors and bookkeeping are the format's, not the model's."""
+    graph); string tensors are the format's. Bookkeeping tensors (role META) are read, their
+    checksums checked, but no source tensor is expected for them."""
     from .mapping.roles import role_of
 
-    stored = [t for t in out.tensors() if not t.is_string and (t.role is None or t.role.role != Role.META)]
+    stored = [t for t in out.tensors() if not t.is_string]
     return {role_of(t).name: t for t in stored}
 
 
@@ -141,7 +142,7 @@ def _reference_plan(dest: str, out: Source, ref: Source, outputs: dict[str, Tens
         plan = plan.leave_out(sink_for(dest, out.format).leave_out)
     want = {o.name: o for o in plan.outputs}
     missing = sorted(set(want) - set(outputs))
-    extra = sorted(set(outputs) - set(want))
+    extra = sorted(n for n in set(outputs) - set(want) if outputs[n].role is None or outputs[n].role.role != Role.META)
     if (missing or extra) and not given and not recorded:
         raise UsageError(f"{dest}: the output does not record the mapping it was converted with, and under the "
                          f"default mapping its tensors are not the source's (missing {missing[:3]}, unexpected "

@@ -282,8 +282,6 @@ def test_table_writer_refuses_keys_out_of_order():
 
 # ------------------------------------------------------------------------- issue 17 leftovers
 
-@pytest.mark.xfail(strict=True, reason="until shardconv/verify.py keeps meta tensors the plan writes (requested of "
-                                        "its owner); strict: remove this mark when it passes")
 def test_verify_dest_src_of_a_tf2_output_with_its_object_graph(tf2_keras_ckpt, tmp_path):
     """verify DEST SRC of a --names keys output (object graph carried) compares every tensor,
     save_counter included: it is an output of the plan, so verify must not set it aside as
