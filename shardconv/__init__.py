@@ -17,7 +17,7 @@ _ERRORS = ("ShardconvError", "UsageError", "SourceError", "SourceChangedError", 
            "PlanError", "VerifyError", "BudgetError", "WorkerError")
 
 #: Public name -> module it lives in (imported on first access).
-_EXPORTS = {"convert": ".api", "list_tensors": ".api", "open_source": ".api", "plan": ".api", "verify": ".verification",
+_EXPORTS = {"convert": ".api", "finalize": ".api", "list_tensors": ".api", "open_source": ".api", "plan": ".api", "verify": ".verification",
             "make_plan": ".api", "JaxTreeSource": ".sources.jax_tree", **dict.fromkeys(_ERRORS, ".errors")}
 
 __all__ = list(_EXPORTS) + ["__version__"]

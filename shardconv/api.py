@@ -19,12 +19,7 @@ from .util.units import parse_size
 if TYPE_CHECKING:  # the mapping layer loads on first use
     from .mapping.options import MappingOptions, RulesArg
 
-__all__ = ["DEFAULT_MAX_MEMORY", "convert", "list_tensors", "make_plan", "mapping_options", "plan"]
-
-
-def step_option(step: int | None) -> dict[str, Any]:
-    """Transition for workers.py (``open_source`` now takes ``step=None``): ``{"step": step}`` or {}."""
-    return {} if step is None else {"step": step}
+__all__ = ["DEFAULT_MAX_MEMORY", "convert", "finalize", "list_tensors", "make_plan", "mapping_options", "plan"]
 
 
 def list_tensors(src: Any, **source_options: Any) -> list[TensorInfo]:
@@ -83,7 +78,8 @@ def plan(src: Any, *, step: int | None = None, mapping: MappingOptions | None = 
 def convert(src: Any, dest: str | os.PathLike, *, to: str | None = None, max_memory: str | int = DEFAULT_MAX_MEMORY,
             overwrite: bool = False, restart: bool = False, fsync: bool = True, progress: ProgressArg = False,
             step: int | None = None, sink_options: dict[str, Any] | None = None,
-            mapping: MappingOptions | None = None, **options: Any) -> engine.Result:
+            mapping: MappingOptions | None = None, workers: int | None = None, client: Any = None,
+            share_size: str | int | None = None, **options: Any) -> engine.Result:
     """Convert a checkpoint to ``dest`` within ``max_memory``; resumes an interrupted run.
 
     ``progress``: ``True`` draws a bar (a widget in a notebook), a callable is called as
@@ -93,19 +89,50 @@ def convert(src: Any, dest: str | os.PathLike, *, to: str | None = None, max_mem
     ``drop_optimizer``, ...), as ``make_plan`` takes them. ``sink_options``: the output format's
     options (``Sink.Options`` fields; text is parsed as on the command line).
 
+    ``workers`` (local processes) or ``client`` (a ``dask.distributed.Client``): split the
+    conversion into shares of about ``share_size`` bytes run by those workers, each within
+    ``max_memory`` (docs/scale-out.md); the output is the same bytes.
+
     Returns: the engine's Result. Raises: what ``engine.run`` raises; UsageError for options."""
-    with open_source(src, step=step) as source:
-        plan = make_plan(source, mapping_options(mapping, **options))
-        sink = sink_for(dest, to, **(sink_options or {}))
-        require(sink.name)
-        plan = plan.leave_out(sink.leave_out)
-        created = _make_parents(dest)
-        try:
+    opts = mapping_options(mapping, **options)
+    created = _make_parents(dest)
+    try:
+        if workers is not None or client is not None:
+            return _convert_split(src, dest, to, max_memory, overwrite, restart, fsync, progress, step,
+                                  sink_options, opts, workers, client, share_size)
+        with open_source(src, step=step) as source:
+            plan = make_plan(source, opts)
+            sink = sink_for(dest, to, **(sink_options or {}))
+            require(sink.name)
+            plan = plan.leave_out(sink.leave_out)
             return engine.run(plan, sink, dest, max_memory=parse_size(max_memory), overwrite=overwrite,
                               restart=restart, fsync=fsync, progress=progress)
-        except BaseException:
-            _remove_empty(created)  # refused or failed before anything was left in them
-            raise
+    except BaseException:
+        _remove_empty(created)  # refused or failed before anything was left in them
+        raise
+
+
+def _convert_split(src: Any, dest: str | os.PathLike, to: str | None, max_memory: str | int, overwrite: bool,
+                   restart: bool, fsync: bool, progress: ProgressArg, step: int | None,
+                   sink_options: dict[str, Any] | None, opts: MappingOptions, workers: int | None, client: Any,
+                   share_size: str | int | None) -> engine.Result:
+    """``convert`` over worker processes or a Dask client (``shardconv.workers``)."""
+    from . import workers as split
+
+    job = split.job_for(src, dest, to=to, step=step, sink_options=sink_options, mapping=opts.given(),
+                        max_memory=parse_size(max_memory), fsync=fsync)
+    return split.convert(job, workers=workers, client=client, overwrite=overwrite, restart=restart,
+                         share_bytes=parse_size(share_size) if share_size is not None else None, progress=progress)
+
+
+def finalize(dest: str | os.PathLike, *, overwrite: bool = False) -> engine.Result:
+    """Publish the output the job-array tasks (``--share I/N``) of a split conversion wrote, once
+    every share is done; reads no tensor data (``shardconv finalize``).
+
+    Returns: the Result. Raises: ResumeError if nothing was prepared there or shares are unfinished."""
+    from . import workers as split
+
+    return split.finalize(os.fspath(dest), overwrite=overwrite)
 
 
 def _make_parents(dest: str | os.PathLike) -> list[Path]:

@@ -391,9 +391,9 @@ def _convert_split(args: argparse.Namespace) -> Any:
 
 
 def _finalize(args: argparse.Namespace) -> int:
-    from . import workers as split
+    from .api import finalize
 
-    _report(args, split.finalize(args.dest, overwrite=args.overwrite))
+    _report(args, finalize(args.dest, overwrite=args.overwrite))
     return 0
 
 

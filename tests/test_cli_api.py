@@ -372,3 +372,21 @@ def test_mapping_options_as_one_object_or_as_keywords(src, tmp_path):
         shardconv.plan(src, mapping=opts, drop_optimizer=True)
     with pytest.raises(shardconv.UsageError, match="unknown mapping option"):
         shardconv.plan(src, drop_optimiser=True)
+
+
+def test_split_front_ends_write_the_bytes_one_process_writes(src, tmp_path):
+    """api.convert(workers=2), and convert --share 0/2, 1/2 then finalize, give the single-process file."""
+    one = tmp_path / "one.npz"
+    shardconv.convert(src, one)
+    two = tmp_path / "two.npz"
+    shardconv.convert(src, two, workers=2, share_size="1KiB")
+    assert two.read_bytes() == one.read_bytes()
+    tasks = tmp_path / "tasks.npz"
+    for task in ("0/2", "1/2"):
+        p = run_cli("convert", src, tasks, "--share", task, "--share-size", "1KiB")
+        assert p.returncode == 0 and f"task {task}" in p.stderr and not tasks.exists(), p.stderr
+    p = run_cli("finalize", tasks, "--json", "--quiet")
+    assert p.returncode == 0 and json.loads(p.stdout)["tensors"] == 3, p.stderr
+    assert tasks.read_bytes() == one.read_bytes()
+    p = run_cli("convert", src, tmp_path / "x.npz", "--share", "0/2", "--workers", "2")
+    assert p.returncode == 2 and "does not combine" in p.stderr
