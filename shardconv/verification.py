@@ -142,7 +142,7 @@ def _reference_plan(dest: str, out: Source, ref: Source, outputs: dict[str, Tens
         plan = plan.leave_out(sink_for(dest, out.format).leave_out)
     want = {o.name: o for o in plan.outputs}
     missing = sorted(set(want) - set(outputs))
-    extra = sorted(n for n in set(outputs) - set(want) if outputs[n].role is None or outputs[n].role.role != Role.META)
+    extra = sorted(n for n in set(outputs) - set(want) if not _is_meta(outputs[n]))
     if (missing or extra) and not given and not recorded:
         raise UsageError(f"{dest}: the output does not record the mapping it was converted with, and under the "
                          f"default mapping its tensors are not the source's (missing {missing[:3]}, unexpected "
@@ -155,6 +155,11 @@ def _reference_plan(dest: str, out: Source, ref: Source, outputs: dict[str, Tens
             raise VerifyError(f"{dest}: tensor {name!r} is {t.dtype}{list(t.shape)}, source gives "
                               f"{o.dtype}{list(o.shape)}")
     return plan
+
+
+def _is_meta(t: TensorInfo) -> bool:
+    """A bookkeeping tensor of the format (an object graph), not one of the model's."""
+    return t.role is not None and t.role.role == Role.META
 
 
 def _recorded_mapping(out: Source) -> dict[str, Any]:
