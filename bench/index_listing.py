@@ -131,11 +131,11 @@ def measure(label: str, tensors: int | str, run, trees: list[Path], repeat: int)
             loads[tree].append(loadavg())
     rows = []
     for tree in trees:
+        load = (min(loads[tree]), max(loads[tree]))
         row = {"row": label, "tree": tree.name, "tensors": tensors, "best": min(walls[tree]),
-               "median": statistics.median(walls[tree]), "cpu": min(cpus[tree]),
-               "load": (min(loads[tree]), max(loads[tree]))}
+               "median": statistics.median(walls[tree]), "cpu": min(cpus[tree]), "load": load}
         log(f"{label:<28} {tree.name:<12} {tensors!s:>7}  best {row['best']:.3f} s  cpu {row['cpu']:.3f} s  "
-            f"load {row['load'][0]:.1f}-{row['load'][1]:.1f}")
+            f"load {load[0]:.1f}-{load[1]:.1f}")
         rows.append(row)
     return rows
 

@@ -183,12 +183,12 @@ def test_the_source_records_typed_roles(written):
         infos = {t.name: t for t in src.tensors()}
     assert infos["_CHECKPOINTABLE_OBJECT_GRAPH"].role == SourceRole(Role.META)
     variables = [t for name, t in infos.items() if name != "_CHECKPOINTABLE_OBJECT_GRAPH"]
-    assert variables and all(isinstance(t.role, SourceRole) and isinstance(t.role.role, Role) for t in variables)
+    roles = [t.role for t in variables if isinstance(t.role, SourceRole) and isinstance(t.role.role, Role)]
+    assert variables and len(roles) == len(variables)
     assert all(not {"role", "model_name", "ema_of", "slot_of"} & set(t.extra) and "full_name" in t.extra
                for t in variables)
-    params = {t.role.model_name for t in variables if t.role.role is Role.PARAM}
-    assert params == PARAMS["sequential"]
-    slots = {t.role.model_name: t.role.slot_of for t in variables if t.role.slot_of}
+    assert {r.model_name for r in roles if r.role is Role.PARAM} == PARAMS["sequential"]
+    slots = {r.model_name: r.slot_of for r in roles if r.slot_of}
     assert slots == {f"optimizer/{w}/{s}": w for w in PARAMS["sequential"] for s in SLOTS["keras3"]}
 
 

@@ -149,7 +149,12 @@ def test_listing_reads_no_tensor_data(tf1_dtypes_ckpt, monkeypatch):
 
     calls = []
     real = os.preadv
-    monkeypatch.setattr(os, "preadv", lambda *a: calls.append(a) or real(*a))
+
+    def counting(*a):
+        calls.append(a)
+        return real(*a)
+
+    monkeypatch.setattr(os, "preadv", counting)
     shardconv.list_tensors(reference_prefix(tf1_dtypes_ckpt))
     assert calls == []
 
