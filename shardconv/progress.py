@@ -4,10 +4,10 @@ and ``verify`` report through ``start`` and never import tqdm unless a bar is as
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Union
+from typing import Any
 
 #: What ``convert(progress=...)`` and ``verify(progress=...)`` accept.
-ProgressArg = Union[bool, None, Callable[[int, int], Any]]
+ProgressArg = bool | None | Callable[[int, int], Any]
 
 
 class _Callback:
