@@ -96,23 +96,6 @@ def real_io(work: Path, gib: float, budget: str, repeat: int) -> list[dict]:
     return rows
 
 
-SITECUSTOMIZE = '''
-import os
-if os.environ.get("SHARDCONV_BENCH_READ_MBPS"):
-    import time
-    from shardconv.sources.npz import NpzSource
-    _rate = float(os.environ["SHARDCONV_BENCH_READ_MBPS"]) * 1e6
-    _read = NpzSource.read_into
-
-    def _throttled(self, name, offset, out):
-        t0 = time.monotonic()
-        segs = _read(self, name, offset, out)
-        left = len(out) / _rate - (time.monotonic() - t0)
-        if left > 0:
-            time.sleep(left)
-        return segs
-    NpzSource.read_into = _throttled
-'''
 
 
 def throttled(work: Path, gib: float, budget: str, rate: float, counts: list[int],
@@ -121,11 +104,9 @@ def throttled(work: Path, gib: float, budget: str, rate: float, counts: list[int
     plus the phases of the cost model measured in-process."""
     src = work / "src.npz"
     write_source(src, gib)
-    hook = work / "throttle"
-    hook.mkdir(exist_ok=True)
-    (hook / "sitecustomize.py").write_text(SITECUSTOMIZE)
-    env = {**os.environ, "PYTHONPATH": f"{hook}:{os.environ.get('PYTHONPATH', '')}",
-           "SHARDCONV_BENCH_READ_MBPS": str(rate)}
+    from shardconv.testing import throttle
+
+    env = {**os.environ, **throttle.sitecustomize(work / "throttle"), throttle.ENV: str(rate)}
     rows = []
     for n in counts:
         dest = work / "out.npz"

@@ -44,7 +44,8 @@ def main() -> int:
                             "-k", "sigkill or kill or hostile or crafted or mutated or fault or fsync or "
                                   "read_error or write_error or file_size or fuzz or random_bytes or mutations "
                                   "or wire or npy_header or entries or lock or writer or stale or planted or race "
-                                  "or input_changed or over_around or link_at",
+                                  "or input_changed or over_around or link_at or corrupt or fails or failing "
+                                  "or attaching or worker or share or coordinator",
                             *tests], cwd=ROOT, env=env, capture_output=True, text=True)
         if r.returncode != 0:
             print(r.stdout[-3000:], r.stderr[-2000:], file=sys.stderr)
@@ -112,6 +113,14 @@ CASE_ROWS = [
                                   "per source format", "shared source suite"),
     ("source-changed-between-kill-and-resume", "input rewritten between a kill and the resume: resume refused "
                                                "naming the file, per source format", "shared source suite"),
+    ("corrupt-byte", "one flipped byte of stored tensor data: ChecksumError from reading and from convert, "
+                     "nothing at DEST, per source format that stores checksums", "shared source suite"),
+    ("corrupt-partial", "a chunk of the partial output damaged between kill and resume: detected and redone, "
+                        "output identical, per sink", "shared sink suite"),
+    ("fault-fsync", "os.fsync failing on the output: one line, nothing at DEST, the partial discarded, per sink",
+     "shared sink suite"),
+    ("fault-rename", "os.replace/os.rename failing at publish: one line, nothing at DEST, per sink",
+     "shared sink suite"),
 ]
 
 

@@ -7,6 +7,7 @@ are not finished yet and finalizes; rerunning it redoes no finished share.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from collections.abc import Callable, Iterable
@@ -109,16 +110,22 @@ def convert(job: Job, *, workers: int | None = None, client: Any = None, overwri
         digest = plan.digest()
         done_bytes = sum(s.nbytes for s in table.shares if s.index not in set(todo))
         bar = start_progress(progress, plan.total_bytes, done_bytes, os.path.basename(job.dest))
+        ran: list[ShareResult] = []
         try:
             run = _on_dask if client is not None else _on_processes
-            for index in run(job, todo, digest, client if client is not None else (workers or 1)):
+            for result in run(job, todo, digest, client if client is not None else (workers or 1)):
+                ran.append(result)
                 if bar is not None:
-                    bar.update(table.shares[index].nbytes)
+                    bar.update(table.shares[result.index].nbytes)
         finally:
             if bar is not None:
                 bar.close()
         _, plan, sink = _build_again(job, source, plan)
-        return distributed.finalize(plan, sink, job.dest, overwrite=overwrite, fsync=job.fsync, t0=t0)
+        final = distributed.finalize(plan, sink, job.dest, overwrite=overwrite, fsync=job.fsync, t0=t0)
+    # What this run wrote, and what earlier runs (finished shares, journaled chunks) had.
+    written = sum(r.chunks_written for r in ran)
+    return dataclasses.replace(final, bytes_written=sum(r.bytes_written for r in ran), chunks_written=written,
+                               chunks_resumed=final.chunks_written - written)
 
 
 def _build_again(job: Job, source: Any, plan: Any) -> tuple[Any, Any, Any]:
@@ -128,7 +135,7 @@ def _build_again(job: Job, source: Any, plan: Any) -> tuple[Any, Any, Any]:
     return source, plan, sink_for(job.dest, job.to, **job.sink_options)
 
 
-def _on_processes(job: Job, todo: list[int], digest: str, workers: Any) -> Iterable[int]:
+def _on_processes(job: Job, todo: list[int], digest: str, workers: Any) -> Iterable[ShareResult]:
     """Run ``todo`` on a pool of ``workers`` fresh processes; yield each share as it finishes."""
     if int(workers) < 1:
         raise UsageError(f"--workers must be at least 1, not {workers}")
@@ -139,13 +146,13 @@ def _on_processes(job: Job, todo: list[int], digest: str, workers: Any) -> Itera
             while pending:
                 finished, pending = wait(pending, return_when=FIRST_EXCEPTION)
                 for f in finished:
-                    yield f.result().index
+                    yield f.result()
         finally:
             for f in pending:
                 f.cancel()
 
 
-def _on_dask(job: Job, todo: list[int], digest: str, client: Any) -> Iterable[int]:
+def _on_dask(job: Job, todo: list[int], digest: str, client: Any) -> Iterable[ShareResult]:
     """Run ``todo`` as Dask tasks (scheduled dynamically); yield each share as it finishes."""
     from dask.distributed import as_completed
 
@@ -154,7 +161,7 @@ def _on_dask(job: Job, todo: list[int], digest: str, client: Any) -> Iterable[in
     try:
         for f in as_completed(list(futures)):
             try:
-                yield f.result().index
+                yield f.result()
             except Exception as e:
                 if type(e).__name__ != "KilledWorker":
                     raise

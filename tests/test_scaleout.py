@@ -23,6 +23,7 @@ from shardconv.workers import Job, convert, run_array_task, share_task
 
 BUDGET = 8 << 20          # small chunks: many of them
 SHARE = 3 << 20           # several shares for the ~14 MiB tree below
+ZARR = {"chunk_mib": 0.25}  # whole Zarr chunks fit BUDGET's chunks (the grid never follows the budget)
 
 
 def _tree() -> dict[str, np.ndarray]:
@@ -72,7 +73,7 @@ def _prepared(src: Path, dest: Path, **kw):
     return job, plan, table
 
 
-@pytest.mark.parametrize("to,options", [("npz", {}), ("npz", {"max_file_size": "4MiB"}), ("zarr", {})],
+@pytest.mark.parametrize("to,options", [("npz", {}), ("npz", {"max_file_size": "4MiB"}), ("zarr", ZARR)],
                          ids=["npz", "split-npz", "zarr"])
 def test_two_workers_write_the_bytes_one_process_writes(src, tmp_path, to, options):
     want = _single(src, tmp_path / "one" / f"out.{to}", to=to, sink_options=options)
@@ -138,7 +139,7 @@ def test_the_same_share_run_twice_at_once_gives_the_same_output(src, tmp_path):
 
 def test_job_array_tasks_then_finalize(src, tmp_path):
     dest = tmp_path / "out.zarr"
-    job = _job(src, dest, to="zarr")
+    job = _job(src, dest, to="zarr", sink_options=ZARR)
     for task in (1, 0, 2):
         run_array_task(job, task, 3, share_bytes=SHARE)
     with pytest.raises(ResumeError):
@@ -146,7 +147,7 @@ def test_job_array_tasks_then_finalize(src, tmp_path):
     from shardconv.workers import finalize
 
     finalize(str(dest))                   # from the job the share table records: no SRC needed
-    assert _digest(dest) == _single(src, tmp_path / "ref" / "out.zarr", to="zarr")
+    assert _digest(dest) == _single(src, tmp_path / "ref" / "out.zarr", to="zarr", sink_options=ZARR)
 
 
 def test_finalize_refuses_while_a_share_is_unfinished(src, tmp_path):
@@ -202,8 +203,9 @@ def dask_client():
 @pytest.mark.parametrize("to", ["npz", "zarr"])
 def test_dask_workers_write_the_bytes_one_process_writes(src, tmp_path, dask_client, to):
     dest = tmp_path / f"out.{to}"
-    convert(_job(src, dest, to=to), client=dask_client, share_bytes=SHARE)
-    assert _digest(dest) == _single(src, tmp_path / "ref" / f"out.{to}", to=to)
+    options = ZARR if to == "zarr" else {}
+    convert(_job(src, dest, to=to, sink_options=options), client=dask_client, share_bytes=SHARE)
+    assert _digest(dest) == _single(src, tmp_path / "ref" / f"out.{to}", to=to, sink_options=options)
     workers = {w["id"] for w in dask_client.scheduler_info()["workers"].values()}
     assert len(workers) == 2
 
@@ -212,8 +214,8 @@ def test_zarr_on_s3_from_two_workers_equals_one_process(src, tmp_path, s3, monke
     from conftest import s3_objects
 
     monkeypatch.setenv("SHARDCONV_STATE_DIR", str(tmp_path / "state"))
-    api.convert(src, "s3://shardconv-test/one/m.zarr", max_memory=BUDGET)
-    convert(_job(src, "s3://shardconv-test/two/m.zarr", to="zarr"), workers=2, share_bytes=SHARE)
+    api.convert(src, "s3://shardconv-test/one/m.zarr", max_memory=BUDGET, sink_options=ZARR)
+    convert(_job(src, "s3://shardconv-test/two/m.zarr", to="zarr", sink_options=ZARR), workers=2, share_bytes=SHARE)
     one, two = s3_objects("one/m.zarr/"), s3_objects("two/m.zarr/")
     assert one and one == two
     assert not list((tmp_path / "state").rglob("*.jsonl"))   # share journals released with the state
@@ -335,3 +337,40 @@ def test_an_orbax_checkpoint_from_two_workers_equals_one_process_and_the_restore
     assert _digest(dest) == want
     with np.load(dest) as z:
         assert np.array_equal(z["dense/kernel"], tree["dense"]["kernel"]) and z["step"] == 12
+
+
+def test_a_coordinator_killed_after_half_the_shares_then_rerun_redoes_no_finished_share(src, tmp_path):
+    """A real SIGKILL of the coordinator and its worker pool mid-run (reads slowed down so the
+    kill lands in the middle), then the same command again."""
+    import signal
+    import time
+
+    from shardconv.testing import throttle
+
+    dest = tmp_path / "out.npz"
+    env = {**os.environ, **throttle.sitecustomize(tmp_path / "slow"), throttle.ENV: "4"}
+    argv = [sys.executable, "-m", "shardconv", "convert", str(src), str(dest), "--max-memory", str(BUDGET),
+            "--workers", "1", "--share-size", str(SHARE), "--quiet"]
+    p = subprocess.Popen(argv, env=env, start_new_session=True, stderr=subprocess.PIPE)
+    staging = Staging(Destination.parse(dest).path)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and p.poll() is None:
+        table = distributed.load_table(staging) if (staging.dir / distributed.TABLE).exists() else None
+        if table is not None and len(distributed.missing_shares(dest)) <= len(table.shares) // 2:
+            break
+        time.sleep(0.02)
+    assert p.poll() is None, p.stderr.read() if p.stderr else ""
+    os.killpg(p.pid, signal.SIGKILL)
+    p.wait()
+    left = distributed.missing_shares(dest)
+    finished = set(range(len(table.shares))) - set(left)
+    assert finished and left
+    kept_chunks = sum(len(table.shares[k]) for k in finished)
+    kept_bytes = sum(table.shares[k].nbytes for k in finished)
+    r = subprocess.run(argv[:-5] + ["--workers", "2", "--share-size", str(SHARE), "--quiet", "--json"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    result = json.loads(r.stdout)
+    assert result["chunks_resumed"] >= kept_chunks and result["bytes_written"] <= result["bytes_total"] - kept_bytes
+    assert _digest(dest) == _single(src, tmp_path / "ref" / "out.npz")
+    assert not staging.dir.exists()

@@ -107,8 +107,8 @@ def _digests(path: Path) -> dict[str, str]:
     return {str(p.relative_to(path.parent)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
 
 
-@pytest.mark.parametrize("name, options", [("orbax.zarr", {"layout": "orbax"}), ("step.zarr", {"layout": "orbax",
-                                                                                         "orbax_step": 3})])
+@pytest.mark.parametrize("name, options", [("orbax.zarr", {"layout": "orbax", "chunk_mib": 1 / 32}),
+                                           ("step.zarr", {"layout": "orbax", "orbax_step": 3, "chunk_mib": 1 / 32})])
 def test_attaching_to_a_committed_output_leaves_its_sha256_unchanged(src, tmp_path, name, options):
     """A late duplicate worker (or a resume) attaching to a finished output (SinkTests checks
     every suite's sink; these are the Orbax layouts no suite runs): before the new contract the
@@ -128,13 +128,13 @@ def test_attaching_to_a_committed_output_leaves_its_sha256_unchanged(src, tmp_pa
 def test_a_chunk_written_after_attaching_to_a_finished_zarr_store_unpublishes_it_first(src, tmp_path):
     pytest.importorskip("tensorstore")
     dest = tmp_path / "o.zarr"
-    r = api.convert(src, dest, max_memory="1MiB")
-    sink = sink_for(dest)
+    r = api.convert(src, dest, max_memory="1MiB", sink_options={"chunk_mib": 1 / 32})
+    sink = sink_for(dest, chunk_mib=1 / 32)
     plan = api.plan(src)
     sink.open(dest, plan.outputs, SinkContext(Destination.parse(dest), chunk_bytes=r.chunk_bytes, resume=True))
     try:
         assert (dest / "zarr.json").exists()
-        chunk = engine.chunk_plan(plan.outputs, r.chunk_bytes, sink.row_multiple)[0]
+        chunk = engine.chunk_plan(plan.outputs, r.chunk_bytes, sink.chunk_grid)[0]
         sink.write(chunk, memoryview(bytearray(chunk.length)))
         assert not (dest / "zarr.json").exists()  # no longer complete-looking
     finally:

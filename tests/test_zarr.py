@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -21,7 +22,7 @@ from reference import load_reference, reference_prefix
 
 import shardconv
 from shardconv.core.types import TensorInfo
-from shardconv.errors import DestinationError, FormatError, PlanError, SourceError, UnsupportedError
+from shardconv.errors import BudgetError, DestinationError, FormatError, PlanError, SourceError, UnsupportedError
 from shardconv.formats import zarr_dtypes
 from shardconv.formats.regions import flat_boxes
 from shardconv.sources.base import Source
@@ -31,6 +32,8 @@ from shardconv.testing.source_suite import SourceTests
 from shardconv.util.units import parse_size
 
 ts = pytest.importorskip("tensorstore")
+#: Zarr chunks (MiB) small enough that whole ones fit the 1 MiB budgets these tests use.
+SMALL = 1 / 32
 zarr = pytest.importorskip("zarr")
 zarr_dtypes.register()  # zarr-python reads bfloat16 & co. only after this (see test_zarr_python_bf16)
 
@@ -99,7 +102,15 @@ class ArraySource(Source):
 
 class TestZarrSinkV3(SinkTests):
     suffix = ".zarr"
-    byte_identical = False
+    # Zarr chunks of 32 KiB: whole ones fit the suite's 1 MiB budget (the chunk grid never follows it)
+    sink_options: dict[str, Any] = {"chunk_mib": 1 / 32}
+    cli_flags = ["--chunk-mib", "0.03125"]
+
+    def snapshot(self, dest: Path) -> Any:
+        """Every file's bytes: the store is a pure function of the plan and the options."""
+        if not dest.is_dir():
+            return super().snapshot(dest)
+        return {k.split("/", 1)[-1]: v for k, v in tree_digest(dest).items()}  # relative to DEST
 
     def read_back(self, dest: Path) -> dict[str, np.ndarray]:
         """zarr-python's values, checked equal to TensorStore's."""
@@ -111,8 +122,8 @@ class TestZarrSinkV3(SinkTests):
 
 class TestZarrSinkV2Zstd(TestZarrSinkV3):
     label = "zarr v2 + zstd"
-    sink_options = {"zarr_format": 2, "compression": "zstd"}
-    cli_flags = ["--zarr-format", "2", "--compression", "zstd"]
+    sink_options = {"zarr_format": 2, "compression": "zstd", "chunk_mib": 1 / 32}
+    cli_flags = ["--zarr-format", "2", "--compression", "zstd", "--chunk-mib", "0.03125"]
     # the shared suite's 22 kill points
 
 
@@ -190,7 +201,7 @@ def test_tf_checkpoint_to_zarr_equals_what_tensorflow_read(tf1_dtypes_ckpt, tmp_
     ref = load_reference(tf1_dtypes_ckpt)
     arrays = {k: v for k, v in ref.items() if not isinstance(v, list)}
     dest = tmp_path / "tf.zarr"
-    r = shardconv.convert(reference_prefix(tf1_dtypes_ckpt), dest, max_memory="1MiB")
+    r = shardconv.convert(reference_prefix(tf1_dtypes_ckpt), dest, max_memory="1MiB", sink_options={"chunk_mib": SMALL})
     assert {n for n, _ in r.dropped} == {k for k, v in ref.items() if isinstance(v, list)}
     got = read_zarr_python(dest)
     assert_same(got, arrays)
@@ -241,17 +252,17 @@ def test_sigkill_then_resume_writes_only_the_missing_chunks(npz_in, tmp_path):
     and the store equals an uninterrupted run's file for file."""
     src, _ = npz_in
     clean = tmp_path / "clean.zarr"
-    n_chunks = shardconv.convert(src, clean, max_memory="1MiB").chunks_written
+    n_chunks = shardconv.convert(src, clean, max_memory="1MiB", sink_options={"chunk_mib": SMALL}).chunks_written
     want = {k.split("/", 1)[1]: v for k, v in tree_digest(clean).items()}
     total = {k for k in want if not is_metadata(k)}
     for point, journaled in (("journal:12", 13), ("chunk:20", 20)):
         dest = tmp_path / f"out-{point.replace(':', '-')}.zarr"
-        p = run_cli("convert", src, dest, "--max-memory", "1MiB", "--quiet", env={"SHARDCONV_TEST_KILL": point})
+        p = run_cli("convert", src, dest, "--max-memory", "1MiB", "--chunk-mib", str(SMALL), "--quiet", env={"SHARDCONV_TEST_KILL": point})
         assert p.returncode == -signal.SIGKILL, p.stderr
         partial = Path(str(dest) + ".partial") / dest.name
         before = files_under(partial)
         assert not dest.exists() and not [k for k in before if is_metadata(k)]  # nothing opens as Zarr yet
-        r = shardconv.convert(src, dest, max_memory="1MiB")
+        r = shardconv.convert(src, dest, max_memory="1MiB", sink_options={"chunk_mib": SMALL})
         after = files_under(dest)
         kept = {k for k in before if after.get(k) == before[k]}
         written = {k for k in after if not is_metadata(k)} - kept
@@ -268,7 +279,7 @@ def test_orbax_restores_the_orbax_layout_exactly(npz_in, tmp_path):
     src, tree = npz_in
     for fmt in (3, 2):
         dest = tmp_path / f"ckpt{fmt}"
-        shardconv.convert(src, dest, to="zarr", max_memory="1MiB", sink_options={"layout": "orbax", "zarr_format": fmt})
+        shardconv.convert(src, dest, to="zarr", max_memory="1MiB", sink_options={"chunk_mib": SMALL, "layout": "orbax", "zarr_format": fmt})
         for restored in (ocp.StandardCheckpointer().restore(dest), ocp.PyTreeCheckpointer().restore(dest)):
             flat: dict[str, np.ndarray] = {}
 
@@ -363,7 +374,7 @@ def test_flat_boxes_tile_any_element_range():
 def test_memory_destination_round_trip(npz_in):
     src, tree = npz_in
     url = "memory://shardconv-test/m.zarr"
-    r = shardconv.convert(src, url, max_memory="1MiB", sink_options={"compression": "zstd"})
+    r = shardconv.convert(src, url, max_memory="1MiB", sink_options={"chunk_mib": SMALL, "compression": "zstd"})
     assert r.dest == url
     with pytest.raises(DestinationError, match="already exists"):
         shardconv.convert(src, url)
@@ -394,7 +405,7 @@ def _download(prefix: str, to: Path) -> Path:
 def test_s3_round_trip_read_by_tensorstore_zarr_python_and_verify(s3, npz_in, tmp_path):
     src, tree = npz_in
     url = "s3://shardconv-test/run1/model.zarr"
-    r = shardconv.convert(src, url, max_memory="1MiB")
+    r = shardconv.convert(src, url, max_memory="1MiB", sink_options={"chunk_mib": SMALL})
     assert r.dest == url and r.tensors == len(tree)
     kv = {"driver": "s3", "bucket": "shardconv-test", "path": "run1/model.zarr/", "endpoint": s3,
           "aws_region": "us-east-1"}
@@ -411,14 +422,14 @@ def test_s3_round_trip_read_by_tensorstore_zarr_python_and_verify(s3, npz_in, tm
 def test_s3_kill_leaves_nothing_complete_looking_and_resume_finishes(s3, npz_in, tmp_path):
     src, tree = npz_in
     url = "s3://shardconv-test/run2/model.zarr"
-    p = run_cli("convert", src, url, "--max-memory", "1MiB", "--quiet", env={"SHARDCONV_TEST_KILL": "journal:9"})
+    p = run_cli("convert", src, url, "--max-memory", "1MiB", "--chunk-mib", str(SMALL), "--quiet", env={"SHARDCONV_TEST_KILL": "journal:9"})
     assert p.returncode == -signal.SIGKILL, p.stderr
     keys = _keys("run2/")
     assert keys and "run2/model.zarr/.shardconv.partial" in keys
     assert not [k for k in keys if k.endswith(("zarr.json", ".zgroup", ".zarray"))]  # no array, no group yet
     with pytest.raises(SourceError):
         shardconv.verify(url)
-    r = shardconv.convert(src, url, max_memory="1MiB")
+    r = shardconv.convert(src, url, max_memory="1MiB", sink_options={"chunk_mib": SMALL})
     assert r.chunks_resumed == 10
     assert shardconv.verify(url, src)["checksums_verified"] == len(tree)
     assert "run2/model.zarr/.shardconv.partial" not in _keys("run2/")
@@ -466,8 +477,8 @@ def test_zarr_modules_import_neither_tensorstore_nor_zarr():
 
 
 def test_engine_chunks_cover_whole_zarr_chunks():
-    """With the sink's row_multiple, every engine chunk is a union of whole Zarr chunks, and a
-    Zarr chunk never exceeds the engine's chunk: TensorStore never reads-modifies-writes."""
+    """With the sink's chunk grid, every engine chunk that can hold one Zarr chunk is a union of
+    whole Zarr chunks: TensorStore never reads-modifies-writes and two workers never share one."""
     import math
     import random
 
@@ -475,27 +486,49 @@ def test_engine_chunks_cover_whole_zarr_chunks():
     from shardconv.sinks.zarr import chunk_shape
 
     rng = random.Random(0)
-    for _ in range(400):
+    checked = 0
+    for _ in range(600):
         shape = tuple(rng.choice([0, 1, 3, 7, 64, 1000, 4096, 10000]) for _ in range(rng.randint(0, 4)))
         if math.prod(shape) > 5e7:
             continue
         isz = rng.choice([1, 2, 4, 8])
         engine = rng.choice([65536, 73728, 102400, 1 << 20, 16 << 20])
-        chunks = chunk_shape(shape, isz, min(rng.choice([1 << 16, 4 << 20]), engine), engine)
-        assert math.prod(chunks) * isz <= engine or not shape
+        chunks = chunk_shape(shape, isz, rng.choice([1 << 15, 1 << 16, 4 << 20]))
+        if math.prod(chunks) * isz > engine:
+            continue  # refused before anything is written (test_a_budget_too_small_for_one_zarr_chunk...)
+        checked += 1
         out = OutputTensor("x", {1: "uint8", 2: "float16", 4: "float32", 8: "float64"}[isz], shape, Copy("x"))
-        rows = chunks[0] if chunks else 1
-        for c in chunk_plan([out], engine, lambda _, rows=rows: rows):
+        for c in chunk_plan([out], engine, lambda _, grid=chunks: grid):
             if c.length:
                 for s, z, d in zip(chunk_region(shape, isz, c.offset, c.length), chunks, shape):
                     assert s.start % z == 0 and (s.stop % z == 0 or s.stop == d), (shape, isz, engine, chunks)
+    assert checked > 200
+
+
+def test_zarr_bytes_do_not_depend_on_the_budget_and_a_budget_too_small_is_refused(tmp_path):
+    src = tmp_path / "in.npz"
+    rng = np.random.default_rng(5)
+    write_reference_npz(src, {"w": rng.standard_normal((2048, 1024)).astype(np.float32),
+                              "b": rng.standard_normal(1024).astype(np.float32)})
+    shardconv.convert(src, tmp_path / "a.zarr", max_memory="256MiB")
+    shardconv.convert(src, tmp_path / "b.zarr", max_memory="64MiB")
+    assert tree_digest(tmp_path / "a.zarr") == {k.replace("b.zarr", "a.zarr", 1): v
+                                                for k, v in tree_digest(tmp_path / "b.zarr").items()}
+    with pytest.raises(BudgetError) as e:
+        shardconv.convert(src, tmp_path / "c.zarr", max_memory="16MiB")
+    msg = str(e.value)
+    assert "\n" not in msg and "'w'" in msg and "[1024, 1024]" in msg and "chunk_mib" in msg, msg
+    need = parse_size(re.search(r"at least ([0-9.]+ ?[KMG]i?B)", msg).group(1).replace(" ", ""))
+    assert need <= 64 << 20
+    shardconv.convert(src, tmp_path / "c.zarr", max_memory=need)
+    assert not (tmp_path / "c.zarr.partial").exists() and (tmp_path / "c.zarr").is_dir()
 
 
 def test_tf_exotic_dtypes_to_zarr_read_back_exactly(exotic_dtypes_ckpt, tmp_path):
     """float8, int4/uint4, int2/uint2 and quantized types from a TF bundle, through Zarr."""
     ref = {k: v for k, v in load_reference(exotic_dtypes_ckpt).items() if not isinstance(v, list)}
     dest = tmp_path / "exotic.zarr"
-    shardconv.convert(reference_prefix(exotic_dtypes_ckpt), dest, max_memory="1MiB")
+    shardconv.convert(reference_prefix(exotic_dtypes_ckpt), dest, max_memory="1MiB", sink_options={"chunk_mib": SMALL})
     with ZarrSource(dest) as src:
         assert_same({t.name: src.read(t.name) for t in src.tensors()}, ref)
     assert shardconv.verify(dest, reference_prefix(exotic_dtypes_ckpt))["tensors"] == len(ref)

@@ -47,6 +47,14 @@ class Budget:
                               f"{option('max_memory', format_size(max_memory))}; raise it or use {option('restart')}")
         return cls(max_memory, chunk_bytes)
 
+    @staticmethod
+    def limit_for(chunk_bytes: int, scratch_factor: int = 0, reserve: tuple[int, str] = (0, "")) -> int:
+        """The smallest ``max_memory`` (whole MiB) for which ``for_limit`` chooses chunks of at
+        least ``chunk_bytes`` (at most ``MAX_CHUNK``). Returns: bytes. Raises: nothing."""
+        chunk = -(-max(chunk_bytes, MIN_CHUNK) // 4096) * 4096
+        need = reserve[0] + 2 * (N_BUFFERS + scratch_factor) * chunk
+        return -(-need // (1 << 20)) << 20
+
 
 ALIGN = 64
 

@@ -133,7 +133,7 @@ def prepare(plan: Plan, sink: Sink, dest: str | os.PathLike[str] | Destination, 
                                   reserve=plan.source.budget_reserve())
         ctx = SinkContext(where, durable=fsync, chunk_bytes=budget.chunk_bytes, resume=False, source=plan.source)
         sink.open(staging.out, plan.outputs, ctx)
-        chunks = chunk_plan(plan.outputs, budget.chunk_bytes, sink.row_multiple)
+        chunks = chunk_plan(plan.outputs, budget.chunk_bytes, sink.chunk_grid)
         table = ShareTable(header, budget.chunk_bytes, cut_shares(chunks, share_bytes), job)
         safefs.write_json(staging.dir / TABLE, table.to_json(), fsync)
         return table
@@ -154,7 +154,7 @@ def _attached(plan: Plan, sink: Sink, where: Destination, staging: Staging, fsyn
         raise ResumeError(f"{staging.dir / TABLE}: was replaced since this run prepared it; rerun the coordinator")
     ctx = SinkContext(where, durable=fsync, chunk_bytes=table.chunk_bytes, resume=True, source=plan.source)
     sink.open(staging.out, plan.outputs, ctx)
-    return table, chunk_plan(plan.outputs, table.chunk_bytes, sink.row_multiple)
+    return table, chunk_plan(plan.outputs, table.chunk_bytes, sink.chunk_grid)
 
 
 def _share_records(staging: Staging, index: int | None) -> list[dict[str, Any]]:

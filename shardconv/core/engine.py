@@ -17,12 +17,21 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .. import __version__
-from ..errors import DestinationError, DurabilityError, PlanError, ResumeError, SourceChangedError, UsageError
+from ..errors import (
+    BudgetError,
+    DestinationError,
+    DurabilityError,
+    PlanError,
+    ResumeError,
+    SourceChangedError,
+    UsageError,
+)
 from ..frontend import changed_options, option
 from ..progress import ProgressArg
 from ..progress import start as start_progress
 from ..util import safefs
-from .budget import Budget, BufferPool
+from ..util.units import format_size
+from .budget import MAX_CHUNK, Budget, BufferPool
 from .destination import Destination, SinkContext
 from .integrity import IntegrityTracker
 from .journal import Journal, describe_changes
@@ -203,9 +212,24 @@ def _refuse_before_lock(plan: Plan, sink: Sink, where: Destination, overwrite: b
         raise UsageError(f"{where.url}: the {sink.name} output (with these options) is written to a local path "
                          "only; write it there and copy it to the object store")
     scratch = _scratch_slots(plan, sink)
-    Budget.for_limit(max_memory, chunk_bytes, scratch_factor=scratch, reserve=plan.source.budget_reserve())
+    budget = Budget.for_limit(max_memory, chunk_bytes, scratch_factor=scratch, reserve=plan.source.budget_reserve())
+    _check_grid(plan, sink, budget, scratch)
     check_destination(plan, sink, where, overwrite)
     return scratch
+
+
+def _check_grid(plan: Plan, sink: Sink, budget: Budget, scratch: int) -> None:
+    """Refuse a budget whose chunks cannot hold one whole cell of the sink's chunk grid: cutting
+    a cell would make the output's bytes depend on the budget. Raises: BudgetError."""
+    need, why = sink.min_chunk_bytes(plan.outputs)
+    if need <= budget.chunk_bytes:
+        return
+    if need > MAX_CHUNK:
+        raise BudgetError(f"{why} are larger than the largest chunk shardconv holds at once "
+                          f"({format_size(MAX_CHUNK)}); choose smaller chunks")
+    least = Budget.limit_for(need, scratch, plan.source.budget_reserve())
+    raise BudgetError(f"{option('max_memory', format_size(budget.max_memory))} is too small for {why}: "
+                      f"at least {format_size(least)} is needed, or choose smaller chunks")
 
 
 def _published(sink: Sink, where: Destination) -> bool:
@@ -228,7 +252,7 @@ def _open(job: _Job, restart: bool, max_memory: int, chunk_bytes: int | None, sc
     ctx = SinkContext(job.dest, durable=job.fsync, chunk_bytes=budget.chunk_bytes, resume=resume,
                       source=job.plan.source)
     job.sink.open(job.staging.out, job.plan.outputs, ctx)
-    chunks = chunk_plan(job.plan.outputs, budget.chunk_bytes, job.sink.row_multiple)
+    chunks = chunk_plan(job.plan.outputs, budget.chunk_bytes, job.sink.chunk_grid)
     tracker = IntegrityTracker(job.plan.source.units())
     done = _kept_chunks(prior[1], chunks, job.sink, tracker) if resume and prior else {}
     job.journal.start({**job.header, "chunk_bytes": budget.chunk_bytes, "dest": job.dest.path.name},

@@ -10,7 +10,7 @@ import hashlib
 import json
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -141,27 +141,30 @@ class Chunk:
 
 
 def chunk_plan(outputs: list[OutputTensor], chunk_bytes: int,
-               row_multiple: Callable[[OutputTensor], int] | None = None) -> list[Chunk]:
+               grid: Callable[[OutputTensor], Sequence[int]] | None = None) -> list[Chunk]:
     """Split every output into chunks of at most ``chunk_bytes``, each a hyper-rectangle:
-    a run of whole rows where a row fits (a multiple of ``row_multiple(output)`` rows
-    when possible, so chunks align with a sink's own chunk grid), otherwise the same
-    rule applied inside each row. Rectangles map onto Zarr chunks and TF slice specs."""
+    a run of whole rows where a row fits, otherwise the same rule applied inside each row.
+    ``grid(output)`` is a sink's own chunk shape (e.g. Zarr's); along each axis a run then
+    holds a multiple of the grid's extent where it can, so an output chunk is a union of
+    whole grid cells whenever ``chunk_bytes`` holds one cell (``Sink.min_chunk_bytes``).
+    Rectangles map onto Zarr chunks and TF slice specs."""
     chunks: list[Chunk] = []
     for i, o in enumerate(outputs):
         if o.nbytes == 0:
             chunks.append(Chunk(i, 0, 0))
             continue
-        multiple = max(1, row_multiple(o)) if row_multiple else 1
-        for off, length in _rectangles(o.shape, itemsize(o.dtype), 0, chunk_bytes, multiple):
+        cells = tuple(grid(o)) if grid else ()
+        for off, length in _rectangles(o.shape, itemsize(o.dtype), 0, chunk_bytes, cells):
             chunks.append(Chunk(i, off, length))
     return chunks
 
 
 def _rectangles(shape: tuple[int, ...], isz: int, base: int, chunk_bytes: int,
-                multiple: int) -> list[tuple[int, int]]:
+                cells: tuple[int, ...]) -> list[tuple[int, int]]:
     if not shape:
         return [(base, isz)]
     row = math.prod(shape[1:]) * isz
+    multiple = max(1, cells[0]) if cells else 1
     out: list[tuple[int, int]] = []
     if row <= chunk_bytes or len(shape) == 1:
         rows = max(1, chunk_bytes // row)
@@ -171,7 +174,7 @@ def _rectangles(shape: tuple[int, ...], isz: int, base: int, chunk_bytes: int,
             out.append((base + r * row, min(rows, shape[0] - r) * row))
         return out
     for r in range(shape[0]):
-        out.extend(_rectangles(shape[1:], isz, base + r * row, chunk_bytes, 1))
+        out.extend(_rectangles(shape[1:], isz, base + r * row, chunk_bytes, cells[1:]))
     return out
 
 

@@ -191,12 +191,20 @@ class Sink(ABC):
                          for o in outputs if any(n.startswith(o.name + "/") for n in names)]
         return problems
 
-    def row_multiple(self, output: OutputTensor) -> int:
-        """Chunks of ``output`` should hold a multiple of this many rows (the sink's own chunk
-        grid along axis 0); the engine honours it where the budget allows. Valid after ``open``.
+    def chunk_grid(self, output: OutputTensor) -> tuple[int, ...]:
+        """The sink's own chunk shape for ``output`` (e.g. a Zarr array's chunks), from the
+        output and the options alone; the engine cuts its chunks into whole cells of it.
 
-        Returns: a positive int (1 by default). Raises: nothing."""
-        return 1
+        Returns: one extent per axis, or () for no grid (the default). Raises: nothing."""
+        return ()
+
+    def min_chunk_bytes(self, outputs: list[OutputTensor]) -> tuple[int, str]:
+        """The smallest engine chunk that holds one whole cell of every output's grid, and
+        what needs it (for the refusal of a budget too small); the output's bytes must not
+        depend on the budget, so the engine refuses rather than cut a cell.
+
+        Returns: (bytes, why); (0, "") by default. Raises: nothing."""
+        return 0, ""
 
     def baseline_bytes(self) -> int:
         """Memory the sink's libraries take once loaded (e.g. TensorFlow), for estimates.

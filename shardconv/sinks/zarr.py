@@ -16,8 +16,10 @@ from ``zarr_format``), ``_CHECKPOINT_METADATA`` (its ``custom_metadata`` holds t
 manifest summary) and ``commit_success.txt``.
 
 Chunk shape: whole trailing dimensions and as many rows as fit ``chunk_mib`` (default
-4 MiB), never more than the engine's chunk, so every engine chunk (a hyper-rectangle)
-covers whole Zarr chunks and TensorStore never reads-modifies-writes.
+4 MiB), from the tensor's shape alone, so the bytes written never depend on
+``--max-memory`` or on how many workers wrote them. Every engine chunk (a hyper-rectangle)
+covers whole Zarr chunks, so TensorStore never reads-modifies-writes and two workers
+never write one Zarr chunk; a budget too small to hold one is refused, naming the minimum.
 
 Nothing looks complete early: while chunks are written, no array or group metadata
 exists (TensorStore runs with ``assume_metadata``), so neither zarr-python nor
@@ -92,30 +94,24 @@ MAX_COMPONENT_BYTES = 255
 _OPEN_HANDLES = 8
 
 
-def chunk_shape(shape: tuple[int, ...], isz: int, target: int, engine_chunk: int) -> list[int]:
+def chunk_shape(shape: tuple[int, ...], isz: int, target: int) -> list[int]:
     """Zarr chunk shape: whole trailing dims and as many indices of the first axis that
-    does not fit whole as make ``target`` bytes; aligned with the engine's chunks of
-    ``engine_chunk`` bytes (see ``plan.chunk_plan``) so no Zarr chunk is written in parts."""
+    does not fit whole as make ``target`` bytes. A function of the shape and the target
+    alone, so the output's bytes never depend on ``--max-memory`` (the engine cuts its
+    chunks into whole Zarr chunks, or refuses a budget too small for one)."""
     if not shape:
         return []
     if 0 in shape:  # no elements, no chunks written: chunk as if each empty axis had length 1
-        return chunk_shape(tuple(max(1, d) for d in shape), isz, target, engine_chunk)
+        return chunk_shape(tuple(max(1, d) for d in shape), isz, target)
     n = len(shape)
     chunks = [1] * n
     for d in range(n):
         trailing = math.prod(shape[d + 1:]) * isz
         if trailing <= target or d == n - 1:
-            rows = max(1, min(shape[d], target // max(trailing, 1)))
-            if d > 0 and trailing > 0 and math.prod(shape[d:]) * isz > engine_chunk:
-                # The engine splits this axis (rows of axis d-1 exceed its chunk) into runs of
-                # engine_chunk // trailing indices, not rounded to our rows: match them.
-                erows = max(1, engine_chunk // trailing)
-                if erows % rows and rows < shape[d]:
-                    rows = min(erows, shape[d])
-            chunks[d] = rows
+            chunks[d] = max(1, min(shape[d], target // max(trailing, 1)))
             chunks[d + 1:] = [max(1, s) for s in shape[d + 1:]]
             break
-    return [max(1, c) for c in chunks]
+    return chunks
 
 
 def _fill_value(dtype: str) -> Any:
@@ -298,9 +294,19 @@ class ZarrSink(Sink):
         self._use(dest)
         return self._has(self._marker_key())
 
-    def row_multiple(self, output: OutputTensor) -> int:
-        a = self._by_name.get(output.name)
-        return a.chunks[0] if a is not None and a.chunks else 1
+    def chunk_grid(self, output: OutputTensor) -> tuple[int, ...]:
+        target = max(1, int(self.chunk_mib * (1 << 20)))
+        return tuple(chunk_shape(output.shape, itemsize(STORAGE_DTYPE.get(output.dtype, output.dtype)), target))
+
+    def min_chunk_bytes(self, outputs: list[OutputTensor]) -> tuple[int, str]:
+        need, why = 0, ""
+        for o in outputs:
+            grid = self.chunk_grid(o)
+            nbytes = math.prod(grid) * itemsize(STORAGE_DTYPE.get(o.dtype, o.dtype)) if o.nbytes else 0
+            if nbytes > need:
+                need, why = nbytes, (f"Zarr chunks {list(grid)} of {o.name!r} ({format_size(nbytes)}, from "
+                                     f"{option_name('chunk_mib')} {self.chunk_mib:g})")
+        return need, why
 
     # -- layout -----------------------------------------------------------------------
 
@@ -389,13 +395,10 @@ class ZarrSink(Sink):
         if self.url is None:
             self._where = str(out)
             self._kv_spec = tsio.kvstore_spec(out)
-        target = max(1, int(self.chunk_mib * (1 << 20)))
-        engine_chunk = self.ctx.chunk_bytes or target
-        target = min(target, engine_chunk)
         self._arrays = []
         for o in outputs:
             storage = STORAGE_DTYPE.get(o.dtype, o.dtype)
-            chunks = chunk_shape(o.shape, itemsize(storage), target, engine_chunk)
+            chunks = list(self.chunk_grid(o))
             md = array_metadata(self.zarr_format, o.shape, storage, chunks, self.compression)
             self._arrays.append(_Array(o, self._array_key(o.name), storage, chunks, md))
         self._by_name = {a.out.name: a for a in self._arrays}
