@@ -255,7 +255,11 @@ def _baseline() -> int:
 
 
 class _PeakSampler:
-    """Peak RSS of this process's children (the Dask nanny's worker), sampled from outside."""
+    """Peak RSS of the given worker processes, sampled from outside (other clusters' workers,
+    also children of this process, are not counted)."""
+
+    def __init__(self, pids: list[int]) -> None:
+        self.pids = pids
 
     def __enter__(self):
         import threading
@@ -266,9 +270,9 @@ class _PeakSampler:
 
         def sample() -> None:
             while not self._stop.is_set():
-                for child in psutil.Process().children(recursive=True):
+                for pid in self.pids:
                     try:
-                        self.peak = max(self.peak, child.memory_info().rss)
+                        self.peak = max(self.peak, psutil.Process(pid).memory_info().rss)
                     except psutil.Error:
                         pass
                 self._stop.wait(0.005)
@@ -295,7 +299,7 @@ def test_an_in_budget_worker_under_a_memory_limit_of_budget_plus_baseline_is_nev
     cluster, client = _cluster(budget + baseline)
     try:
         _worker_rss(client)
-        with _PeakSampler() as rss:
+        with _PeakSampler(list(client.run(os.getpid).values())) as rss:
             convert(Job(src=str(big_src), dest=str(tmp_path / "out.npz"), max_memory=budget), client=client,
                     share_bytes=32 << 20)
         assert rss.peak <= budget + baseline, (rss.peak >> 20, baseline >> 20)
