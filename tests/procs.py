@@ -45,3 +45,10 @@ def tree_digest(path: Path) -> dict[str, bytes]:
     path = Path(path)
     files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
     return {str(p.relative_to(path.parent)): hashlib.sha256(p.read_bytes()).digest() for p in files}
+
+
+def assert_python_runs(code: str) -> None:
+    """Run ``code`` in a fresh interpreter (nothing this test process imported counts) and
+    require it to exit 0, showing its stderr otherwise."""
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr

@@ -15,7 +15,7 @@ import shardconv
 from shardconv.errors import UsageError
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from procs import run_cli  # noqa: E402
+from procs import assert_python_runs, run_cli  # noqa: E402
 
 
 def one_line(stderr: str) -> str:
@@ -269,10 +269,7 @@ def test_shardconv_plan_is_the_function_even_after_its_module_is_imported():
             "import shardconv.api, shardconv.core.engine\n"
             "assert callable(shardconv.plan) and not isinstance(shardconv.plan, types.ModuleType), shardconv.plan\n"
             "assert shardconv.plan is shardconv.api.plan and sys.modules['shardconv.core.plan'].Plan is Plan\n")
-    import subprocess
-
-    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert p.returncode == 0, p.stderr
+    assert_python_runs(code)
 
 
 def test_errors_and_jax_tree_source_are_exported(src):

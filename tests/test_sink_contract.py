@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import throwaway_sink
+from procs import assert_python_runs
 from throwaway_sink import read_rawdir
 
 import shardconv
@@ -241,8 +242,7 @@ def test_shardconv_verify_is_the_function_of_shardconv_verification():
             "import shardconv.verification\n"
             "from shardconv.verification import verify\n"
             "assert shardconv.verify is verify and shardconv.verification.verify is verify\n")
-    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert p.returncode == 0, p.stderr
+    assert_python_runs(code)
 
 
 def test_throwaway_module_is_only_a_plugin():
