@@ -19,6 +19,7 @@ from typing import Any
 from .core import distributed
 from .core.distributed import ShareResult
 from .core.engine import Result
+from .core.staging import LOCK
 from .errors import DestinationError, ResumeError, UsageError, WorkerError
 from .progress import ProgressArg
 from .progress import start as start_progress
@@ -45,13 +46,13 @@ class Job:
 def _build(job: Job) -> tuple[Any, Any, Any]:
     """(source, plan, sink) of ``job``, as ``api.convert`` builds them."""
     from .mapping import MappingOptions, build_plan
-    from .sinks import require, sink_for
+    from .sinks import require
     from .sources import open_source
 
     source = open_source(job.src, step=job.step)
     try:
         plan = build_plan(source, MappingOptions.from_mapping(job.mapping))
-        sink = sink_for(job.dest, job.to, **job.sink_options)
+        sink = _sink(job)
         require(sink.name)
         return source, plan.leave_out(sink.leave_out), sink
     except BaseException:
@@ -64,15 +65,12 @@ def share_task(job: Job, index: int, digest: str) -> ShareResult:
 
     Raises: ResumeError if this worker's plan is not the coordinator's (another input or
     another shardconv version at the same path), and whatever ``run_share`` raises."""
-    from .sinks import sink_for
-
     plan = _worker_plan(job)
     if plan.digest() != digest:
         raise ResumeError(f"{job.src}: the plan rebuilt on this worker differs from the coordinator's "
                           "(another input at that path, or another shardconv version); workers must see "
                           "the same files and software")
-    sink = sink_for(job.dest, job.to, **job.sink_options)
-    return distributed.run_share(plan, sink, job.dest, index, max_memory=job.max_memory, fsync=job.fsync)
+    return distributed.run_share(plan, _sink(job), job.dest, index, max_memory=job.max_memory, fsync=job.fsync)
 
 
 #: Per worker thread: the job whose source is open and its plan, kept between its shares
@@ -120,19 +118,18 @@ def convert(job: Job, *, workers: int | None = None, client: Any = None, overwri
         finally:
             if bar is not None:
                 bar.close()
-        _, plan, sink = _build_again(job, source, plan)
-        final = distributed.finalize(plan, sink, job.dest, overwrite=overwrite, fsync=job.fsync, t0=t0)
+        final = distributed.finalize(plan, _sink(job), job.dest, overwrite=overwrite, fsync=job.fsync, t0=t0)
     # What this run wrote, and what earlier runs (finished shares, journaled chunks) had.
     written = sum(r.chunks_written for r in ran)
     return dataclasses.replace(final, bytes_written=sum(r.bytes_written for r in ran), chunks_written=written,
                                chunks_resumed=final.chunks_written - written)
 
 
-def _build_again(job: Job, source: Any, plan: Any) -> tuple[Any, Any, Any]:
-    """A fresh sink for finalize (the one prepare used is closed)."""
+def _sink(job: Job) -> Any:
+    """A fresh sink of ``job`` (each phase opens and closes its own)."""
     from .sinks import sink_for
 
-    return source, plan, sink_for(job.dest, job.to, **job.sink_options)
+    return sink_for(job.dest, job.to, **job.sink_options)
 
 
 def _on_processes(job: Job, todo: list[int], digest: str, workers: Any) -> Iterable[ShareResult]:
@@ -219,7 +216,7 @@ def _lock_held(staging: Any) -> bool:
     import fcntl
 
     try:
-        fd = os.open(staging.dir / "lock", os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        fd = os.open(staging.dir / LOCK, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError:
         return False
     try:
