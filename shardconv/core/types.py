@@ -96,3 +96,17 @@ class Unit(NamedTuple):
     expected: int     # the CRC itself (unmasked)
     tensor: str       # tensor the unit belongs to (for messages)
     file: str         # file holding it (for messages)
+
+
+class RawRange(NamedTuple):
+    """Bytes of a source tensor stored verbatim at ``offset`` of an open file (a source's
+    ``raw_range``): the engine copies them in cache-sized pieces, each read, checksummed and
+    written while it is in cache, instead of through a chunk buffer."""
+
+    fd: int                   # open for reading; owned (and closed) by the source
+    offset: int               # where the bytes start in the file
+    file: str                 # the file, for messages
+    tensor: str               # the source tensor, for messages
+    unit: str | None          # the checksum unit the bytes belong to (None: not checksummed)
+    unit_offset: int          # where the bytes start within that unit
+    algorithm: str | None     # the unit's checksum: "crc32c" or "crc32"

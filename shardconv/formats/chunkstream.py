@@ -94,9 +94,19 @@ class _ZstdDecoder:
         self.lib.ZSTD_initDStream(self.ds)
         self.lib.ZSTD_DCtx_setParameter(self.ds, 100, _ZSTD_WINDOW_LOG_MAX)  # ZSTD_d_windowLogMax
 
-    def decode(self, src: bytes, at: int, dst: memoryview) -> tuple[int, int]:
-        """Decode from ``src[at:]`` into ``dst``; returns (bytes consumed, bytes produced)."""
-        base = ctypes.cast(ctypes.c_char_p(src), ctypes.c_void_p).value or 0  # the bytes' own buffer, no copy
+    def reset(self) -> None:
+        """Ready for a new frame (keeps its buffers and parameters: reused across chunks)."""
+        self.lib.ZSTD_initDStream(self.ds)
+
+    def decode(self, src: bytes | memoryview, at: int, dst: memoryview) -> tuple[int, int]:
+        """Decode from ``src[at:]`` into ``dst``; returns (bytes consumed, bytes produced).
+        ``src``: bytes, or a writable buffer (a stream's reused fetch buffer)."""
+        if isinstance(src, bytes):
+            base = ctypes.cast(ctypes.c_char_p(src), ctypes.c_void_p).value or 0  # the bytes' own buffer, no copy
+        elif len(src) <= at:
+            base = 0  # no input left (a flush)
+        else:
+            base = ctypes.addressof((ctypes.c_char * len(src)).from_buffer(src))
         d = (ctypes.c_char * len(dst)).from_buffer(dst)
         inb = _Buf(base + at, len(src) - at, 0)
         outb = _Buf(ctypes.addressof(d), len(dst), 0)
@@ -115,7 +125,7 @@ class _ZlibDecoder:
     def __init__(self, wbits: int) -> None:
         self.d = zlib.decompressobj(wbits)
 
-    def decode(self, src: bytes, at: int, dst: memoryview) -> tuple[int, int]:
+    def decode(self, src: bytes | memoryview, at: int, dst: memoryview) -> tuple[int, int]:
         out = self.d.decompress(memoryview(src)[at:], len(dst))
         dst[:len(out)] = out
         return len(src) - at - len(self.d.unconsumed_tail), len(out)
@@ -135,6 +145,7 @@ class StreamLayout:
     itemsize: int = 1
     prefix: str = ""                 # chunk keys' first component (Zarr v3's default encoding: "c")
     missing_hint: str = "the checkpoint is incomplete"   # said when a chunk is missing
+    index: Any = None                # an ``ocdbt_index.OcdbtIndex``: chunks read from its data files by pread
 
     @property
     def chunk_nbytes(self) -> int:
@@ -215,7 +226,8 @@ def streams_needed(layout: StreamLayout, shape: tuple[int, ...]) -> int:
 def stream_bytes(layout: StreamLayout, shape: tuple[int, ...]) -> int:
     """Memory the open decoders of this array hold (fetched bytes and decoder state)."""
     per = 0 if layout.codec == "raw" else 2 * FETCH + _STATE[layout.codec]  # pending + prefetched
-    return streams_needed(layout, shape) * per + WORKERS * (PIECE + (1 << 20))  # + each thread's piece and skip buffer
+    pooled = WORKERS * _STATE[layout.codec] if layout.codec == "zstd" else 0  # decoders kept for reuse
+    return streams_needed(layout, shape) * per + pooled + WORKERS * (PIECE + (1 << 20))  # + each thread's piece, skip buffer
 
 
 # -- reading --------------------------------------------------------------------------------
@@ -223,11 +235,13 @@ def stream_bytes(layout: StreamLayout, shape: tuple[int, ...]) -> int:
 class _Stream:
     """Forward decoding of one chunk: ``pos`` decoded bytes are behind us."""
 
-    def __init__(self, layout: StreamLayout, key: str) -> None:
+    def __init__(self, layout: StreamLayout, key: str, decoder: Any = None) -> None:
         self.key = key
+        self.fd: int | None = None     # the local file, open while the stream is
+        self.buf: bytearray | None = None  # fetch buffer of a local file, reused
         self.pos = 0          # decoded position
         self.cpos = 0         # next compressed byte to fetch
-        self.pending = b""    # fetched compressed bytes; pending[at:] not yet decoded
+        self.pending: bytes | memoryview = b""  # fetched compressed bytes; pending[at:] not yet decoded
         self.at = 0
         self.eof = False
         self.missing = False
@@ -235,11 +249,34 @@ class _Stream:
         self.ahead: tuple[int, Any] | None = None  # (offset, future) of the next fetch, in flight
         # a local file is read with pread (no TensorStore buffer and copy of each fetch)
         self.path = os.path.join(layout.kvstore["path"], key) if layout.kvstore.get("driver") == "file" else None
-        self.decoder: Any = None
-        if layout.codec == "zstd":
+        self.base = 0                  # where the value starts in ``path``
+        self.indexed = False           # ``path`` comes from an OCDBT index: it must exist
+        self.inline: bytes | None = None   # the whole value, stored inline in the OCDBT B+tree
+        if layout.index is not None:
+            self._locate(layout.index, layout.kvstore.get("path", "") + key)
+        self.decoder: Any = decoder
+        if decoder is None and layout.codec == "zstd":
             self.decoder = _ZstdDecoder()
-        elif layout.codec in ("gzip", "zlib"):
+        elif decoder is None and layout.codec in ("gzip", "zlib"):
             self.decoder = _ZlibDecoder(31 if layout.codec == "gzip" else 15)
+
+    def close_file(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+    def __del__(self) -> None:
+        self.close_file()
+
+    def _locate(self, index: Any, key: str) -> None:
+        loc = index.locate(key)
+        if loc is None:
+            self.missing = True
+        elif isinstance(loc, bytes):
+            self.inline, self.size = loc, len(loc)
+        else:
+            self.path, self.base, self.size = loc
+            self.indexed = True
 
 
 class StreamReader:
@@ -253,6 +290,7 @@ class StreamReader:
         self._lock = threading.Lock()       # the two maps above, shared by the decoding threads
         self._local = threading.local()     # per-thread scratch for skipped bytes
         self._pool: ThreadPoolExecutor | None = None
+        self._free: list[_ZstdDecoder] = []  # zstd decoders of finished chunks, reused (at most WORKERS)
 
     def _kvstore(self, layout: StreamLayout, where: str) -> Any:
         with self._lock:
@@ -353,7 +391,8 @@ class StreamReader:
         with self._lock:
             st = self._streams.pop(key, None)
             if st is None or st.pos > start:  # new, or a read behind the decoder: start over
-                st = _Stream(layout, layout.key(cidx))
+                reuse = self._free.pop() if layout.codec == "zstd" and self._free else None
+                st = _Stream(layout, layout.key(cidx), reuse)
                 if len(self._streams) >= MAX_STREAMS:
                     self._streams.popitem(last=False)
             self._streams[key] = st
@@ -362,7 +401,7 @@ class StreamReader:
     def _decoded(self, layout: StreamLayout, cidx: tuple[int, ...], start: int, out: memoryview, where: str) -> None:
         """Decoded bytes [start, start+len(out)) of chunk ``cidx``."""
         st = self._stream(layout, cidx, start)
-        kv = self._kvstore(layout, where)
+        kv = None if layout.index is not None else self._kvstore(layout, where)  # indexed: files only
         at = f"{where}: chunk {st.key!r}"
         if layout.codec == "raw":
             if st.path is not None:
@@ -372,6 +411,7 @@ class StreamReader:
                 n = None if data is None else len(data)
                 if data is not None and n == len(out):
                     out[:] = data
+            st.close_file()
             if n is None:
                 return self._fill(layout, out, at)
             if n != len(out):
@@ -384,16 +424,25 @@ class StreamReader:
                 return self._fill(layout, out, at)
         if not self._pump(kv, st, out, at):
             self._fill(layout, out, at)
-        if st.pos >= layout.chunk_nbytes:  # fully decoded: free its decoder and buffer now
-            with self._lock:
-                self._streams.pop((id(layout), cidx), None)
+        if st.pos >= layout.chunk_nbytes:  # fully decoded: free its file and buffer, keep its decoder
+            self._finish(layout, cidx, st)
+
+    def _finish(self, layout: StreamLayout, cidx: tuple[int, ...], st: _Stream) -> None:
+        st.close_file()
+        with self._lock:
+            if self._streams.get((id(layout), cidx)) is st:
+                del self._streams[(id(layout), cidx)]
+            if isinstance(st.decoder, _ZstdDecoder) and len(self._free) < WORKERS:
+                st.decoder.reset()
+                self._free.append(st.decoder)
+                st.decoder = None
 
     def _pump(self, kv: Any, st: _Stream, out: memoryview, at: str) -> bool:
         """Decode exactly len(out) bytes from the stream; False if the chunk is missing."""
         done = 0
         while done < len(out):
             if st.at >= len(st.pending) and not st.eof:
-                data = self._take_ahead(st)
+                data: bytes | memoryview | None = self._take_ahead(st)
                 if data is None:
                     data = self._fetch(kv, st, st.cpos, FETCH, at)
                 if data is None:
@@ -401,7 +450,7 @@ class StreamReader:
                 st.cpos += len(data)
                 st.pending, st.at = data, 0
                 st.eof = len(data) < FETCH or (st.size is not None and st.cpos >= st.size)
-                if not st.eof and st.path is None:  # the next compressed bytes are read while these are decoded
+                if not st.eof and st.path is None and kv is not None:  # the next compressed bytes are read while these are decoded
                     n = FETCH if st.size is None else min(FETCH, st.size - st.cpos)
                     st.ahead = (st.cpos, kv.read(st.key, byte_range=slice(st.cpos, st.cpos + n)))
             try:
@@ -434,50 +483,55 @@ class StreamReader:
 
     @staticmethod
     def _open(st: _Stream, at: str) -> int | None:
-        """A descriptor of the stream's local chunk file, or None if it is missing."""
-        if st.path is None:
-            return None
+        """The stream's descriptor of its local file (opened once), or None if it is missing."""
+        if st.fd is not None or st.path is None:
+            return st.fd
         try:
-            return os.open(st.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            st.fd = os.open(st.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            return st.fd
         except FileNotFoundError:
+            if st.indexed:  # the database names this file: the checkpoint is damaged, not sparse
+                raise FormatError(f"{at}: its OCDBT data file {st.path} is missing (incomplete checkpoint?)") from None
             st.missing = True
             return None
         except OSError as e:
             raise FormatError(f"{at}: {e.strerror}") from None
 
     def _pread_into(self, st: _Stream, start: int, out: memoryview, at: str) -> int | None:
-        """Bytes [start, start+len(out)) of a local chunk file straight into ``out``; the
-        count read (short at the file's end), or None if the file is missing."""
+        """Bytes [start, start+len(out)) of the stream's value straight into ``out`` (a local
+        file, or the inline value); the count read (short at the value's end), or None if missing."""
+        if st.inline is not None and not st.missing:
+            data = st.inline[start:start + len(out)]
+            out[:len(data)] = data
+            return len(data)
         fd = None if st.missing else self._open(st, at)
         if fd is None:
             return None
+        if st.size is not None:
+            out = out[:max(0, st.size - start)]
         done = 0
         try:
             while done < len(out):
-                n = os.preadv(fd, [out[done:]], start + done)
+                n = os.preadv(fd, [out[done:]], st.base + start + done)
                 if n <= 0:
                     break
                 done += n
         except OSError as e:
             raise FormatError(f"{at}: {e.strerror}") from None
-        finally:
-            os.close(fd)
         return done
 
-    def _fetch(self, kv: Any, st: _Stream, start: int, n: int, at: str) -> bytes | None:
-        """Compressed bytes [start, start+n) (fewer at the end); None if the chunk is missing."""
+    def _fetch(self, kv: Any, st: _Stream, start: int, n: int, at: str) -> bytes | memoryview | None:
+        """Compressed bytes [start, start+n) (fewer at the end); None if the chunk is missing.
+        A local file is read into the stream's own buffer (valid until its next fetch)."""
         if st.missing:
             return None
+        if st.inline is not None:
+            return st.inline[start:start + n]
         if st.path is not None:
-            fd = self._open(st, at)
-            if fd is None:
-                return None
-            try:
-                return os.pread(fd, n, start)  # short only at the file's end
-            except OSError as e:
-                raise FormatError(f"{at}: {e.strerror}") from None
-            finally:
-                os.close(fd)
+            if st.buf is None or len(st.buf) < n:
+                st.buf = bytearray(n)
+            got = self._pread_into(st, start, memoryview(st.buf)[:n], at)
+            return None if got is None else memoryview(st.buf)[:got]
         if st.size is not None:
             n = max(0, min(n, st.size - start))
             if not n:
@@ -516,5 +570,8 @@ class StreamReader:
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None
+        for st in self._streams.values():
+            st.close_file()
         self._streams.clear()
+        self._free.clear()
         self._kv.clear()

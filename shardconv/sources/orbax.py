@@ -37,7 +37,7 @@ from typing import Any
 from ..core.plan import check_name
 from ..core.types import Segment, TensorInfo
 from ..errors import FormatError, SourceError
-from ..formats import tsio
+from ..formats import ocdbt_index, tsio
 from ..formats.chunkstream import stream_layout
 from ..formats.tensorstore_arrays import (
     MAX_ARRAY_METADATA,
@@ -103,6 +103,7 @@ class _ItemLayout:
     ocdbt: bool
     fmt3: bool
     fill_missing: bool       # a chunk not stored reads as the fill value (Orbax's default)
+    index: ocdbt_index.OcdbtIndex | None = None   # OCDBT: where each chunk lies in the data files
 
     @classmethod
     def of(cls, d: Path, meta: dict[str, Any]) -> _ItemLayout:
@@ -114,7 +115,8 @@ class _ItemLayout:
                 raise FormatError(f"{d}: use_ocdbt is set but manifest.ocdbt is missing (incomplete checkpoint?)")
             base = {"driver": "ocdbt", "base": base, "cache_pool": "cache_pool#ocdbt"}
         return cls(base, ocdbt, bool(meta.get("use_zarr3")),
-                   not meta.get("store_array_data_equal_to_fill_value", False))
+                   not meta.get("store_array_data_equal_to_fill_value", False),
+                   ocdbt_index.OcdbtIndex(d) if ocdbt else None)
 
     @property
     def marker(self) -> str:
@@ -162,6 +164,7 @@ class OrbaxSource(Source):
         self._order: list[str] = []
         self._names: set[str] = set()
         self._reader: TsReader | None = None
+        self._index_bytes = 0   # OCDBT indexes (ocdbt_index), built on first read
         try:
             for d in items:
                 self._list_item(d, f"{d.name}/" if len(items) > 1 else "")
@@ -210,6 +213,20 @@ class OrbaxSource(Source):
             extra = {"value_type": vtype, **({"sharding": shardings[pname]} if pname in shardings else {})}
             self._arrays[name] = layout.array(d, pname, bytes(r.value), extra)
             self._order.append(name)
+        self._use_index(layout, [self._arrays[p[0]] for p in pending])
+
+    def _use_index(self, layout: _ItemLayout, arrays: list[TsArray]) -> None:
+        """Streamed arrays of an OCDBT item read their chunks from the data files by pread,
+        through the item's index, when the index fits ``ocdbt_index.MAX_INDEX_BYTES``."""
+        streamed = [a.stream for a in arrays if a.stream is not None]
+        if layout.index is None or not streamed:
+            return
+        n = layout.index.n_keys()
+        if not ocdbt_index.usable(n):
+            return  # a huge database: read through the kvstore, memory stays bounded
+        self._index_bytes += ocdbt_index.index_bytes(n)
+        for st in streamed:
+            st.index = layout.index
 
     def _leaf(self, entry: Any, d: Path, prefix: str, agg: _AggregateFile | None,
               ocdbt: bool) -> tuple[str, str, Any] | None:
@@ -327,7 +344,7 @@ class OrbaxSource(Source):
         return []
 
     def baseline_bytes(self) -> int:
-        return reader_bytes(self._arrays.values())
+        return reader_bytes(self._arrays.values()) + self._index_bytes
 
     def input_files(self) -> list[str]:
         """Every file of the items read: metadata, array chunks or OCDBT manifests and data files."""
