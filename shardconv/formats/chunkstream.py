@@ -226,7 +226,8 @@ def streams_needed(layout: StreamLayout, shape: tuple[int, ...]) -> int:
 def stream_bytes(layout: StreamLayout, shape: tuple[int, ...]) -> int:
     """Memory the open decoders of this array hold (fetched bytes and decoder state)."""
     per = 0 if layout.codec == "raw" else 2 * FETCH + _STATE[layout.codec]  # pending + prefetched
-    pooled = WORKERS * _STATE[layout.codec] if layout.codec == "zstd" else 0  # decoders kept for reuse
+    # decoders (zstd) and fetch buffers of finished chunks kept for reuse
+    pooled = WORKERS * ((_STATE["zstd"] if layout.codec == "zstd" else 0) + (FETCH if layout.codec != "raw" else 0))
     return streams_needed(layout, shape) * per + pooled + WORKERS * (PIECE + (1 << 20))  # + each thread's piece, skip buffer
 
 
@@ -291,6 +292,7 @@ class StreamReader:
         self._local = threading.local()     # per-thread scratch for skipped bytes
         self._pool: ThreadPoolExecutor | None = None
         self._free: list[_ZstdDecoder] = []  # zstd decoders of finished chunks, reused (at most WORKERS)
+        self._free_bufs: list[bytearray] = []  # their fetch buffers, reused (not zeroed again)
 
     def _kvstore(self, layout: StreamLayout, where: str) -> Any:
         with self._lock:
@@ -393,6 +395,7 @@ class StreamReader:
             if st is None or st.pos > start:  # new, or a read behind the decoder: start over
                 reuse = self._free.pop() if layout.codec == "zstd" and self._free else None
                 st = _Stream(layout, layout.key(cidx), reuse)
+                st.buf = self._free_bufs.pop() if self._free_bufs else None
                 if len(self._streams) >= MAX_STREAMS:
                     self._streams.popitem(last=False)
             self._streams[key] = st
@@ -436,6 +439,9 @@ class StreamReader:
                 st.decoder.reset()
                 self._free.append(st.decoder)
                 st.decoder = None
+            if st.buf is not None and len(self._free_bufs) < WORKERS:
+                self._free_bufs.append(st.buf)
+                st.buf = None
 
     def _pump(self, kv: Any, st: _Stream, out: memoryview, at: str) -> bool:
         """Decode exactly len(out) bytes from the stream; False if the chunk is missing."""
@@ -574,4 +580,5 @@ class StreamReader:
             st.close_file()
         self._streams.clear()
         self._free.clear()
+        self._free_bufs.clear()
         self._kv.clear()
