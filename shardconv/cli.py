@@ -313,12 +313,14 @@ def _open_src(args: argparse.Namespace) -> Any:
 
 
 def _ls(args: argparse.Namespace) -> int:
+    from operator import itemgetter
+
     from .mapping.roles import assign_roles
 
     with _open_src(args) as source:
         infos = source.tensors()
     named = sorted(((role.name if args.names == "model" else t.name, t, role)
-                    for t, role in zip(infos, assign_roles(infos))), key=lambda r: r[0])
+                    for t, role in zip(infos, assign_roles(infos))), key=itemgetter(0))
     if args.json:
         rows = [{"name": name, "key": t.name, "role": role.kind, "ema_of": role.ema_of, "slot_of": role.slot_of,
                  "dtype": t.dtype, "shape": list(t.shape), "nbytes": t.nbytes, "checksum": t.checksum}
@@ -333,16 +335,18 @@ def _ls(args: argparse.Namespace) -> int:
 
 def _ls_text(named: list[tuple[str, Any, Any]]) -> str:
     """``ls``'s table, one line per (name, TensorInfo, role), written at once (20 000 separate
-    prints cost more than building the rows); a size is formatted once per distinct size."""
+    prints cost more than building the rows); a size or shape is formatted once per distinct one."""
     width = max([len(name) for name, _, _ in named] + [4])
     sizes: dict[int, str] = {}
+    shapes: dict[tuple[int, ...], str] = {}
     lines = []
     for name, t, role in named:
         size = sizes.get(t.nbytes) or sizes.setdefault(t.nbytes, format_size(t.nbytes))
+        shape = shapes.get(t.shape) or shapes.setdefault(t.shape, str(list(t.shape)))
         what = (f"ema of {role.ema_of}" if role.ema_of else
                 f"optimizer, slot of {role.slot_of}" if role.slot_of else role.kind)
         key = f"  <- {t.name}" if t.name != name else ""
-        lines.append(one_line(f"{name:<{width}}  {t.dtype:<9} {str(list(t.shape)):<20} {size:>10}  {what}{key}") + "\n")
+        lines.append(one_line(f"{name:<{width}}  {t.dtype:<9} {shape:<20} {size:>10}  {what}{key}") + "\n")
     return "".join(lines)
 
 
@@ -453,31 +457,20 @@ def _plan(args: argparse.Namespace) -> int:
         infos = {t.name: t for t in source.tensors()}
         sizes = _sizes_by_name(list(infos.values()))
         est = memory_estimate(plan, sink, parse_size(args.max_memory))
-        bytes_in = sum(t.nbytes for t in infos.values())
-        dropped_bytes = sum(sizes.get(n, 0) for n, _ in plan.dropped)
-        report = {
-            "source": source.location, "format": source.format,
-            "outputs": [{**o.describe(), "nbytes": o.nbytes} for o in plan.outputs],
-            "dropped": [{"name": n, "reason": r} for n, r in plan.dropped],
-            "notes": plan.notes,
-            "totals": {"tensors_in": len(infos), "tensors_out": len(plan.outputs), "bytes_in": bytes_in,
-                       "bytes_out": plan.total_bytes, "bytes_dropped": dropped_bytes},
-            "memory": est,
-        }
-    if args.json:
-        json.dump(report, sys.stdout, indent=1)
-        sys.stdout.write("\n")
-        return 0
-    width = max([len(o.name) for o in plan.outputs] + [6])
-    for o in plan.outputs:
-        d = o.producer.describe()
-        origin = d.get("from") or ", ".join(sorted({p["from"] for p in d.get("pieces", [])}))
-        op = "" if d["op"] == "copy" else f" [{d['op']}]"
-        print(one_line(f"{o.name:<{width}}  {o.dtype:<9} {str(list(o.shape)):<18} {format_size(o.nbytes):>10}  "
-                       f"<- {origin}{op}"))
-    t = report["totals"]
-    print(f"\n{t['tensors_out']} outputs, {format_size(t['bytes_out'])} out; {t['tensors_in']} tensors, "
-          f"{format_size(t['bytes_in'])} in; {len(plan.dropped)} left out ({format_size(t['bytes_dropped'])})")
+        out_bytes = [o.nbytes for o in plan.outputs]  # each computed once: 100 000 outputs are common
+        totals = {"tensors_in": len(infos), "tensors_out": len(plan.outputs),
+                  "bytes_in": sum(t.nbytes for t in infos.values()), "bytes_out": sum(out_bytes),
+                  "bytes_dropped": sum(sizes.get(n, 0) for n, _ in plan.dropped)}
+        if args.json:
+            json.dump({"source": source.location, "format": source.format,
+                       "outputs": [{**o.describe(), "nbytes": n} for o, n in zip(plan.outputs, out_bytes)],
+                       "dropped": [{"name": n, "reason": r} for n, r in plan.dropped],
+                       "notes": plan.notes, "totals": totals, "memory": est}, sys.stdout, indent=1)
+            sys.stdout.write("\n")
+            return 0
+    sys.stdout.write(_plan_text(plan, out_bytes))
+    print(f"\n{totals['tensors_out']} outputs, {format_size(totals['bytes_out'])} out; {totals['tensors_in']} tensors, "
+          f"{format_size(totals['bytes_in'])} in; {len(plan.dropped)} left out ({format_size(totals['bytes_dropped'])})")
     for line in _summarize_dropped(plan.dropped, limit=50):
         print(one_line(f"  {line}"))
     for note in plan.notes:
@@ -486,6 +479,21 @@ def _plan(args: argparse.Namespace) -> int:
           f"(libraries {format_size(est['baseline'])}, buffers {format_size(est['buffers'])} in "
           f"{format_size(est['chunk_bytes'])} chunks)")
     return 0
+
+
+def _plan_text(plan: Any, out_bytes: list[int]) -> str:
+    """``plan``'s table, one line per output (sizes in ``out_bytes``), written at once like ``ls``'s."""
+    width = max([len(o.name) for o in plan.outputs] + [6])
+    sizes: dict[int, str] = {}
+    lines = []
+    for o, n in zip(plan.outputs, out_bytes):
+        d = o.producer.describe()
+        origin = d.get("from") or ", ".join(sorted({p["from"] for p in d.get("pieces", [])}))
+        op = "" if d["op"] == "copy" else f" [{d['op']}]"
+        size = sizes.get(n) or sizes.setdefault(n, format_size(n))
+        lines.append(one_line(f"{o.name:<{width}}  {o.dtype:<9} {str(list(o.shape)):<18} {size:>10}  "
+                              f"<- {origin}{op}") + "\n")
+    return "".join(lines)
 
 
 def _verify(args: argparse.Namespace) -> int:

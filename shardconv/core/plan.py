@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -115,8 +116,15 @@ class Plan:
         return hashlib.sha256(blob).hexdigest()
 
 
+#: Whatever can make a name unsafe: a control character or backslash, a leading, trailing or
+#: doubled ``/``, a ``.`` or ``..`` component. A name without any is fine (one search, not a loop).
+_MAYBE_UNSAFE = re.compile(r"[\x00-\x1f\\]|^/|/$|//|(?:^|/)\.\.?(?:/|$)")
+
+
 def check_name(name: str) -> str | None:
     """Why an output name is unsafe as a path component sequence, or None if it is fine."""
+    if name and _MAYBE_UNSAFE.search(name) is None:
+        return None
     if not name:
         return "empty name"
     if "\x00" in name:

@@ -200,6 +200,14 @@ def _apply_rules(items: list[_Item], ruleset: RuleSet, b: _Build) -> list[Output
 
 def _check_outputs(outputs: list[OutputTensor], b: _Build) -> None:
     """Refuse two outputs with one name, and unsafe output names."""
+    first = {o.name: o for o in outputs}
+    if len(first) == len(outputs):  # every name once (the common case): no grouping needed
+        for name, o in first.items():
+            why = check_name(name)
+            if why:
+                srcs = sorted(set(o.producer.inputs))
+                b.problems.append(f"output name {name!r} (from {', '.join(srcs[:3])}) is unsafe ({why})")
+        return
     by_name: dict[str, list[OutputTensor]] = defaultdict(list)
     for o in outputs:
         by_name[o.name].append(o)

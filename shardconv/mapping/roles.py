@@ -19,10 +19,11 @@ the param whose path is the longest unique match inside the slot's own path.
 """
 from __future__ import annotations
 
+import operator
 import re
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, replace
+from typing import NamedTuple
 
 from ..core.types import Role, SourceRole, TensorInfo
 from ..sources.tf_object_graph import METRIC_CONTAINERS
@@ -73,9 +74,9 @@ _EMA_TREE_FIELDS = frozenset({"ema_params", "params_ema"})
 _FACTORED_SLOTS = frozenset({"v_row", "v_col", "vr", "vc", "v", "m"})
 
 
-@dataclass(frozen=True)
-class TensorRole:
-    """What one source tensor is to the model, under which name, and whose EMA or slot it is."""
+class TensorRole(NamedTuple):
+    """What one source tensor is to the model, under which name, and whose EMA or slot it is.
+    (A NamedTuple: one is made per tensor, and a frozen dataclass costs 2-3x as much to make.)"""
 
     kind: Role
     name: str          # model-facing name
@@ -83,23 +84,49 @@ class TensorRole:
     slot_of: str | None = None
 
 
+#: Parts that make a tree rule apply wherever they are (above the last component).
+_TREE_FIELDS = _OPT_TREE_FIELDS | _EMA_TREE_FIELDS
+
+
+def _children(names: Iterable[str]) -> dict[str, set[str]]:
+    """Each group's child names: ``a/b/c`` puts ``a`` under ``""``, ``b`` under ``a``, ``c`` under
+    ``a/b``. Each distinct group is split once (names share most of their groups); a name that
+    starts with ``/`` is walked part by part, which joins its groups without the leading ``/``."""
+    children: dict[str, set[str]] = defaultdict(set)
+    seen: set[str] = set()
+    for name in names:
+        if name.startswith("/"):
+            group = ""
+            for part in name.split("/"):
+                children[group].add(part)
+                group = f"{group}/{part}" if group else part
+            continue
+        while name not in seen:
+            seen.add(name)
+            head, sep, tail = name.rpartition("/")
+            children[head].add(tail)
+            if not sep:
+                break
+            name = head
+    return children
+
+
 class _Tree:
     """The names of one source as a tree: which groups are optimizer state or EMA copies."""
 
     def __init__(self, infos: Sequence[TensorInfo]) -> None:
         self.names = {t.name: t for t in infos}
-        children: dict[str, set[str]] = defaultdict(set)
-        for name in self.names:
-            group = ""
-            for part in name.split("/"):
-                children[group].add(part)
-                group = f"{group}/{part}" if group else part
+        children = _children(self.names)
         self.opt_roots = {g for g, c in children.items() if c in _OPTAX_STATES}
         self.ema_roots = {g for g, c in children.items() if c == _EMA_STATE}
         self.t5x = "target" in children.get("optimizer", ()) and "state" in children.get("optimizer", ())
+        #: No tree rule can apply to a name none of whose groups is a root and none of whose parts is a tree field.
+        self.plain = not (self.opt_roots or self.ema_roots or self.t5x)
 
     def role(self, t: TensorInfo) -> TensorRole | None:
         parts = t.name.split("/")
+        if self.plain and _TREE_FIELDS.isdisjoint(parts):  # nearly every name: the loop below finds nothing
+            return None
         if self.t5x and parts[0] == "optimizer" and len(parts) > 2:
             return TensorRole(Role.PARAM if parts[1] == "target" else Role.OPTIMIZER, t.name)
         if self.t5x and t.name == "version":
@@ -130,7 +157,16 @@ def _keras_optimizer_state(t: TensorInfo, tree: _Tree) -> bool:
     return False
 
 
+#: A substring every name the three patterns above or ``_keras_optimizer_state`` recognise contains
+#: (``Ada``: Adam, Adagrad, Adadelta, Adafactor, ...): a name without one is none of theirs.
+_MAYBE_OPTIMIZER = re.compile(r"ExponentialMovingAverage|Ada|Momentum|RMSProp|RMSprop|Ftrl|LAMB|LARS|Lamb|Lion|"
+                              r"Nadam|adam_|accumulator|\.OPTIMIZER_SLOT/|_slot_|global_step|beta|learning_rate|"
+                              r"iteration|optimizer/|SGD|LossScaleOptimizer")
+
+
 def _by_name(t: TensorInfo, tree: _Tree) -> TensorRole | None:
+    if _MAYBE_OPTIMIZER.search(t.name) is None:
+        return None
     m = _EMA.match(t.name)
     if m:
         return TensorRole(Role.EMA, t.name, m.group("base"))
@@ -148,6 +184,8 @@ def _is_counter(t: TensorInfo, name: str) -> bool:
 
 
 def _is_metric(name: str) -> bool:
+    if name[name.rfind("/") + 1:] not in _METRIC_VARS:
+        return False
     parts = name.split("/")
     return parts[-1] in _METRIC_VARS and any(p in METRIC_CONTAINERS for p in parts[:-1])
 
@@ -157,18 +195,24 @@ def _recorded(t: TensorInfo) -> SourceRole | None:
     return t.role
 
 
+#: Role members as module constants: ``Role.PARAM`` is a class attribute lookup, run per tensor below.
+_PARAM, _OPTIMIZER, _EMA_ROLE, _META = Role.PARAM, Role.OPTIMIZER, Role.EMA, Role.META
+
+
 def _decide(t: TensorInfo, rec: SourceRole | None, tree: _Tree | None) -> TensorRole:
     """``t``'s role: as recorded, else from the tree and names (``tree`` is given when any
     tensor lacks a recorded role); counters and metric variables are ``meta``."""
-    if rec is not None or tree is None:
-        role = TensorRole(rec.role, rec.model_name or t.name, rec.ema_of, rec.slot_of) if rec is not None \
-            else TensorRole(Role.PARAM, t.name)
+    if rec is not None:
+        role = TensorRole(rec.role, rec.model_name or t.name, rec.ema_of, rec.slot_of)
+    elif tree is None:
+        role = TensorRole(_PARAM, t.name)
     else:
-        role = tree.role(t) or _by_name(t, tree) or TensorRole(Role.PARAM, t.name)
-    if role.kind in (Role.PARAM, Role.OPTIMIZER) and _is_counter(t, role.name):
-        return replace(role, kind=Role.META)
-    if role.kind == Role.PARAM and _is_metric(role.name):
-        return replace(role, kind=Role.META)
+        role = tree.role(t) or _by_name(t, tree) or TensorRole(_PARAM, t.name)
+    kind = role.kind
+    if (kind == _PARAM or kind == _OPTIMIZER) and _is_counter(t, role.name):
+        return role._replace(kind=_META)
+    if kind == _PARAM and _is_metric(role.name):
+        return role._replace(kind=_META)
     return role
 
 
@@ -209,22 +253,38 @@ class _Weights:
         return None
 
 
+#: The last call's infos and roles: ``plan`` asks twice for the same list (the planner, then the
+#: sizes it shows), and roles depend only on the (frozen) infos, so the same objects give the same roles.
+_last: tuple[tuple[TensorInfo, ...], list[TensorRole]] = ((), [])
+
+
 def assign_roles(infos: Sequence[TensorInfo]) -> list[TensorRole]:
     """The role of each of ``infos`` (one source's tensors), in order, with slots and EMAs linked."""
+    global _last
+    seen, roles = _last
+    if infos and len(seen) == len(infos) and all(map(operator.is_, seen, infos)):
+        return list(roles)
+    roles = _assign(infos)
+    _last = (tuple(infos), roles)
+    return list(roles)
+
+
+def _assign(infos: Sequence[TensorInfo]) -> list[TensorRole]:
+    """``assign_roles`` without the memory of the last call."""
     recorded = [_recorded(t) for t in infos]
     # The tree and the weight index cost more than the rest; build each only if a tensor needs it.
     tree = _Tree(infos) if any(r is None for r in recorded) else None
     roles = [_decide(t, rec, tree) for t, rec in zip(infos, recorded)]
     weights: _Weights | None = None
     for i, (r, t) in enumerate(zip(roles, infos)):
-        if (r.kind == Role.OPTIMIZER and r.slot_of is None) or (r.kind == Role.EMA and r.ema_of is None):
+        if (r.kind == _OPTIMIZER and r.slot_of is None) or (r.kind == _EMA_ROLE and r.ema_of is None):
             if weights is None:
                 weights = _Weights((r, t) for r, t in zip(roles, infos) if r.kind == Role.PARAM and not t.is_string)
             owner = weights.owner(r.name, t)
             if r.kind == Role.OPTIMIZER:
-                roles[i] = replace(r, slot_of=owner)
+                roles[i] = r._replace(slot_of=owner)
             else:
-                roles[i] = replace(r, ema_of=owner) if owner else replace(r, kind=Role.PARAM)
+                roles[i] = r._replace(ema_of=owner) if owner else r._replace(kind=Role.PARAM)
     return roles
 
 

@@ -289,8 +289,9 @@ def all_paths(nodes: list[Node], limit: int = 16) -> dict[int, list[str]]:
     queue = deque([(0, "")]) if nodes else deque()
     while queue:
         nid, path = queue.popleft()
+        prefix = f"{path}/" if path else ""
         for local, child in nodes[nid].children:
-            p = f"{path}/{local}" if path else local
+            p = prefix + local
             known = paths.get(child)
             if known is None:  # the first path to ``child``: nearly every edge
                 paths[child] = [p]
@@ -534,6 +535,8 @@ def annotate(nodes: list[Node]) -> dict[str, tuple[SourceRole, str]]:
             good = "/" in full and fulls[full] == 1 and full not in taken
             names[nid] = full if good else _strip_key(key)
             taken.add(names[nid])
+    if not ema_of and not slots:  # no links to name: the loop below without its lookups
+        return {key: (SourceRole(roles[nid], names[nid]), full) for nid, (key, full) in g.keys.items()}
     out: dict[str, tuple[SourceRole, str]] = {}
     for nid, (key, full) in g.keys.items():
         ema = names[ema_of[nid]] if nid in ema_of and ema_of[nid] in names else None

@@ -1,0 +1,131 @@
+"""The shortcuts that make ``ls`` and ``plan`` of 100 000 tensors fast decide exactly what the
+code they skip decides: each is checked here against that code, on names built from every
+pattern it short-cuts and on random names (hypothesis)."""
+from __future__ import annotations
+
+import itertools
+import re
+from collections import defaultdict
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from shardconv.core import plan as core_plan
+from shardconv.core.types import Role, SourceRole, TensorInfo
+from shardconv.mapping import roles
+
+FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+
+#: Pieces of names the role patterns and the name checks look at, and some they do not.
+PIECES = ["model", "dense", "kernel", "w0", "Adam", "Adam_1", "LazyAdam", "AdamW", "Adamax", "Momentum", "RMSProp",
+          "RMSprop", "RMSProp_1", "Adagrad", "AdagradDA", "ProximalAdagrad", "Adadelta", "Adafactor", "Ftrl", "LAMB",
+          "Lamb", "LARS", "Lion", "Nadam", "SGD", "LossScaleOptimizer", "adam_m", "adam_v", "accumulator",
+          "gradient_accumulator", ".OPTIMIZER_SLOT", "x_slot_v", "x_slot_vr", "x_slot_m", "global_step", "beta1_power",
+          "beta2_power", "learning_rate", "iterations", "iteration", "optimizer", "ExponentialMovingAverage", "m", "v",
+          "momentum", "lr", "opt_state", "ema_params", "params_ema", "count", "mu", "nu", "ema", "total", "metrics",
+          "", ".", "..", "a\\b", "a\nb", "\x00", "x\x1f"]
+
+
+def _names(max_parts: int = 3) -> list[str]:
+    out = []
+    for n in range(1, max_parts + 1):
+        out += ["/".join(p) for p in itertools.product(PIECES[:n * 12 if n > 2 else None], repeat=n)]
+    return out + ["/" + n for n in PIECES] + [n + "/" for n in PIECES]
+
+
+def _children_by_walking(names) -> dict[str, set[str]]:
+    """``_Tree``'s group children as it built them before ``_children``: each name part by part."""
+    children: dict[str, set[str]] = defaultdict(set)
+    for name in names:
+        group = ""
+        for part in name.split("/"):
+            children[group].add(part)
+            group = f"{group}/{part}" if group else part
+    return children
+
+
+def test_tree_children_are_those_of_the_part_by_part_walk():
+    names = _names(2) + ["a/b/c", "a/b", "a//b", "/a/b", "//a", "", "a/", "a/b/", "opt_state/mu/x"]
+    assert roles._children(names) == _children_by_walking(names)
+
+
+@FUZZ
+@given(st.lists(st.text(alphabet="ab/", max_size=8), max_size=12))
+def test_tree_children_random(names):
+    assert roles._children(names) == _children_by_walking(names)
+
+
+def _info(name: str, dtype: str = "float32", shape: tuple[int, ...] = (4,)) -> TensorInfo:
+    return TensorInfo(name, dtype, shape, 16)
+
+
+def _by_name_unfiltered(monkeypatch: pytest.MonkeyPatch, t: TensorInfo, tree: roles._Tree):
+    with monkeypatch.context() as m:
+        m.setattr(roles, "_MAYBE_OPTIMIZER", re.compile(""))  # matches every name: the patterns decide
+        return roles._by_name(t, tree)
+
+
+def test_optimizer_prefilter_never_hides_a_match(monkeypatch):
+    """Every name one of the patterns (or the Keras optimizer rule) recognises passes the prefilter."""
+    names = _names()
+    infos = [_info(n) for n in names]
+    tree = roles._Tree(infos)
+    recognised = 0
+    for t in infos:
+        expected = _by_name_unfiltered(monkeypatch, t, tree)
+        assert roles._by_name(t, tree) == expected, t.name
+        recognised += expected is not None
+    assert recognised > 1000  # the corpus exercises the patterns, not only the prefilter
+
+
+def test_tree_shortcut_agrees_with_the_walk():
+    """``_Tree.role``'s early return gives what the loop gives, with and without tree roots."""
+    plain = [_info(n) for n in _names(2)]
+    rooted = plain + [_info(f"zz/{f}") for f in ("count", "mu", "nu")] + [_info("ee/count"), _info("ee/ema")]
+    for infos in (plain, rooted):
+        tree = roles._Tree(infos)
+        walk = roles._Tree(infos)
+        walk.plain = False
+        assert [tree.role(t) for t in infos] == [walk.role(t) for t in infos]
+    assert roles._Tree(plain).plain and not roles._Tree(rooted).plain
+
+
+def test_metric_shortcut():
+    for name in ["metrics/acc/total", "a/total", "metrics/total", "x/metrics/count", "total", "a/b"]:
+        parts = name.split("/")
+        slow = parts[-1] in roles._METRIC_VARS and any(p in roles.METRIC_CONTAINERS for p in parts[:-1])
+        assert roles._is_metric(name) == slow
+
+
+def test_assign_roles_remembers_only_the_same_infos():
+    a = [_info("dense/kernel"), _info("dense/kernel/Adam"), _info("global_step", "int64", ())]
+    first = roles.assign_roles(a)
+    assert [r.kind for r in first] == [Role.PARAM, Role.OPTIMIZER, Role.META]
+    assert roles.assign_roles(list(a)) == first and roles.assign_roles(list(a)) is not first
+    # equal infos that are other objects, here with a recorded role, are decided again
+    b = [TensorInfo(t.name, t.dtype, t.shape, t.nbytes, role=SourceRole(Role.META, t.name)) for t in a]
+    assert [r.kind for r in roles.assign_roles(b)] == [Role.META, Role.META, Role.META]
+    assert [r.kind for r in roles.assign_roles(a[:2])] == [Role.PARAM, Role.OPTIMIZER]
+
+
+def _check_name_slow(name: str) -> str | None:
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(core_plan, "_MAYBE_UNSAFE", re.compile(""))  # every name takes the full checks
+        return core_plan.check_name(name)
+
+
+def test_check_name_shortcut_on_every_unsafe_form():
+    names = _names(2) + ["/a", "a/", "a//b", "a/./b", "a/..", "../a", "a\\b", "a\x00", "\t", "a/.b", "..a", "a..",
+                         "a\n", "a/\n", "\x7f", "é/ü"]
+    unsafe = 0
+    for name in names:
+        assert core_plan.check_name(name) == _check_name_slow(name), name
+        unsafe += _check_name_slow(name) is not None
+    assert unsafe > 100
+
+
+@FUZZ
+@given(st.text(alphabet=st.sampled_from(list("ab./\\\x00\n\x1f\x7fé")), max_size=10))
+def test_check_name_random(name):
+    assert core_plan.check_name(name) == _check_name_slow(name)
