@@ -17,7 +17,7 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 import pytest
-from procs import peak_rss, run_cli, shardconv_cmd, tree_digest
+from procs import baseline_rss, peak_rss, run_cli, shardconv_cmd, tree_digest
 from reference import load_reference, reference_prefix
 
 import shardconv
@@ -93,7 +93,7 @@ class ArraySource(Source):
         return [TensorInfo(k, v.dtype.name, v.shape, v.nbytes) for k, v in self.tree.items()]
 
     def read_into(self, name: str, offset: int, out: memoryview) -> list:
-        out[:] = self.tree[name].reshape(-1).view(np.uint8)[offset:offset + len(out)]
+        out[:] = self.tree[name].reshape(-1).view(np.uint8)[offset:offset + len(out)].data
         return []
 
 
@@ -305,10 +305,12 @@ def test_cli_options_reach_the_store(npz_in, tmp_path):
 
 
 def test_names_that_cannot_be_a_hierarchy_are_refused(tmp_path):
-    np.savez(tmp_path / "in.npz", **{"a": np.zeros(2), "a/b": np.zeros(2)})
+    one: dict[str, Any] = {"a": np.zeros(2), "a/b": np.zeros(2)}
+    np.savez(tmp_path / "in.npz", **one)
     with pytest.raises(PlanError, match="both a tensor and a group"):
         shardconv.convert(tmp_path / "in.npz", tmp_path / "o.zarr")
-    np.savez(tmp_path / "in2.npz", **{"a.b/c": np.zeros(2), "a/b.c": np.zeros(2)})
+    two: dict[str, Any] = {"a.b/c": np.zeros(2), "a/b.c": np.zeros(2)}
+    np.savez(tmp_path / "in2.npz", **two)
     with pytest.raises(PlanError, match="both map to array"):
         shardconv.convert(tmp_path / "in2.npz", tmp_path / "o2", to="zarr", sink_options={"layout": "orbax"})
     assert not (tmp_path / "o.zarr").exists() and not (tmp_path / "o2").exists()
@@ -498,7 +500,10 @@ def test_engine_chunks_cover_whole_zarr_chunks():
             continue  # refused before anything is written (test_a_budget_too_small_for_one_zarr_chunk...)
         checked += 1
         out = OutputTensor("x", {1: "uint8", 2: "float16", 4: "float32", 8: "float64"}[isz], shape, Copy("x"))
-        for c in chunk_plan([out], engine, lambda _, grid=chunks: grid):
+        def grid(_: OutputTensor, chunks: list[int] = chunks) -> list[int]:
+            return chunks
+
+        for c in chunk_plan([out], engine, grid):
             if c.length:
                 for s, z, d in zip(chunk_region(shape, isz, c.offset, c.length), chunks, shape):
                     assert s.start % z == 0 and (s.stop % z == 0 or s.stop == d), (shape, isz, engine, chunks)
@@ -518,7 +523,9 @@ def test_zarr_bytes_do_not_depend_on_the_budget_and_a_budget_too_small_is_refuse
         shardconv.convert(src, tmp_path / "c.zarr", max_memory="16MiB")
     msg = str(e.value)
     assert "\n" not in msg and "'w'" in msg and "[1024, 1024]" in msg and "chunk_mib" in msg, msg
-    need = parse_size(re.search(r"at least ([0-9.]+ ?[KMG]i?B)", msg).group(1).replace(" ", ""))
+    found = re.search(r"at least ([0-9.]+ ?[KMG]i?B)", msg)
+    assert found, msg
+    need = parse_size(found.group(1).replace(" ", ""))
     assert need <= 64 << 20
     shardconv.convert(src, tmp_path / "c.zarr", max_memory=need)
     assert not (tmp_path / "c.zarr.partial").exists() and (tmp_path / "c.zarr").is_dir()
@@ -562,7 +569,7 @@ def test_chunks_larger_than_the_budget_are_streamed_within_it(tmp_path, fmt):
     want = _one_chunk_arrays(src, fmt, {"zstd": ZstdCodec() if fmt == 3 else numcodecs.Zstd(), "raw": None})
     for name in want:
         assert zarr.open_array(str(src / name), mode="r").nchunks == 1
-    _, baseline = peak_rss(shardconv_cmd("ls", src, "--quiet"))
+    baseline = baseline_rss(src)
     rc, peak = peak_rss(shardconv_cmd("convert", src, tmp_path / "o.npz", "--max-memory", "16MiB", "--quiet"))
     assert rc == 0
     assert peak - baseline <= 16 * MiB, f"peak {peak / MiB:.0f} MiB, baseline {baseline / MiB:.0f} MiB"
@@ -587,7 +594,7 @@ def test_blosc_chunk_too_large_for_the_budget_is_refused_naming_the_minimum(tmp_
     assert not dest.exists() and not Path(str(dest) + ".partial").exists()
     minimum = p.stderr.split("at least ", 1)[1].split()[0]
     assert 96 * MiB < parse_size(minimum) <= 100 * MiB
-    _, baseline = peak_rss(shardconv_cmd("ls", src, "--quiet"))
+    baseline = baseline_rss(src)
     rc, peak = peak_rss(shardconv_cmd("convert", src, dest, "--max-memory", minimum, "--quiet"))
     assert rc == 0 and peak - baseline <= parse_size(minimum)
     with np.load(dest) as got:
