@@ -38,10 +38,19 @@ from .regions import box_views
 PIECE = 4 << 20          # largest decoded span held at once
 FETCH = 1 << 20          # compressed bytes fetched per kvstore read
 MAX_STREAMS = 32         # open chunk decoders (each: a zstd window <= 16 MiB, one fetch)
-#: Chunks decoded at once when one read spans several (each holds at most a PIECE): a
-#: core is left to the engine's writer; more than 8 did not help (measured on 16 cores).
+
+
+def _default_workers() -> int:
+    """One decoding thread per usable core but one (left to the engine's writer), at least two
+    where there are two cores (the writer waits on I/O part of the time: Orbax -> npz, 2 GiB,
+    2 busy cores: 16-19 s instead of 18-24 s), at most 8 (more did not help on 16 cores)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return 1 if cores < 2 else min(8, max(2, cores - 1))
+
+
+#: Chunks decoded at once when one read spans several (each holds at most a PIECE).
 #: SHARDCONV_DECODE_THREADS overrides (1: no threads).
-WORKERS = max(1, int(os.environ.get("SHARDCONV_DECODE_THREADS", "0") or 0) or min(8, (os.cpu_count() or 1) - 1))
+WORKERS = max(1, int(os.environ.get("SHARDCONV_DECODE_THREADS", "0") or 0) or _default_workers())
 _ZSTD_WINDOW_LOG_MAX = 24
 #: Decoder state per open stream, for estimates: zstd's window at the levels TensorStore
 #: writes (3: 2 MiB at most; higher levels may use up to 16 MiB) or zlib's 32 KiB.
