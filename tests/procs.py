@@ -52,3 +52,12 @@ def assert_python_runs(code: str) -> None:
     require it to exit 0, showing its stderr otherwise."""
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert p.returncode == 0, p.stderr
+
+
+def baseline_rss(src: str | os.PathLike) -> int:
+    """Peak RSS of ``shardconv ls SRC`` with the libraries a conversion loads (NumPy, ml_dtypes)
+    imported first (``ls`` alone imports neither): what a conversion holds above it is its buffers."""
+    code = "import sys, numpy, ml_dtypes; from shardconv.cli import main; sys.exit(main(['ls', sys.argv[1], '--quiet']))"
+    rc, rss = peak_rss([sys.executable, "-c", code, str(src)])
+    assert rc == 0
+    return rss

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from procs import peak_rss, run_cli, shardconv_cmd, tree_digest
+from procs import baseline_rss, peak_rss, run_cli, shardconv_cmd, tree_digest
 from reference import load_reference_index, reference_prefix
 
 import shardconv
@@ -36,7 +36,7 @@ def test_tensors_larger_than_the_budget_convert_exactly_within_it(big_ckpt, tmp_
     largest = max(int(np.prod(t["shape"])) * 4 for t in index.values())
     budget = 16 * MiB
     assert largest > 3 * budget
-    _, baseline = peak_rss(shardconv_cmd("ls", prefix, "--quiet"))
+    baseline = baseline_rss(prefix)
     rc, peak = peak_rss(shardconv_cmd("convert", prefix, tmp_path / "o.npz", "--max-memory", "16MiB", "--quiet"))
     assert rc == 0
     assert peak - baseline <= budget, f"peak {peak / MiB:.0f} MiB, baseline {baseline / MiB:.0f} MiB"
@@ -356,14 +356,14 @@ def test_a_source_changed_during_the_run_is_refused_and_nothing_reaches_dest(tmp
     src = tmp_path / "in.npz"
     np.savez(src, a=np.arange(300_000, dtype=np.int64), b=np.ones(300_000))
     np.savez(tmp_path / "new.npz", a=np.arange(300_000, dtype=np.int64) + 1, b=np.ones(300_000))
-    real = npz_sink.NpzSink.write
+    real = npz_sink.NpzSink.write_part  # every chunk of a stored npz is copied in parts
 
     def write_then_change(self, chunk, data):
         if (tmp_path / "new.npz").exists():
             os.replace(tmp_path / "new.npz", src)
         return real(self, chunk, data)
 
-    monkeypatch.setattr(npz_sink.NpzSink, "write", write_then_change)
+    monkeypatch.setattr(npz_sink.NpzSink, "write_part", write_then_change)
     dest = tmp_path / "o.npz"
     with pytest.raises(SourceError, match=r"in\.npz: the input changed while it was being converted \(.*in\.npz"):
         shardconv.convert(src, dest, max_memory="1MiB")

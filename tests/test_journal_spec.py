@@ -22,9 +22,10 @@ def src(tmp_path: Path) -> Path:
     return tmp_path / "in.npz"
 
 
-def kill_at(src: Path, dest: Path, point: str) -> None:
+def kill_at(src: Path, dest: Path, point: str, env: dict[str, str] | None = None) -> None:
     argv = [sys.executable, "-m", "shardconv", "convert", str(src), str(dest), "--max-memory", "1MiB", "--quiet"]
-    p = subprocess.run(argv, env={**os.environ, "SHARDCONV_TEST_KILL": point}, capture_output=True, text=True)
+    p = subprocess.run(argv, env={**os.environ, "SHARDCONV_TEST_KILL": point, **(env or {})}, capture_output=True,
+                       text=True)
     assert p.returncode == -9, p.stderr
 
 
@@ -155,3 +156,66 @@ def test_rule9_a_resume_keeps_the_journaled_chunk_size(src, tmp_path):
     size = json.loads(lines(dest)[0])["chunk_bytes"]
     r = shardconv.convert(src, dest, max_memory="256MiB")
     assert r.chunk_bytes == size and r.chunks_resumed == 4
+
+
+#: A durable mark after every chunk (the default is one per 256 MiB).
+EVERY_CHUNK = {"SHARDCONV_TEST_MARK_BYTES": "1"}
+
+
+def test_rule10_a_durable_mark_follows_a_sync_and_counts_the_records_before_it(src, tmp_path, monkeypatch):
+    dest = tmp_path / "o.npz"
+    kill_at(src, dest, "journal:3", EVERY_CHUNK)
+    recs = [json.loads(ln) for ln in lines(dest)[1:] if ln]
+    assert recs[1::2] == [{"d": 1}, {"d": 2}, {"d": 3}] and [r["i"] for r in recs[0::2]] == [0, 1, 2, 3]
+    # in process: every mark comes right after an fsync of the output; none with fsync off
+    from shardconv.core import pipeline
+
+    monkeypatch.setattr(pipeline, "MARK_BYTES", 1)
+    events: list[str] = []
+    real_fsync, real_append = os.fsync, Journal.append
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(f"fsync:{os.readlink(f'/proc/self/fd/{fd}')}"),
+                                                 real_fsync(fd))[1])
+    monkeypatch.setattr(Journal, "append", lambda self, rec: (events.append("mark" if "d" in rec else "chunk"),
+                                                              real_append(self, rec))[1])
+    shardconv.convert(src, tmp_path / "fresh.npz", max_memory="1MiB")
+    marks = [k for k, e in enumerate(events) if e == "mark"]
+    assert len(marks) == events.count("chunk") > 3
+    assert all(events[k - 1].startswith("fsync:") and events[k - 1].endswith("fresh.npz") for k in marks), events
+    events.clear()
+    shardconv.convert(src, tmp_path / "nosync.npz", max_memory="1MiB", fsync=False)
+    assert "mark" not in events and events.count("chunk") > 3
+
+
+def _resume_counting_checks(src: Path, dest: Path, monkeypatch) -> tuple[list[int], list[list], object]:
+    from shardconv.sinks.npz import NpzSink
+
+    checked: list[int] = []
+    real_check = NpzSink.check
+    monkeypatch.setattr(NpzSink, "check", lambda self, c, r: (checked.append(c.offset), real_check(self, c, r))[1])
+    kept: list[list] = []
+    real_start = Journal.start
+    monkeypatch.setattr(Journal, "start", lambda self, h, r=(), durable=True: (kept.append(list(r)),
+                                                                                real_start(self, h, r, durable))[1])
+    return checked, kept, shardconv.convert(src, dest, max_memory="1MiB")
+
+
+def test_rule10_a_resume_keeps_marked_records_without_reading_them(src, tmp_path, monkeypatch):
+    clean = tmp_path / "clean.npz"
+    shardconv.convert(src, clean, max_memory="1MiB")
+    dest = tmp_path / "o.npz"
+    kill_at(src, dest, "journal:3", EVERY_CHUNK)  # marks vouch for chunks 0-2; chunk 3 has none
+    checked, kept, r = _resume_counting_checks(src, dest, monkeypatch)
+    assert r.chunks_resumed == 4 and len(checked) == 1  # only chunk 3 was read back
+    assert [x.get("i", x) for x in kept[0]] == [0, 1, 2, {"d": 3}, 3]
+    assert dest.read_bytes() == clean.read_bytes()
+
+
+def test_rule10_a_mark_counting_more_records_than_precede_it_is_ignored(src, tmp_path, monkeypatch):
+    dest = tmp_path / "o.npz"
+    kill_at(src, dest, "journal:3")
+    path = Path(f"{dest}.partial") / "journal.jsonl"
+    raw = lines(dest)
+    raw.insert(2, b'{"d":4}')  # after one record, a mark claiming four
+    path.write_bytes(b"\n".join(raw))
+    checked, kept, r = _resume_counting_checks(src, dest, monkeypatch)
+    assert r.chunks_resumed == 4 and len(checked) == 4 and {"d": 4} not in kept[0]

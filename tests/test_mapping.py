@@ -3,12 +3,11 @@ transforms checked against NumPy, and rule errors reported together."""
 from __future__ import annotations
 
 import json
-import sys
 
 import ml_dtypes
 import numpy as np
 import pytest
-from procs import peak_rss, run_cli, shardconv_cmd
+from procs import baseline_rss, peak_rss, run_cli, shardconv_cmd
 from reference import load_model_values, reference_prefix
 from test_npz import load_npz
 
@@ -131,11 +130,7 @@ def test_transforms_match_numpy_within_a_budget_smaller_than_the_tensor(arrays, 
                                   for k, v in r.items()) for r in rules) + "\n[[rules]]\nmatch = '.*'\ndrop = true\n")
     budget = 16 * MiB
     assert max(v.nbytes for v in tree.values()) > budget
-    # The baseline loads the libraries a conversion loads (ls alone imports neither NumPy nor ml_dtypes):
-    # what is measured above it is the conversion's buffers.
-    code = "import sys, numpy, ml_dtypes; from shardconv.cli import main; sys.exit(main(['ls', sys.argv[1], '--quiet']))"
-    rc, baseline = peak_rss([sys.executable, "-c", code, str(src)])
-    assert rc == 0
+    baseline = baseline_rss(src)
     rc, peak = peak_rss(shardconv_cmd("convert", src, tmp_path / "o.npz", "--rules", rules_file,
                                       "--max-memory", "16MiB", "--quiet"))
     assert rc == 0

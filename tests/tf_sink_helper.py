@@ -112,9 +112,9 @@ def op_convert(req: dict) -> dict:
 
 def op_cli(req: dict) -> dict:
     from shardconv import cli
-    from shardconv.core import engine
+    from shardconv.core import pipeline
 
-    engine._KILL = req.get("kill") or ""
+    pipeline._KILL = req.get("kill") or ""
     if req.get("cwd"):
         os.chdir(req["cwd"])
         sys.path.insert(0, req["cwd"])

@@ -69,7 +69,7 @@ class RawDirSink(Sink):
             if create:
                 pwrite_all(fd, self._head, 0, path)
 
-    def write(self, chunk: Chunk, data: memoryview) -> int:
+    def write(self, chunk: Chunk, data: memoryview, crc: int | None = None) -> int:
         pwrite_all(self._fds[chunk.index], data, len(self._head) + chunk.offset, self._paths[chunk.index])
         return crc32(data)
 

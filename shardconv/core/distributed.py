@@ -34,7 +34,7 @@ from ..errors import DestinationError, ResumeError
 from ..frontend import option
 from ..progress import ProgressArg
 from ..util import safefs
-from . import engine
+from . import engine, pipeline
 from .budget import Budget
 from .destination import Destination, SinkContext
 from .integrity import IntegrityTracker
@@ -188,15 +188,15 @@ def run_share(plan: Plan, sink: Sink, dest: str | os.PathLike[str] | Destination
         share = table.shares[index]
         tracker = IntegrityTracker(plan.source.units())
         mine = [r for r in _share_records(staging, index) if share.start <= r.get("i", -1) < share.stop]
-        done = engine._kept_chunks(mine, chunks, sink, tracker)
+        done, _ = engine._kept_chunks(mine, chunks, sink, tracker)  # share journals have no durable marks
         budget = Budget.for_limit(max_memory, table.chunk_bytes, scratch_factor=engine._scratch_slots(plan, sink),
                                   reserve=plan.source.budget_reserve())
         todo = [(i, chunks[i]) for i in range(share.start, share.stop) if i not in done]
         journal = _share_journal(staging, index, table, done, fsync)
         try:
             resumed = sum(chunks[i].length for i in done)
-            engine._pipeline(plan, sink, journal, tracker, todo, done, budget, progress, share.nbytes, resumed,
-                             f"{where.path.name} share {index}")
+            pipeline.run(plan, sink, journal, tracker, todo, done, budget, progress, share.nbytes, resumed,
+                         f"{where.path.name} share {index}")
         finally:
             journal.close()
         return ShareResult(index, len(todo), len(done) - len(todo), sum(c.length for _, c in todo),
@@ -254,7 +254,7 @@ def finalize(plan: Plan, sink: Sink, dest: str | os.PathLike[str] | Destination,
         engine.check_source_unchanged(plan, table.header["source"], where.label)
         receipts = [(c, records[i]["r"]) for i, c in enumerate(chunks)]
         moves = sink.finish(receipts, engine.manifest_for(plan, sink))
-        engine._hook("finish", where.path)
+        pipeline.hook("finish", where.path)
         staging.commit(moves, overwrite, fsync)
         committed = True
         return engine.Result(dest=where.shown, tensors=len(plan.outputs), bytes_total=plan.total_bytes,

@@ -6,9 +6,6 @@ The engine knows no format: sources and sinks plug in through their interfaces.
 from __future__ import annotations
 
 import os
-import queue
-import signal
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,41 +25,19 @@ from ..errors import (
 )
 from ..frontend import changed_options, option
 from ..progress import ProgressArg
-from ..progress import start as start_progress
 from ..util import safefs
 from ..util.units import format_size
-from .budget import MAX_CHUNK, Budget, BufferPool
+from .budget import MAX_CHUNK, Budget
 from .destination import Destination, SinkContext
 from .integrity import IntegrityTracker
-from .journal import Journal, describe_changes
+from .journal import Journal, describe_changes, durable_prefix, is_mark
+from .pipeline import hook, start_kill_timer
+from .pipeline import run as run_pipeline
 from .plan import Chunk, Plan, chunk_plan
 from .staging import Staging
 
 if TYPE_CHECKING:  # the contract only; core never imports a sink at run time
     from ..sinks.base import Sink
-
-#: Test hook: SHARDCONV_TEST_KILL=chunk:K | journal:K | lock | finish | renamed kills the
-#: process with SIGKILL at that point, for the resume tests; after:SECONDS kills it that
-#: long after the conversion starts, wherever it then is. race:POINT (lock | finish) instead
-#: moves ``DEST.race`` to DEST at that point: another writer publishing DEST in that instant.
-_KILL = os.environ.get("SHARDCONV_TEST_KILL", "")
-
-
-def _hook(point: str, dest: Path | None = None) -> None:
-    if not _KILL:
-        return
-    if _KILL == point:
-        os.kill(os.getpid(), signal.SIGKILL)
-    elif _KILL == f"race:{point}" and dest is not None:
-        os.rename(f"{dest}.race", dest)
-
-
-def _start_kill_timer() -> None:
-    if _KILL.startswith("after:"):
-        t = threading.Timer(float(_KILL[6:]), os.kill, (os.getpid(), signal.SIGKILL))
-        t.daemon = True
-        t.start()
-
 
 @dataclass
 class Result:
@@ -162,7 +137,7 @@ def run(plan: Plan, sink: Sink, dest: str | os.PathLike[str] | Destination, *, m
     anything is written; ResumeError, SourceError, ChecksumError, SourceChangedError,
     DestinationError and DurabilityError while converting (the last two discard the partial)."""
     t0 = time.monotonic()
-    _start_kill_timer()
+    start_kill_timer()
     where = Destination.parse(dest)
     scratch = _refuse_before_lock(plan, sink, where, overwrite, max_memory, chunk_bytes)
     where.make_state_dir()
@@ -170,7 +145,7 @@ def run(plan: Plan, sink: Sink, dest: str | os.PathLike[str] | Destination, *, m
     staging.acquire()
     job = _Job(plan, sink, where, staging, Journal(staging.journal_path), _header(plan, sink), fsync)
     try:
-        _hook("lock", where.path)
+        hook("lock", where.path)
         if not overwrite and _published(sink, where):  # another run may have published it meanwhile
             raise DestinationError(f"{where.label}: already exists; pass {option('overwrite')} to replace it")
         opened = _open(job, restart, max_memory, chunk_bytes, scratch)
@@ -254,9 +229,10 @@ def _open(job: _Job, restart: bool, max_memory: int, chunk_bytes: int | None, sc
     job.sink.open(job.staging.out, job.plan.outputs, ctx)
     chunks = chunk_plan(job.plan.outputs, budget.chunk_bytes, job.sink.chunk_grid)
     tracker = IntegrityTracker(job.plan.source.units())
-    done = _kept_chunks(prior[1], chunks, job.sink, tracker) if resume and prior else {}
+    done, trusted = _kept_chunks(prior[1], chunks, job.sink, tracker) if resume and prior else ({}, 0)
+    kept = list(done.values())  # the trusted ones first, still vouched for by their mark
     job.journal.start({**job.header, "chunk_bytes": budget.chunk_bytes, "dest": job.dest.path.name},
-                      [done[i] for i in sorted(done)], durable=job.fsync)
+                      kept[:trusted] + ([{"d": trusted}] if trusted else []) + kept[trusted:], durable=job.fsync)
     job.journaled = True
     return _Opened(budget, chunks, tracker, done)
 
@@ -265,8 +241,8 @@ def _convert(job: _Job, opened: _Opened, progress: ProgressArg, resumed: int) ->
     """Write every chunk not kept, then check what the reads did not: the inputs' remaining
     checksums, and that the source did not change meanwhile."""
     todo = [(i, c) for i, c in enumerate(opened.chunks) if i not in opened.done]
-    _pipeline(job.plan, job.sink, job.journal, opened.tracker, todo, opened.done, opened.budget, progress,
-              job.plan.total_bytes, resumed, job.dest.path.name)
+    run_pipeline(job.plan, job.sink, job.journal, opened.tracker, todo, opened.done, opened.budget, progress,
+                 job.plan.total_bytes, resumed, job.dest.path.name, durable=job.fsync)
     verify_inputs(job.plan, opened.tracker, opened.budget.chunk_bytes)
     check_source_unchanged(job.plan, job.header["source"], job.dest.label)
 
@@ -276,10 +252,10 @@ def _commit(job: _Job, opened: _Opened, overwrite: bool) -> None:
     receipts = [(c, opened.done[i]["r"]) for i, c in enumerate(opened.chunks)]
     moves = job.sink.finish(receipts, manifest_for(job.plan, job.sink))
     job.journal.close()
-    _hook("finish", job.dest.path)
+    hook("finish", job.dest.path)
     job.staging.commit(moves, overwrite, job.fsync)
     job.committed = True
-    _hook("renamed")
+    hook("renamed")
 
 
 def _scratch_slots(plan: Plan, sink: Sink) -> int:
@@ -304,19 +280,27 @@ def _prior_run(journal: Journal, staging: Staging, header: dict[str, Any],
 
 
 def _kept_chunks(records: list[dict[str, Any]], chunks: list[Chunk], sink: Sink,
-                 tracker: IntegrityTracker) -> dict[int, dict[str, Any]]:
-    """Journaled chunks of an earlier run that are intact in the partial output, by index."""
+                 tracker: IntegrityTracker) -> tuple[dict[int, dict[str, Any]], int]:
+    """Journaled chunks of an earlier run that are intact in the partial output, by index (in
+    journal order), and how many of them come first as trusted: those before the last durable
+    mark are kept as journaled (their bytes were synced before the mark was written), the
+    others only if ``sink.check`` finds their bytes."""
+    trusted = durable_prefix(records)
+    kept_trusted = 0
     done: dict[int, dict[str, Any]] = {}
-    for rec in records:
+    for n, rec in enumerate(r for r in records if not is_mark(r)):
         i = rec.get("i")
         if not isinstance(i, int) or not 0 <= i < len(chunks) or i in done:
             continue
         c = chunks[i]
-        if (rec.get("o"), rec.get("n")) != (c.offset, c.length) or not sink.check(c, rec.get("r")):
+        if (rec.get("o"), rec.get("n")) != (c.offset, c.length):
+            continue
+        if n >= trusted and not sink.check(c, rec.get("r")):
             continue
         done[i] = rec
+        kept_trusted += n < trusted
         tracker.add(rec.get("s", []))
-    return done
+    return done, kept_trusted
 
 
 def check_destination(plan: Plan, sink: Sink, dest: Destination, overwrite: bool) -> None:
@@ -403,61 +387,3 @@ def verify_inputs(plan: Plan, tracker: IntegrityTracker, chunk_bytes: int) -> No
         for off in range(0, info.nbytes, chunk_bytes):
             n = min(chunk_bytes, info.nbytes - off)
             tracker.add(plan.source.read_into(name, off, buf.data[:n]))
-
-
-def _pipeline(plan: Plan, sink: Sink, journal: Journal, tracker: IntegrityTracker, todo: list[tuple[int, Chunk]],
-              done: dict[int, dict[str, Any]], budget: Budget, progress: ProgressArg, total: int, initial: int,
-              label: str) -> None:
-    """One reader thread fills pooled buffers; this thread writes and journals them in order."""
-    pool = BufferPool(budget.n_buffers, budget.chunk_bytes)
-    filled: queue.Queue = queue.Queue()
-    stop = threading.Event()
-    source = plan.source
-
-    def read(name: str, offset: int, out: memoryview):
-        return source.read_into(name, offset, out)
-
-    def reader() -> None:
-        try:
-            for i, c in todo:
-                while True:
-                    if stop.is_set():
-                        return
-                    try:
-                        buf = pool.get(timeout=0.1)
-                        break
-                    except queue.Empty:
-                        continue
-                view = buf.data[: c.length]
-                segs = plan.outputs[c.index].producer.fill(c.offset, view, read) if c.length else []
-                filled.put((i, c, buf, segs))
-            filled.put(None)
-        except BaseException as e:  # handed to the writer, which raises it
-            filled.put(e)
-
-    bar = start_progress(progress, total, initial, label)
-    thread = threading.Thread(target=reader, name="shardconv-reader", daemon=True)
-    thread.start()
-    try:
-        while True:
-            item = filled.get()
-            if item is None:
-                break
-            if isinstance(item, BaseException):
-                raise item
-            i, c, buf, segs = item
-            receipt = sink.write(c, memoryview(buf)[: c.length])
-            tracker.add(segs)
-            rec = {"i": i, "o": c.offset, "n": c.length, "r": receipt, "s": [list(s) for s in segs]}
-            _hook(f"chunk:{i}")
-            journal.append(rec)
-            _hook(f"journal:{i}")
-            done[i] = rec
-            pool.put(buf)
-            if bar is not None:
-                bar.update(c.length)
-    finally:
-        stop.set()
-        thread.join()
-        if bar is not None:
-            bar.close()

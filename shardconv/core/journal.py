@@ -2,9 +2,11 @@
 
 JSON lines: a header (source fingerprint, plan digest, chunk size), then one
 record per chunk, appended once the sink has written that chunk's bytes (handed
-them to the kernel: nothing is fsynced before the end of the run, so a resume
-re-checks every journaled chunk against the output before keeping it). A torn last
-line (killed mid-write) is ignored. docs/journal-format.md is the specification.
+them to the kernel), and now and then a durable mark ``{"d": N}``, appended once
+the sink has synced the chunks of the first N records. A resume keeps the chunks
+a mark vouches for as they are and re-checks every later journaled chunk against
+the output. A torn last line (killed mid-write) is ignored.
+docs/journal-format.md is the specification.
 """
 from __future__ import annotations
 
@@ -20,6 +22,28 @@ from ..util import safefs
 
 FORMAT = "shardconv-journal"
 VERSION = 1
+
+
+def is_mark(record: dict[str, Any]) -> bool:
+    """True for a durable mark ``{"d": N}`` (not a chunk record)."""
+    return "d" in record and "i" not in record
+
+
+def durable_prefix(records: list[dict[str, Any]]) -> int:
+    """How many chunk records, from the first, the last valid durable mark vouches for: their
+    bytes were synced before the mark was written. A mark counting more chunk records than
+    precede it is ignored (0 if there is no valid mark).
+
+    Returns: a count. Raises: nothing."""
+    seen = trusted = 0
+    for rec in records:
+        if not is_mark(rec):
+            seen += 1
+            continue
+        n = rec.get("d")
+        if isinstance(n, int) and not isinstance(n, bool) and 0 <= n <= seen:
+            trusted = max(trusted, n)
+    return trusted
 
 
 class Journal:

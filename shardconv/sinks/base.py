@@ -52,12 +52,16 @@ class Capabilities:
     ``nested_names``: a ``/`` in a name makes a group (so a name cannot be both a tensor and a
     group). ``string_tensors``: it stores string tensors. ``dtypes``: the dtypes it stores
     (None: every dtype shardconv knows). ``remote``: it writes to object-store URLs.
+    ``piecewise``: ``write_part`` stores any contiguous part of a chunk, and a chunk's receipt
+    is its ``receipt_checksum``; the engine then copies a chunk whose bytes lie verbatim in a
+    source file in cache-sized pieces (each read, checksummed and written while in cache).
     """
 
     nested_names: bool = False
     string_tensors: bool = False
     dtypes: frozenset[str] | None = None
     remote: bool = False
+    piecewise: bool = False
 
 
 def sink_option(default: Any = None, help: str = "", *, metavar: str | None = None,
@@ -134,6 +138,9 @@ class Sink(ABC):
     options_help: ClassVar[str] = ""
     #: What the format can hold (an instance may narrow it from its options).
     capabilities: Capabilities = Capabilities()
+    #: The checksum of a chunk's bytes ("crc32" or "crc32c") that is the chunk's receipt, if any:
+    #: the engine computes it while the bytes are in cache and hands it to ``write``.
+    receipt_checksum: ClassVar[str | None] = None
     #: What the main output is at its final path: "file" or "directory". Checked before the
     #: first byte: ``--overwrite`` replaces an output of the same kind only.
     output_kind: str = "directory"
@@ -246,12 +253,30 @@ class Sink(ABC):
         Returns: None. Raises: DestinationError if it cannot be opened."""
 
     @abstractmethod
-    def write(self, chunk: Chunk, data: memoryview) -> Any:
+    def write(self, chunk: Chunk, data: memoryview, crc: int | None = None) -> Any:
         """Store one chunk (``data`` is ``chunk.length`` bytes of output ``chunk.index`` from
-        ``chunk.offset``); idempotent.
+        ``chunk.offset``); idempotent. ``crc``: the ``receipt_checksum`` of ``data``, computed by
+        the engine while the bytes were in cache (None: not computed; compute it).
 
-        Returns: a JSON-able receipt (journaled, given back to ``check`` and ``finish``).
+        Returns: a JSON-able receipt (journaled, given back to ``check`` and ``finish``), or a
+        pending one: an object whose ``result()`` waits for the write and returns the receipt
+        (the engine keeps ``data`` untouched until then, and journals chunks in order).
         Raises: DestinationError or DurabilityError on I/O failure."""
+
+    def sync(self) -> bool:
+        """Make every chunk written so far durable (fsync), so the engine can journal a durable
+        mark and a resume keep those chunks without reading them again.
+
+        Returns: True if done; False if the sink cannot (a resume then re-checks every chunk).
+        Raises: DurabilityError (the engine then discards the partial output)."""
+        return False
+
+    def write_part(self, chunk: Chunk, data: memoryview) -> None:
+        """Store a contiguous part of a chunk (``capabilities.piecewise`` sinks only); the engine
+        makes the chunk's receipt, its ``receipt_checksum``, from the parts' bytes.
+
+        Returns: None. Raises: DestinationError or DurabilityError on I/O failure."""
+        raise NotImplementedError(f"the {self.name} sink does not store parts of chunks")
 
     @abstractmethod
     def check(self, chunk: Chunk, receipt: Any) -> bool:

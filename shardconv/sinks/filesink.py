@@ -17,7 +17,7 @@ from ..errors import DestinationError, UsageError
 from ..frontend import option_name
 from ..util import safefs
 from ..util.checksums import combine_crc32
-from ..util.fileio import truncate
+from ..util.fileio import fsync_file, truncate
 from ..util.units import format_size, parse_size
 from .base import SinkOptions, sink_option
 
@@ -119,3 +119,13 @@ def finish_split(out: Path, files: list[tuple[Path, list[int]]], manifest: dict[
     safefs.write_json(out / index_name, index, fsync)
     if fsync:
         safefs.fsync_dir(out)
+
+
+def sync_files(files: Sequence[Any]) -> bool:
+    """fsync every open file of a file sink (objects with ``fd`` and ``path``): its ``sync``.
+
+    Returns: True. Raises: DurabilityError."""
+    for f in files:
+        if f.fd >= 0:
+            fsync_file(f.fd, f.path)
+    return True

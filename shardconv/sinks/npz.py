@@ -25,7 +25,7 @@ from ..core.plan import Chunk, OutputTensor
 from ..formats import npyformat, zipformat
 from ..util import safefs
 from ..util.checksums import combine_crc32, crc32
-from ..util.fileio import fsync_file, pwrite_all, range_crc, start_writeback, truncate
+from ..util.fileio import Writeback, fsync_file, pwrite_all, range_crc, truncate
 from . import filesink
 from .base import Capabilities, Sink
 from .filesink import MANIFEST_SUFFIX, manifest_path  # noqa: F401  (where they used to live)
@@ -69,7 +69,8 @@ class NpzSink(Sink):
     name = "npz"
     Options = filesink.SplitOptions
     options_help = "NPZ output (DEST ending in .npz, or --to npz; see docs/npz-format.md)"
-    capabilities = Capabilities()
+    capabilities = Capabilities(piecewise=True)
+    receipt_checksum = "crc32"
     opts: filesink.SplitOptions
 
     def __init__(self, options: filesink.SplitOptions | None = None) -> None:
@@ -77,6 +78,7 @@ class NpzSink(Sink):
         self.max_file_size = self.opts.max_file_size
         self._members: list[_Member] = []
         self._files: list[_File] = []
+        self._writeback = Writeback()
 
     @property
     def output_kind(self) -> str:  # type: ignore[override]
@@ -150,13 +152,19 @@ class NpzSink(Sink):
             m = self._members[k]
             pwrite_all(f.fd, m.npy_header, m.data_offset - len(m.npy_header), f.path)
 
-    def write(self, chunk: Chunk, data: memoryview) -> int:
+    def write(self, chunk: Chunk, data: memoryview, crc: int | None = None) -> int:
+        self.write_part(chunk, data)
+        return crc32(data) if crc is None else crc
+
+    def sync(self) -> bool:
+        return filesink.sync_files(self._files)
+
+    def write_part(self, chunk: Chunk, data: memoryview) -> None:
         m = self._members[chunk.index]
         f = self._files[m.file]
         pwrite_all(f.fd, data, m.data_offset + chunk.offset, f.path)
         if self.ctx is not None and self.ctx.durable:
-            start_writeback(f.fd, m.data_offset + chunk.offset, len(data))
-        return crc32(data)
+            self._writeback.wrote(f.fd, m.data_offset + chunk.offset, len(data))
 
     def check(self, chunk: Chunk, receipt: Any) -> bool:
         m = self._members[chunk.index]

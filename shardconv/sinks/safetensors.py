@@ -28,7 +28,7 @@ from ..core.plan import Chunk, OutputTensor
 from ..sources.safetensors import DTYPE_ORDER, DTYPES, INDEX_SUFFIX, MAX_HEADER
 from ..util import safefs
 from ..util.checksums import crc32
-from ..util.fileio import fsync_file, pwrite_all, range_crc, start_writeback, truncate
+from ..util.fileio import Writeback, fsync_file, pwrite_all, range_crc, truncate
 from . import filesink
 from .base import Capabilities, Sink
 
@@ -81,13 +81,15 @@ class SafetensorsSink(Sink):
     name = "safetensors"
     Options = filesink.SplitOptions
     options_help = "safetensors output (DEST ending in .safetensors, or --to safetensors)"
-    capabilities = Capabilities(dtypes=frozenset(CODES))
+    capabilities = Capabilities(dtypes=frozenset(CODES), piecewise=True)
+    receipt_checksum = "crc32"
     opts: filesink.SplitOptions
 
     def __init__(self, options: filesink.SplitOptions | None = None) -> None:
         super().__init__(options)
         self.max_file_size = self.opts.max_file_size
         self._files: list[_File] = []
+        self._writeback = Writeback()
         self._where: list[tuple[_File, int]] = []
         self._outputs: list[OutputTensor] = []
 
@@ -175,13 +177,19 @@ class SafetensorsSink(Sink):
     def _data_len(f: _File, outputs: list[OutputTensor]) -> int:
         return sum(outputs[i].nbytes for i in f.members)
 
-    def write(self, chunk: Chunk, data: memoryview) -> int:
+    def write(self, chunk: Chunk, data: memoryview, crc: int | None = None) -> int:
+        self.write_part(chunk, data)
+        return crc32(data) if crc is None else crc
+
+    def sync(self) -> bool:
+        return filesink.sync_files(self._files)
+
+    def write_part(self, chunk: Chunk, data: memoryview) -> None:
         f, begin = self._where[chunk.index]
         pos = f.data_start + begin + chunk.offset
         pwrite_all(f.fd, data, pos, f.path)
         if self.ctx is not None and self.ctx.durable:
-            start_writeback(f.fd, pos, len(data))
-        return crc32(data)
+            self._writeback.wrote(f.fd, pos, len(data))
 
     def check(self, chunk: Chunk, receipt: Any) -> bool:
         f, begin = self._where[chunk.index]

@@ -13,7 +13,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from typing import Any, TypeVar
 
-from ..core.types import Segment, TensorInfo, Unit
+from ..core.types import RawRange, Segment, TensorInfo, Unit
 from ..errors import FormatError, SourceError
 
 E = TypeVar("E")
@@ -80,6 +80,15 @@ class Source(ABC):
 
         Returns the checksum segments the read covered (empty if the format has none).
         """
+
+    def raw_range(self, name: str, offset: int, length: int) -> RawRange | None:
+        """Where bytes [offset, offset+length) of tensor ``name`` lie verbatim in one file, so
+        the engine can copy them in cache-sized pieces (read, checksum, write while in cache);
+        None if they are not stored so (compressed, partitioned, in memory, another layout).
+        The bytes and their checksum segment are exactly what ``read_into`` would give.
+
+        Returns: the RawRange or None. Raises: SourceError for a range outside the tensor."""
+        return None
 
     def baseline_bytes(self) -> int:
         """Memory the reader holds beside the budget's buffers (libraries it loads, decoder

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from ..core.plan import check_name
-from ..core.types import Segment, TensorInfo, Unit
+from ..core.types import RawRange, Segment, TensorInfo, Unit
 from ..errors import FormatError, SourceError, UnsupportedError
 from ..formats import npyformat, zipformat
 from ..util.checksums import combine_crc32, crc32
@@ -195,6 +195,16 @@ class NpzSource(Source):
             self._inflate_into(m, m.header_len + offset, out)
         return [Segment(name, offset, len(out), crc32(out))]
 
+    def raw_range(self, name: str, offset: int, length: int) -> RawRange | None:
+        """A STORED member's data lies verbatim in the archive (checksum unit: the member's data)."""
+        m = self._entry(self._members, name, "member")
+        data_bytes = m.size - m.header_len
+        if offset < 0 or length < 0 or offset + length > data_bytes:
+            raise SourceError(f"{self.location}: read [{offset}, {offset + length}) outside {name!r} ({data_bytes} bytes)")
+        if m.method != 0:
+            return None
+        return RawRange(self._fd, m.data_start + m.header_len + offset, str(self.path), name, name, offset, "crc32")
+
     def _inflate_into(self, m: _Member, pos: int, out: memoryview) -> None:
         """Inflate forward to ``pos``; sequential reads continue where the last stopped."""
         with self._lock:
@@ -334,6 +344,9 @@ class SplitNpzSource(Source):
     def read_into(self, name: str, offset: int, out: memoryview) -> list[Segment]:
         part = self._entry(self._where, name, "tensor")
         return part.read_into(name, offset, out)
+
+    def raw_range(self, name: str, offset: int, length: int) -> RawRange | None:
+        return self._entry(self._where, name, "tensor").raw_range(name, offset, length)
 
     def recorded_options(self) -> dict[str, Any]:
         """The mapping options in the shardconv manifest (none for another writer's file)."""

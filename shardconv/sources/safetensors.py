@@ -16,7 +16,7 @@ import struct
 from pathlib import Path
 from typing import Any
 
-from ..core.types import Segment, TensorInfo, Unit
+from ..core.types import RawRange, Segment, TensorInfo, Unit
 from ..errors import FormatError, SourceError, UnsupportedError
 from ..util.checksums import crc32
 from ..util.dtypes import checked_nbytes
@@ -123,6 +123,16 @@ class SafetensorsSource(Source):
                 raise FormatError(f"{self.path}: file ends inside tensor {name!r} (truncated?)")
             done += n
         return [Segment(name, offset, len(out), crc32(out))] if name in self._sidecar else []
+
+    def raw_range(self, name: str, offset: int, length: int) -> RawRange | None:
+        """Every tensor lies verbatim in the file (checksummed only by a shardconv sidecar)."""
+        t = self._entry(self._tensors, name, "tensor")
+        if offset < 0 or length < 0 or offset + length > t["end"] - t["begin"]:
+            raise SourceError(f"{self.location}: read [{offset}, {offset + length}) outside {name!r} "
+                              f"({t['end'] - t['begin']} bytes)")
+        unit = name if name in self._sidecar else None
+        return RawRange(self._fd, self.data_start + t["begin"] + offset, str(self.path), name, unit, offset,
+                        "crc32" if unit else None)
 
     def close(self) -> None:
         if self._fd >= 0:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..core.types import Role, Segment, SourceRole, TensorInfo, Unit
+from ..core.types import RawRange, Role, Segment, SourceRole, TensorInfo, Unit
 from ..errors import ChecksumError, FormatError, SourceError, UnsupportedError
 from ..formats.bundle_entries import OBJECT_GRAPH_KEY, Entry, EntryReader, parse_entry, slice_key
 from ..formats.sstable import SSTable
@@ -480,6 +480,16 @@ class TFBundleSource(Source):
             raise SourceError(f"{self.location}: read of [{offset}, {offset + len(out)}) outside tensor {name!r} ({e.size} bytes)")
         self._pread_into(e, offset, out)
         return [Segment(name, offset, len(out), crc32c(out))]
+
+    def raw_range(self, name: str, offset: int, length: int) -> RawRange | None:
+        """A plain tensor's bytes are stored verbatim in its data file (checksum unit: the tensor)."""
+        e = self._entry(self._entries, name, "tensor")
+        if e.dtype == STRING or name in self._parts:
+            return None
+        if offset < 0 or length < 0 or offset + length > e.size:
+            raise SourceError(f"{self.location}: read of [{offset}, {offset + length}) outside tensor {name!r} ({e.size} bytes)")
+        return RawRange(self._fd(e.shard, e.name), e.offset + offset, str(self.data_path(e.shard)), name, name,
+                        offset, "crc32c")
 
     # Partitioned tensors: a byte range of the full tensor is split into whole
     # rows (each part contributes a rectangular block) and partial rows

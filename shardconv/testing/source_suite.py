@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from .. import api
-from ..core import engine
+from ..core import pipeline
 from ..core.integrity import IntegrityTracker
 from ..core.journal import describe_changes
 from ..errors import ChecksumError, ResumeError, SourceChangedError, SourceError
@@ -283,14 +283,14 @@ class SourceTests:
         nothing appears at DEST."""
         src, _ = case
         path, dest = self.source_path(src), tmp_path / "changed-during.npz"
-        hook = engine._hook
+        hook = pipeline.hook
 
         def mutate_once(point: str, *args: Any) -> None:
             if point == "journal:0":
                 self.mutate_input(src, tmp_path)
             hook(point, *args)
 
-        monkeypatch.setattr(engine, "_hook", mutate_once)
+        monkeypatch.setattr(pipeline, "hook", mutate_once)
         with pytest.raises((SourceChangedError, ChecksumError)):
             api.convert(path, dest, max_memory="1MiB", fsync=False, allow_unmapped=True)
         assert not dest.exists()

@@ -29,6 +29,10 @@ def crc32(data, value: int = 0) -> int:
     return _crc32_impl.crc32(data, value)
 
 
+#: The checksums by the names units, segments and sinks use.
+BY_NAME = {"crc32c": crc32c, "crc32": crc32}
+
+
 def mask(crc: int) -> int:
     """TensorFlow/LevelDB masked CRC, as stored in bundle entries and block trailers."""
     return ((((crc >> 15) | (crc << 17)) & 0xFFFFFFFF) + _MASK_DELTA) & 0xFFFFFFFF

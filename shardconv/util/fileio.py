@@ -52,6 +52,30 @@ def start_writeback(fd: int, offset: int, nbytes: int) -> None:
         _sync_file_range(fd, offset, nbytes, _SYNC_FILE_RANGE_WRITE)
 
 
+class Writeback:
+    """Starts writeback of what a sink writes in batches: one ``sync_file_range`` per ``batch``
+    bytes written contiguously to a file, not one per write (measured: one per 256 KiB piece
+    costs about a quarter more system time than one per 16 MiB). What is left in a batch is
+    written by the final fsync or the kernel."""
+
+    def __init__(self, batch: int = 16 << 20) -> None:
+        self.batch = batch
+        self._runs: dict[int, list[int]] = {}
+
+    def wrote(self, fd: int, offset: int, nbytes: int) -> None:
+        """``nbytes`` were written at ``offset`` of ``fd``."""
+        run = self._runs.get(fd)
+        if run is not None and run[1] == offset:
+            run[1] += nbytes
+        else:
+            if run is not None:
+                start_writeback(fd, run[0], run[1] - run[0])
+            run = self._runs[fd] = [offset, offset + nbytes]
+        if run[1] - run[0] >= self.batch:
+            start_writeback(fd, run[0], run[1] - run[0])
+            del self._runs[fd]
+
+
 def pwrite_all(fd: int, data: bytes | memoryview, offset: int, path: object) -> None:
     """Write all of ``data`` at ``offset``; a failure names the file and offset."""
     view = memoryview(data)

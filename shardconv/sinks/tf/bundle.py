@@ -20,7 +20,7 @@ from ...core.plan import Chunk, OutputTensor
 from ...formats import bundleformat
 from ...util import safefs
 from ...util.checksums import combine_crc32c, crc32c, mask
-from ...util.fileio import fsync_file, pwrite_all, range_crc, start_writeback, truncate
+from ...util.fileio import Writeback, fsync_file, pwrite_all, range_crc, start_writeback, truncate
 from .. import filesink
 
 DATA_SUFFIX = ".data-00000-of-00001"
@@ -74,6 +74,7 @@ class Bundle:
                 pos += carried[~i].size
         self.size = pos
         self._fd = -1
+        self._writeback = Writeback()
 
     # -- the data file
 
@@ -101,13 +102,19 @@ class Bundle:
         return all(range_crc(self._fd, pos, c.size, crc32c) == c.data_crc
                    for c, pos in zip(self.carried, self.carried_at))
 
-    def write(self, chunk: Chunk, data: memoryview, durable: bool) -> int:
-        """``data`` at each of its output's keys; the receipt is its CRC32C."""
+    def write(self, chunk: Chunk, data: memoryview, durable: bool) -> None:
+        """``data`` (a chunk or a part of one) at each of its output's keys; a chunk's receipt
+        is its CRC32C."""
         for base in self.offsets[chunk.index]:
             pwrite_all(self._fd, data, base + chunk.offset, self.data_path)
             if durable:
-                start_writeback(self._fd, base + chunk.offset, len(data))
-        return crc32c(data)
+                self._writeback.wrote(self._fd, base + chunk.offset, len(data))
+
+    def sync(self) -> bool:
+        """fsync the data file (every chunk written so far). Returns: True. Raises: DurabilityError."""
+        if self._fd >= 0:
+            fsync_file(self._fd, self.data_path)
+        return True
 
     def check(self, chunk: Chunk, receipt: Any) -> bool:
         """True if the chunk's bytes at every key of its output have the CRC32C ``receipt``."""

@@ -20,6 +20,7 @@ from ...errors import DestinationError
 from ...formats import bundleformat
 from ...frontend import option
 from ...util import safefs
+from ...util.checksums import crc32c
 from ...util.dtypes import STRING
 from ...util.fileio import fsync_tree
 from ..base import Capabilities, Sink, SinkContext, SinkOptions, sink_option
@@ -51,7 +52,8 @@ class TFSink(Sink):
 
     Options = TFOptions
     options_help = "TensorFlow output (--to savedmodel / tf-checkpoint)"
-    capabilities = Capabilities(dtypes=frozenset(bundleformat.TF_DTYPE_CODES) - {STRING})
+    capabilities = Capabilities(dtypes=frozenset(bundleformat.TF_DTYPE_CODES) - {STRING}, piecewise=True)
+    receipt_checksum = "crc32c"
     output_kind = "directory"
 
     def __init__(self, layout: Layout, options: TFOptions | None = None) -> None:
@@ -153,9 +155,16 @@ class TFSink(Sink):
 
     # -- values
 
-    def write(self, chunk: Chunk, data: memoryview) -> Any:
+    def write(self, chunk: Chunk, data: memoryview, crc: int | None = None) -> int:
+        self.write_part(chunk, data)
+        return crc32c(data) if crc is None else crc
+
+    def sync(self) -> bool:
+        return self._bundle is not None and self._bundle.sync()
+
+    def write_part(self, chunk: Chunk, data: memoryview) -> None:
         assert self._bundle is not None
-        return self._bundle.write(chunk, data, self._ctx().durable)
+        self._bundle.write(chunk, data, self._ctx().durable)
 
     def check(self, chunk: Chunk, receipt: Any) -> bool:
         return self._bundle is not None and self._bundle.check(chunk, receipt)

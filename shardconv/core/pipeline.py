@@ -1,0 +1,259 @@
+"""Moves chunks from the source into the sink: a reader thread fills pooled buffers while this
+thread writes them and journals each, in order, once its write is done.
+
+Three things keep the bytes' trips through memory few (docs/design.md, "Speed"):
+
+- A chunk whose bytes lie verbatim in a source file (``Source.raw_range``) and whose sink
+  stores parts of chunks (``Capabilities.piecewise``) is copied in cache-sized pieces: each
+  piece is read, its source checksum and the sink's receipt checksum are computed, and it is
+  written, while it is still in the CPU's cache (as ``cp`` copies through a small buffer).
+- Any other chunk is filled into a pooled buffer by the reader thread, which also computes
+  the sink's receipt checksum there, beside the writer rather than in its way.
+- A sink's write may return a pending receipt (``result()``): up to all but two of the pool's
+  buffers stay in flight, untouched until their write completes.
+
+Every ``MARK_BYTES`` written, a sink that can ``sync`` is made durable and the journal gets a
+durable mark, so a resume keeps the chunks before it without reading them again.
+"""
+from __future__ import annotations
+
+import os
+import queue
+import signal
+import threading
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ..errors import FormatError, SourceError
+from ..progress import ProgressArg
+from ..progress import start as start_progress
+from ..util.checksums import BY_NAME
+from .budget import Budget, BufferPool
+from .integrity import IntegrityTracker
+from .journal import Journal
+from .plan import Chunk, Copy, Plan
+from .types import RawRange, Segment
+
+if TYPE_CHECKING:  # the contract only; core never imports a sink at run time
+    from ..sinks.base import Sink
+
+#: Bytes read, checksummed and written at a time on the direct path: small enough to stay in
+#: one core's cache between the read and the write (measured: bench/README.md, "Direct copy").
+PIECE = 256 << 10
+#: Bytes written between durable marks (a sync costs little once writeback has started);
+#: SHARDCONV_TEST_MARK_BYTES sets it for tests.
+MARK_BYTES = int(os.environ.get("SHARDCONV_TEST_MARK_BYTES") or 256 << 20)
+#: Test hook: SHARDCONV_TEST_KILL=chunk:K | journal:K | lock | finish | renamed kills the
+#: process with SIGKILL at that point, for the resume tests; after:SECONDS kills it that
+#: long after the conversion starts, wherever it then is. race:POINT (lock | finish) instead
+#: moves ``DEST.race`` to DEST at that point: another writer publishing DEST in that instant.
+_KILL = os.environ.get("SHARDCONV_TEST_KILL", "")
+
+
+def hook(point: str, dest: Path | None = None) -> None:
+    """The test hook above, at ``point`` (a no-op unless SHARDCONV_TEST_KILL is set)."""
+    if not _KILL:
+        return
+    if _KILL == point:
+        os.kill(os.getpid(), signal.SIGKILL)
+    elif _KILL == f"race:{point}" and dest is not None:
+        os.rename(f"{dest}.race", dest)
+
+
+def start_kill_timer() -> None:
+    """The ``after:SECONDS`` test hook."""
+    if _KILL.startswith("after:"):
+        t = threading.Timer(float(_KILL[6:]), os.kill, (os.getpid(), signal.SIGKILL))
+        t.daemon = True
+        t.start()
+
+
+@dataclass
+class _Item:
+    """A chunk on its way: its buffer (also the budget's token for a direct copy), what the
+    reader read (segments, the receipt checksum) or where to copy it from."""
+
+    i: int
+    chunk: Chunk
+    buf: np.ndarray
+    segs: list[Segment] = field(default_factory=list)
+    crc: int | None = None
+    raw: RawRange | None = None
+    receipt: Any = None
+
+
+def run(plan: Plan, sink: Sink, journal: Journal, tracker: IntegrityTracker, todo: list[tuple[int, Chunk]],
+        done: dict[int, dict[str, Any]], budget: Budget, progress: ProgressArg, total: int, initial: int,
+        label: str, durable: bool = False) -> None:
+    """Write every chunk of ``todo`` and journal it; ``done`` gains each journaled record.
+
+    ``durable``: sync the sink and journal a durable mark every ``MARK_BYTES``.
+    Raises: whatever the source, the sink or the journal raise (the reader's errors too)."""
+    pool = BufferPool(budget.n_buffers, budget.chunk_bytes)
+    filled: queue.Queue[_Item | BaseException | None] = queue.Queue()
+    stop = threading.Event()
+    thread = threading.Thread(target=_reader, args=(plan, sink, todo, pool, filled, stop),
+                              name="shardconv-reader", daemon=True)
+    bar = start_progress(progress, total, initial, label)
+    writer = _Writer(plan, sink, journal, tracker, done, pool, bar, budget.n_buffers - 2, durable)
+    thread.start()
+    try:
+        while True:
+            writer.settle(block=False)
+            item = filled.get()
+            if item is None:
+                break
+            if isinstance(item, BaseException):
+                raise item
+            writer.write(item)
+        writer.settle(block=True, keep=0)
+    finally:
+        stop.set()
+        thread.join()
+        if bar is not None:
+            bar.close()
+
+
+def _take(pool: BufferPool, stop: threading.Event) -> np.ndarray | None:
+    """A free buffer, or None once the writer has stopped."""
+    while not stop.is_set():
+        try:
+            return pool.get(timeout=0.1)
+        except queue.Empty:
+            continue
+    return None
+
+
+def _reader(plan: Plan, sink: Sink, todo: list[tuple[int, Chunk]], pool: BufferPool,
+            filled: queue.Queue, stop: threading.Event) -> None:
+    piecewise = sink.capabilities.piecewise and sink.receipt_checksum is not None
+    checksum = BY_NAME[sink.receipt_checksum] if sink.receipt_checksum else None
+    source = plan.source
+    try:
+        for i, c in todo:
+            buf = _take(pool, stop)
+            if buf is None:
+                return
+            producer = plan.outputs[c.index].producer
+            raw = source.raw_range(producer.source, c.offset, c.length) \
+                if piecewise and c.length and type(producer) is Copy else None
+            if raw is not None:
+                _prefetch(raw, c.length)
+                filled.put(_Item(i, c, buf, raw=raw))
+                continue
+            view = buf.data[: c.length]
+            segs = producer.fill(c.offset, view, source.read_into) if c.length else []
+            filled.put(_Item(i, c, buf, segs, checksum(view) if checksum else None))
+        filled.put(None)
+    except BaseException as e:  # handed to the writer, which raises it
+        filled.put(e)
+
+
+def _prefetch(raw: RawRange, length: int) -> None:
+    """Ask the kernel to start reading a direct chunk now (a cold cache then overlaps reads)."""
+    try:
+        os.posix_fadvise(raw.fd, raw.offset, length, os.POSIX_FADV_WILLNEED)
+    except (OSError, AttributeError):
+        pass
+
+
+def _pread_exact(raw: RawRange, pos: int, out: memoryview) -> None:
+    done = 0
+    while done < len(out):
+        try:
+            got = os.preadv(raw.fd, [out[done:]], raw.offset + pos + done)
+        except OSError as e:
+            raise SourceError(f"{raw.file}: read error in tensor {raw.tensor!r}: {e.strerror}") from None
+        if got == 0:
+            raise FormatError(f"{raw.file}: file ends inside tensor {raw.tensor!r} (truncated?)")
+        done += got
+
+
+def copy_direct(sink: Sink, chunk: Chunk, raw: RawRange, hot: memoryview) -> tuple[int, list[Segment]]:
+    """Copy ``chunk`` from ``raw`` into ``sink`` through ``hot``, one piece at a time: read it,
+    update the source's and the receipt's checksums, write it, all while it is in cache.
+
+    Returns: (the chunk's receipt, its source checksum segments). Raises: SourceError,
+    FormatError (a short file), and what the sink's ``write_part`` raises."""
+    src = BY_NAME[raw.algorithm] if raw.unit is not None and raw.algorithm else None
+    assert sink.receipt_checksum is not None
+    out = BY_NAME[sink.receipt_checksum]
+    same = src is out
+    s = r = 0
+    piece = len(hot)
+    for k in range(0, chunk.length, piece):
+        n = min(piece, chunk.length - k)
+        view = hot[:n]
+        _pread_exact(raw, k, view)
+        if src is not None:
+            s = src(view, s)
+        r = s if same else out(view, r)
+        sink.write_part(Chunk(chunk.index, chunk.offset + k, n), view)
+    segs = [Segment(raw.unit, raw.unit_offset, chunk.length, s)] if raw.unit is not None and src else []
+    return r, segs
+
+
+def _pending(receipt: Any) -> bool:
+    return callable(getattr(receipt, "result", None))
+
+
+class _Writer:
+    """This thread's half: writes items, keeps pending ones in flight, journals them in order."""
+
+    def __init__(self, plan: Plan, sink: Sink, journal: Journal, tracker: IntegrityTracker,
+                 done: dict[int, dict[str, Any]], pool: BufferPool, bar: Any, in_flight: int, durable: bool) -> None:
+        self.plan, self.sink, self.journal, self.tracker, self.done = plan, sink, journal, tracker, done
+        self.pool, self.bar, self.in_flight = pool, bar, max(1, in_flight)
+        self.flight: deque[_Item] = deque()
+        self.mark = durable
+        self.since_mark = 0
+        self.journaled = len(done)
+
+    def write(self, item: _Item) -> None:
+        c = item.chunk
+        if item.raw is not None:
+            hot = item.buf.data[: min(PIECE, c.length)]
+            item.receipt, item.segs = copy_direct(self.sink, c, item.raw, hot)
+        else:
+            item.receipt = self.sink.write(c, item.buf.data[: c.length], item.crc)
+        self.flight.append(item)
+        self.settle(block=True, keep=self.in_flight)
+
+    def settle(self, block: bool, keep: int | None = None) -> None:
+        """Journal finished writes in order; with ``block``, wait until at most ``keep`` remain."""
+        keep = self.in_flight if keep is None else keep
+        while self.flight:
+            head = self.flight[0]
+            waiting = _pending(head.receipt) and not head.receipt.done()
+            if waiting and not (block and len(self.flight) > keep):
+                return
+            self.flight.popleft()
+            self._journal(head)
+
+    def _journal(self, item: _Item) -> None:
+        c, receipt = item.chunk, item.receipt
+        if _pending(receipt):
+            receipt = receipt.result()
+        self.tracker.add(item.segs)
+        rec = {"i": item.i, "o": c.offset, "n": c.length, "r": receipt, "s": [list(s) for s in item.segs]}
+        hook(f"chunk:{item.i}")
+        self.journal.append(rec)
+        hook(f"journal:{item.i}")
+        self.done[item.i] = rec
+        self.journaled += 1
+        self.pool.put(item.buf)
+        if self.bar is not None:
+            self.bar.update(c.length)
+        self.since_mark += c.length
+        if self.mark and self.since_mark >= MARK_BYTES:
+            self._durable_mark()
+
+    def _durable_mark(self) -> None:
+        """Make every journaled chunk durable, then say so in the journal."""
+        if self.sink.sync():
+            self.journal.append({"d": self.journaled})
+        self.since_mark = 0

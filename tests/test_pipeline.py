@@ -1,0 +1,125 @@
+"""The pipeline's paths between source and sink: verbatim chunks copied in cache-sized parts,
+the receipt checksum computed once, and pending receipts kept in flight."""
+from __future__ import annotations
+
+import os
+import random
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import safetensors.numpy
+from throwaway_sink import RawDirSink, read_rawdir
+
+import shardconv
+from shardconv.api import make_plan
+from shardconv.core import engine, pipeline
+from shardconv.core.journal import Journal
+from shardconv.errors import ChecksumError, FormatError
+from shardconv.sinks.npz import NpzSink
+from shardconv.sinks.safetensors import SafetensorsSink
+from shardconv.sources import open_source
+from shardconv.util.checksums import crc32
+
+
+@pytest.fixture
+def src(tmp_path: Path) -> tuple[Path, dict[str, np.ndarray]]:
+    rng = np.random.default_rng(1)
+    tree = {"emb": rng.standard_normal((700, 1000)).astype(np.float32),   # 2.7 MiB: several chunks
+            "b": rng.standard_normal(333).astype(np.float64), "s": np.array(7, np.int32),
+            "none": np.zeros((0, 4), np.float32)}
+    np.savez(tmp_path / "in.npz", **tree)
+    return tmp_path / "in.npz", tree
+
+
+@pytest.mark.parametrize("sink_cls", [NpzSink, SafetensorsSink])
+def test_verbatim_chunks_are_copied_in_cache_sized_parts(src, tmp_path, monkeypatch, sink_cls):
+    """Every chunk of a stored npz reaches a piecewise sink through ``write_part`` in pieces of
+    at most PIECE bytes that tile it in order, never through ``write``; the values are exact."""
+    path, tree = src
+    parts: list[tuple[int, int, int]] = []
+    real_part = sink_cls.write_part
+    monkeypatch.setattr(sink_cls, "write_part", lambda self, c, d: (parts.append((c.index, c.offset, len(d))),
+                                                                    real_part(self, c, d))[1])
+    real_write = sink_cls.write
+    monkeypatch.setattr(sink_cls, "write", lambda self, c, d, crc=None: real_write(self, c, d, crc) if not c.length
+                        else pytest.fail("a verbatim chunk went through write"))
+    suffix = ".npz" if sink_cls is NpzSink else ".safetensors"
+    r = shardconv.convert(path, tmp_path / f"o{suffix}", max_memory="4MiB")
+    assert r.chunks_written > 3 and max(n for *_, n in parts) == pipeline.PIECE
+    for i in {i for i, *_ in parts}:
+        mine = [(o, n) for j, o, n in parts if j == i]
+        assert all(o + n == o2 for (o, n), (o2, _) in zip(mine, mine[1:]))  # in order, no gap
+    got = dict(np.load(tmp_path / "o.npz")) if sink_cls is NpzSink else safetensors.numpy.load_file(tmp_path / "o.safetensors")
+    assert set(got) == set(tree) and all(np.array_equal(got[k], v) and got[k].dtype == v.dtype for k, v in tree.items())
+
+
+def test_a_corrupt_byte_on_the_direct_path_is_a_checksum_error(src, tmp_path):
+    path, _ = src
+    data = bytearray(path.read_bytes())
+    at = data.index(np.load(path)["emb"][350].tobytes()[:64])  # a byte in the middle of 'emb'
+    data[at] ^= 0x01
+    path.write_bytes(bytes(data))
+    with pytest.raises(ChecksumError, match=r"in\.npz: checksum mismatch in tensor 'emb'"):
+        shardconv.convert(path, tmp_path / "o.npz", max_memory="4MiB")
+    assert not (tmp_path / "o.npz").exists()
+
+
+def test_a_source_cut_short_during_a_direct_copy_is_one_line(src, tmp_path, monkeypatch):
+    """The input truncated while the run holds it open: one line naming the file and the tensor."""
+    path, _ = src
+    real = pipeline._prefetch
+
+    def cut_then_prefetch(raw, length):
+        os.truncate(path, raw.offset + 100)
+        real(raw, length)
+
+    monkeypatch.setattr(pipeline, "_prefetch", cut_then_prefetch)
+    with pytest.raises(FormatError, match=r"in\.npz: file ends inside tensor '\w+' \(truncated\?\)$"):
+        shardconv.convert(path, tmp_path / "o.npz", max_memory="4MiB")
+    assert not (tmp_path / "o.npz").exists()
+
+
+class _LateSink(RawDirSink):
+    """Writes each chunk later, on another thread, reading ``data`` only then: a pending receipt."""
+
+    pool = ThreadPoolExecutor(3)
+
+    def write(self, chunk, data, crc=None):
+        def later():
+            time.sleep(random.random() * 0.02)
+            return RawDirSink.write(self, chunk, data)
+        return self.pool.submit(later)
+
+
+def test_pending_receipts_keep_their_buffers_and_are_journaled_in_order(src, tmp_path, monkeypatch):
+    """A sink whose writes complete later, out of order: the engine leaves each buffer alone
+    until its write is done (else the bytes written would be another chunk's) and journals
+    chunks in plan order with the receipts the futures return."""
+    path, tree = src
+    journaled: list[dict] = []
+    real = Journal.append
+    monkeypatch.setattr(Journal, "append", lambda self, rec: (journaled.append(rec), real(self, rec))[1])
+    with open_source(path) as source:
+        plan = make_plan(source)
+        r = engine.run(plan, _LateSink(), tmp_path / "o.rawdir", max_memory=1 << 22, progress=False)
+    chunks = [rec for rec in journaled if "i" in rec]
+    assert [c["i"] for c in chunks] == list(range(r.chunks_written)) and r.chunks_written > 3
+    assert all(isinstance(c["r"], int) for c in chunks)
+    got = read_rawdir(tmp_path / "o.rawdir")
+    assert all(np.array_equal(got[k], v) for k, v in tree.items())
+
+
+def test_the_receipt_checksum_is_computed_by_the_reader_for_buffered_chunks(src, tmp_path, monkeypatch):
+    """A cast output goes through a buffer; the sink gets the CRC32 of exactly what it writes."""
+    path, tree = src
+    seen: list[bool] = []
+    real = NpzSink.write
+    monkeypatch.setattr(NpzSink, "write", lambda self, c, d, crc=None: (seen.append(crc == crc32(d)),
+                                                                         real(self, c, d, crc))[1])
+    shardconv.convert(path, tmp_path / "o.npz", max_memory="4MiB", dtype="float16")
+    assert seen and all(seen)
+    got = np.load(tmp_path / "o.npz")
+    assert np.array_equal(got["emb"], tree["emb"].astype(np.float16))
