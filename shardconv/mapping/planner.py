@@ -16,7 +16,7 @@ from ..core.types import Role, TensorInfo
 from ..errors import PlanError
 from ..frontend import option
 from ..sources.base import Source
-from ..util.dtypes import numpy_dtype
+from ..util.dtypes import STRING, numpy_dtype
 from .assemble import Assemble, Piece, check_piece
 from .options import DEFAULTS, MappingOptions, Resolved, resolve
 from .roles import TensorRole, assign_roles
@@ -107,11 +107,12 @@ def _assign_roles(source: Source, b: _Build) -> list[_Item]:
     """Each numeric tensor as an item named as the ``names`` option says; strings are left out."""
     items: list[_Item] = []
     infos = list(source.tensors())
+    model_names = b.opts["names"] == "model"  # what ``b.shown`` decides, once rather than per tensor
     for t, role in zip(infos, assign_roles(infos)):
-        if t.is_string:
+        if t.dtype == STRING:
             b.dropped.append((b.shown(t, role), "string tensor (array outputs hold numbers only)"))
             continue
-        items.append(_Item(b.shown(t, role), t, role))
+        items.append(_Item(role.name if model_names else t.name, t, role))
     return items
 
 

@@ -39,6 +39,12 @@ def select(items: list, opts: dict[str, Any], dropped: list[tuple[str, str]]) ->
     """``items`` (with ``.name`` and ``.src.dtype``) an include glob matches (when there are any) and
     no exclude glob does; the others join ``dropped``. Floating-point items kept get ``.cast``."""
     include, exclude = opts.get("include") or [], opts.get("exclude") or []
+    if not include and not exclude:  # no globs (the default): every item stays, with no pattern tried
+        if opts.get("dtype"):
+            for it in items:
+                if is_float(it.src.dtype):
+                    it.cast = opts["dtype"]
+        return list(items)
     keep = []
     for it in items:
         hit = next((g for g in exclude if fnmatchcase(it.name, g)), None)
