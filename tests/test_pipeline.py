@@ -39,6 +39,7 @@ def test_verbatim_chunks_are_copied_in_cache_sized_parts(src, tmp_path, monkeypa
     """Every chunk of a stored npz reaches a piecewise sink through ``write_part`` in pieces of
     at most PIECE bytes that tile it in order, never through ``write``; the values are exact."""
     path, tree = src
+    monkeypatch.setattr(pipeline, "PIECE", 64 << 10)  # smaller than the chunks a 4 MiB budget makes
     parts: list[tuple[int, int, int]] = []
     real_part = sink_cls.write_part
     monkeypatch.setattr(sink_cls, "write_part", lambda self, c, d: (parts.append((c.index, c.offset, len(d))),

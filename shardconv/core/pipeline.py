@@ -42,8 +42,9 @@ if TYPE_CHECKING:  # the contract only; core never imports a sink at run time
     from ..sinks.base import Sink
 
 #: Bytes read, checksummed and written at a time on the direct path: small enough to stay in
-#: one core's cache between the read and the write (measured: bench/README.md, "Direct copy").
-PIECE = 256 << 10
+#: cache between the read and the write, large enough that the four calls per piece cost little
+#: (measured with bench/copy_paths.py: 1 MiB took the least CPU of 128 KiB..1 MiB; bench/README.md).
+PIECE = 1 << 20
 #: Bytes written between durable marks (a sync costs little once writeback has started);
 #: SHARDCONV_TEST_MARK_BYTES sets it for tests.
 MARK_BYTES = int(os.environ.get("SHARDCONV_TEST_MARK_BYTES") or 256 << 20)
