@@ -137,3 +137,9 @@ def test_multi_level_btree_written_by_tensorstore(tmp_path):
         assert got == v == kv[k], k
     assert 0 < inline < len(want)
     assert ix.locate("a000/nope") is None and ix.locate("") is None
+
+
+@pytest.mark.parametrize(("cores", "threads"), [(1, 1), (2, 2), (3, 2), (4, 3), (16, 8), (64, 8)])
+def test_decoding_threads_use_a_second_core_where_there_is_one(monkeypatch, cores, threads):
+    monkeypatch.setattr(chunkstream.os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
+    assert chunkstream._default_workers() == threads
