@@ -468,9 +468,10 @@ def _sizes_by_name(infos: list[Any]) -> dict[str, int]:
 def _plan(args: argparse.Namespace) -> int:
     from .api import make_plan
     from .core.engine import memory_estimate
+    from .mapping.roles import remembering
     from .sinks import require, sink_for
 
-    with _open_src(args) as source:
+    with _open_src(args) as source, remembering():  # the planner's roles serve _sizes_by_name too
         sink = sink_for(getattr(args, "dest", "x"), args.to, **_sink_values(args))
         require(sink.name)  # a missing library is reported by plan as by convert
         plan = make_plan(source, _mapping_options(args)).leave_out(sink.leave_out)

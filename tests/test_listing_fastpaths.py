@@ -98,15 +98,20 @@ def test_metric_shortcut():
         assert roles._is_metric(name) == slow
 
 
-def test_assign_roles_remembers_only_the_same_infos():
+def test_assign_roles_remembers_only_the_same_infos_and_only_when_asked():
     a = [_info("dense/kernel"), _info("dense/kernel/Adam"), _info("global_step", "int64", ())]
-    first = roles.assign_roles(a)
-    assert [r.kind for r in first] == [Role.PARAM, Role.OPTIMIZER, Role.META]
-    assert roles.assign_roles(list(a)) == first and roles.assign_roles(list(a)) is not first
-    # equal infos that are other objects, here with a recorded role, are decided again
     b = [TensorInfo(t.name, t.dtype, t.shape, t.nbytes, role=SourceRole(Role.META, t.name)) for t in a]
-    assert [r.kind for r in roles.assign_roles(b)] == [Role.META, Role.META, Role.META]
-    assert [r.kind for r in roles.assign_roles(a[:2])] == [Role.PARAM, Role.OPTIMIZER]
+    with roles.remembering():
+        first = roles.assign_roles(a)
+        assert [r.kind for r in first] == [Role.PARAM, Role.OPTIMIZER, Role.META]
+        assert roles.assign_roles(list(a)) == first and roles.assign_roles(list(a)) is not first
+        assert roles._last is not None and roles._last[0] == tuple(a)
+        # equal infos (roles do not take part in equality) that are other objects are decided again
+        assert [r.kind for r in roles.assign_roles(b)] == [Role.META, Role.META, Role.META]
+        assert [r.kind for r in roles.assign_roles(a[:2])] == [Role.PARAM, Role.OPTIMIZER]
+    assert roles._last is None  # nothing held once planning is over
+    roles.assign_roles(a)
+    assert roles._last is None
 
 
 def _check_name_slow(name: str) -> str | None:

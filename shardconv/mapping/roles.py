@@ -22,7 +22,8 @@ from __future__ import annotations
 import operator
 import re
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import NamedTuple
 
 from ..core.types import Role, SourceRole, TensorInfo
@@ -253,14 +254,28 @@ class _Weights:
         return None
 
 
-#: The last call's infos and roles: ``plan`` asks twice for the same list (the planner, then the
-#: sizes it shows), and roles depend only on the (frozen) infos, so the same objects give the same roles.
-_last: tuple[tuple[TensorInfo, ...], list[TensorRole]] = ((), [])
+#: Inside ``remembering()``: the last call's infos and roles (None outside: nothing is held).
+_last: tuple[tuple[TensorInfo, ...], list[TensorRole]] | None = None
+
+
+@contextmanager
+def remembering() -> Iterator[None]:
+    """Within this, ``assign_roles`` remembers its last answer: ``plan`` asks twice for the same
+    list (the planner, then the sizes it shows), and roles depend only on the (frozen) infos, so
+    the same objects give the same roles. Outside it nothing is kept (a conversion holds no copy)."""
+    global _last
+    before, _last = _last, ((), [])
+    try:
+        yield
+    finally:
+        _last = before
 
 
 def assign_roles(infos: Sequence[TensorInfo]) -> list[TensorRole]:
     """The role of each of ``infos`` (one source's tensors), in order, with slots and EMAs linked."""
     global _last
+    if _last is None:
+        return _assign(infos)
     seen, roles = _last
     if infos and len(seen) == len(infos) and all(map(operator.is_, seen, infos)):
         return list(roles)
