@@ -6,8 +6,35 @@ chunks, in any order of arrival and across a resumed run, without re-reading.
 from __future__ import annotations
 
 import functools
+import importlib.machinery
+import importlib.util
+import os
+from typing import Any
 
-import crc32c as _crc32c
+
+def _load_crc32c() -> Any:
+    """The ``crc32c`` package's C extension, loaded without the package's ``__init__``, which
+    imports ``importlib.metadata`` to read its own version: ~50 ms of every command's start-up
+    (``shardconv ls`` reads block checksums). Falls back to a plain import."""
+    try:
+        spec = importlib.util.find_spec("crc32c")
+        for folder in (spec.submodule_search_locations or []) if spec else []:
+            for name in sorted(os.listdir(folder)):
+                if name.startswith("_crc32c.") and name.endswith(tuple(importlib.machinery.EXTENSION_SUFFIXES)):
+                    loader = importlib.machinery.ExtensionFileLoader("crc32c._crc32c", os.path.join(folder, name))
+                    ext = importlib.util.spec_from_file_location("crc32c._crc32c", loader.path, loader=loader)
+                    if ext is not None:
+                        module = importlib.util.module_from_spec(ext)
+                        loader.exec_module(module)
+                        return module
+    except (ImportError, OSError):
+        pass
+    import crc32c
+
+    return crc32c
+
+
+_crc32c = _load_crc32c()
 
 try:  # ISA-L: ~15 GiB/s, releases the GIL.
     from isal import isal_zlib as _crc32_impl
