@@ -47,12 +47,14 @@ store, are written as ``uint8`` (same bytes) with the true dtype in the attribut
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import math
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -107,6 +109,9 @@ _ORBAX_RESERVED = _RESERVED | {"_METADATA", "_CHECKPOINT_METADATA", "commit_succ
 MAX_COMPONENT_BYTES = 255
 #: Handles kept open at once (the engine writes tensors in order; a few suffice).
 _OPEN_HANDLES = 8
+#: ``write`` returns a pending receipt, so the engine keeps writes in flight (as many as its
+#: pool allows: two at the default four buffers) while the next chunks are read and encoded.
+IN_FLIGHT = True
 
 
 def chunk_shape(shape: tuple[int, ...], isz: int, target: int) -> list[int]:
@@ -210,6 +215,28 @@ def _nesting_problems(outputs: list[OutputTensor]) -> list[str]:
     return problems
 
 
+class _PendingWrite:
+    """A chunk's write in flight: ``result()`` waits for TensorStore's commit (a store error
+    becomes a one-line DestinationError) and returns the chunk's receipt."""
+
+    def __init__(self, future: Any, where: str, written: Callable[[], int]) -> None:
+        self._future, self._where, self._written = future, where, written
+        self._receipt: int | None = None
+
+    def done(self) -> bool:
+        return self._receipt is not None or bool(self._future.done())
+
+    def wait(self) -> None:
+        """Wait for the commit (or the failure), without the receipt."""
+        self._future.result()
+
+    def result(self) -> int:
+        if self._receipt is None:
+            tsio.wrap(DestinationError, self._where, self._future.result)
+            self._receipt = self._written()
+        return self._receipt
+
+
 class _Array:
     """One output tensor's place in the store."""
 
@@ -257,6 +284,7 @@ class ZarrSink(Sink):
 
     name = "zarr"
     Options = ZarrOptions
+    receipt_checksum = "crc32"  # computed by the engine's reader while the bytes are in cache
     options_help = "Zarr output (DEST ending in .zarr, or --to zarr; see docs/zarr.md)"
     opts: ZarrOptions
 
@@ -276,6 +304,7 @@ class ZarrSink(Sink):
         self._by_name: dict[str, _Array] = {}
         self._handles: dict[tuple[int, bool], Any] = {}
         self._scratch: np.ndarray | None = None
+        self._in_flight: list[_PendingWrite] = []  # writes whose commit nobody has waited for yet
         self._where = "zarr output"
         self._unpublished = False  # the completion marker is known to be absent
 
@@ -290,8 +319,9 @@ class ZarrSink(Sink):
         return tsio.TENSORSTORE_BYTES
 
     def scratch_slots(self) -> int:
-        # TensorStore's compressed copy of the chunk in flight, and its decoded chunks while
-        # a resume re-reads into our own chunk-sized scratch buffer.
+        # TensorStore's encoded copies of the chunks in flight (two at the engine's default four
+        # buffers; each at most a chunk), and its decoded chunks while a resume re-reads into our
+        # own chunk-sized scratch buffer.
         return 2
 
     def _use(self, dest: Destination) -> None:
@@ -521,7 +551,9 @@ class ZarrSink(Sink):
 
     # -- chunks -------------------------------------------------------------------------
 
-    def write(self, chunk: Chunk, data: memoryview, crc: int | None = None) -> int:
+    def write(self, chunk: Chunk, data: memoryview, crc: int | None = None) -> int | _PendingWrite:
+        """Start writing the chunk; returns a pending receipt (``result()`` waits for
+        TensorStore's commit), so the next chunks are read and encoded meanwhile."""
         if chunk.length == 0:
             return 0
         a = self._arrays[chunk.index]
@@ -531,11 +563,20 @@ class ZarrSink(Sink):
             self._unpublish()
         store = self._handle(chunk.index)
         self._scratch = None  # the resume checks are over
-        # TensorStore may reference ``data`` instead of copying it (half the time of a copy into
-        # fresh memory). Safe: we wait for the commit, after which nothing holds it (the cache
-        # pool is 0 bytes), before the engine reuses the buffer.
-        tsio.wrap(DestinationError, f"{self._where}: array {a.key!r}",
-                  lambda: store[region].write(arr, can_reference_source_data_indefinitely=True).result())
+        where = f"{self._where}: array {a.key!r}"
+        # TensorStore references ``data`` instead of copying it (half the time of a copy into fresh
+        # memory). Safe: the engine leaves the buffer untouched until ``result()`` has seen the
+        # commit, after which nothing holds it (the cache pool is 0 bytes).
+        future = tsio.wrap(DestinationError, where,
+                           lambda: store[region].write(arr, can_reference_source_data_indefinitely=True))
+        pending = _PendingWrite(future, where, lambda: self._written(a, region, data, crc))
+        if not IN_FLIGHT:
+            return pending.result()
+        self._in_flight = [w for w in self._in_flight if not w.done()] + [pending]
+        return pending
+
+    def _written(self, a: _Array, region: tuple[slice, ...], data: memoryview, crc: int | None) -> int:
+        """After a chunk's commit: start its writeback; its receipt (the CRC32 of its bytes)."""
         if self.url is None and self.ctx is not None and self.ctx.durable:
             self._writeback(a, region)
         return crc32(data) if crc is None else crc
@@ -656,6 +697,12 @@ class ZarrSink(Sink):
                 tsio.wrap(DestinationError, f"{self._where}/{k}", f.result)
 
     def close(self) -> None:
+        """Wait for writes still in flight (a failed run's: their errors were or will be reported
+        elsewhere), so nothing writes into the store once the engine has let go of it."""
+        for w in self._in_flight:
+            with contextlib.suppress(Exception):  # the run failed already; its first error is reported
+                w.wait()
+        self._in_flight = []
         self._handles = {}
         self._scratch = None
 
