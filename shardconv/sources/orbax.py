@@ -219,7 +219,7 @@ class OrbaxSource(Source):
         """Streamed arrays of an OCDBT item read their chunks from the data files by pread,
         through the item's index, when the index fits ``ocdbt_index.MAX_INDEX_BYTES``."""
         streamed = [a.stream for a in arrays if a.stream is not None]
-        if layout.index is None or not streamed:
+        if layout.index is None or not streamed or not ocdbt_index.available():
             return
         n = layout.index.n_keys()
         if not ocdbt_index.usable(n):
