@@ -14,7 +14,8 @@ layer, into ``WORKDIR/index-<count>/``; ``tf2`` is ``tf.train.Checkpoint.write``
 same values as ``tf.Variable``s in one ``tf.Module`` per layer (so its index holds the
 object graph, which names them) into ``WORKDIR/index-tf2-<count>/``. Each is reused while
 its ``bench-ok`` marker is there. A ``small`` row lists a 5-tensor SavedModel from tests/data: the fixed cost of
-a command. ``--trees`` compares source trees (say a checkout of the commit before a change
+a command. Each tree's ``shardconv/`` is byte-compiled first (``compileall``), as an installed package is: a
+checkout run with ``PYTHONDONTWRITEBYTECODE`` set would otherwise compile every module on every run. ``--trees`` compares source trees (say a checkout of the commit before a change
 and one after it): every command runs with its tree as working directory, so ``python -m
 shardconv`` imports that tree's package, and the trees alternate within each repeat. See bench/README.md ("Listing big indexes").
 """
@@ -178,6 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     kinds = [k for k in args.kinds.split(",") if k]
     trees = [Path(t).resolve() for t in args.trees.split(",") if t]
     prefixes = {(n, k): ensure_checkpoint(args.workdir.resolve(), n, args.python, k) for n in counts for k in kinds}
+    for tree in trees:  # as installed: with PYTHONDONTWRITEBYTECODE set every run would compile every module
+        subprocess.run([args.python, "-m", "compileall", "-q", str(tree / "shardconv")], check=True)
     cli = [args.python, "-m", "shardconv"]
     rows = measure("shardconv ls (small)", 5, lambda tree: run_once(cli + ["ls", str(SMALL)], tree), trees, args.repeat)
     for n in counts:
