@@ -1,21 +1,35 @@
 """Zarr writes in flight: the sink's write returns a pending receipt, so the engine keeps more
 than one chunk's write (TensorStore's encoding and file writes) going while it reads the next;
 the values stay exact (the engine's buffers are untouched until each commit), a store error
-surfaces as one line from ``result()``, and ``close`` waits for writes nobody waited for."""
+surfaces as one line from ``result()``, ``close`` waits for writes nobody waited for, and
+``sync`` makes committed chunks durable so a resume keeps them without reading them back."""
 from __future__ import annotations
 
+import os
+import re
+import signal
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-from test_zarr import ArraySource, assert_same, read_zarr_python
+from procs import run_cli, tree_digest
+from test_zarr import SMALL, ArraySource, assert_same, read_zarr_python
 
 import shardconv
 from shardconv.errors import DestinationError
 from shardconv.sinks import zarr as zarr_sink
+from shardconv.testing.sink_suite import reference_tree, write_reference_npz
 
 pytest.importorskip("tensorstore")
 pytest.importorskip("zarr")
+
+
+@pytest.fixture
+def npz_in(tmp_path: Path) -> tuple[Path, dict[str, np.ndarray]]:
+    tree = reference_tree()
+    write_reference_npz(tmp_path / "in.npz", tree)
+    return tmp_path / "in.npz", tree
 
 
 def test_two_writes_in_flight_and_the_values_exact(tmp_path, monkeypatch):
@@ -69,3 +83,56 @@ def test_a_failed_write_is_one_line_from_result_and_close_does_not_raise_it_agai
     sink._in_flight = [w]
     sink.close()  # the run failed already: close waits, and reports nothing twice
     assert sink._in_flight == []
+
+
+def test_durable_marks_follow_fsyncs_of_the_chunk_files_and_a_resume_reads_only_what_follows(npz_in, tmp_path,
+                                                                                              monkeypatch):
+    """A durable mark after every chunk (SHARDCONV_TEST_MARK_BYTES=1): in process, each mark comes
+    right after fsyncs of the chunk files committed since the last one and of their
+    directories; killed after chunk 12 is journaled, the resume reads back no marked chunk and
+    the store equals an uninterrupted run's file for file."""
+    from shardconv.core import pipeline
+    from shardconv.core.journal import Journal
+
+    src, _ = npz_in
+    opts = {"chunk_mib": SMALL, "compression": "zstd"}
+    clean = tmp_path / "clean.zarr"
+    monkeypatch.setattr(pipeline, "MARK_BYTES", 1)
+    events: list[str] = []
+    real_fsync, real_append = os.fsync, Journal.append
+
+    def fsync(fd: int) -> None:
+        events.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    def append(self: Journal, rec: dict[str, Any]) -> None:
+        events.append("mark" if "d" in rec else "chunk")
+        real_append(self, rec)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(Journal, "append", append)
+    r = shardconv.convert(src, clean, max_memory="1MiB", sink_options=opts)
+    marks = [k for k, e in enumerate(events) if e == "mark"]
+    assert events.count("chunk") == r.chunks_written and len(marks) > 10  # a mark after each non-empty chunk
+    partial = f"{clean}.partial/{clean.name}"
+    for k, prev in zip(marks, [-1, *marks]):
+        synced = events[prev + 1:k]
+        files = [p for p in synced if re.search(r"/c(/\d+)*$", p)]  # the chunk files (v3 keys), then their dirs
+        assert files and synced[-1] == partial and synced.index(files[-1]) < synced.index(partial), synced
+    monkeypatch.undo()
+    dest = tmp_path / "o.zarr"
+    p = run_cli("convert", src, dest, "--max-memory", "1MiB", "--chunk-mib", str(SMALL), "--compression", "zstd",
+                "--quiet", env={"SHARDCONV_TEST_KILL": "journal:12", "SHARDCONV_TEST_MARK_BYTES": "1"})
+    assert p.returncode == -signal.SIGKILL, p.stderr
+    checked: list[int] = []
+    real_check = zarr_sink.ZarrSink.check
+
+    def check(self: zarr_sink.ZarrSink, c: Any, receipt: Any) -> bool:
+        checked.append(c.offset)
+        return real_check(self, c, receipt)
+
+    monkeypatch.setattr(zarr_sink.ZarrSink, "check", check)
+    r = shardconv.convert(src, dest, max_memory="1MiB", sink_options=opts)
+    assert r.chunks_resumed == 13 and len(checked) == 1  # chunk 12 has no mark after it
+    assert {k.split("/", 1)[1]: v for k, v in tree_digest(dest).items()} == \
+        {k.split("/", 1)[1]: v for k, v in tree_digest(clean).items()}

@@ -73,7 +73,7 @@ from ..mapping.rules import rename_rule
 from ..util import safefs
 from ..util.checksums import combine_crc32, crc32
 from ..util.dtypes import STRING, is_ml_dtype, itemsize, numpy_dtype
-from ..util.fileio import fsync_tree, start_writeback
+from ..util.fileio import fsync_dir, fsync_path, fsync_tree, start_writeback
 from ..util.units import format_size
 from .base import Capabilities, Sink, SinkOptions, sink_option
 
@@ -305,6 +305,7 @@ class ZarrSink(Sink):
         self._handles: dict[tuple[int, bool], Any] = {}
         self._scratch: np.ndarray | None = None
         self._in_flight: list[_PendingWrite] = []  # writes whose commit nobody has waited for yet
+        self._unsynced: list[Path] = []  # local chunk files committed since the last sync
         self._where = "zarr output"
         self._unpublished = False  # the completion marker is known to be absent
 
@@ -581,23 +582,46 @@ class ZarrSink(Sink):
             self._writeback(a, region)
         return crc32(data) if crc is None else crc
 
+    def _chunk_files(self, a: _Array, region: tuple[slice, ...]) -> list[Path]:
+        """The files of the Zarr chunks ``region`` covers (a local store)."""
+        grid = [range(s.start // c, -(-s.stop // c)) for s, c in zip(region, a.chunks)]
+        if self.zarr_format == 3:
+            return [self.out / a.key / "/".join(["c", *map(str, idx)]) for idx in itertools.product(*grid)]
+        return [self.out / a.key / (".".join(map(str, idx)) or "0") for idx in itertools.product(*grid)]
+
     def _writeback(self, a: _Array, region: tuple[slice, ...]) -> None:
         """Start writing the chunk files just committed back to disk (as the NPZ sink does),
-        so dirty pages never pile up and the final fsync finds little left to do."""
-        grid = [range(s.start // c, -(-s.stop // c)) for s, c in zip(region, a.chunks)]
-        for idx in itertools.product(*grid):
-            if self.zarr_format == 3:
-                key = "/".join(["c", *map(str, idx)])
-            else:
-                key = ".".join(map(str, idx)) or "0"
+        so dirty pages never pile up and the final fsync (or ``sync``) finds little left to do."""
+        files = self._chunk_files(a, region)
+        self._unsynced += files
+        for path in files:
             try:
-                fd = os.open(self.out / a.key / key, os.O_RDONLY)
+                fd = os.open(path, os.O_RDONLY)
             except OSError:
                 continue
             try:
                 start_writeback(fd, 0, os.fstat(fd).st_size)
             finally:
                 os.close(fd)
+
+    def sync(self) -> bool:
+        """Make every chunk committed so far durable, so a resume keeps them without reading
+        them back: a local store's new chunk files fsynced, then their directories up to the
+        store's (TensorStore renames each file into place); an object store's writes are durable
+        once committed (``memory://`` never is). Raises: DurabilityError."""
+        if self.url is not None:
+            return tsio.scheme(self.url) != "memory"
+        files, self._unsynced = self._unsynced, []
+        dirs: set[Path] = set()
+        for path in files:
+            fsync_path(path)
+            d = path.parent
+            while d != self.out and d not in dirs:
+                dirs.add(d)
+                d = d.parent
+        for d in sorted(dirs, key=lambda p: -len(p.parts)) + [self.out]:
+            fsync_dir(d)
+        return True
 
     def check(self, chunk: Chunk, receipt: Any) -> bool:
         if chunk.length == 0:
@@ -613,7 +637,11 @@ class ZarrSink(Sink):
             dst.write(self._handle(chunk.index, reading=True)[region].translate_to[0]).result()
         except Exception:  # missing or unreadable chunk: write it again
             return False
-        return crc32(raw) == receipt
+        if crc32(raw) != receipt:
+            return False
+        if self.url is None and self.ctx is not None and self.ctx.durable:
+            self._unsynced += self._chunk_files(a, region)  # a durable mark will vouch for it too
+        return True
 
     # -- finish -------------------------------------------------------------------------
 
