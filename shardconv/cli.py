@@ -365,8 +365,16 @@ def _ls_text(named: list[tuple[str, Any, Any]]) -> str:
         what = (f"ema of {role.ema_of}" if role.ema_of else
                 f"optimizer, slot of {role.slot_of}" if role.slot_of else role.kind)
         key = f"  <- {t.name}" if t.name != name else ""
-        lines.append(one_line(f"{name:<{width}}  {t.dtype:<9} {shape:<20} {size:>10}  {what}{key}") + "\n")
-    return "".join(lines)
+        lines.append(f"{name:<{width}}  {t.dtype:<9} {shape:<20} {size:>10}  {what}{key}")
+    return _escaped_lines(lines)
+
+
+def _escaped_lines(lines: list[str]) -> str:
+    """``lines`` joined, each ended by a newline and escaped by ``one_line``; one check of the
+    whole table where every line prints as it is (the common case) instead of one per line."""
+    if not "".join(lines).isprintable():
+        lines = [one_line(line) for line in lines]
+    return "".join(f"{line}\n" for line in lines)
 
 
 def _convert(args: argparse.Namespace) -> int:
@@ -517,9 +525,8 @@ def _plan_text(plan: Any, out_bytes: list[int]) -> str:
             origin = d.get("from") or ", ".join(sorted({p["from"] for p in d.get("pieces", [])}))
             op = "" if d["op"] == "copy" else f" [{d['op']}]"
         size = sizes.get(n) or sizes.setdefault(n, format_size(n))
-        lines.append(one_line(f"{o.name:<{width}}  {o.dtype:<9} {str(list(o.shape)):<18} {size:>10}  "
-                              f"<- {origin}{op}") + "\n")
-    return "".join(lines)
+        lines.append(f"{o.name:<{width}}  {o.dtype:<9} {str(list(o.shape)):<18} {size:>10}  <- {origin}{op}")
+    return _escaped_lines(lines)
 
 
 def _verify(args: argparse.Namespace) -> int:

@@ -134,3 +134,21 @@ def test_check_name_shortcut_on_every_unsafe_form():
 @given(st.text(alphabet=st.sampled_from(list("ab./\\\x00\n\x1f\x7fé")), max_size=10))
 def test_check_name_random(name):
     assert core_plan.check_name(name) == _check_name_slow(name)
+
+
+def test_ls_table_escapes_each_line_once_any_is_unprintable(tmp_path, capsys):
+    """``ls`` checks its whole table at once; a name with characters ``one_line`` escapes sends every line
+    through ``one_line``, which escapes that one and leaves the others as they are."""
+    import numpy as np
+
+    from shardconv.cli import main
+
+    src = tmp_path / "in.npz"
+    np.savez(src, **{"ok/w": np.zeros(2, np.float32), "evil\u202ename\u2028": np.zeros(3, np.float32)})  # type: ignore[arg-type]
+    assert main(["ls", str(src), "--quiet"]) == 0
+    lines = capsys.readouterr().out.split("\n")
+    assert lines[-1] == "" and len(lines) == 3
+    assert lines[0].startswith("evil\\u202ename\\u2028 ") and lines[1].startswith("ok/w ")
+    np.savez(src, **{"ok/w": np.zeros(2, np.float32)})  # type: ignore[arg-type]
+    assert main(["ls", str(src), "--quiet"]) == 0
+    assert capsys.readouterr().out.startswith("ok/w  float32")
