@@ -13,6 +13,7 @@ import pytest
 import shardconv
 from shardconv.core.journal import Journal
 from shardconv.errors import ResumeError
+from shardconv.testing.sink_suite import BEFORE_RESTART
 
 
 @pytest.fixture
@@ -55,6 +56,7 @@ def test_rule2_header(src, tmp_path):
     assert set(head["source"]["tensors"]) == {"a", "b"} and "in.npz" in head["source"]["files"]
     assert set(head["source"]["files"]["in.npz"]) == {"size", "mtime_ns", "ctime_ns", "inode"}
     assert isinstance(head["options"], dict)
+    assert head["boot"] == open("/proc/sys/kernel/random/boot_id").read().strip()
 
 
 def test_rule3_chunk_records(src, tmp_path):
@@ -114,7 +116,7 @@ def test_rule6_an_unusable_journal_refuses_the_resume(src, tmp_path, damage):
 
 def test_rule7_only_confirmed_records_are_kept_and_the_journal_rewritten(src, tmp_path, monkeypatch):
     dest = tmp_path / "o.npz"
-    kill_at(src, dest, "journal:3")
+    kill_at(src, dest, "journal:3", BEFORE_RESTART)  # resumed after a restart: every record is checked
     path = Path(f"{dest}.partial") / "journal.jsonl"
     raw = lines(dest)
     rec = json.loads(raw[2])
@@ -158,32 +160,62 @@ def test_rule9_a_resume_keeps_the_journaled_chunk_size(src, tmp_path):
     assert r.chunk_bytes == size and r.chunks_resumed == 4
 
 
-#: A durable mark after every chunk (the default is one per 256 MiB).
-EVERY_CHUNK = {"SHARDCONV_TEST_MARK_BYTES": "1"}
+#: A durable mark after every chunk (the default is one per 4 GiB), on an earlier boot (a resume
+#: after it trusts only what a mark vouches for).
+EVERY_CHUNK = {"SHARDCONV_TEST_MARK_BYTES": "1", **BEFORE_RESTART}
+
+
+def _marks_and_chunks(dest: Path) -> tuple[list[int], int]:
+    recs = [json.loads(ln) for ln in lines(dest)[1:] if ln]
+    seen, marks = 0, []
+    for r in recs:
+        if "d" in r:
+            assert r["d"] <= seen, recs  # a mark counts only records before it
+            marks.append(r["d"])
+        else:
+            seen += 1
+    return marks, seen
 
 
 def test_rule10_a_durable_mark_follows_a_sync_and_counts_the_records_before_it(src, tmp_path, monkeypatch):
     dest = tmp_path / "o.npz"
-    kill_at(src, dest, "journal:3", EVERY_CHUNK)
-    recs = [json.loads(ln) for ln in lines(dest)[1:] if ln]
-    assert recs[1::2] == [{"d": 1}, {"d": 2}, {"d": 3}] and [r["i"] for r in recs[0::2]] == [0, 1, 2, 3]
-    # in process: every mark comes right after an fsync of the output; none with fsync off
+    kill_at(src, dest, "mark:1", EVERY_CHUNK)  # killed right after the first durable mark
+    marks, chunks = _marks_and_chunks(dest)
+    assert len(marks) == 1 and 0 < marks[0] <= chunks
+    # in process: every mark {"d": n} comes after an fsync of the output that began after the
+    # n-th chunk record and ended before the mark; none with fsync off
     from shardconv.core import pipeline
 
     monkeypatch.setattr(pipeline, "MARK_BYTES", 1)
-    events: list[str] = []
+    events: list[tuple[str, int]] = []
+    chunks_seen = [0]
     real_fsync, real_append = os.fsync, Journal.append
-    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(f"fsync:{os.readlink(f'/proc/self/fd/{fd}')}"),
-                                                 real_fsync(fd))[1])
-    monkeypatch.setattr(Journal, "append", lambda self, rec: (events.append("mark" if "d" in rec else "chunk"),
-                                                              real_append(self, rec))[1])
+
+    def fsync(fd):
+        out = os.readlink(f"/proc/self/fd/{fd}").endswith("fresh.npz")
+        start = chunks_seen[0]
+        real_fsync(fd)
+        if out:
+            events.append(("fsync", start))
+
+    def append(self, rec):
+        real_append(self, rec)
+        if "d" in rec:
+            events.append(("mark", rec["d"]))
+        else:
+            chunks_seen[0] += 1
+            events.append(("chunk", chunks_seen[0]))
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(Journal, "append", append)
     shardconv.convert(src, tmp_path / "fresh.npz", max_memory="1MiB")
-    marks = [k for k, e in enumerate(events) if e == "mark"]
-    assert len(marks) == events.count("chunk") > 3
-    assert all(events[k - 1].startswith("fsync:") and events[k - 1].endswith("fresh.npz") for k in marks), events
+    marks = [(k, n) for k, (e, n) in enumerate(events) if e == "mark"]
+    assert marks and marks[-1][1] <= chunks_seen[0]  # the run waits for a sync it started
+    for k, n in marks:
+        assert any(e == "fsync" and started >= n for e, started in events[:k]), (n, events[:k])
     events.clear()
     shardconv.convert(src, tmp_path / "nosync.npz", max_memory="1MiB", fsync=False)
-    assert "mark" not in events and events.count("chunk") > 3
+    assert not [e for e in events if e[0] == "mark"] and chunks_seen[0] > 3
 
 
 def _resume_counting_checks(src: Path, dest: Path, monkeypatch) -> tuple[list[int], list[list], object]:
@@ -203,19 +235,37 @@ def test_rule10_a_resume_keeps_marked_records_without_reading_them(src, tmp_path
     clean = tmp_path / "clean.npz"
     shardconv.convert(src, clean, max_memory="1MiB")
     dest = tmp_path / "o.npz"
-    kill_at(src, dest, "journal:3", EVERY_CHUNK)  # marks vouch for chunks 0-2; chunk 3 has none
+    kill_at(src, dest, "mark:1", EVERY_CHUNK)  # the mark vouches for the first t chunks
+    marks, chunks = _marks_and_chunks(dest)
+    t = marks[-1]
     checked, kept, r = _resume_counting_checks(src, dest, monkeypatch)
-    assert r.chunks_resumed == 4 and len(checked) == 1  # only chunk 3 was read back
-    assert [x.get("i", x) for x in kept[0]] == [0, 1, 2, {"d": 3}, 3]
+    assert r.chunks_resumed == chunks and len(checked) == chunks - t  # only those after the mark read back
+    assert [x.get("i", x) for x in kept[0]] == list(range(t)) + [{"d": t}] + list(range(t, chunks))
     assert dest.read_bytes() == clean.read_bytes()
 
 
 def test_rule10_a_mark_counting_more_records_than_precede_it_is_ignored(src, tmp_path, monkeypatch):
     dest = tmp_path / "o.npz"
-    kill_at(src, dest, "journal:3")
+    kill_at(src, dest, "journal:3", BEFORE_RESTART)
     path = Path(f"{dest}.partial") / "journal.jsonl"
     raw = lines(dest)
     raw.insert(2, b'{"d":4}')  # after one record, a mark claiming four
     path.write_bytes(b"\n".join(raw))
     checked, kept, r = _resume_counting_checks(src, dest, monkeypatch)
     assert r.chunks_resumed == 4 and len(checked) == 4 and {"d": 4} not in kept[0]
+
+
+def test_rule11_a_resume_on_the_same_boot_keeps_every_record_unread(src, tmp_path, monkeypatch):
+    clean = tmp_path / "clean.npz"
+    shardconv.convert(src, clean, max_memory="1MiB")
+    dest = tmp_path / "o.npz"
+    kill_at(src, dest, "journal:5")  # no mark: the default interval is far larger than this run
+    assert _marks_and_chunks(dest) == ([], 6)
+    checked, kept, r = _resume_counting_checks(src, dest, monkeypatch)
+    assert r.chunks_resumed == 6 and checked == [] and [x["i"] for x in kept[0]] == list(range(6))
+    assert dest.read_bytes() == clean.read_bytes()
+    # the same journal from another boot: every record is read back
+    dest2 = tmp_path / "o2.npz"
+    kill_at(src, dest2, "journal:5", BEFORE_RESTART)
+    checked, _, r = _resume_counting_checks(src, dest2, monkeypatch)
+    assert r.chunks_resumed == 6 and len(checked) == 6

@@ -74,7 +74,8 @@ def test_a_source_cut_short_during_a_direct_copy_is_one_line(src, tmp_path, monk
     real = pipeline._prefetch
 
     def cut_then_prefetch(raw, length):
-        os.truncate(path, raw.offset + 100)
+        if os.path.getsize(path) > raw.offset + 100:  # once: a later call would extend it with zeros
+            os.truncate(path, raw.offset + 100)
         real(raw, length)
 
     monkeypatch.setattr(pipeline, "_prefetch", cut_then_prefetch)

@@ -26,7 +26,7 @@ import shardconv
 from shardconv import errors
 from shardconv.sources.tf_bundle import TFBundleSource
 from shardconv.testing.faults import Fault
-from shardconv.testing.sink_suite import SinkTests, reference_tree, write_reference_npz
+from shardconv.testing.sink_suite import BEFORE_RESTART, SinkTests, reference_tree, write_reference_npz
 from shardconv.util.dtypes import numpy_dtype
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -99,8 +99,9 @@ def _error(r: dict[str, Any]) -> Exception:
     return e
 
 
-def tf_cli(*argv: Any, kill: str | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    res = worker().call("cli", argv=[str(a) for a in argv], kill=kill, cwd=str(cwd) if cwd else None)
+def tf_cli(*argv: Any, kill: str | None = None, cwd: Path | None = None,
+           env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    res = worker().call("cli", argv=[str(a) for a in argv], kill=kill, cwd=str(cwd) if cwd else None, env=env)
     return subprocess.CompletedProcess(argv, res["rc"], "", res["log"].encode())
 
 
@@ -268,9 +269,10 @@ def _entry(path: Path) -> tuple[int, int]:
 
 
 def test_a_resumed_run_keeps_the_skeleton_and_redoes_a_corrupt_chunk(tmp_path):
-    """Killed twice, then the partial data file's values flipped (the carried object graph left
-    intact): the resumed runs keep saved_model.pb and the data file (never rebuilt: attaching
-    needs no TensorFlow), redo every damaged chunk, and give the bytes of an uninterrupted run."""
+    """Killed twice (the second time on an earlier boot: a restart follows), then the partial
+    data file's values flipped (the carried object graph left intact): the resumed runs keep
+    saved_model.pb and the data file (never rebuilt: attaching needs no TensorFlow), redo every
+    damaged chunk, and give the bytes of an uninterrupted run."""
     src, tree = tree_npz(tmp_path)
     dest, clean = tmp_path / "sm", tmp_path / "clean"
     argv = ("convert", src, dest, "--to", "savedmodel", "--max-memory", "1MiB")
@@ -278,7 +280,7 @@ def test_a_resumed_run_keeps_the_skeleton_and_redoes_a_corrupt_chunk(tmp_path):
     partial = Path(str(dest) + ".partial") / dest.name
     data = partial / "variables" / "variables.data-00000-of-00001"
     skeleton, inode = _entry(partial / "saved_model.pb"), data.stat().st_ino
-    assert tf_cli(*argv, kill="journal:12").returncode == -9
+    assert tf_cli(*argv, kill="journal:12", env=BEFORE_RESTART).returncode == -9
     assert _entry(partial / "saved_model.pb") == skeleton and data.stat().st_ino == inode
     staged = Path(str(dest) + ".partial")
     journaled = sum(1 for line in (staged / "journal.jsonl").read_text().splitlines()[1:] if '"i"' in line)

@@ -8,7 +8,7 @@ child killed by SIGKILL (the engine's SHARDCONV_TEST_KILL hook) is answered with
 ``rc = -9``, as a killed subprocess would be. Requests::
 
     {"op": "convert", "src", "dest", "kwargs", "faults"}  shardconv.api.convert in the child (faults injected)
-    {"op": "cli", "argv", "kill", "cwd"}            shardconv.cli.main(argv), killed at "kill"
+    {"op": "cli", "argv", "kill", "cwd", "env"}     shardconv.cli.main(argv), killed at "kill"
     {"op": "read", "path", "kind", "out"}           values as TF loads them (savedmodel | checkpoint)
     {"op": "signature", "path", "input", "out"}     run serving_default on a .npy input
     {"op": "make_dv", "out"}                        the DeepVariant-shaped fixture
@@ -115,6 +115,7 @@ def op_cli(req: dict) -> dict:
     from shardconv.core import pipeline
 
     pipeline._KILL = req.get("kill") or ""
+    os.environ.update(req.get("env") or {})  # this fork's only
     if req.get("cwd"):
         os.chdir(req["cwd"])
         sys.path.insert(0, req["cwd"])

@@ -30,7 +30,7 @@ from ..util.units import format_size
 from .budget import MAX_CHUNK, Budget
 from .destination import Destination, SinkContext
 from .integrity import IntegrityTracker
-from .journal import Journal, describe_changes, durable_prefix, is_mark
+from .journal import Journal, boot_id, describe_changes, durable_prefix, is_mark
 from .pipeline import hook, start_kill_timer
 from .pipeline import run as run_pipeline
 from .plan import Chunk, Plan, chunk_plan
@@ -229,9 +229,11 @@ def _open(job: _Job, restart: bool, max_memory: int, chunk_bytes: int | None, sc
     job.sink.open(job.staging.out, job.plan.outputs, ctx)
     chunks = chunk_plan(job.plan.outputs, budget.chunk_bytes, job.sink.chunk_grid)
     tracker = IntegrityTracker(job.plan.source.units())
-    done, trusted = _kept_chunks(prior[1], chunks, job.sink, tracker) if resume and prior else ({}, 0)
-    kept = list(done.values())  # the trusted ones first, still vouched for by their mark
-    job.journal.start({**job.header, "chunk_bytes": budget.chunk_bytes, "dest": job.dest.path.name},
+    boot = boot_id()
+    same_boot = bool(prior and boot and prior[0].get("boot") == boot)
+    done, trusted = _kept_chunks(prior[1], chunks, job.sink, tracker, same_boot) if resume and prior else ({}, 0)
+    kept = list(done.values())  # the durable ones first, still vouched for by their mark
+    job.journal.start({**job.header, "chunk_bytes": budget.chunk_bytes, "dest": job.dest.path.name, "boot": boot},
                       kept[:trusted] + ([{"d": trusted}] if trusted else []) + kept[trusted:], durable=job.fsync)
     job.journaled = True
     return _Opened(budget, chunks, tracker, done)
@@ -279,12 +281,13 @@ def _prior_run(journal: Journal, staging: Staging, header: dict[str, Any],
     return prior
 
 
-def _kept_chunks(records: list[dict[str, Any]], chunks: list[Chunk], sink: Sink,
-                 tracker: IntegrityTracker) -> tuple[dict[int, dict[str, Any]], int]:
+def _kept_chunks(records: list[dict[str, Any]], chunks: list[Chunk], sink: Sink, tracker: IntegrityTracker,
+                 same_boot: bool = False) -> tuple[dict[int, dict[str, Any]], int]:
     """Journaled chunks of an earlier run that are intact in the partial output, by index (in
-    journal order), and how many of them come first as trusted: those before the last durable
-    mark are kept as journaled (their bytes were synced before the mark was written), the
-    others only if ``sink.check`` finds their bytes."""
+    journal order), and how many of them come first as durable. Kept as journaled, unread:
+    every chunk if the journal was written on this boot of the machine (a killed process loses
+    nothing it wrote), else those before the last durable mark (synced before the mark was
+    written); any other chunk only if ``sink.check`` finds its bytes."""
     trusted = durable_prefix(records)
     kept_trusted = 0
     done: dict[int, dict[str, Any]] = {}
@@ -295,7 +298,7 @@ def _kept_chunks(records: list[dict[str, Any]], chunks: list[Chunk], sink: Sink,
         c = chunks[i]
         if (rec.get("o"), rec.get("n")) != (c.offset, c.length):
             continue
-        if n >= trusted and not sink.check(c, rec.get("r")):
+        if n >= trusted and not same_boot and not sink.check(c, rec.get("r")):
             continue
         done[i] = rec
         kept_trusted += n < trusted

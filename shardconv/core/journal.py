@@ -3,9 +3,11 @@
 JSON lines: a header (source fingerprint, plan digest, chunk size), then one
 record per chunk, appended once the sink has written that chunk's bytes (handed
 them to the kernel), and now and then a durable mark ``{"d": N}``, appended once
-the sink has synced the chunks of the first N records. A resume keeps the chunks
-a mark vouches for as they are and re-checks every later journaled chunk against
-the output. A torn last line (killed mid-write) is ignored.
+the sink has synced the chunks of the first N records. A resume on the same boot
+as the run that wrote the journal (the header's ``boot``) keeps every journaled
+chunk as it is: nothing the killed process wrote was lost. After a restart it keeps
+the chunks a mark vouches for and re-checks every later one against the output.
+A torn last line (killed mid-write) is ignored.
 docs/journal-format.md is the specification.
 """
 from __future__ import annotations
@@ -22,6 +24,21 @@ from ..util import safefs
 
 FORMAT = "shardconv-journal"
 VERSION = 1
+
+
+def boot_id() -> str | None:
+    """This boot of the machine (Linux's ``boot_id``; SHARDCONV_TEST_BOOT_ID for tests), or None.
+
+    While the machine has not restarted, every chunk a killed run wrote is in the page cache or
+    on disk: a resume on the same boot keeps its journaled chunks without reading them."""
+    test = os.environ.get("SHARDCONV_TEST_BOOT_ID")
+    if test:
+        return test
+    try:
+        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as f:
+            return f.read().strip() or None
+    except OSError:
+        return None
 
 
 def is_mark(record: dict[str, Any]) -> bool:

@@ -265,7 +265,9 @@ class Sink(ABC):
 
     def sync(self) -> bool:
         """Make every chunk written so far durable (fsync), so the engine can journal a durable
-        mark and a resume keep those chunks without reading them again.
+        mark and a resume keep those chunks without reading them again. The engine calls it on
+        another thread while ``write`` goes on: it must be safe beside writes, and must cover at
+        least every chunk whose write had returned (or whose receipt had) when it was called.
 
         Returns: True if done; False if the sink cannot (a resume then re-checks every chunk).
         Raises: DurabilityError (the engine then discards the partial output)."""

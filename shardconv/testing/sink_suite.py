@@ -43,6 +43,10 @@ def write_reference_npz(path: Path, tree: dict[str, np.ndarray]) -> None:
     np.savez(path, **tree)  # type: ignore[arg-type]  # numpy stubs type the keyword arrays as allow_pickle
 
 
+
+#: The environment of a run on an earlier boot of the machine: a resume after it re-checks chunks.
+BEFORE_RESTART = {"SHARDCONV_TEST_BOOT_ID": "an-earlier-boot"}
+
 class SinkTests:
     suffix = ".npz"
     to: str | None = None
@@ -121,12 +125,12 @@ class SinkTests:
     def _label(self) -> str:
         return self.label or self.to or self.suffix.lstrip(".")
 
-    def _kill_at(self, src: Path, dest: Path, point: str) -> subprocess.CompletedProcess:
+    def _kill_at(self, src: Path, dest: Path, point: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
         argv = [sys.executable, "-m", "shardconv", "convert", str(src), str(dest), "--max-memory", "1MiB", "--quiet",
                  *self.cli_flags]
         if self.to:
             argv += ["--to", self.to]
-        return subprocess.run(argv, env={**os.environ, "SHARDCONV_TEST_KILL": point}, capture_output=True)
+        return subprocess.run(argv, env={**os.environ, "SHARDCONV_TEST_KILL": point, **(env or {})}, capture_output=True)
 
     def test_sigkill_sweep_then_resume_gives_the_same_output(self, source_npz, tmp_path):
         """SIGKILL at every kill point in turn; after each, nothing complete is at DEST early,
@@ -208,13 +212,14 @@ class SinkTests:
             f.write(bytes([b[0] ^ 0xFF]))
 
     def test_a_corrupted_chunk_of_the_partial_is_detected_and_redone(self, source_npz, tmp_path):
-        """Killed once every chunk is journaled, a chunk of the partial output then damaged: the
-        resume re-checks every journaled chunk, redoes the damaged one, and the output is identical."""
+        """Killed once every chunk is journaled, the machine restarted (another boot id), a chunk
+        of the partial output then damaged: the resume re-checks every journaled chunk, redoes the
+        damaged one, and the output is identical. (On the same boot nothing is re-read.)"""
         src, _ = source_npz
         clean = tmp_path / f"clean{self.suffix}"
         self.convert(src, clean, max_memory="1MiB")
         dest = tmp_path / f"out{self.suffix}"
-        assert self._kill_at(src, dest, "finish").returncode == -9
+        assert self._kill_at(src, dest, "finish", env=BEFORE_RESTART).returncode == -9
         self.corrupt_partial(Path(f"{dest}.partial") / dest.name)
         r = self.convert(src, dest, max_memory="1MiB")
         assert r.chunks_written >= 1 and r.chunks_resumed >= 1, (r.chunks_written, r.chunks_resumed)
