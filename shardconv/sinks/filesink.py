@@ -1,6 +1,7 @@
-"""What the single-file sinks (NPZ, safetensors) share: splitting tensors over files of a
-bounded size, re-checking a journaled chunk, per-tensor CRCs from chunk receipts, the
-sidecar manifest and the Hugging Face style index of a split output.
+"""What the single-file sinks (NPZ, safetensors) share: chunks as byte ranges of their files
+(``OffsetSink``), splitting tensors over files of a bounded size, re-checking a journaled
+chunk, per-tensor CRCs from chunk receipts, the sidecar manifest and the Hugging Face style
+index of a split output.
 """
 from __future__ import annotations
 
@@ -16,10 +17,10 @@ from ..core.plan import Chunk
 from ..errors import DestinationError, UsageError
 from ..frontend import option_name
 from ..util import safefs
-from ..util.checksums import combine_crc32
-from ..util.fileio import fsync_file, truncate
+from ..util.checksums import combine_crc32, crc32
+from ..util.fileio import Writeback, fsync_file, pwrite_all, range_crc, truncate
 from ..util.units import format_size, parse_size
-from .base import SinkOptions, sink_option
+from .base import Capabilities, Sink, SinkOptions, sink_option
 
 
 @dataclass(frozen=True)
@@ -121,11 +122,39 @@ def finish_split(out: Path, files: list[tuple[Path, list[int]]], manifest: dict[
         safefs.fsync_dir(out)
 
 
-def sync_files(files: Sequence[Any]) -> bool:
-    """fsync every open file of a file sink (objects with ``fd`` and ``path``): its ``sync``.
+class OffsetSink(Sink):
+    """A sink whose every chunk is a byte range at a fixed offset of one of its files
+    (``_files``: objects with ``fd`` and ``path``; ``place`` says where): written with
+    ``pwrite`` whole or in parts, its receipt the CRC32 of its bytes, synced by fsync."""
 
-    Returns: True. Raises: DurabilityError."""
-    for f in files:
-        if f.fd >= 0:
-            fsync_file(f.fd, f.path)
-    return True
+    capabilities = Capabilities(piecewise=True)
+    receipt_checksum = "crc32"
+    _files: Sequence[Any]
+
+    def __init__(self, options: SinkOptions | None = None) -> None:
+        super().__init__(options)
+        self._writeback = Writeback()
+
+    def place(self, chunk: Chunk) -> tuple[Any, int]:
+        """(the file, the offset in it) where ``chunk``'s bytes go."""
+        raise NotImplementedError
+
+    def write(self, chunk: Chunk, data: memoryview, crc: int | None = None) -> int:
+        self.write_part(chunk, data)
+        return crc32(data) if crc is None else crc
+
+    def write_part(self, chunk: Chunk, data: memoryview) -> None:
+        f, pos = self.place(chunk)
+        pwrite_all(f.fd, data, pos, f.path)
+        if self.ctx is not None and self.ctx.durable:
+            self._writeback.wrote(f.fd, pos, len(data))
+
+    def check(self, chunk: Chunk, receipt: Any) -> bool:
+        f, pos = self.place(chunk)
+        return range_crc(f.fd, pos, chunk.length) == receipt
+
+    def sync(self) -> bool:
+        for f in self._files:
+            if f.fd >= 0:
+                fsync_file(f.fd, f.path)
+        return True

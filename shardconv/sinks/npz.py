@@ -25,9 +25,8 @@ from ..core.plan import Chunk, OutputTensor
 from ..formats import npyformat, zipformat
 from ..util import safefs
 from ..util.checksums import combine_crc32, crc32
-from ..util.fileio import Writeback, fsync_file, pwrite_all, range_crc, truncate
+from ..util.fileio import fsync_file, pwrite_all, truncate
 from . import filesink
-from .base import Capabilities, Sink
 from .filesink import MANIFEST_SUFFIX, manifest_path  # noqa: F401  (where they used to live)
 
 INDEX_SUFFIX = ".npz.index.json"
@@ -62,15 +61,13 @@ def shard_stem(dest: Path) -> str:
     return dest.name[:-4] if dest.name.lower().endswith(".npz") and len(dest.name) > 4 else dest.name
 
 
-class NpzSink(Sink):
+class NpzSink(filesink.OffsetSink):
     """NPZ output (see the module docstring): one zip64 of ``.npy`` members, or with
     ``max_file_size`` a directory of such files and an index."""
 
     name = "npz"
     Options = filesink.SplitOptions
     options_help = "NPZ output (DEST ending in .npz, or --to npz; see docs/npz-format.md)"
-    capabilities = Capabilities(piecewise=True)
-    receipt_checksum = "crc32"
     opts: filesink.SplitOptions
 
     def __init__(self, options: filesink.SplitOptions | None = None) -> None:
@@ -78,7 +75,6 @@ class NpzSink(Sink):
         self.max_file_size = self.opts.max_file_size
         self._members: list[_Member] = []
         self._files: list[_File] = []
-        self._writeback = Writeback()
 
     @property
     def output_kind(self) -> str:  # type: ignore[override]
@@ -152,23 +148,9 @@ class NpzSink(Sink):
             m = self._members[k]
             pwrite_all(f.fd, m.npy_header, m.data_offset - len(m.npy_header), f.path)
 
-    def write(self, chunk: Chunk, data: memoryview, crc: int | None = None) -> int:
-        self.write_part(chunk, data)
-        return crc32(data) if crc is None else crc
-
-    def sync(self) -> bool:
-        return filesink.sync_files(self._files)
-
-    def write_part(self, chunk: Chunk, data: memoryview) -> None:
+    def place(self, chunk: Chunk) -> tuple[_File, int]:
         m = self._members[chunk.index]
-        f = self._files[m.file]
-        pwrite_all(f.fd, data, m.data_offset + chunk.offset, f.path)
-        if self.ctx is not None and self.ctx.durable:
-            self._writeback.wrote(f.fd, m.data_offset + chunk.offset, len(data))
-
-    def check(self, chunk: Chunk, receipt: Any) -> bool:
-        m = self._members[chunk.index]
-        return range_crc(self._files[m.file].fd, m.data_offset + chunk.offset, chunk.length) == receipt
+        return self._files[m.file], m.data_offset + chunk.offset
 
     def finish(self, receipts: list[tuple[Chunk, Any]], manifest: dict[str, Any]) -> list[tuple[Path, Path]]:
         assert self.ctx is not None

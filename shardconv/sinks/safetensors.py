@@ -27,10 +27,9 @@ from .. import __version__
 from ..core.plan import Chunk, OutputTensor
 from ..sources.safetensors import DTYPE_ORDER, DTYPES, INDEX_SUFFIX, MAX_HEADER
 from ..util import safefs
-from ..util.checksums import crc32
-from ..util.fileio import Writeback, fsync_file, pwrite_all, range_crc, truncate
+from ..util.fileio import fsync_file, pwrite_all, truncate
 from . import filesink
-from .base import Capabilities, Sink
+from .base import Capabilities
 
 #: Canonical dtype name -> safetensors code, for the dtypes written.
 CODES: dict[str, str] = {name: code for code, name in DTYPES.items()}
@@ -74,7 +73,7 @@ def _metadata(source: str = "x" * SOURCE_ROOM, plan: str = "0" * 64) -> dict[str
     return {"format": "pt", "shardconv": __version__, "source_format": source[:SOURCE_ROOM], "plan": plan}
 
 
-class SafetensorsSink(Sink):
+class SafetensorsSink(filesink.OffsetSink):
     """safetensors output (see the module docstring): one file, or with ``max_file_size`` a
     directory of files and the index transformers loads."""
 
@@ -82,14 +81,12 @@ class SafetensorsSink(Sink):
     Options = filesink.SplitOptions
     options_help = "safetensors output (DEST ending in .safetensors, or --to safetensors)"
     capabilities = Capabilities(dtypes=frozenset(CODES), piecewise=True)
-    receipt_checksum = "crc32"
     opts: filesink.SplitOptions
 
     def __init__(self, options: filesink.SplitOptions | None = None) -> None:
         super().__init__(options)
         self.max_file_size = self.opts.max_file_size
         self._files: list[_File] = []
-        self._writeback = Writeback()
         self._where: list[tuple[_File, int]] = []
         self._outputs: list[OutputTensor] = []
 
@@ -177,23 +174,9 @@ class SafetensorsSink(Sink):
     def _data_len(f: _File, outputs: list[OutputTensor]) -> int:
         return sum(outputs[i].nbytes for i in f.members)
 
-    def write(self, chunk: Chunk, data: memoryview, crc: int | None = None) -> int:
-        self.write_part(chunk, data)
-        return crc32(data) if crc is None else crc
-
-    def sync(self) -> bool:
-        return filesink.sync_files(self._files)
-
-    def write_part(self, chunk: Chunk, data: memoryview) -> None:
+    def place(self, chunk: Chunk) -> tuple[_File, int]:
         f, begin = self._where[chunk.index]
-        pos = f.data_start + begin + chunk.offset
-        pwrite_all(f.fd, data, pos, f.path)
-        if self.ctx is not None and self.ctx.durable:
-            self._writeback.wrote(f.fd, pos, len(data))
-
-    def check(self, chunk: Chunk, receipt: Any) -> bool:
-        f, begin = self._where[chunk.index]
-        return range_crc(f.fd, f.data_start + begin + chunk.offset, chunk.length) == receipt
+        return f, f.data_start + begin + chunk.offset
 
     def finish(self, receipts: list[tuple[Chunk, Any]], manifest: dict[str, Any]) -> list[tuple[Path, Path]]:
         assert self.ctx is not None
