@@ -141,8 +141,8 @@ class _TFSinkTests(SinkTests):
     def read_back(self, dest: Path) -> dict[str, np.ndarray]:
         return tf_read(dest, self.kind)
 
-    def _kill_at(self, src: Path, dest: Path, point: str) -> subprocess.CompletedProcess:
-        return tf_cli("convert", src, dest, "--max-memory", "1MiB", "--quiet", "--to", self.to, kill=point)
+    def _kill_at(self, src: Path, dest: Path, point: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+        return tf_cli("convert", src, dest, "--max-memory", "1MiB", "--quiet", "--to", self.to, kill=point, env=env)
 
     def convert_faulty(self, src: Path, dest: Path, faults: list[Fault], **kw: Any) -> tuple[Any, list[int]]:
         """The suite's faults installed in the TF helper's child, where the conversion runs."""
