@@ -44,7 +44,8 @@ if TYPE_CHECKING:  # the contract only; core never imports a sink at run time
 
 #: Bytes read, checksummed and written at a time on the direct path: small enough to stay in
 #: cache between the read and the write, large enough that the four calls per piece cost little
-#: (measured with bench/copy_paths.py: 1 MiB took the least CPU of 128 KiB..1 MiB; bench/README.md).
+#: (bench/copy_paths.py, bench/README.md "Copy paths": under load 1 MiB took the least CPU of
+#: 128 KiB..1 MiB; quiet with fsync 256 KiB did; 256 KiB..1 MiB are within the noise here).
 PIECE = 1 << 20
 #: Bytes written between durable marks. Only a resume after the machine restarted needs them
 #: (on the same boot every journaled chunk is kept unread), and each sync slows the copy
