@@ -111,10 +111,14 @@ class Source(ABC):
     def _region(self, name: str, offset: int, out: memoryview, nbytes: int) -> memoryview:
         """``out`` as bytes, after checking [offset, offset+len(out)) lies within the tensor."""
         out = out.cast("B") if out.format != "B" else out
-        if offset < 0 or offset + len(out) > nbytes:
-            raise SourceError(f"{self.location}: read [{offset}, {offset + len(out)}) outside {name!r} "
-                              f"({nbytes} bytes)")
+        self._check_range(name, offset, len(out), nbytes)
         return out
+
+    def _check_range(self, name: str, offset: int, length: int, nbytes: int) -> None:
+        """Raise a SourceError unless [offset, offset+length) lies within the tensor's ``nbytes``."""
+        if offset < 0 or length < 0 or offset + length > nbytes:
+            raise SourceError(f"{self.location}: read [{offset}, {offset + length}) outside {name!r} "
+                              f"({nbytes} bytes)")
 
     def units(self) -> dict[str, Unit]:
         """Checksum units by key; empty if the format records no checksums."""

@@ -198,9 +198,7 @@ class NpzSource(Source):
     def raw_range(self, name: str, offset: int, length: int) -> RawRange | None:
         """A STORED member's data lies verbatim in the archive (checksum unit: the member's data)."""
         m = self._entry(self._members, name, "member")
-        data_bytes = m.size - m.header_len
-        if offset < 0 or length < 0 or offset + length > data_bytes:
-            raise SourceError(f"{self.location}: read [{offset}, {offset + length}) outside {name!r} ({data_bytes} bytes)")
+        self._check_range(name, offset, length, m.size - m.header_len)
         if m.method != 0:
             return None
         return RawRange(self._fd, m.data_start + m.header_len + offset, str(self.path), name, name, offset, "crc32")

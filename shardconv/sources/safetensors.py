@@ -127,9 +127,7 @@ class SafetensorsSource(Source):
     def raw_range(self, name: str, offset: int, length: int) -> RawRange | None:
         """Every tensor lies verbatim in the file (checksummed only by a shardconv sidecar)."""
         t = self._entry(self._tensors, name, "tensor")
-        if offset < 0 or length < 0 or offset + length > t["end"] - t["begin"]:
-            raise SourceError(f"{self.location}: read [{offset}, {offset + length}) outside {name!r} "
-                              f"({t['end'] - t['begin']} bytes)")
+        self._check_range(name, offset, length, t["end"] - t["begin"])
         unit = name if name in self._sidecar else None
         return RawRange(self._fd, self.data_start + t["begin"] + offset, str(self.path), name, unit, offset,
                         "crc32" if unit else None)
