@@ -29,10 +29,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..errors import FormatError, SourceError
 from ..progress import ProgressArg
 from ..progress import start as start_progress
 from ..util.checksums import BY_NAME
+from ..util.fileio import pread_exact
 from .budget import Budget, BufferPool
 from .integrity import IntegrityTracker
 from .journal import Journal
@@ -168,18 +168,6 @@ def _prefetch(raw: RawRange, length: int) -> None:
         pass
 
 
-def _pread_exact(raw: RawRange, pos: int, out: memoryview) -> None:
-    done = 0
-    while done < len(out):
-        try:
-            got = os.preadv(raw.fd, [out[done:]], raw.offset + pos + done)
-        except OSError as e:
-            raise SourceError(f"{raw.file}: read error in tensor {raw.tensor!r}: {e.strerror}") from None
-        if got == 0:
-            raise FormatError(f"{raw.file}: file ends inside tensor {raw.tensor!r} (truncated?)")
-        done += got
-
-
 def copy_direct(sink: Sink, chunk: Chunk, raw: RawRange, hot: memoryview) -> tuple[int, list[Segment]]:
     """Copy ``chunk`` from ``raw`` into ``sink`` through ``hot``, one piece at a time: read it,
     update the source's and the receipt's checksums, write it, all while it is in cache.
@@ -195,7 +183,7 @@ def copy_direct(sink: Sink, chunk: Chunk, raw: RawRange, hot: memoryview) -> tup
     for k in range(0, chunk.length, piece):
         n = min(piece, chunk.length - k)
         view = hot[:n]
-        _pread_exact(raw, k, view)
+        pread_exact(raw.fd, view, raw.offset + k, raw.file, raw.tensor)
         if src is not None:
             s = src(view, s)
         r = s if same else out(view, r)

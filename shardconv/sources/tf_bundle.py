@@ -23,6 +23,7 @@ from ..formats.sstable import SSTable
 from ..formats.wire import as_int64, fields, read_varint
 from ..util.checksums import crc32c, mask, unmask
 from ..util.dtypes import STRING, checked_nbytes, itemsize, numpy_dtype
+from ..util.fileio import pread_exact
 from .base import Source
 
 if TYPE_CHECKING:
@@ -457,17 +458,7 @@ class TFBundleSource(Source):
             return fd
 
     def _pread_into(self, e: Entry, pos: int, out: memoryview) -> None:
-        fd = self._fd(e.shard, e.name)
-        done = 0
-        n = len(out)
-        while done < n:
-            try:
-                got = os.preadv(fd, [out[done:]], e.offset + pos + done)
-            except OSError as err:
-                raise SourceError(f"{self.data_path(e.shard)}: read error in tensor {e.name!r}: {err.strerror}") from None
-            if got == 0:
-                raise FormatError(f"{self.data_path(e.shard)}: file ends inside tensor {e.name!r} (truncated?)")
-            done += got
+        pread_exact(self._fd(e.shard, e.name), out, e.offset + pos, self.data_path(e.shard), e.name)
 
     def read_into(self, name: str, offset: int, out: memoryview) -> list[Segment]:
         out = out.cast("B") if out.format != "B" else out

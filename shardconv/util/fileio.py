@@ -20,7 +20,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from ..errors import DestinationError, DurabilityError
+from ..errors import DestinationError, DurabilityError, FormatError, SourceError
 from .checksums import crc32
 
 _SYNC_FILE_RANGE_WRITE = 2
@@ -74,6 +74,22 @@ class Writeback:
         if run[1] - run[0] >= self.batch:
             start_writeback(fd, run[0], run[1] - run[0])
             del self._runs[fd]
+
+
+def pread_exact(fd: int, out: memoryview, offset: int, file: object, tensor: str) -> None:
+    """Fill ``out`` from ``offset`` of ``fd`` (continuing after short reads).
+
+    Raises: SourceError on a read error, FormatError if the file ends first (both name the
+    file and the tensor being read)."""
+    done = 0
+    while done < len(out):
+        try:
+            got = os.preadv(fd, [out[done:]], offset + done)
+        except OSError as e:
+            raise SourceError(f"{file}: read error in tensor {tensor!r}: {e.strerror}") from None
+        if got == 0:
+            raise FormatError(f"{file}: file ends inside tensor {tensor!r} (truncated?)")
+        done += got
 
 
 def pwrite_all(fd: int, data: bytes | memoryview, offset: int, path: object) -> None:
