@@ -382,6 +382,8 @@ def _convert(args: argparse.Namespace) -> int:
 
     if args.dry_run:
         return _plan(args)
+    # What the imports made lives until exit: collections during the copy need not walk it.
+    gc.freeze()
     if args.workers is not None or args.scheduler or args.share:
         r = _convert_split(args)
         if r is None:
@@ -559,6 +561,8 @@ def _check_command(parser: argparse.ArgumentParser, argv: list[str]) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # shardconv does no linear algebra; NumPy's OpenBLAS would start (and spin) a thread per core.
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
     _check_command(parser, argv)

@@ -24,3 +24,19 @@ def test_importing_the_dtype_table_imports_no_numpy():
             "dtypes.checked_nbytes((3, 4), 'float32', 'x'); assert 'numpy' not in sys.modules")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert p.returncode == 0, p.stderr
+
+
+@pytest.mark.parametrize("name", list(dtypes.NUMPY_DTYPES))
+def test_npy_descrs_known_without_numpy_are_what_np_save_writes(name):
+    from shardconv.formats import npyformat
+
+    want = (f"<V{dtypes.itemsize(name)}" if name in dtypes._ML_ITEMSIZES
+            else np.lib.format.dtype_to_descr(np.dtype(name)))
+    assert npyformat.descr_of(name) == want
+
+
+def test_writing_an_npy_header_imports_no_numpy():
+    code = ("import sys; from shardconv.formats import npyformat; npyformat.header('float32', (3, 4)); "
+            "npyformat.header('bfloat16', ()); assert 'numpy' not in sys.modules")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr

@@ -125,3 +125,16 @@ def test_the_receipt_checksum_is_computed_by_the_reader_for_buffered_chunks(src,
     assert seen and all(seen)
     got = np.load(tmp_path / "o.npz")
     assert np.array_equal(got["emb"], tree["emb"].astype(np.float16))
+
+
+@pytest.mark.parametrize("dest", ["out.npz", "out.safetensors"])
+def test_a_direct_copy_from_a_tf_checkpoint_imports_no_numpy(tmp_path, dest):
+    """A TF checkpoint copied verbatim needs no NumPy (~0.2 CPU s of start-up, with its BLAS
+    threads): neither the CLI's sink modules nor the engine's buffers may import it."""
+    from procs import assert_python_runs
+
+    small = Path(__file__).parent / "data" / "tf-serving" / "saved_model_half_plus_two_cpu" / "00000123"
+    assert_python_runs(f"import sys\nfrom shardconv.cli import main\n"
+                       f"assert main(['convert', {str(small)!r}, {str(tmp_path / dest)!r}, '--quiet']) == 0\n"
+                       "assert 'numpy' not in sys.modules, 'numpy imported'\n")
+    assert (tmp_path / dest).stat().st_size > 0

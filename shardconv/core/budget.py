@@ -1,10 +1,9 @@
 """The memory budget and the pool of preallocated chunk buffers charged to it."""
 from __future__ import annotations
 
+import mmap
 import queue
 from dataclasses import dataclass
-
-import numpy as np
 
 from ..errors import BudgetError
 from ..frontend import option
@@ -59,23 +58,23 @@ class Budget:
 ALIGN = 64
 
 
-def aligned_empty(size: int) -> np.ndarray:
-    """A byte buffer whose start is 64-byte aligned (libraries such as TensorFlow require it)."""
-    raw = np.empty(size + ALIGN, dtype=np.uint8)
-    start = (-raw.ctypes.data) % ALIGN
-    return raw[start:start + size]
+def aligned_empty(size: int) -> memoryview:
+    """A writable byte buffer whose start is page aligned (libraries such as TensorFlow need
+    64 bytes). Anonymous memory: its pages are taken only when first touched, as
+    ``np.empty`` does, and a conversion that copies directly needs no NumPy for it."""
+    return memoryview(mmap.mmap(-1, max(size, 1)))[:size]
 
 
 class BufferPool:
     """``n`` preallocated byte buffers reused for every chunk (no per-chunk allocation)."""
 
     def __init__(self, n: int, size: int) -> None:
-        self._free: queue.Queue[np.ndarray] = queue.Queue()
+        self._free: queue.Queue[memoryview] = queue.Queue()
         for _ in range(n):
             self._free.put(aligned_empty(size))
 
-    def get(self, timeout: float | None = None) -> np.ndarray:
+    def get(self, timeout: float | None = None) -> memoryview:
         return self._free.get(timeout=timeout)
 
-    def put(self, buf: np.ndarray) -> None:
+    def put(self, buf: memoryview) -> None:
         self._free.put(buf)

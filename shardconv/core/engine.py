@@ -11,8 +11,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
 from .. import __version__
 from ..errors import (
     BudgetError,
@@ -27,7 +25,7 @@ from ..frontend import changed_options, option
 from ..progress import ProgressArg
 from ..util import safefs
 from ..util.units import format_size
-from .budget import MAX_CHUNK, Budget
+from .budget import MAX_CHUNK, Budget, aligned_empty
 from .destination import Destination, SinkContext
 from .integrity import IntegrityTracker
 from .journal import Journal, boot_id, describe_changes, durable_prefix, is_mark
@@ -383,10 +381,10 @@ def verify_inputs(plan: Plan, tracker: IntegrityTracker, chunk_bytes: int) -> No
     pending = sorted({u.tensor for k, u in tracker.units.items() if u.tensor in inputs and k not in tracker.verified})
     if not pending:
         return
-    buf = np.empty(chunk_bytes, np.uint8)
+    buf = aligned_empty(chunk_bytes)
     for name in pending:
         info = plan.source.info(name)
         tracker.reset(name)
         for off in range(0, info.nbytes, chunk_bytes):
             n = min(chunk_bytes, info.nbytes - off)
-            tracker.add(plan.source.read_into(name, off, buf.data[:n]))
+            tracker.add(plan.source.read_into(name, off, buf[:n]))

@@ -27,8 +27,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
 from ..progress import ProgressArg
 from ..progress import start as start_progress
 from ..util.checksums import BY_NAME
@@ -84,7 +82,7 @@ class _Item:
 
     i: int
     chunk: Chunk
-    buf: np.ndarray
+    buf: memoryview
     segs: list[Segment] = field(default_factory=list)
     crc: int | None = None
     raw: RawRange | None = None
@@ -125,7 +123,7 @@ def run(plan: Plan, sink: Sink, journal: Journal, tracker: IntegrityTracker, tod
             bar.close()
 
 
-def _take(pool: BufferPool, stop: threading.Event) -> np.ndarray | None:
+def _take(pool: BufferPool, stop: threading.Event) -> memoryview | None:
     """A free buffer, or None once the writer has stopped."""
     while not stop.is_set():
         try:
@@ -152,7 +150,7 @@ def _reader(plan: Plan, sink: Sink, todo: list[tuple[int, Chunk]], pool: BufferP
                 _prefetch(raw, c.length)
                 filled.put(_Item(i, c, buf, raw=raw))
                 continue
-            view = buf.data[: c.length]
+            view = buf[: c.length]
             segs = producer.fill(c.offset, view, source.read_into) if c.length else []
             filled.put(_Item(i, c, buf, segs, checksum(view) if checksum else None))
         filled.put(None)
@@ -213,10 +211,10 @@ class _Writer:
     def write(self, item: _Item) -> None:
         c = item.chunk
         if item.raw is not None:
-            hot = item.buf.data[: min(PIECE, c.length)]
+            hot = item.buf[: min(PIECE, c.length)]
             item.receipt, item.segs = copy_direct(self.sink, c, item.raw, hot)
         else:
-            item.receipt = self.sink.write(c, item.buf.data[: c.length], item.crc)
+            item.receipt = self.sink.write(c, item.buf[: c.length], item.crc)
         self.flight.append(item)
         self.settle(block=True, keep=self.in_flight)
 

@@ -11,12 +11,13 @@ import math
 import struct
 import warnings
 from collections.abc import Callable
-from typing import Any
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from ..errors import FormatError, UnsupportedError
 from ..util.dtypes import dtype_name, is_ml_dtype, itemsize, numpy_dtype
+
+if TYPE_CHECKING:
+    import numpy as np
 
 MAGIC = b"\x93NUMPY"
 ALIGN = 64
@@ -24,11 +25,24 @@ ALIGN = 64
 MAX_HEADER_LEN = 10000
 
 
+#: ``np.lib.format.dtype_to_descr`` of each NumPy dtype we write, so writing an .npy header
+#: needs no NumPy (a direct copy never imports it; tests/test_npyformat.py checks the table).
+_DESCRS: dict[str, str] = {
+    "bool": "|b1", "int8": "|i1", "uint8": "|u1", "int16": "<i2", "uint16": "<u2", "int32": "<i4",
+    "uint32": "<u4", "int64": "<i8", "uint64": "<u8", "float16": "<f2", "float32": "<f4", "float64": "<f8",
+    "complex64": "<c8", "complex128": "<c16",
+}
+
+
 def descr_of(dtype: str) -> str:
     """What ``np.save`` writes: ml_dtypes become raw void of their size (``<V2``)."""
     if is_ml_dtype(dtype):
         return f"<V{itemsize(dtype)}"
-    return str(np.lib.format.dtype_to_descr(numpy_dtype(dtype)))
+    descr = _DESCRS.get(dtype)
+    if descr is None:
+        numpy_dtype(dtype)  # raises UnsupportedError for names without an array type
+        raise UnsupportedError(f"dtype {dtype!r} has no .npy descr")
+    return descr
 
 
 def header(dtype: str, shape: tuple[int, ...]) -> bytes:
@@ -82,6 +96,8 @@ def _dtype(descr: Any, where: str) -> np.dtype | None:
     structured, holds objects, is big-endian or is not a number."""
     if not isinstance(descr, str):
         raise UnsupportedError(f"{where}: structured dtype {descr!r:.80} is not supported")
+    import numpy as np  # here, not at the top: writing headers needs no NumPy
+
     try:
         dt = np.dtype(descr)
     except TypeError:

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from ..core.plan import Producer, ReadFn, chunk_region
 from ..core.types import Segment
 from ..util.dtypes import itemsize, numpy_dtype
+
+if TYPE_CHECKING:  # NumPy is imported where a chunk is assembled: a plain copy never needs it
+    import numpy as np
 
 Box = tuple[tuple[int, int], ...]
 #: Above this many contiguous runs per read, segments are not reported and the
@@ -76,6 +77,8 @@ def read_rect(read: ReadFn, name: str, shape: tuple[int, ...], isz: int, box: Bo
     """Read box ``box`` of C-order tensor ``name`` (seen as ``shape``) into ``dest``
     (C-contiguous, the box's shape). Returns (segments, complete) where complete
     is False when too many runs were read to report their checksums."""
+    import numpy as np
+
     nd = len(shape)
     flat = dest.reshape(-1).view(np.uint8)
     if nd == 0:
@@ -123,11 +126,15 @@ class Assemble(Producer):
         return {"op": "+".join(self.ops) or "assemble", "pieces": [p.describe() for p in self.pieces]}
 
     def _buffer(self, nbytes: int) -> np.ndarray:
+        import numpy as np
+
         if self._scratch is None or self._scratch.size < nbytes:
             self._scratch = np.empty(nbytes, np.uint8)
         return self._scratch[:nbytes]
 
     def fill(self, offset: int, out: memoryview, read: ReadFn) -> list[Segment]:
+        import numpy as np
+
         out_isz = itemsize(self.out_dtype)
         rect = chunk_region(self.out_shape, out_isz, offset, len(out))
         rect_shape = tuple(s.stop - s.start for s in rect)
@@ -147,6 +154,8 @@ class Assemble(Producer):
 
     def _fill_piece(self, piece: Piece, inter: Box, rect: tuple[slice, ...], out_arr: np.ndarray,
                     read: ReadFn, segs: list[Segment]) -> None:
+        import numpy as np
+
         p_shape = piece.p_shape
         o_nonunit = _nonunit(tuple(hi - lo for lo, hi in piece.out_box))
         p_nonunit = _nonunit(p_shape)

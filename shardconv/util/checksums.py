@@ -5,10 +5,10 @@ chunks, in any order of arrival and across a resumed run, without re-reading.
 """
 from __future__ import annotations
 
-import functools
 import importlib.machinery
 import importlib.util
 import os
+import threading
 from typing import Any
 
 
@@ -86,23 +86,32 @@ def _square(mat: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(_times(mat, mat[n]) for n in range(32))
 
 
-@functools.cache
-def _zero_operators(poly: int) -> tuple[tuple[int, ...], ...]:
-    """Operators that append 2**k zero bytes to a CRC, k = 0..63."""
-    odd = (poly,) + tuple(1 << n for n in range(31))  # one zero bit
-    op = _square(_square(_square(odd)))              # eight zero bits = one byte
-    ops = []
-    for _ in range(64):
-        ops.append(op)
-        op = _square(op)
-    return tuple(ops)
+#: poly -> operators that append 2**k zero bytes to a CRC, k = 0, 1, ...; grown on demand,
+#: as far as the longest length combined so far (each costs 32 squarings in Python).
+_ZERO_OPERATORS: dict[int, list[tuple[int, ...]]] = {}
+_GROWING = threading.Lock()
+
+
+def _zero_operators(poly: int, n: int) -> list[tuple[int, ...]]:
+    """At least the first ``n`` operators of ``_ZERO_OPERATORS[poly]``."""
+    ops = _ZERO_OPERATORS.get(poly)
+    if ops is not None and len(ops) >= n:
+        return ops
+    with _GROWING:  # threads combine CRCs too: one grows the list at a time
+        ops = _ZERO_OPERATORS.setdefault(poly, [])
+        if not ops:
+            odd = (poly,) + tuple(1 << k for k in range(31))  # one zero bit
+            ops.append(_square(_square(_square(odd))))  # eight zero bits = one byte
+        while len(ops) < n:
+            ops.append(_square(ops[-1]))
+    return ops
 
 
 def combine(crc1: int, crc2: int, len2: int, poly: int = CRC32_POLY) -> int:
     """CRC of A+B from crc(A), crc(B) and len(B) (zlib's crc32_combine, any reflected poly)."""
     if len2 <= 0:
         return crc1
-    ops = _zero_operators(poly)
+    ops = _zero_operators(poly, len2.bit_length())
     k = 0
     while len2:
         if len2 & 1:

@@ -14,7 +14,6 @@ fsync stalls: a durable conversion runs at the speed of a plain copy.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -30,13 +29,21 @@ READ_BLOCK = 1 << 20
 FSYNC_THREADS = 4
 
 
+def libc_function(name: str) -> Any:
+    """The C library's function ``name`` (errno kept for ``ctypes.get_errno``), or None where
+    there is none. Looked up in the running interpreter, which links the C library:
+    ``ctypes.util.find_library`` would run ``ldconfig``, about 30 ms of every command."""
+    try:
+        return getattr(ctypes.CDLL(None, use_errno=True), name)
+    except (OSError, AttributeError, TypeError):
+        return None
+
+
 def _load_sync_file_range() -> Any:
     if not hasattr(os, "posix_fadvise"):  # not Linux
         return None
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        fn = libc.sync_file_range
-    except (OSError, AttributeError):
+    fn = libc_function("sync_file_range")
+    if fn is None:
         return None
     fn.argtypes = [ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_uint]
     fn.restype = ctypes.c_int

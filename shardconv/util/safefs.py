@@ -19,7 +19,6 @@ Three rules, kept here so that no caller can forget one:
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import json
 import os
@@ -31,7 +30,7 @@ from typing import Any
 from ..errors import DestinationError
 from ..frontend import option
 from .fileio import fsync_dir as fsync_dir  # re-exported: callers find every path operation here
-from .fileio import fsync_file
+from .fileio import fsync_file, libc_function
 from .fileio import fsync_path as fsync_path
 
 _AT_FDCWD = -100
@@ -41,10 +40,8 @@ _UNSUPPORTED = (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP)
 
 
 def _load_renameat2():
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        fn = libc.renameat2
-    except (OSError, AttributeError):
+    fn = libc_function("renameat2")
+    if fn is None:
         return None
     fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
     fn.restype = ctypes.c_int
