@@ -377,13 +377,25 @@ def _escaped_lines(lines: list[str]) -> str:
     return "".join(f"{line}\n" for line in lines)
 
 
+def _gc_frozen(command: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """``command`` with what exists when it starts (the imports' objects) left out of the cyclic
+    garbage collector's walks while it runs, and put back afterwards."""
+    @functools.wraps(command)
+    def run(args: argparse.Namespace) -> int:
+        gc.freeze()
+        try:
+            return command(args)
+        finally:
+            gc.unfreeze()
+    return run
+
+
+@_gc_frozen
 def _convert(args: argparse.Namespace) -> int:
     from .api import convert
 
     if args.dry_run:
         return _plan(args)
-    # What the imports made lives until exit: collections during the copy need not walk it.
-    gc.freeze()
     if args.workers is not None or args.scheduler or args.share:
         r = _convert_split(args)
         if r is None:
