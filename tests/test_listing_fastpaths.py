@@ -152,3 +152,62 @@ def test_ls_table_escapes_each_line_once_any_is_unprintable(tmp_path, capsys):
     np.savez(src, **{"ok/w": np.zeros(2, np.float32)})  # type: ignore[arg-type]
     assert main(["ls", str(src), "--quiet"]) == 0
     assert capsys.readouterr().out.startswith("ok/w  float32")
+
+
+def _roles_each(infos: list[TensorInfo]) -> list[roles.TensorRole]:
+    """Roles as ``_decide`` gives them one tensor at a time, then linked: what the bulk path must give."""
+    out = roles._assign_each(infos, [t.role for t in infos])
+    roles._link(infos, out)
+    return out
+
+
+def _bulk_agrees(infos: list[TensorInfo]) -> bool:
+    """Asserts the bulk roles (where the bulk path decides) are those of ``_roles_each``; True if it decided."""
+    fast = roles._assign_fast(infos, [t.role for t in infos])
+    if fast is not None:
+        roles._link(infos, fast)
+        assert fast == _roles_each(infos), [t.name for t in infos]
+    assert roles.assign_roles(infos) == _roles_each(infos)
+    return fast is not None
+
+
+def _recorded_twins(infos: list[TensorInfo], kind: Role) -> list[TensorInfo]:
+    return [TensorInfo(t.name, t.dtype, t.shape, t.nbytes, role=SourceRole(kind, f"m/{t.name}" if i % 2 else None))
+            for i, t in enumerate(infos)]
+
+
+def test_bulk_roles_agree_with_one_by_one():
+    """Each corpus name with a weight it may belong to, as a float tensor and as an integer counter,
+    unrecorded and recorded: the bulk roles are those of ``_decide``, and the bulk path decided most."""
+    decided = tried = 0
+    for name in _names(2):
+        infos = [_info("dense/kernel"), _info(name), _info(name, "int64", ()), _info(f"{name}/x"),
+                 _info(f"dense/kernel/{name}")]
+        for group in (infos, _recorded_twins(infos, Role.PARAM), _recorded_twins(infos, Role.OPTIMIZER)):
+            tried += 1
+            decided += _bulk_agrees(group)
+    assert decided > tried // 2 and decided < tried  # both the bulk path and the fallback were taken
+
+
+@FUZZ
+@given(st.lists(st.lists(st.sampled_from(PIECES[:40]), min_size=1, max_size=3).map("/".join), max_size=8),
+       st.booleans())
+def test_bulk_roles_random(names, counters):
+    infos = [_info(n, "int64", ()) if counters and i % 2 else _info(n) for i, n in enumerate(names)]
+    _bulk_agrees(infos)
+    _bulk_agrees(_recorded_twins(infos, Role.EMA))
+
+
+def test_optimizer_part_prefilter_covers_every_word():
+    """A name ``_MAYBE_OPTIMIZER`` matches has a part ``_MAYBE_OPTIMIZER_PART`` matches."""
+    words = roles._MAYBE_OPTIMIZER.pattern.replace("\\.", ".").split("|")
+    for w in words:
+        name = f"x/a{w}b/y"
+        assert roles._MAYBE_OPTIMIZER.search(name), w
+        assert any(roles._MAYBE_OPTIMIZER_PART.search(p) for p in name.split("/")), w
+
+
+def test_flagged_finds_each_matching_name_and_refuses_newlines():
+    names = ["a/b", "x/global_step", "c/Adam", "d", "e/total", "f/step/g"]
+    assert roles._flagged(names, roles._MAYBE_NOT_PARAM) == {1, 2, 4}
+    assert roles._flagged(["a\nstep", "b"], roles._MAYBE_NOT_PARAM) is None

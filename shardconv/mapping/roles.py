@@ -21,9 +21,11 @@ from __future__ import annotations
 
 import operator
 import re
+from bisect import bisect_right
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from itertools import accumulate, repeat
 from typing import NamedTuple
 
 from ..core.types import Role, SourceRole, TensorInfo
@@ -115,8 +117,14 @@ def _children(names: Iterable[str]) -> dict[str, set[str]]:
 class _Tree:
     """The names of one source as a tree: which groups are optimizer state or EMA copies."""
 
-    def __init__(self, infos: Sequence[TensorInfo]) -> None:
+    def __init__(self, infos: Sequence[TensorInfo], plain: bool = False) -> None:
+        """``plain``: the caller knows no name has a part in ``_TREE_PARTS`` (so no group is a
+        root, and no tree rule applies): the groups are not walked."""
         self.names = {t.name: t for t in infos}
+        if plain:
+            self.opt_roots = self.ema_roots = set()
+            self.t5x, self.plain = False, True
+            return
         children = _children(self.names)
         self.opt_roots = {g for g, c in children.items() if c in _OPTAX_STATES}
         self.ema_roots = {g for g, c in children.items() if c == _EMA_STATE}
@@ -196,8 +204,15 @@ def _recorded(t: TensorInfo) -> SourceRole | None:
     return t.role
 
 
+#: ``_recorded`` and ``TensorRole.kind`` for ``map``: C-level getters, for 100 000 tensors.
+_role_of_info = operator.attrgetter("role")
+_KIND = operator.itemgetter(0)
+
+
 #: Role members as module constants: ``Role.PARAM`` is a class attribute lookup, run per tensor below.
 _PARAM, _OPTIMIZER, _EMA_ROLE, _META = Role.PARAM, Role.OPTIMIZER, Role.EMA, Role.META
+#: Kinds whose role may lack its weight (``_link``).
+_UNLINKED = frozenset({_OPTIMIZER, _EMA_ROLE})
 
 
 def _decide(t: TensorInfo, rec: SourceRole | None, tree: _Tree | None) -> TensorRole:
@@ -284,12 +299,95 @@ def assign_roles(infos: Sequence[TensorInfo]) -> list[TensorRole]:
     return list(roles)
 
 
+#: Every name part a tree rule looks at: the fields of the optax state records and EMA states,
+#: t5x's ``optimizer``, and the tree fields. A source none of whose names has one has no tree roots.
+_TREE_PARTS = frozenset().union(*_OPTAX_STATES, _EMA_STATE, _TREE_FIELDS, {"optimizer"})
+#: Last parts of counters and metric variables (``_is_counter``, ``_is_metric``).
+_META_PARTS = COUNTERS | _METRIC_VARS
+_MAYBE_META = r"(?:^|/)(?:" + "|".join(map(re.escape, sorted(_META_PARTS))) + ")$"
+#: ``_MAYBE_OPTIMIZER`` or ``_MAYBE_META`` in a name (one name a line, ``re.M``).
+_MAYBE_NOT_PARAM = re.compile(f"{_MAYBE_OPTIMIZER.pattern}|{_MAYBE_META}", re.M)
+_MAYBE_META_ONLY = re.compile(_MAYBE_META, re.M)
+#: ``_MAYBE_OPTIMIZER`` within one part of a name: its words that hold a ``/`` cut there (a
+#: name it matches has a part this matches).
+_MAYBE_OPTIMIZER_PART = re.compile(_MAYBE_OPTIMIZER.pattern.replace("/", ""))
+
+
+def _flagged(names: list[str], pattern: re.Pattern[str]) -> set[int] | None:
+    """The indexes of ``names`` in which ``pattern`` finds a match, by one search of them joined
+    by newlines (``^``/``$`` match at each name's ends; no pattern here matches a newline, so
+    none spans two names), or None where a name holds a newline."""
+    text = "\n".join(names)
+    if text.count("\n") != len(names) - 1:
+        return None
+    hits = [m.start() for m in pattern.finditer(text)]
+    if not hits:
+        return set()
+    starts = list(accumulate(map((1).__add__, map(len, names)), initial=0))
+    return {bisect_right(starts, begin) - 1 for begin in hits}
+
+
+def _assign_fast(infos: Sequence[TensorInfo], recorded: list[SourceRole | None]) -> list[TensorRole] | None:
+    """``_assign``'s roles where every tensor has a recorded role or none has, decided in bulk: one
+    search of all names finds those some rule might apply to, and each of those (usually none) is
+    decided by ``_decide``; the others are params, or keep their recorded role. None where the
+    bulk search cannot decide (a tree rule may apply, a mix of recorded roles, names with newlines)."""
+    if not infos:
+        return []
+    if recorded[0] is None:
+        if any(recorded):
+            return None
+        names = [t.name for t in infos]
+        parts = set("/".join(names).split("/"))
+        if not _TREE_PARTS.isdisjoint(parts):
+            return None
+        flagged: set[int] | None = set()
+        if not _META_PARTS.isdisjoint(parts) or _MAYBE_OPTIMIZER_PART.search("\n".join(parts)) is not None:
+            flagged = _flagged(names, _MAYBE_NOT_PARAM)
+        if flagged is None:
+            return None
+        roles = list(map(tuple.__new__, repeat(TensorRole), zip(repeat(_PARAM), names, repeat(None), repeat(None))))
+        tree = _Tree(infos, plain=True) if flagged else None
+        for i in flagged:
+            roles[i] = _decide(infos[i], None, tree)
+        return roles
+    if not all(recorded):
+        return None
+    names = [rec.model_name or t.name for t, rec in zip(infos, recorded)]  # type: ignore[union-attr]
+    flagged = set()
+    if not _META_PARTS.isdisjoint("/".join(names).split("/")):
+        flagged = _flagged(names, _MAYBE_META_ONLY)
+    if flagged is None:
+        return None
+    roles = list(map(tuple.__new__, repeat(TensorRole), zip((r.role for r in recorded), names,  # type: ignore[union-attr]
+                                                             (r.ema_of for r in recorded),  # type: ignore[union-attr]
+                                                             (r.slot_of for r in recorded))))  # type: ignore[union-attr]
+    for i in flagged:
+        roles[i] = _decide(infos[i], recorded[i], None)
+    return roles
+
+
 def _assign(infos: Sequence[TensorInfo]) -> list[TensorRole]:
     """``assign_roles`` without the memory of the last call."""
-    recorded = [_recorded(t) for t in infos]
+    recorded: list[SourceRole | None] = list(map(_role_of_info, infos))
+    roles = _assign_fast(infos, recorded)
+    if roles is None:
+        roles = _assign_each(infos, recorded)
+    if not _UNLINKED.isdisjoint(map(_KIND, roles)):
+        _link(infos, roles)
+    return roles
+
+
+def _assign_each(infos: Sequence[TensorInfo], recorded: list[SourceRole | None]) -> list[TensorRole]:
+    """Each tensor's role decided by ``_decide`` alone (what ``_assign_fast`` must agree with)."""
     # The tree and the weight index cost more than the rest; build each only if a tensor needs it.
     tree = _Tree(infos) if any(r is None for r in recorded) else None
-    roles = [_decide(t, rec, tree) for t, rec in zip(infos, recorded)]
+    return [_decide(t, rec, tree) for t, rec in zip(infos, recorded)]
+
+
+def _link(infos: Sequence[TensorInfo], roles: list[TensorRole]) -> None:
+    """Slots and EMAs without a recorded weight get one (``_Weights.owner``); an EMA with none
+    is a param."""
     weights: _Weights | None = None
     for i, (r, t) in enumerate(zip(roles, infos)):
         if (r.kind == _OPTIMIZER and r.slot_of is None) or (r.kind == _EMA_ROLE and r.ema_of is None):
@@ -300,7 +398,6 @@ def _assign(infos: Sequence[TensorInfo]) -> list[TensorRole]:
                 roles[i] = r._replace(slot_of=owner)
             else:
                 roles[i] = r._replace(ema_of=owner) if owner else r._replace(kind=Role.PARAM)
-    return roles
 
 
 def role_of(t: TensorInfo) -> TensorRole:
