@@ -1,4 +1,6 @@
-"""Zarr output through TensorStore: one array per output tensor, written chunk by chunk.
+"""Zarr output: one array per output tensor, written chunk by chunk (a local store's chunk
+files by ``zarr_files.ChunkFiles``, straight from the engine's buffers; an object store's and
+int4/int2 arrays through TensorStore).
 
 Layout (``layout="zarr"``, the default): a Zarr v3 hierarchy (``zarr_format=2`` for v2)
 whose groups follow the ``/`` in output names: ``params/dense/kernel`` is the array at
@@ -76,6 +78,7 @@ from ..util.dtypes import STRING, is_ml_dtype, itemsize, numpy_dtype
 from ..util.fileio import fsync_dir, fsync_path, fsync_tree, start_writeback
 from ..util.units import format_size
 from .base import Capabilities, Sink, SinkOptions, sink_option
+from .zarr_files import MASKED_DTYPES, ChunkFiles, Encoder, PendingFiles, default_workers, encoder
 
 LAYOUTS = ("zarr", "orbax")
 COMPRESSIONS = ("none", "zstd", "blosc")
@@ -244,9 +247,15 @@ class _Array:
         self.out = out
         self.key = key                # key prefix inside the store, without trailing "/"
         self.storage = storage        # dtype written (the output's, or uint8 for uint4/uint2)
-        self.np_dtype = numpy_dtype(storage)
+        self.itemsize = itemsize(storage)
         self.chunks = chunks
         self.metadata = metadata
+        self.encode: Encoder | None = None  # a local store's chunk encoder; None: TensorStore writes
+
+    @property
+    def np_dtype(self) -> np.dtype:
+        """The storage dtype in NumPy (bfloat16 and float8 import ml_dtypes: TensorStore paths only)."""
+        return numpy_dtype(self.storage)
 
 
 def _parse_int(text: str) -> int:
@@ -304,7 +313,8 @@ class ZarrSink(Sink):
         self._by_name: dict[str, _Array] = {}
         self._handles: dict[tuple[int, bool], Any] = {}
         self._scratch: np.ndarray | None = None
-        self._in_flight: list[_PendingWrite] = []  # writes whose commit nobody has waited for yet
+        self._in_flight: list[_PendingWrite | PendingFiles] = []  # writes nobody has waited for yet
+        self._files: ChunkFiles | None = None  # a local store's chunk writer
         self._unsynced: list[Path] = []  # local chunk files committed since the last sync
         self._where = "zarr output"
         self._unpublished = False  # the completion marker is known to be absent
@@ -320,10 +330,11 @@ class ZarrSink(Sink):
         return tsio.TENSORSTORE_BYTES
 
     def scratch_slots(self) -> int:
-        # TensorStore's encoded copies of the chunks in flight (two at the engine's default four
-        # buffers; each at most a chunk), and its decoded chunks while a resume re-reads into our
-        # own chunk-sized scratch buffer.
-        return 2
+        # A local store: the encoded chunk each encoding thread holds and one padded edge chunk
+        # (``ChunkFiles``). An object store: TensorStore's encoded copies of the chunks in flight
+        # (two at the engine's default four buffers). A resume: TensorStore's decoded chunk and
+        # our own chunk-sized scratch buffer. Each at most an engine chunk.
+        return max(2, default_workers() + 1)
 
     def _use(self, dest: Destination) -> None:
         """Address ``dest``: an object store's URL and kvstore, or (url None) a local store."""
@@ -449,6 +460,13 @@ class ZarrSink(Sink):
             self._arrays.append(_Array(o, self._array_key(o.name), storage, chunks, md))
         self._by_name = {a.out.name: a for a in self._arrays}
         self._handles = {}
+        if self._files is not None:
+            self._files.close()
+            self._files = None
+        if self.url is None:
+            for a in self._arrays:
+                a.encode = None if a.storage in MASKED_DTYPES else encoder(a.metadata, a.itemsize)
+            self._files = ChunkFiles(out, self.zarr_format, bool(self.ctx.durable), default_workers())
 
     def prepare(self, out: Path, outputs: list[OutputTensor]) -> None:
         """A local store: an empty directory (room checked). An object store: the prefix made
@@ -517,9 +535,20 @@ class ZarrSink(Sink):
         return r.state == "value"
 
     def _put(self, key: str, data: bytes) -> None:
+        if self.url is None:  # a local store: a plain file (no TensorStore import for a local run)
+            path = self.out / key
+            try:
+                os.makedirs(path.parent, exist_ok=True)
+            except OSError as e:
+                raise DestinationError(f"{path.parent}: cannot create: {e.strerror}") from None
+            safefs.write_file(path, data, fsync=False)  # fsynced with the tree (finish)
+            return
         tsio.wrap(DestinationError, f"{self._where}/{key}", lambda: self._kv().write(key, data).result())
 
     def _delete(self, key: str) -> None:
+        if self.url is None:
+            safefs.remove(self.out / key)
+            return
         tsio.wrap(DestinationError, f"{self._where}/{key}", lambda: self._kv().write(key, None).result())
 
     def _delete_all(self) -> None:
@@ -547,24 +576,29 @@ class ZarrSink(Sink):
 
     def _region(self, chunk: Chunk) -> tuple[tuple[slice, ...], tuple[int, ...]]:
         a = self._arrays[chunk.index]
-        region = chunk_region(a.out.shape, a.np_dtype.itemsize, chunk.offset, chunk.length)
+        region = chunk_region(a.out.shape, a.itemsize, chunk.offset, chunk.length)
         return region, tuple(s.stop - s.start for s in region)
 
     # -- chunks -------------------------------------------------------------------------
 
-    def write(self, chunk: Chunk, data: memoryview, crc: int | None = None) -> int | _PendingWrite:
-        """Start writing the chunk; returns a pending receipt (``result()`` waits for
-        TensorStore's commit), so the next chunks are read and encoded meanwhile."""
+    def write(self, chunk: Chunk, data: memoryview, crc: int | None = None) -> int | _PendingWrite | PendingFiles:
+        """Start writing the chunk; returns a pending receipt (``result()`` waits for the
+        write), so the next chunks are read meanwhile. A local store's chunk files are encoded
+        and written by the sink's threads (``ChunkFiles``), an object store's by TensorStore."""
         if chunk.length == 0:
             return 0
         a = self._arrays[chunk.index]
         region, shape = self._region(chunk)
-        arr = np.frombuffer(data, dtype=a.np_dtype).reshape(shape)
         if not self._unpublished:
             self._unpublish()
-        store = self._handle(chunk.index)
         self._scratch = None  # the resume checks are over
         where = f"{self._where}: array {a.key!r}"
+        if a.encode is not None and self._files is not None:
+            files = self._files.write(a.key, a.out.shape, a.chunks, a.itemsize, a.encode, region, data, crc, where)
+            self._in_flight = [w for w in self._in_flight if not w.done()] + [files]
+            return files if IN_FLIGHT else files.result()
+        arr = np.frombuffer(data, dtype=a.np_dtype).reshape(shape)
+        store = self._handle(chunk.index)
         # TensorStore references ``data`` instead of copying it (half the time of a copy into fresh
         # memory). Safe: the engine leaves the buffer untouched until ``result()`` has seen the
         # commit, after which nothing holds it (the cache pool is 0 bytes).
@@ -612,6 +646,8 @@ class ZarrSink(Sink):
         if self.url is not None:
             return tsio.scheme(self.url) != "memory"
         files, self._unsynced = self._unsynced, []
+        if self._files is not None:
+            files += self._files.take_written()
         dirs: set[Path] = set()
         for path in files:
             fsync_path(path)
@@ -716,7 +752,11 @@ class ZarrSink(Sink):
                 (f"{step}/commit_success.txt", f"Checkpoint commit was successful to {at}".encode())]
 
     def _put_many(self, files: list[tuple[str, bytes]], batch: int = 256) -> None:
-        """Write small objects concurrently, a batch at a time (bounded memory)."""
+        """Write small objects concurrently, a batch at a time (bounded memory); local files in turn."""
+        if self.url is None:
+            for key, data in files:
+                self._put(key, data)
+            return
         kv = self._kv()
         for i in range(0, len(files), batch):
             part = files[i:i + batch]
@@ -731,6 +771,9 @@ class ZarrSink(Sink):
             with contextlib.suppress(Exception):  # the run failed already; its first error is reported
                 w.wait()
         self._in_flight = []
+        if self._files is not None:
+            self._files.close()
+            self._files = None
         self._handles = {}
         self._scratch = None
 
