@@ -21,6 +21,13 @@ CPU seconds (``cpu_s`` = user + sys) come from ``/usr/bin/time``; the
 ``getrusage(RUSAGE_CHILDREN)`` delta around the wait (which also counts
 ``/usr/bin/time`` itself, a millisecond or so) is kept as ``rusage_cpu_s``.
 The 1-minute load average just before the start is kept as ``load_before``.
+
+``machine_cpu_s`` is the CPU time the whole machine spent while the command ran (busy time of
+every CPU in ``/proc/stat``, less this process's own, i.e. the sampler's): the command's, plus
+the kernel's writeback threads (a ``sync`` or a flusher thread writes what ``cp`` left dirty; a
+process that ``fsync``s pays for its writeback itself, so ``/usr/bin/time`` alone favours the one
+that leaves it to the kernel), plus anything else running. Only a quiet machine gives a clean
+figure; ``None`` where ``/proc/stat`` cannot be read.
 """
 
 from __future__ import annotations
@@ -57,6 +64,7 @@ class Measurement:
     cpu_s: float | None = None  # user + sys, from /usr/bin/time
     rusage_cpu_s: float | None = None  # getrusage(RUSAGE_CHILDREN) delta
     load_before: float | None = None  # 1-minute load average at the start
+    machine_cpu_s: float | None = None  # busy CPU seconds of the whole machine during the run
 
     @property
     def ok(self) -> bool:
@@ -149,6 +157,23 @@ def _parse_time_file(path: Path) -> _TimeFile:
     return _TimeFile()
 
 
+def _machine_busy() -> float | None:
+    """Busy CPU seconds of the whole machine since boot (all CPUs; idle and iowait left out)."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+    guest = sum(fields[8:10])  # counted in user/nice already
+    return (sum(fields) - idle - guest) / os.sysconf("SC_CLK_TCK")
+
+
+def _self_cpu() -> float:
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime
+
+
 def _children_cpu() -> float:
     ru = resource.getrusage(resource.RUSAGE_CHILDREN)
     return ru.ru_utime + ru.ru_stime
@@ -193,6 +218,7 @@ def run_measured(argv: list[str], *, cwd: str | os.PathLike | None = None,
         error = None
         with open(err_path, "wb") as err_f:
             cpu0 = _children_cpu()
+            busy0, self0 = _machine_busy(), _self_cpu()
             t0 = time.perf_counter()
             try:
                 proc = subprocess.Popen(full, cwd=cwd, env=env, stdin=subprocess.DEVNULL,
@@ -216,6 +242,8 @@ def run_measured(argv: list[str], *, cwd: str | os.PathLike | None = None,
             rusage_cpu = _children_cpu() - cpu0
             sampler.stop_event.set()
             sampler.join()
+            busy1 = _machine_busy()
+            machine = (busy1 - busy0 - (_self_cpu() - self0)) if busy0 is not None and busy1 is not None else None
         stderr = err_path.read_text(errors="replace")
         tf = _parse_time_file(time_out)
     # /usr/bin/time writes its own "Command exited with non-zero status" only
@@ -227,7 +255,7 @@ def run_measured(argv: list[str], *, cwd: str | os.PathLike | None = None,
     cpu = tf.user_s + tf.sys_s if tf.user_s is not None and tf.sys_s is not None else None
     tail = "\n".join(stderr.splitlines()[-20:])
     return Measurement(argv, rc, wall, tf.wall_s, tf.maxrss_kib, ps_peak, sampler.samples,
-                       peak, src, error, tail, tf.user_s, tf.sys_s, cpu, rusage_cpu, load)
+                       peak, src, error, tail, tf.user_s, tf.sys_s, cpu, rusage_cpu, load, machine)
 
 
 if __name__ == "__main__":  # tiny manual check: python bench/measure.py CMD...
