@@ -59,9 +59,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from .. import __version__
 from ..core.destination import Destination
@@ -79,6 +77,9 @@ from ..util.fileio import fsync_dir, fsync_path, fsync_tree, start_writeback
 from ..util.units import format_size
 from .base import Capabilities, Sink, SinkOptions, sink_option
 from .zarr_files import MASKED_DTYPES, ChunkFiles, Encoder, PendingFiles, default_workers, encoder
+
+if TYPE_CHECKING:  # NumPy is imported where chunks go through TensorStore: the CLI imports every sink
+    import numpy as np
 
 LAYOUTS = ("zarr", "orbax")
 COMPRESSIONS = ("none", "zstd", "blosc")
@@ -597,6 +598,8 @@ class ZarrSink(Sink):
             files = self._files.write(a.key, a.out.shape, a.chunks, a.itemsize, a.encode, region, data, crc, where)
             self._in_flight = [w for w in self._in_flight if not w.done()] + [files]
             return files if IN_FLIGHT else files.result()
+        import numpy as np
+
         arr = np.frombuffer(data, dtype=a.np_dtype).reshape(shape)
         store = self._handle(chunk.index)
         # TensorStore references ``data`` instead of copying it (half the time of a copy into fresh
@@ -665,6 +668,8 @@ class ZarrSink(Sink):
         ts = tsio.tensorstore()
         a = self._arrays[chunk.index]
         region, shape = self._region(chunk)
+        import numpy as np
+
         if self._scratch is None or self._scratch.size < chunk.length:
             self._scratch = np.empty(max(chunk.length, self.ctx.chunk_bytes if self.ctx else 0), np.uint8)
         raw = self._scratch[: chunk.length]

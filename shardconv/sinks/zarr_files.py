@@ -21,14 +21,15 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from ..errors import DestinationError
 from ..util import safefs
 from ..util.checksums import crc32
 from ..util.fileio import pwrite_all, start_writeback
+
+if TYPE_CHECKING:  # imported on first use: the CLI imports every sink
+    import numpy as np
 
 #: Dtypes whose stored bytes are not the engine's (TensorStore keeps the low 4 or 2 bits of
 #: each int4/int2 byte, ml_dtypes sign-extends them): their arrays go through TensorStore.
@@ -118,6 +119,8 @@ class ChunkFiles:
               region: tuple[slice, ...], data: memoryview, crc: int | None, where: str) -> PendingFiles:
         """Start writing the Zarr chunks that ``data`` (the C-order bytes of ``region``, which
         covers whole chunks) holds. Returns: the pending receipt."""
+        import numpy as np
+
         arr = np.frombuffer(data, np.uint8).reshape(tuple(s.stop - s.start for s in region) + (itemsize,))
         grid = [range(s.start // c, -(-s.stop // c)) for s, c in zip(region, chunks)]
         futures = []
@@ -138,6 +141,8 @@ class ChunkFiles:
                 self._put(path, encode(cell.data.cast("B")), where)
                 return
             with self._pad_lock:
+                import numpy as np
+
                 padded = np.zeros(tuple(chunks) + (cell.shape[-1],), np.uint8)
                 padded[tuple(slice(0, n) for n in cell.shape[:-1])] = cell
                 self._put(path, encode(padded.data.cast("B")), where)
