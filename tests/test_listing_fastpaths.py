@@ -211,3 +211,29 @@ def test_flagged_finds_each_matching_name_and_refuses_newlines():
     names = ["a/b", "x/global_step", "c/Adam", "d", "e/total", "f/step/g"]
     assert roles._flagged(names, roles._MAYBE_NOT_PARAM) == {1, 2, 4}
     assert roles._flagged(["a\nstep", "b"], roles._MAYBE_NOT_PARAM) is None
+
+
+def _escaped_lines_slow(lines: list[str]) -> str:
+    """``cli._escaped_lines`` as it was: the table checked by ``isprintable``, each line escaped if that fails."""
+    from shardconv.cli import one_line
+
+    if not "".join(lines).isprintable():
+        lines = [one_line(line) for line in lines]
+    return "".join(f"{line}\n" for line in lines)
+
+
+def test_escaped_lines_shortcut_on_every_ascii_character():
+    from shardconv.cli import _escaped_lines
+
+    for c in map(chr, range(128)):
+        for lines in ([f"a{c}b", "ok"], [c], ["ok", f"x{c}"], [f"{c}\u00e9"]):
+            assert _escaped_lines(lines) == _escaped_lines_slow(lines), repr(c)
+    assert _escaped_lines([]) == "" and _escaped_lines(["a\nb"]) == "a\\nb\n"
+
+
+@FUZZ
+@given(st.lists(st.text(alphabet=st.sampled_from(list("a /\n\t\x00\x1b\x7f\x85é\u2028\u202e")), max_size=6), max_size=5))
+def test_escaped_lines_random(lines):
+    from shardconv.cli import _escaped_lines
+
+    assert _escaped_lines(lines) == _escaped_lines_slow(lines)
