@@ -4,6 +4,8 @@ language, the top-level API. The CLI runs as a subprocess; sources are written b
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
 import zipfile
 from pathlib import Path
@@ -387,3 +389,19 @@ def test_split_front_ends_write_the_bytes_one_process_writes(src, tmp_path):
     assert tasks.read_bytes() == one.read_bytes()
     p = run_cli("convert", src, tmp_path / "x.npz", "--share", "0/2", "--workers", "2")
     assert p.returncode == 2 and "does not combine" in p.stderr
+
+
+def test_the_command_exits_at_once_with_its_output_flushed_and_its_exit_code(tmp_path, capsys):
+    """``python -m shardconv`` skips the interpreter's teardown (cli.run): what ``main`` printed
+    must still all arrive, and its exit code must be the process's."""
+    from shardconv.cli import main
+
+    small = Path(__file__).parent / "data" / "tf-serving" / "saved_model_half_plus_two_cpu" / "00000123"
+    assert main(["ls", str(small)]) == 0
+    want = capsys.readouterr()
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # buffered, as a user's is
+    p = subprocess.run([sys.executable, "-m", "shardconv", "ls", str(small)], capture_output=True, text=True, env=env)
+    assert p.returncode == 0 and p.stdout == want.out and p.stderr == want.err and p.stdout
+    p = run_cli("ls", tmp_path / "nothing-here")
+    assert p.returncode == main(["ls", str(tmp_path / "nothing-here")]) != 0
+    assert p.stderr.startswith("shardconv: error: ") and p.stderr.count("\n") == 1
