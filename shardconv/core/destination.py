@@ -12,7 +12,6 @@ directory (``state_dir()``) and the sink writes the URL's keys directly.
 """
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,6 +64,8 @@ class Destination:
             return cls(given, None, tsio.local_path(given))
         url = tsio.normalize_url(given)
         base = url.split("://", 1)[1].rsplit("/", 1)[-1] or "store"
+        import hashlib
+
         digest = hashlib.sha256(url.encode()).hexdigest()[:16]
         return cls(given, url, state_dir() / "remote" / f"{base}-{digest}")
 

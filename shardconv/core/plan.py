@@ -6,7 +6,6 @@ layer adds casts, transposes, stacks and splits through the same interface.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import re
@@ -113,6 +112,8 @@ class Plan:
 
     def digest(self) -> str:
         blob = json.dumps({"outputs": self.describe(), "options": self.options}, sort_keys=True).encode()
+        import hashlib  # here: OpenSSL's start-up is 10 ms that most commands do not need
+
         return hashlib.sha256(blob).hexdigest()
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import ctypes
 import os
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from ..errors import DestinationError, DurabilityError, FormatError, SourceError
@@ -152,6 +151,8 @@ def fsync_tree(root: str | os.PathLike[str]) -> None:
     for d, _dirs, names in os.walk(root, onerror=refuse):
         paths += [(os.path.join(d, n), False) for n in names if not os.path.islink(os.path.join(d, n))]
         paths.append((d, True))
+    from concurrent.futures import ThreadPoolExecutor  # here: it imports logging, ~10 ms
+
     with ThreadPoolExecutor(FSYNC_THREADS) as pool:
         list(pool.map(lambda p: fsync_path(*p), paths))
 

@@ -17,7 +17,6 @@ The skeleton's checkpoint is read back without TensorFlow (``formats/bundle_entr
 from __future__ import annotations
 
 import gc
-import hashlib
 import math
 import os
 import re
@@ -335,6 +334,8 @@ class _BuilderOptions(Layout):
         if self.builder is not None:
             opts["model_builder"] = self.builder
         if self.config is not None:
+            import hashlib
+
             opts["model_config_sha256"] = hashlib.sha256(self.config.read_bytes()).hexdigest()
         return opts
 
