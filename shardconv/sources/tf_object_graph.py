@@ -10,8 +10,13 @@ assigned by what a value *is*, not by the accident of its key.
 from __future__ import annotations
 
 import re
+from bisect import bisect_left
 from collections import Counter, deque
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
+from itertools import accumulate, compress, islice, repeat
+from operator import add, countOf, itemgetter, sub
 
 from ..core.types import Role, SourceRole
 from ..errors import FormatError
@@ -169,30 +174,191 @@ def _value(buf: bytes, pos: int, stop: int, wt: int) -> tuple[int, int]:
 
 
 def _fast_nodes(blob: bytes) -> list[Node]:
-    nodes: list[Node] = []
+    """``_scan``'s graph as ``Node`` objects."""
+    return _scan(blob).nodes()
+
+
+class _Flat:
+    """A decoded graph in parallel arrays, without an object per node: per node its children
+    (None: none), the variable nodes of TensorFlow's common shape as three lists (node id, key,
+    full name: their only attribute), and the attributes and slot references of the others."""
+
+    __slots__ = ("kids", "vids", "vkeys", "vfulls", "attrs", "slots", "edges", "top")
+
+    def __init__(self) -> None:
+        self.kids: list[list[tuple[str, int]] | None] = []
+        self.vids: list[int] = []
+        self.vkeys: list[str] = []
+        self.vfulls: list[str] = []
+        self.attrs: dict[int, list[tuple[str, str, str]]] = {}
+        self.slots: dict[int, list[tuple[int, str, int]]] = {}
+        self.edges: list[tuple[str, int]] = []  # every child reference of every node, in node order
+        self.top = -1  # the largest node id any child or slot reference names
+
+    @classmethod
+    def of_nodes(cls, nodes: list[Node]) -> _Flat:
+        """``nodes`` (as ``parse`` returns them: node K is ``nodes[K]``) in this form."""
+        flat = cls()
+        flat.kids = [node.children or None for node in nodes]
+        flat.attrs = {node.id: node.attributes for node in nodes if node.attributes}
+        flat.slots = {node.id: node.slots for node in nodes if node.slots}
+        flat.edges = [ref for node in nodes for ref in node.children]
+        return flat
+
+    def nodes(self) -> list[Node]:
+        attrs = dict(zip(self.vids, ([(_VARIABLE_VALUE, f, k)] for k, f in zip(self.vkeys, self.vfulls))))
+        attrs.update(self.attrs)
+        return [Node(nid, list(kids or ()), attrs.get(nid, []), self.slots.get(nid, []))
+                for nid, kids in enumerate(self.kids)]
+
+    def keys(self) -> dict[int, tuple[str, str]]:
+        """Variable node -> (checkpoint key, full_name): its last ``VARIABLE_VALUE`` attribute with a key."""
+        keys = dict(zip(self.vids, zip(self.vkeys, self.vfulls)))
+        more = {nid: (key, full) for nid, attributes in self.attrs.items()
+                for name, full, key in attributes if name == _VARIABLE_VALUE and key}
+        if more:
+            keys.update(more)
+            keys = dict(sorted(keys.items()))
+        return keys
+
+    def variables(self) -> tuple[list[int], list[str], list[str]]:
+        """``keys()`` as three lists: node ids, checkpoint keys, full names."""
+        if not any(name == _VARIABLE_VALUE for attributes in self.attrs.values() for name, _, _ in attributes):
+            return self.vids, self.vkeys, self.vfulls
+        keys = self.keys()
+        return list(keys), [k for k, _ in keys.values()], [f for _, f in keys.values()]
+
+
+_VARIABLE_VALUE = "VARIABLE_VALUE"
+#: A ``VARIABLE_VALUE`` attribute's name field and the key of the full name after it; in TensorFlow's
+#: variable node (``0A ln 12 la`` + this + ``lf full 1A lk key``, then ``2A 02 08 01``: has_checkpoint_values)
+#: it starts 4 bytes into the node.
+_VAR_MARK = b"\x0a\x0eVARIABLE_VALUE\x12"
+_VAR_TAIL = b"\x2a\x02\x08\x01"
+
+
+def _scan(blob: bytes) -> _Flat:
+    """The graph in ``_Flat`` form, or ``_Bail``.
+
+    TensorFlow's variable nodes are found by splitting the blob at ``_VAR_MARK``: one piece per
+    variable, starting with its full name. A candidate is taken as a variable node only where the
+    nodes before it end exactly at its start and every length in it agrees with the bytes; all
+    else (other nodes, other shapes, the mark inside a name) is decoded node by node by ``_node``."""
+    flat = _Flat()
     pos, stop = 0, len(blob)
+    pieces = blob.split(_VAR_MARK)
+    a = len(pieces[0])  # where the next mark starts
     try:
-        while pos < stop:
-            if blob[pos] == 0x0A:  # field 1 (a node), length-delimited: nearly every field
-                val, pos = _varint(blob, pos + 1, stop)
-                if val > stop - pos:
-                    raise _Bail
-                nodes.append(_fast_node(blob, pos, pos + val, len(nodes)))
-            else:
-                num, wt, pos = _key(blob, pos, stop)
-                val, pos = _value(blob, pos, stop, wt)
-                if wt != 2:
-                    continue
-            pos += val
+        for piece in islice(pieces, 1, None):
+            s = a - 4
+            if s > pos:
+                pos = _nodes_until(blob, pos, s, flat)
+            if s == pos:
+                pos = _variable(blob, s, a + 18, flat)
+                if pos == s:  # not TensorFlow's variable node: decoded field by field
+                    pos = _nodes_until(blob, pos, s + 1, flat)
+            a += len(_VAR_MARK) + len(piece)
+        _nodes_until(blob, pos, stop, flat)
     except IndexError:  # a key as the blob's last byte: wire.fields says it is truncated
         raise _Bail from None
-    return nodes
+    return flat
 
 
-def _fast_node(buf: bytes, pos: int, stop: int, nid: int) -> Node:
+def _variable(blob: bytes, s: int, f: int, flat: _Flat) -> int:
+    """The variable node at ``s`` (its full name at ``f``) added to ``flat`` if it has TensorFlow's
+    shape (see ``_VAR_MARK``) and every length in it agrees; where it ends (``s`` if not taken)."""
+    ln, lf = blob[s + 1], blob[f - 1]
+    k = f + lf + 2  # the key
+    lk = blob[k - 1]
+    e = s + 2 + ln
+    tail = e - k - lk
+    if (blob[s] == 0x0A and blob[s + 2] == 0x12 and ln < 0x80 and blob[k - 2] == 0x1A and lk
+            and blob[s + 3] == lf + lk + 20 and (tail == 4 and blob[e - 4:e] == _VAR_TAIL or tail == 0 and e <= len(blob))):
+        flat.vids.append(len(flat.kids))
+        flat.kids.append(None)
+        flat.vfulls.append(blob[f:k - 2].decode("utf-8", "replace"))
+        flat.vkeys.append(blob[k:k + lk].decode("utf-8", "replace"))
+        return e
+    return s
+
+
+def _nodes_until(blob: bytes, pos: int, until: int, flat: _Flat) -> int:
+    """Decodes the top-level fields from ``pos`` on until one ends at or after ``until``; where it ends."""
+    stop = len(blob)
+    if until - pos > 256 and _containers(blob, pos, until, flat):
+        return until
+    while pos < until:
+        if blob[pos] == 0x0A:  # field 1 (a node), length-delimited: nearly every field
+            val, pos = _varint(blob, pos + 1, stop)
+            if val > stop - pos:
+                raise _Bail
+            _node(blob, pos, pos + val, flat)
+        else:
+            num, wt, pos = _key(blob, pos, stop)
+            val, pos = _value(blob, pos, stop, wt)
+            if wt != 2:
+                continue
+        pos += val
+    return pos
+
+
+#: A child reference as TensorFlow writes it: a one-byte length, the node id (a canonical varint of at
+#: most 3 bytes), the local name (one-byte length), the name: assumed to run to the next field key.
+_CHILD = re.compile(rb"\x0a([\x00-\x7f])\x08([\x00-\x7f]|[\x80-\xff][\x01-\x7f]|[\x80-\xff]{2}[\x01-\x7f])"
+                    rb"\x12([\x00-\x7f])([^\x0a\x12\x1a\x2a]*)")
+
+
+#: The fields of a run of container nodes as TensorFlow writes them (children, then has_checkpoint_values):
+#: a child reference (as ``_CHILD``), or the end of one node and the start of the next (its length).
+_CONTAINERS = re.compile(_CHILD.pattern + rb"|\x2a\x02\x08\x01\x0a([\x00-\x7f]|[\x80-\xff][\x01-\x7f]|[\x80-\xff]{2}[\x01-\x7f])")
+
+
+_from_le = partial(int.from_bytes, byteorder="little")
+
+
+def _varints(raw: Iterable[bytes]) -> list[int]:
+    """Varints of 1-3 bytes: 7 bits of each byte (int.from_bytes reads them 8 bits apart)."""
+    return [x & 0x7F | x >> 1 & 0x3F80 | x >> 2 & 0x1FC000 for x in map(_from_le, raw)]
+
+
+def _containers(blob: bytes, pos: int, until: int, flat: _Flat) -> bool:
+    """Decodes [pos, until) into ``flat`` if it is a run of nodes holding only children and
+    has_checkpoint_values, by one ``_CONTAINERS.findall``; False (``flat`` untouched) if not.
+
+    The matches are the fields protobuf reads only if they tile the range, each child's length and
+    name length agree with what was matched, and each node's length with its children: all checked."""
+    if blob[pos] != 0x0A or blob[until - 4:until] != _VAR_TAIL:
+        return False
+    try:
+        first, start = _varint(blob, pos + 1, until)
+    except _Bail:
+        return False
+    found = _CONTAINERS.findall(blob, start, until - 4)
+    lcs, raw_ids, lns, raw_names, heads = zip(*found) if found else ((), (), (), (), ())
+    ids, names = list(compress(raw_ids, lcs)), list(compress(raw_names, lcs))  # child tokens: those with a length
+    name_lens, child_lens = list(map(len, names)), list(b"".join(lcs))
+    if (list(b"".join(lns)) != name_lens or child_lens != list(map(add, map(len, ids), map(add, name_lens, repeat(3))))
+            or 5 * len(found) + sum(map(len, ids)) + sum(name_lens) + sum(map(len, heads)) != until - 4 - start):
+        return False
+    ends = list(compress(range(len(found)), heads))  # token index of each node's end but the last's
+    bounds = [0, *map(sub, ends, range(len(ends))), len(ids)]  # each node's first child token
+    sizes = [0, *accumulate(map(add, child_lens, repeat(2)))]
+    if any(n != sizes[b] - sizes[a] + 4 for n, a, b in zip([first, *_varints(compress(heads, heads))], bounds, bounds[1:])):
+        return False
+    refs = list(zip(map(str, names, repeat("utf-8"), repeat("replace")), _varints(ids)))
+    flat.kids += [refs[a:b] or None for a, b in zip(bounds, bounds[1:])]
+    flat.edges += refs
+    flat.top = max(flat.top, max(map(itemgetter(1), refs), default=-1))
+    return True
+
+
+def _node(buf: bytes, pos: int, stop: int, flat: _Flat) -> None:
+    """Decodes one node into ``flat``."""
     children: list[tuple[str, int]] = []
     attributes: list[tuple[str, str, str]] = []
     slots: list[tuple[int, str, int]] = []
+    if stop - pos > 2 and buf[pos] == 0x0A and buf[pos + 2] == 0x08:  # children first, as TensorFlow writes them
+        pos = _children(buf, pos, stop - 4 if buf[stop - 4:stop] == _VAR_TAIL else stop, children)
     while pos < stop:
         key, n = buf[pos], buf[pos + 1]
         if 8 <= key < 0x80 and key & 7 == 2 and n < 0x80:  # a one-byte key (not field 0) and length
@@ -213,7 +379,35 @@ def _fast_node(buf: bytes, pos: int, stop: int, nid: int) -> Node:
         elif key == 0x1A:
             slots.append(_fast_slot(buf, pos, end))
         pos = end
-    return Node(nid, children, attributes, slots)
+    nid = len(flat.kids)
+    flat.kids.append(children or None)
+    if children:
+        flat.edges += children
+        flat.top = max(flat.top, max([ref for _, ref in children]))
+    if attributes:
+        flat.attrs[nid] = attributes
+    if slots:
+        flat.slots[nid] = slots
+        flat.top = max(flat.top, max([max(orig, slot) for orig, _, slot in slots]))
+
+
+def _children(buf: bytes, pos: int, stop: int, children: list[tuple[str, int]]) -> int:
+    """A run of child references filling [pos, stop) exactly, decoded by one ``_CHILD.findall`` and
+    added to ``children``: where the field after them starts (``pos`` where they do not fill it).
+
+    The matches are the fields protobuf reads there only if each child's length and name length
+    agree with what was matched and the matches tile the range; all three are checked."""
+    found = _CHILD.findall(buf, pos, stop)
+    if not found:
+        return pos
+    lcs, ids, lns, names = zip(*found)
+    lens = list(map(len, names))
+    child_lens = list(b"".join(lcs))
+    if (list(b"".join(lns)) != lens or child_lens != list(map(add, map(len, ids), map(add, lens, repeat(3))))
+            or sum(child_lens) + 2 * len(child_lens) != stop - pos):
+        return pos
+    children += zip(map(str, names, repeat("utf-8"), repeat("replace")), _varints(ids))
+    return stop
 
 
 def _fast_child(buf: bytes, pos: int, stop: int) -> tuple[str, int]:
@@ -285,12 +479,17 @@ def _fast_slot(buf: bytes, pos: int, stop: int) -> tuple[int, str, int]:
 
 def all_paths(nodes: list[Node], limit: int = 16) -> dict[int, list[str]]:
     """Every node's paths from the root, shortest first (at most ``limit`` each)."""
-    paths: dict[int, list[str]] = {0: [""]} if nodes else {}
-    queue = deque([(0, "")]) if nodes else deque()
+    return _bfs_paths([node.children for node in nodes], limit)
+
+
+def _bfs_paths(kids: Sequence[Sequence[tuple[str, int]] | None], limit: int = 16) -> dict[int, list[str]]:
+    """``all_paths`` of the graph whose node K has the children ``kids[K]``."""
+    paths: dict[int, list[str]] = {0: [""]} if kids else {}
+    queue = deque([(0, "")]) if kids else deque()
     while queue:
         nid, path = queue.popleft()
         prefix = f"{path}/" if path else ""
-        for local, child in nodes[nid].children:
+        for local, child in kids[nid] or ():
             p = prefix + local
             known = paths.get(child)
             if known is None:  # the first path to ``child``: nearly every edge
@@ -299,7 +498,33 @@ def all_paths(nodes: list[Node], limit: int = 16) -> dict[int, list[str]]:
                 continue
             else:
                 known.append(p)
-            queue.append((child, p))
+            if kids[child]:  # a node without children adds nothing to the queue
+                queue.append((child, p))
+    return paths
+
+
+def _is_tree(kids: Sequence[Sequence[tuple[str, int]] | None], edges: list[tuple[str, int]]) -> bool:
+    """No node is a child twice (of one node or of two) and the root is nobody's child: then each
+    node the root reaches has one path, and ``_tree_paths`` gives ``_bfs_paths``'s answer."""
+    ids = set(map(itemgetter(1), edges))
+    return bool(kids) and len(ids) == len(edges) and 0 not in ids
+
+
+def _tree_paths(kids: Sequence[Sequence[tuple[str, int]] | None]) -> dict[int, tuple[str]]:
+    """``_bfs_paths`` of a graph for which ``_is_tree`` holds (each path in a 1-tuple), one parent
+    at a time instead of one edge at a time."""
+    paths: dict[int, tuple[str]] = {0: ("",)}
+    parents = [(0, "")]
+    while parents:
+        below: list[tuple[int, str]] = []
+        for nid, path in parents:
+            refs = kids[nid] or ()
+            prefix = f"{path}/" if path else ""
+            ps = [prefix + local for local, _ in refs]
+            ids = list(map(itemgetter(1), refs))
+            paths.update(zip(ids, zip(ps)))
+            below += [(c, p) for c, p in zip(ids, ps) if kids[c]]
+        parents = below
     return paths
 
 
@@ -368,24 +593,23 @@ def dedupe(names: list[str]) -> list[str]:
 class _Graph:
     """Which nodes are variables, optimizers, and by which paths they are reached."""
 
-    def __init__(self, nodes: list[Node]) -> None:
-        self.nodes = nodes
-        self.paths = all_paths(nodes)
-        locals_ = {local for node in nodes for local, _ in node.children}
+    def __init__(self, flat: _Flat) -> None:
+        self.kids = kids = flat.kids
+        self.slot_refs = flat.slots
+        self.paths: Mapping[int, Sequence[str]] = (
+            _tree_paths(kids) if _is_tree(kids, flat.edges) else _bfs_paths(kids))
+        self.locals = locals_ = set(map(itemgetter(0), flat.edges))
         self.keras3 = not locals_.isdisjoint(_KERAS3_MARKS)
         self.metrics = not locals_.isdisjoint(METRIC_CONTAINERS)  # does any path pass through a metric?
         marks = (_KERAS_TRAINABLE_LIST, "_iterations")
-        scan = not locals_.isdisjoint(marks)  # else only slot references make an optimizer
-        self.optimizers = {nid for nid, node in enumerate(nodes) if node.slots or scan and any(
-            local in marks for local, _ in node.children)}
+        self.optimizers = set(flat.slots)  # slot references make an optimizer, and so do these children
+        if not locals_.isdisjoint(marks):
+            self.optimizers |= {nid for nid, refs in enumerate(kids) if refs and any(
+                local in marks for local, _ in refs)}
         self.opt_paths = {p for nid in self.optimizers for p in self.paths.get(nid, [])}
-        self.keys: dict[int, tuple[str, str]] = {}   # variable node -> (checkpoint key, full_name)
-        for node in nodes:
-            for name, full, key in node.attributes:
-                if name == "VARIABLE_VALUE" and key:
-                    self.keys[node.id] = (key, full)
+        self.keys = flat.keys()  # variable node -> (checkpoint key, full_name)
         self.copies: set[int] = set()
-        if nodes and any(local == _EXPORT_COPIES for local, _ in nodes[0].children):
+        if kids and any(local == _EXPORT_COPIES for local, _ in kids[0] or ()):
             outside = {full for nid, (_, full) in self.keys.items() if not self.only_under(nid, _EXPORT_COPIES)}
             self.copies = {nid for nid, (_, full) in self.keys.items()
                            if full and full in outside and self.only_under(nid, _EXPORT_COPIES)}
@@ -410,7 +634,7 @@ class _Graph:
 
     def lists(self, nid: int) -> dict[str, dict[str, int]]:
         """An optimizer's list children: name -> {index: node}."""
-        return {local: dict(self.nodes[child].children) for local, child in self.nodes[nid].children}
+        return {local: dict(self.kids[child] or ()) for local, child in self.kids[nid] or ()}
 
     def links(self) -> tuple[dict[int, int], set[int]]:
         """EMA averages -> their weight, and the weights a Keras 3 optimizer trains."""
@@ -437,7 +661,7 @@ class _Graph:
             return Role.META
         if ps and self.opt_paths and all(self.under_optimizer(p) for p in ps):
             return Role.OPTIMIZER
-        if ps == ["save_counter"] or ps and self.metrics and all(METRIC_CONTAINERS.intersection(p.split("/"))
+        if _only_save_counter(ps) or ps and self.metrics and all(METRIC_CONTAINERS.intersection(p.split("/"))
                                                                  for p in ps):
             return Role.META
         return Role.PARAM
@@ -450,6 +674,16 @@ def _param_names(g: _Graph, params: list[int]) -> dict[int, str]:
 
     ``params`` come in ``g.keys`` order; they are sorted (``natural_key`` costs microseconds a
     key) only where two names collide, the only case where their order changes a name."""
+    fulls = list(map(itemgetter(1), map(g.keys.__getitem__, params)))
+    if all(map(str.__contains__, fulls, repeat("/"))):  # every name a scoped full_name: _named in bulk
+        names = strip_model_scope(fulls) if g.keras3 else fulls
+        if len(set(names)) == len(names):
+            return dict(zip(params, names))
+    return _named(g, params)
+
+
+def _named(g: _Graph, params: list[int]) -> dict[int, str]:
+    """``_param_names``, one param at a time."""
     named = [nid for nid in params if "/" in g.keys[nid][1]]
     fulls = [g.keys[nid][1] for nid in named]
     if g.keras3:
@@ -481,7 +715,7 @@ def _slots(g: _Graph, params: list[int]) -> dict[int, tuple[int, str]]:
         if len(same) > 1:
             by_full[full] = g.in_key_order(same)
     for opt in sorted(g.optimizers):
-        for orig, slot_name, slot_node in g.nodes[opt].slots:
+        for orig, slot_name, slot_node in g.slot_refs.get(opt, ()):
             out[slot_node] = (orig, slot_name)
         lists = g.lists(opt)
         weights = lists.get(_KERAS_TRAINABLE_LIST)
@@ -515,13 +749,66 @@ def annotate(nodes: list[Node]) -> dict[str, tuple[SourceRole, str]]:
     ``optimizer/<weight>/<slot>`` (``slot_of`` names the weight), anything else by its ``full_name`` when that
     is a scoped, unique name, else by its checkpoint key.
     """
-    g = _Graph(nodes)
+    return _annotate(_Graph(_Flat.of_nodes(nodes)))
+
+
+def roles(blob: bytes, where: str) -> dict[str, tuple[SourceRole, str]]:
+    """``annotate(parse(blob, where))``, without a ``Node`` per node: what listing a TF2 checkpoint
+    costs per variable (``_scan``; what it does not decode, ``parse_strict`` decodes and reports)."""
+    try:
+        flat = _scan(bytes(blob))
+    except _Bail:
+        return annotate(parse_strict(blob, where))
+    if flat.top >= len(flat.kids):
+        _checked(flat.nodes(), f"{where}: object graph")  # raises: a reference outside the graph
+    plain = _annotate_plain(flat)
+    return plain if plain is not None else _annotate(_Graph(flat))
+
+
+#: Children that make a graph more than its model's weights: optimizers, metrics, export copies.
+_NOT_PLAIN = frozenset({_KERAS_TRAINABLE_LIST, "_iterations", _EXPORT_COPIES, ""}) | METRIC_CONTAINERS
+
+
+def _annotate_plain(flat: _Flat) -> dict[str, tuple[SourceRole, str]] | None:
+    """``_annotate`` of a graph of weights alone (no slot references, no child that makes an
+    optimizer, a metric or an export copy, none named ""), where every param's ``full_name`` is
+    scoped and unique, in bulk over ``flat``'s lists; None for any other graph.
+
+    With no optimizer there are no slots, averages or trained-weight lists, so every variable is a
+    param but a root child ``save_counter`` that no other node references (its only path is
+    ``save_counter``): that one is ``meta``, named as ``_annotate`` names the unnamed."""
+    locals_ = set(map(itemgetter(0), flat.edges))
+    if flat.slots or not locals_.isdisjoint(_NOT_PLAIN):
+        return None
+    nids, keys, fulls = flat.variables()
+    meta = [i for local, nid in (flat.kids[0] or () if flat.kids else ()) if local == "save_counter"
+            for i in [bisect_left(nids, nid)] if i < len(nids) and nids[i] == nid]
+    if any(countOf(map(itemgetter(1), flat.edges), nids[i]) != 1 for i in meta) or len(meta) > 1:
+        return None
+    params = fulls if not meta else fulls[:meta[0]] + fulls[meta[0] + 1:]
+    if not all(map(str.__contains__, params, repeat("/"))):
+        return None
+    names = strip_model_scope(params) if not locals_.isdisjoint(_KERAS3_MARKS) else params
+    if len(set(names)) != len(names):
+        return None
+    roles = [Role.PARAM] * len(nids)
+    if meta:
+        i = meta[0]
+        good = "/" in fulls[i] and fulls.count(fulls[i]) == 1 and fulls[i] not in names
+        names = names[:i] + [fulls[i] if good else _strip_key(keys[i])] + names[i:]
+        roles[i] = Role.META
+    notes = map(tuple.__new__, repeat(SourceRole), zip(roles, names, repeat(None), repeat(None)))
+    return dict(zip(keys, zip(notes, fulls)))
+
+
+def _annotate(g: _Graph) -> dict[str, tuple[SourceRole, str]]:
+    """``annotate`` of the graph ``g``."""
     ema_of, trainable = g.links()
     candidates = {nid for nid in g.keys if nid not in ema_of and nid not in g.copies and (
         nid in trainable or not g.opt_paths or not g.paths.get(nid) or
         not all(g.under_optimizer(p) for p in g.paths[nid]))}
     slots = _slots(g, [nid for nid in g.keys if nid in candidates])
-    roles = {nid: g.role(nid, ema_of, trainable, slots) for nid in g.keys}
+    roles = _roles(g, ema_of, trainable, slots)
     names = _param_names(g, [nid for nid, r in roles.items() if r is Role.PARAM])
     for nid, (w, slot) in slots.items():
         if w in names and nid in g.keys:
@@ -535,12 +822,43 @@ def annotate(nodes: list[Node]) -> dict[str, tuple[SourceRole, str]]:
             good = "/" in full and fulls[full] == 1 and full not in taken
             names[nid] = full if good else _strip_key(key)
             taken.add(names[nid])
-    if not ema_of and not slots:  # no links to name: the loop below without its lookups
-        return {key: (SourceRole(roles[nid], names[nid]), full) for nid, (key, full) in g.keys.items()}
+    if not ema_of and not slots:  # no links to name
+        return _unlinked_notes(g, roles, names)
+    return _notes(g, roles, names, ema_of, slots)
+
+
+def _unlinked_notes(g: _Graph, roles: dict[int, Role], names: dict[int, str]) -> dict[str, tuple[SourceRole, str]]:
+    """``_notes`` where no variable is an average or a slot, in bulk (a SourceRole made by ``tuple.__new__``)."""
+    nids = list(g.keys)
+    notes = map(tuple.__new__, repeat(SourceRole), zip(map(roles.__getitem__, nids), map(names.__getitem__, nids),
+                                                       repeat(None), repeat(None)))
+    return dict(zip(map(itemgetter(0), g.keys.values()), zip(notes, map(itemgetter(1), g.keys.values()))))
+
+
+def _notes(g: _Graph, roles: dict[int, Role], names: dict[int, str], ema_of: dict[int, int],
+           slots: dict[int, tuple[int, str]]) -> dict[str, tuple[SourceRole, str]]:
+    """By checkpoint key: each variable's role, name and links to the params it averages or belongs to, and full_name."""
     out: dict[str, tuple[SourceRole, str]] = {}
     for nid, (key, full) in g.keys.items():
         ema = names[ema_of[nid]] if nid in ema_of and ema_of[nid] in names else None
         weight = slots[nid][0] if nid in slots else None
         slot_of = names[weight] if weight is not None and weight in names and weight in g.keys else None
         out[key] = (SourceRole(roles[nid], names[nid], ema, slot_of), full)
+    return out
+
+
+def _only_save_counter(ps: Sequence[str] | None) -> bool:
+    return ps is not None and len(ps) == 1 and ps[0] == "save_counter"
+
+
+def _roles(g: _Graph, ema_of: dict[int, int], trainable: set[int], slots: dict[int, tuple[int, str]]) -> dict[int, Role]:
+    """Each variable's ``_Graph.role``. Without optimizers, averages, metrics or export copies every
+    variable is a param but ``save_counter``; where no child is named "" only the root's children
+    have one-component paths, so only a root child can be ``save_counter``: those are decided in bulk."""
+    if ema_of or slots or trainable or g.copies or g.opt_paths or g.metrics or "" in g.locals:
+        return {nid: g.role(nid, ema_of, trainable, slots) for nid in g.keys}
+    out = dict.fromkeys(g.keys, Role.PARAM)
+    for local, nid in g.kids[0] or () if g.kids else ():
+        if local == "save_counter" and nid in out and _only_save_counter(g.paths.get(nid)):
+            out[nid] = Role.META
     return out
