@@ -182,6 +182,7 @@ class ChunkFiles:
 
 def default_workers() -> int:
     """Encoding threads: one per usable core, at most four (the engine keeps two engine chunks,
-    of four 4 MiB Zarr chunks at the default budget, in flight)."""
+    of four 4 MiB Zarr chunks at the default budget, in flight). SHARDCONV_ENCODE_THREADS sets it."""
+    given = int(os.environ.get("SHARDCONV_ENCODE_THREADS", "0") or 0)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(4, cores))
+    return max(1, given or min(4, cores))
