@@ -19,7 +19,6 @@ import os
 import sys
 import threading
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -29,6 +28,8 @@ from ..util.checksums import crc32
 from ..util.fileio import pwrite_all, start_writeback
 
 if TYPE_CHECKING:  # imported on first use: the CLI imports every sink
+    from concurrent.futures import Future
+
     import numpy as np
 
 #: Dtypes whose stored bytes are not the engine's (TensorStore keeps the low 4 or 2 bits of
@@ -103,6 +104,8 @@ class ChunkFiles:
 
     def __init__(self, root: Path, zarr_format: int, durable: bool, workers: int) -> None:
         self.root, self.zarr_format, self.durable = root, zarr_format, durable
+        from concurrent.futures import ThreadPoolExecutor  # (imports logging: not for every command)
+
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="shardconv-zarr")
         self._dirs: set[Path] = set()
         self._pad_lock = threading.Lock()
