@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from ..core.types import RawRange, Role, Segment, SourceRole, TensorInfo, Unit
 from ..errors import ChecksumError, FormatError, SourceError, UnsupportedError
@@ -340,8 +340,8 @@ class TFBundleSource(Source):
             return {}
         from . import tf_object_graph
 
-        roles: dict[str, tuple[SourceRole, str | None]] = dict(tf_object_graph.annotate(tf_object_graph.parse(
-            self.read_strings(OBJECT_GRAPH_KEY)[0], str(self.data_path(graph.shard)))))
+        roles = cast(dict[str, tuple[SourceRole, str | None]],  # a fresh dict, which this may add to
+                     tf_object_graph.roles(self.read_strings(OBJECT_GRAPH_KEY)[0], str(self.data_path(graph.shard))))
         roles[OBJECT_GRAPH_KEY] = (SourceRole(Role.META), None)
         return roles
 
