@@ -14,9 +14,9 @@ from bisect import bisect_left
 from collections import Counter, deque
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from functools import partial
 from itertools import accumulate, compress, islice, repeat
 from operator import add, countOf, itemgetter, sub
+from typing import Literal
 
 from ..core.types import Role, SourceRole
 from ..errors import FormatError
@@ -181,29 +181,75 @@ def _fast_nodes(blob: bytes) -> list[Node]:
 class _Flat:
     """A decoded graph in parallel arrays, without an object per node: per node its children
     (None: none), the variable nodes of TensorFlow's common shape as three lists (node id, key,
-    full name: their only attribute), and the attributes and slot references of the others."""
+    full name: their only attribute), and the attributes and slot references of the others.
 
-    __slots__ = ("kids", "vids", "vkeys", "vfulls", "attrs", "slots", "edges", "top")
+    The children of a run of container nodes (``_containers``) stay undecoded in ``_runs`` until
+    ``kids`` or ``edges`` is read; a graph of weights alone (``_annotate_plain``) needs only their
+    names (``local_names``), the root's children and how often one node is referenced."""
+
+    __slots__ = ("_kids", "_edges", "_runs", "vids", "vkeys", "vfulls", "attrs", "slots", "top")
 
     def __init__(self) -> None:
-        self.kids: list[list[tuple[str, int]] | None] = []
+        self._kids: list[list[tuple[str, int]] | None] = []
+        self._edges: list[tuple[str, int]] = []
+        #: (first node, each child's local name and node id as stored, each node's first child there)
+        self._runs: list[tuple[int, list[bytes], list[bytes], list[int]]] = []
         self.vids: list[int] = []
         self.vkeys: list[str] = []
         self.vfulls: list[str] = []
         self.attrs: dict[int, list[tuple[str, str, str]]] = {}
         self.slots: dict[int, list[tuple[int, str, int]]] = {}
-        self.edges: list[tuple[str, int]] = []  # every child reference of every node, in node order
         self.top = -1  # the largest node id any child or slot reference names
 
     @classmethod
     def of_nodes(cls, nodes: list[Node]) -> _Flat:
         """``nodes`` (as ``parse`` returns them: node K is ``nodes[K]``) in this form."""
         flat = cls()
-        flat.kids = [node.children or None for node in nodes]
+        flat._kids = [node.children or None for node in nodes]
         flat.attrs = {node.id: node.attributes for node in nodes if node.attributes}
         flat.slots = {node.id: node.slots for node in nodes if node.slots}
-        flat.edges = [ref for node in nodes for ref in node.children]
+        flat._edges = [ref for node in nodes for ref in node.children]
         return flat
+
+    @property
+    def kids(self) -> list[list[tuple[str, int]] | None]:
+        """Each node's children (local name, node id); None for none."""
+        self._decode_runs()
+        return self._kids
+
+    @property
+    def edges(self) -> list[tuple[str, int]]:
+        """Every child reference of every node, in no particular order."""
+        self._decode_runs()
+        return self._edges
+
+    def _decode_runs(self) -> None:
+        for first, names, ids, bounds in self._runs:
+            refs = list(zip(map(str, names, repeat("utf-8"), repeat("replace")), _varints(ids)))
+            self._kids[first:first + len(bounds) - 1] = [refs[a:b] or None for a, b in zip(bounds, bounds[1:])]
+            self._edges += refs
+        self._runs = []
+
+    def children(self, nid: int) -> list[tuple[str, int]] | None:
+        """``kids[nid]``, decoding no other node's children."""
+        for first, names, ids, bounds in self._runs:
+            if first <= nid < first + len(bounds) - 1:
+                a, b = bounds[nid - first], bounds[nid - first + 1]
+                return list(zip(map(str, names[a:b], repeat("utf-8"), repeat("replace")), _varints(ids[a:b]))) or None
+        return self._kids[nid]
+
+    def local_names(self) -> set[str]:
+        """Every child's local name (each distinct stored name decoded once)."""
+        out = set(map(itemgetter(0), self._edges))
+        for _, names, _, _ in self._runs:
+            out.update(b.decode("utf-8", "replace") for b in set(names))
+        return out
+
+    def references(self, nid: int) -> int:
+        """How many child references name node ``nid``."""
+        n = countOf(map(itemgetter(1), self._edges), nid)
+        stored = _varint_bytes(nid)  # a run's ids are canonical varints of 1-3 bytes
+        return n + sum(ids.count(stored) for _, _, ids, _ in self._runs)
 
     def nodes(self) -> list[Node]:
         attrs = dict(zip(self.vids, ([(_VARIABLE_VALUE, f, k)] for k, f in zip(self.vkeys, self.vfulls))))
@@ -242,44 +288,44 @@ def _scan(blob: bytes) -> _Flat:
 
     TensorFlow's variable nodes are found by splitting the blob at ``_VAR_MARK``: one piece per
     variable, starting with its full name. A candidate is taken as a variable node only where the
-    nodes before it end exactly at its start and every length in it agrees with the bytes; all
-    else (other nodes, other shapes, the mark inside a name) is decoded node by node by ``_node``."""
+    nodes before it end exactly at its start and every length in it agrees with the bytes (then
+    protobuf reads exactly these fields there); all else (other nodes, other shapes, the mark inside
+    a name) is decoded by ``_nodes_until``: runs of containers in bulk, other nodes one by one."""
     flat = _Flat()
     pos, stop = 0, len(blob)
     pieces = blob.split(_VAR_MARK)
+    text = blob.decode("latin-1")  # a str of the bytes: its slices need no decoding where they are ASCII
+    vids, vfulls, vkeys, kids = flat.vids, flat.vfulls, flat.vkeys, flat._kids
     a = len(pieces[0])  # where the next mark starts
     try:
         for piece in islice(pieces, 1, None):
-            s = a - 4
+            s = a - 4  # the node, if the mark is in a variable node of TensorFlow's shape
             if s > pos:
                 pos = _nodes_until(blob, pos, s, flat)
             if s == pos:
-                pos = _variable(blob, s, a + 18, flat)
-                if pos == s:  # not TensorFlow's variable node: decoded field by field
+                ln, lf = blob[s + 1], blob[a + 17]
+                k = a + lf + 20  # the key; the full name is at a + 18
+                lk = blob[k - 1]
+                e = s + 2 + ln
+                tail = e - k - lk
+                if (blob[s] == 0x0A and blob[s + 2] == 0x12 and ln < 0x80 and blob[k - 2] == 0x1A and lk
+                        and blob[s + 3] == lf + lk + 20
+                        and (tail == 4 and blob[e - 4:e] == _VAR_TAIL or tail == 0 and e <= stop)):
+                    vids.append(len(kids))
+                    kids.append(None)
+                    vfulls.append(text[a + 18:k - 2])
+                    vkeys.append(text[k:k + lk])
+                    pos = e
+                else:  # not TensorFlow's variable node: decoded field by field
                     pos = _nodes_until(blob, pos, s + 1, flat)
             a += len(_VAR_MARK) + len(piece)
         _nodes_until(blob, pos, stop, flat)
     except IndexError:  # a key as the blob's last byte: wire.fields says it is truncated
         raise _Bail from None
+    for texts in (vfulls, vkeys):
+        if not "".join(texts).isascii():  # latin-1 is UTF-8 only for ASCII
+            texts[:] = [t if t.isascii() else t.encode("latin-1").decode("utf-8", "replace") for t in texts]
     return flat
-
-
-def _variable(blob: bytes, s: int, f: int, flat: _Flat) -> int:
-    """The variable node at ``s`` (its full name at ``f``) added to ``flat`` if it has TensorFlow's
-    shape (see ``_VAR_MARK``) and every length in it agrees; where it ends (``s`` if not taken)."""
-    ln, lf = blob[s + 1], blob[f - 1]
-    k = f + lf + 2  # the key
-    lk = blob[k - 1]
-    e = s + 2 + ln
-    tail = e - k - lk
-    if (blob[s] == 0x0A and blob[s + 2] == 0x12 and ln < 0x80 and blob[k - 2] == 0x1A and lk
-            and blob[s + 3] == lf + lk + 20 and (tail == 4 and blob[e - 4:e] == _VAR_TAIL or tail == 0 and e <= len(blob))):
-        flat.vids.append(len(flat.kids))
-        flat.kids.append(None)
-        flat.vfulls.append(blob[f:k - 2].decode("utf-8", "replace"))
-        flat.vkeys.append(blob[k:k + lk].decode("utf-8", "replace"))
-        return e
-    return s
 
 
 def _nodes_until(blob: bytes, pos: int, until: int, flat: _Flat) -> int:
@@ -313,42 +359,58 @@ _CHILD = re.compile(rb"\x0a([\x00-\x7f])\x08([\x00-\x7f]|[\x80-\xff][\x01-\x7f]|
 _CONTAINERS = re.compile(_CHILD.pattern + rb"|\x2a\x02\x08\x01\x0a([\x00-\x7f]|[\x80-\xff][\x01-\x7f]|[\x80-\xff]{2}[\x01-\x7f])")
 
 
-_from_le = partial(int.from_bytes, byteorder="little")
+_LITTLE: Iterable[Literal["little"]] = repeat("little")
+
+
+def _varint_value(x: int) -> int:
+    """The value of a varint of 1-3 bytes read as a little-endian ``x`` (7 bits of each byte, which
+    ``x`` has 8 bits apart). Of canonical varints, the larger ``x`` is the larger value."""
+    return x & 0x7F | x >> 1 & 0x3F80 | x >> 2 & 0x1FC000
+
+
+def _varint_bytes(n: int) -> bytes:
+    """``n`` as a canonical varint."""
+    out = bytearray()
+    while n > 0x7F:
+        out.append(n & 0x7F | 0x80)
+        n >>= 7
+    return bytes(out + bytes([n]))
 
 
 def _varints(raw: Iterable[bytes]) -> list[int]:
     """Varints of 1-3 bytes: 7 bits of each byte (int.from_bytes reads them 8 bits apart)."""
-    return [x & 0x7F | x >> 1 & 0x3F80 | x >> 2 & 0x1FC000 for x in map(_from_le, raw)]
+    return [x & 0x7F | x >> 1 & 0x3F80 | x >> 2 & 0x1FC000 for x in map(int.from_bytes, raw, _LITTLE)]
 
 
 def _containers(blob: bytes, pos: int, until: int, flat: _Flat) -> bool:
     """Decodes [pos, until) into ``flat`` if it is a run of nodes holding only children and
-    has_checkpoint_values, by one ``_CONTAINERS.findall``; False (``flat`` untouched) if not.
+    has_checkpoint_values, by one ``_CONTAINERS.split``; False (``flat`` untouched) if not.
 
-    The matches are the fields protobuf reads only if they tile the range, each child's length and
-    name length agree with what was matched, and each node's length with its children: all checked."""
+    The matches are the fields protobuf reads only if they tile the range (nothing between them),
+    each child's length and name length agree with what was matched, and each node's length with
+    its children: all checked. The references are decoded when they are needed (``_Flat.kids``)."""
     if blob[pos] != 0x0A or blob[until - 4:until] != _VAR_TAIL:
         return False
     try:
         first, start = _varint(blob, pos + 1, until)
     except _Bail:
         return False
-    found = _CONTAINERS.findall(blob, start, until - 4)
-    lcs, raw_ids, lns, raw_names, heads = zip(*found) if found else ((), (), (), (), ())
-    ids, names = list(compress(raw_ids, lcs)), list(compress(raw_names, lcs))  # child tokens: those with a length
-    name_lens, child_lens = list(map(len, names)), list(b"".join(lcs))
-    if (list(b"".join(lns)) != name_lens or child_lens != list(map(add, map(len, ids), map(add, name_lens, repeat(3))))
-            or 5 * len(found) + sum(map(len, ids)) + sum(name_lens) + sum(map(len, heads)) != until - 4 - start):
+    parts = _CONTAINERS.split(blob[start:until - 4])  # between, then 5 groups per match (None: not in it)
+    lcs, heads = parts[1::6], parts[5::6]
+    ids, names = list(compress(parts[2::6], lcs)), list(compress(parts[4::6], lcs))  # child tokens: with a length
+    name_lens, child_lens = list(map(len, names)), list(b"".join(compress(lcs, lcs)))
+    if (any(parts[0::6]) or list(b"".join(compress(parts[3::6], lcs))) != name_lens
+            or child_lens != list(map(add, map(len, ids), map(add, name_lens, repeat(3))))):
         return False
-    ends = list(compress(range(len(found)), heads))  # token index of each node's end but the last's
+    ends = list(compress(range(len(lcs)), heads))  # token index of each node's end but the last's
     bounds = [0, *map(sub, ends, range(len(ends))), len(ids)]  # each node's first child token
     sizes = [0, *accumulate(map(add, child_lens, repeat(2)))]
     if any(n != sizes[b] - sizes[a] + 4 for n, a, b in zip([first, *_varints(compress(heads, heads))], bounds, bounds[1:])):
         return False
-    refs = list(zip(map(str, names, repeat("utf-8"), repeat("replace")), _varints(ids)))
-    flat.kids += [refs[a:b] or None for a, b in zip(bounds, bounds[1:])]
-    flat.edges += refs
-    flat.top = max(flat.top, max(map(itemgetter(1), refs), default=-1))
+    flat._runs.append((len(flat._kids), names, ids, bounds))
+    flat._kids += [None] * (len(bounds) - 1)
+    if ids:
+        flat.top = max(flat.top, _varint_value(max(map(int.from_bytes, ids, _LITTLE))))  # see _varint_value
     return True
 
 
@@ -379,10 +441,10 @@ def _node(buf: bytes, pos: int, stop: int, flat: _Flat) -> None:
         elif key == 0x1A:
             slots.append(_fast_slot(buf, pos, end))
         pos = end
-    nid = len(flat.kids)
-    flat.kids.append(children or None)
+    nid = len(flat._kids)
+    flat._kids.append(children or None)
     if children:
-        flat.edges += children
+        flat._edges += children
         flat.top = max(flat.top, max([ref for _, ref in children]))
     if attributes:
         flat.attrs[nid] = attributes
@@ -675,7 +737,7 @@ def _param_names(g: _Graph, params: list[int]) -> dict[int, str]:
     ``params`` come in ``g.keys`` order; they are sorted (``natural_key`` costs microseconds a
     key) only where two names collide, the only case where their order changes a name."""
     fulls = list(map(itemgetter(1), map(g.keys.__getitem__, params)))
-    if all(map(str.__contains__, fulls, repeat("/"))):  # every name a scoped full_name: _named in bulk
+    if all(["/" in full for full in fulls]):  # every name a scoped full_name: _named in bulk
         names = strip_model_scope(fulls) if g.keras3 else fulls
         if len(set(names)) == len(names):
             return dict(zip(params, names))
@@ -749,7 +811,9 @@ def annotate(nodes: list[Node]) -> dict[str, tuple[SourceRole, str]]:
     ``optimizer/<weight>/<slot>`` (``slot_of`` names the weight), anything else by its ``full_name`` when that
     is a scoped, unique name, else by its checkpoint key.
     """
-    return _annotate(_Graph(_Flat.of_nodes(nodes)))
+    flat = _Flat.of_nodes(nodes)
+    plain = _annotate_plain(flat)
+    return plain if plain is not None else _annotate(_Graph(flat))
 
 
 def roles(blob: bytes, where: str) -> dict[str, tuple[SourceRole, str]]:
@@ -759,7 +823,7 @@ def roles(blob: bytes, where: str) -> dict[str, tuple[SourceRole, str]]:
         flat = _scan(bytes(blob))
     except _Bail:
         return annotate(parse_strict(blob, where))
-    if flat.top >= len(flat.kids):
+    if flat.top >= len(flat._kids):
         _checked(flat.nodes(), f"{where}: object graph")  # raises: a reference outside the graph
     plain = _annotate_plain(flat)
     return plain if plain is not None else _annotate(_Graph(flat))
@@ -777,16 +841,16 @@ def _annotate_plain(flat: _Flat) -> dict[str, tuple[SourceRole, str]] | None:
     With no optimizer there are no slots, averages or trained-weight lists, so every variable is a
     param but a root child ``save_counter`` that no other node references (its only path is
     ``save_counter``): that one is ``meta``, named as ``_annotate`` names the unnamed."""
-    locals_ = set(map(itemgetter(0), flat.edges))
+    locals_ = flat.local_names()
     if flat.slots or not locals_.isdisjoint(_NOT_PLAIN):
         return None
     nids, keys, fulls = flat.variables()
-    meta = [i for local, nid in (flat.kids[0] or () if flat.kids else ()) if local == "save_counter"
+    meta = [i for local, nid in (flat.children(0) or () if flat._kids else ()) if local == "save_counter"
             for i in [bisect_left(nids, nid)] if i < len(nids) and nids[i] == nid]
-    if any(countOf(map(itemgetter(1), flat.edges), nids[i]) != 1 for i in meta) or len(meta) > 1:
+    if any(flat.references(nids[i]) != 1 for i in meta) or len(meta) > 1:
         return None
     params = fulls if not meta else fulls[:meta[0]] + fulls[meta[0] + 1:]
-    if not all(map(str.__contains__, params, repeat("/"))):
+    if not all(["/" in full for full in params]):
         return None
     names = strip_model_scope(params) if not locals_.isdisjoint(_KERAS3_MARKS) else params
     if len(set(names)) != len(names):
