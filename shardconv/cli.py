@@ -654,6 +654,7 @@ def run() -> None:
         sys.stderr.flush()
     except BrokenPipeError:  # the reader went away (``shardconv ls | head``)
         pass
-    if threading.active_count() == 1 and not any(m in sys.modules for m in _NEEDS_TEARDOWN):
+    if (threading.active_count() == 1 and not any(m in sys.modules for m in _NEEDS_TEARDOWN)
+            and sys.getprofile() is None and sys.gettrace() is None):  # a profiler writes its report at exit
         os._exit(rc)
     sys.exit(rc)

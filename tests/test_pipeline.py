@@ -138,3 +138,44 @@ def test_a_direct_copy_from_a_tf_checkpoint_imports_no_numpy(tmp_path, dest):
                        f"assert main(['convert', {str(small)!r}, {str(tmp_path / dest)!r}, '--quiet']) == 0\n"
                        "assert 'numpy' not in sys.modules, 'numpy imported'\n")
     assert (tmp_path / dest).stat().st_size > 0
+
+
+def test_a_failed_write_mid_chunk_stops_the_reader_and_leaves_nothing(src, tmp_path, monkeypatch):
+    """The writer fails while the reader is pieces ahead of it in the same chunk: the error is
+    raised, the reader thread stops (it does not wait for slots forever), nothing is published,
+    and a rerun resumes to the exact values."""
+    import threading
+
+    from shardconv.errors import DestinationError
+
+    path, tree = src
+    monkeypatch.setattr(pipeline, "PIECE", 64 << 10)  # many pieces per chunk
+    calls = []
+    real_part = NpzSink.write_part
+
+    def failing(self, c, d):
+        calls.append(c)
+        if len(calls) == 5:
+            raise DestinationError("disk full (simulated)")
+        return real_part(self, c, d)
+
+    monkeypatch.setattr(NpzSink, "write_part", failing)
+    raised: list[BaseException] = []
+
+    def convert() -> None:
+        try:
+            shardconv.convert(path, tmp_path / "o.npz", max_memory="4MiB")
+        except BaseException as e:
+            raised.append(e)
+
+    run = threading.Thread(target=convert, daemon=True)
+    run.start()
+    run.join(60)  # a reader left waiting for a slot would hold the run here
+    assert not run.is_alive(), "the run did not end after its write failed"
+    assert len(raised) == 1 and isinstance(raised[0], DestinationError) and "disk full" in str(raised[0])
+    assert not any(t.name == "shardconv-reader" for t in threading.enumerate())
+    assert not (tmp_path / "o.npz").exists()
+    monkeypatch.setattr(NpzSink, "write_part", real_part)
+    shardconv.convert(path, tmp_path / "o.npz", max_memory="4MiB")
+    got = dict(np.load(tmp_path / "o.npz"))
+    assert set(got) == set(tree) and all(np.array_equal(got[k], v) for k, v in tree.items())

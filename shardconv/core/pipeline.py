@@ -4,9 +4,11 @@ thread writes them and journals each, in order, once its write is done.
 Three things keep the bytes' trips through memory few (docs/design.md, "Speed"):
 
 - A chunk whose bytes lie verbatim in a source file (``Source.raw_range``) and whose sink
-  stores parts of chunks (``Capabilities.piecewise``) is copied in cache-sized pieces: each
-  piece is read, its source checksum and the sink's receipt checksum are computed, and it is
-  written, while it is still in the CPU's cache (as ``cp`` copies through a small buffer).
+  stores parts of chunks (``Capabilities.piecewise``) is copied in cache-sized pieces: the
+  reader thread reads each piece and computes its source checksum and the sink's receipt
+  checksum while it is still in the CPU's cache, and hands it to this thread, which writes it
+  (as ``cp`` copies through a small buffer, but on two cores: on a busy machine each thread
+  gets its share of a core).
 - Any other chunk is filled into a pooled buffer by the reader thread, which also computes
   the sink's receipt checksum there, beside the writer rather than in its way.
 - A sink's write may return a pending receipt (``result()``): up to all but two of the pool's
@@ -75,6 +77,27 @@ def start_kill_timer() -> None:
         t.start()
 
 
+#: Pieces of one direct chunk read ahead of the writer (each a slice of the chunk's buffer).
+SLOTS = 4
+
+
+class _Pieces:
+    """A direct chunk's pieces, passed from the reader (which reads and checksums each) to the
+    writer (which writes it) through ``SLOTS`` slices of the chunk's buffer: ``ready`` carries
+    (slot, length) in order, then None, or the reader's exception; ``free`` returns slots."""
+
+    def __init__(self, buf: memoryview, length: int) -> None:
+        self.piece = min(PIECE, length)
+        n = max(1, min(SLOTS, len(buf) // self.piece))
+        self.slots = [buf[k * self.piece:(k + 1) * self.piece] for k in range(n)]
+        self.ready: queue.SimpleQueue[tuple[int, int] | BaseException | None] = queue.SimpleQueue()
+        self.free: queue.SimpleQueue[int] = queue.SimpleQueue()
+        for k in range(n):
+            self.free.put(k)
+        self.receipt = 0
+        self.segs: list[Segment] = []
+
+
 @dataclass
 class _Item:
     """A chunk on its way: its buffer (also the budget's token for a direct copy), what the
@@ -85,7 +108,7 @@ class _Item:
     buf: memoryview
     segs: list[Segment] = field(default_factory=list)
     crc: int | None = None
-    raw: RawRange | None = None
+    pieces: _Pieces | None = None
     receipt: Any = None
 
 
@@ -148,7 +171,10 @@ def _reader(plan: Plan, sink: Sink, todo: list[tuple[int, Chunk]], pool: BufferP
                 if piecewise and c.length and type(producer) is Copy else None
             if raw is not None:
                 _prefetch(raw, c.length)
-                filled.put(_Item(i, c, buf, raw=raw))
+                pieces = _Pieces(buf, c.length)
+                filled.put(_Item(i, c, buf, pieces=pieces))
+                if not read_direct(sink, c, raw, pieces, stop):
+                    return
                 continue
             view = buf[: c.length]
             segs = producer.fill(c.offset, view, source.read_into) if c.length else []
@@ -166,28 +192,61 @@ def _prefetch(raw: RawRange, length: int) -> None:
         pass
 
 
-def copy_direct(sink: Sink, chunk: Chunk, raw: RawRange, hot: memoryview) -> tuple[int, list[Segment]]:
-    """Copy ``chunk`` from ``raw`` into ``sink`` through ``hot``, one piece at a time: read it,
-    update the source's and the receipt's checksums, write it, all while it is in cache.
-
-    Returns: (the chunk's receipt, its source checksum segments). Raises: SourceError,
-    FormatError (a short file), and what the sink's ``write_part`` raises."""
+def read_direct(sink: Sink, chunk: Chunk, raw: RawRange, pieces: _Pieces, stop: threading.Event) -> bool:
+    """Read ``chunk`` from ``raw`` into ``pieces``, one piece at a time, continuing the source's
+    checksum and the sink's receipt checksum over each while it is in cache, and hand each to
+    the writer. Returns False if the writer stopped meanwhile (or this read failed: the writer
+    gets the error through ``pieces``)."""
     src = BY_NAME[raw.algorithm] if raw.unit is not None and raw.algorithm else None
     assert sink.receipt_checksum is not None
     out = BY_NAME[sink.receipt_checksum]
     same = src is out
     s = r = 0
-    piece = len(hot)
-    for k in range(0, chunk.length, piece):
-        n = min(piece, chunk.length - k)
-        view = hot[:n]
-        pread_exact(raw.fd, view, raw.offset + k, raw.file, raw.tensor)
-        if src is not None:
-            s = src(view, s)
-        r = s if same else out(view, r)
-        sink.write_part(Chunk(chunk.index, chunk.offset + k, n), view)
-    segs = [Segment(raw.unit, raw.unit_offset, chunk.length, s)] if raw.unit is not None and src else []
-    return r, segs
+    try:
+        for k in range(0, chunk.length, pieces.piece):
+            slot = _free_slot(pieces, stop)
+            if slot is None:
+                return False
+            n = min(pieces.piece, chunk.length - k)
+            view = pieces.slots[slot][:n]
+            pread_exact(raw.fd, view, raw.offset + k, raw.file, raw.tensor)
+            if src is not None:
+                s = src(view, s)
+            r = s if same else out(view, r)
+            pieces.ready.put((slot, n))
+    except BaseException as e:  # the writer raises it
+        pieces.ready.put(e)
+        return False
+    pieces.receipt = r
+    pieces.segs = [Segment(raw.unit, raw.unit_offset, chunk.length, s)] if raw.unit is not None and src else []
+    pieces.ready.put(None)
+    return True
+
+
+def _free_slot(pieces: _Pieces, stop: threading.Event) -> int | None:
+    """A slot the writer is done with, or None once the writer has stopped."""
+    while not stop.is_set():
+        try:
+            return pieces.free.get(timeout=0.1)
+        except queue.Empty:
+            continue
+    return None
+
+
+def write_direct(sink: Sink, chunk: Chunk, pieces: _Pieces) -> tuple[int, list[Segment]]:
+    """Write the pieces of ``chunk`` as the reader hands them over (``read_direct``).
+
+    Returns: (the chunk's receipt, its source checksum segments). Raises: what the reader
+    raised (SourceError, FormatError for a short file) and what ``write_part`` raises."""
+    k = 0
+    while (got := pieces.ready.get()) is not None:
+        if isinstance(got, BaseException):
+            raise got
+        slot, n = got
+        sink.write_part(Chunk(chunk.index, chunk.offset + k, n), pieces.slots[slot][:n])
+        pieces.free.put(slot)
+        k += n
+    return pieces.receipt, pieces.segs
 
 
 def _pending(receipt: Any) -> bool:
@@ -210,9 +269,8 @@ class _Writer:
 
     def write(self, item: _Item) -> None:
         c = item.chunk
-        if item.raw is not None:
-            hot = item.buf[: min(PIECE, c.length)]
-            item.receipt, item.segs = copy_direct(self.sink, c, item.raw, hot)
+        if item.pieces is not None:
+            item.receipt, item.segs = write_direct(self.sink, c, item.pieces)
         else:
             item.receipt = self.sink.write(c, item.buf[: c.length], item.crc)
         self.flight.append(item)
