@@ -499,17 +499,23 @@ def _summarize_dropped(dropped: list[tuple[str, str]], limit: int = 8) -> list[s
 
 def _sizes_by_name(infos: list[Any]) -> dict[str, int]:
     """Each tensor's size under its raw key and under the name ``ls`` shows (what plans list)."""
+    from operator import attrgetter, itemgetter
+
     from .mapping.roles import assign_roles
 
-    sizes = {t.name: t.nbytes for t in infos}
-    sizes.update({role.name: t.nbytes for t, role in zip(infos, assign_roles(infos))})
+    nbytes = list(map(attrgetter("nbytes"), infos))
+    sizes = dict(zip(map(attrgetter("name"), infos), nbytes))
+    sizes.update(zip(map(itemgetter(1), assign_roles(infos)), nbytes))
     return sizes
 
 
 @_gc_paused
 def _plan(args: argparse.Namespace) -> int:
+    from operator import attrgetter
+
     from .api import make_plan
     from .core.engine import memory_estimate
+    from .core.plan import output_sizes
     from .mapping.roles import remembering
     from .sinks import require, sink_for
 
@@ -517,12 +523,13 @@ def _plan(args: argparse.Namespace) -> int:
         sink = sink_for(getattr(args, "dest", "x"), args.to, **_sink_values(args))
         require(sink.name)  # a missing library is reported by plan as by convert
         plan = make_plan(source, _mapping_options(args)).leave_out(sink.leave_out)
-        infos = {t.name: t for t in source.tensors()}
-        sizes = _sizes_by_name(list(infos.values()))
+        tensors = source.tensors()
+        infos = dict(zip(map(attrgetter("name"), tensors), tensors))
+        sizes = _sizes_by_name(list(infos.values())) if plan.dropped else {}
         est = memory_estimate(plan, sink, parse_size(args.max_memory))
-        out_bytes = [o.nbytes for o in plan.outputs]  # each computed once: 100 000 outputs are common
+        out_bytes = output_sizes(plan.outputs)  # each computed once: 100 000 outputs are common
         totals = {"tensors_in": len(infos), "tensors_out": len(plan.outputs),
-                  "bytes_in": sum(t.nbytes for t in infos.values()), "bytes_out": sum(out_bytes),
+                  "bytes_in": sum(map(attrgetter("nbytes"), infos.values())), "bytes_out": sum(out_bytes),
                   "bytes_dropped": sum(sizes.get(n, 0) for n, _ in plan.dropped)}
         if args.json:
             json.dump({"source": source.location, "format": source.format,
@@ -545,22 +552,35 @@ def _plan(args: argparse.Namespace) -> int:
 
 
 def _plan_text(plan: Any, out_bytes: list[int]) -> str:
-    """``plan``'s table, one line per output (sizes in ``out_bytes``), written at once like ``ls``'s."""
+    """``plan``'s table, one line per output (sizes in ``out_bytes``), written at once and built
+    column by column like ``ls``'s."""
+    from operator import add, attrgetter
+
     from .core.plan import Copy
 
-    width = max([len(o.name) for o in plan.outputs] + [6])
-    sizes: dict[int, str] = {}
-    lines = []
-    for o, n in zip(plan.outputs, out_bytes):
-        if type(o.producer) is Copy:  # nearly every output: what its ``describe()`` would say
-            origin, op = o.producer.source, ""
-        else:
-            d = o.producer.describe()
-            origin = d.get("from") or ", ".join(sorted({p["from"] for p in d.get("pieces", [])}))
-            op = "" if d["op"] == "copy" else f" [{d['op']}]"
-        size = sizes.get(n) or sizes.setdefault(n, format_size(n))
-        lines.append(f"{o.name:<{width}}  {o.dtype:<9} {str(list(o.shape)):<18} {size:>10}  <- {origin}{op}")
-    return _escaped_lines(lines)
+    outputs = plan.outputs
+    names = list(map(attrgetter("name"), outputs))
+    producers = list(map(attrgetter("producer"), outputs))
+    if set(map(type, producers)) <= {Copy}:  # nearly always: what each ``describe()`` would say
+        origins = list(map(attrgetter("source"), producers))
+    else:
+        origins = list(map(_origin, producers))
+    cols = list(zip(map(attrgetter("dtype"), outputs), map(attrgetter("shape"), outputs), out_bytes))
+    rest = {c: f"  {c[0]:<9} {str(list(c[1])):<18} {format_size(c[2]):>10}  <- " for c in set(cols)}
+    width = max(6, max(map(len, names), default=0))
+    return _escaped_lines(list(map(add, map(add, map(str.ljust, names, repeat(width)), map(rest.__getitem__, cols)),
+                                   origins)))
+
+
+def _origin(producer: Any) -> str:
+    """Where ``plan`` says an output comes from: its source tensors, and the operation if not a copy."""
+    from .core.plan import Copy
+
+    if type(producer) is Copy:
+        return str(producer.source)
+    d = producer.describe()
+    origin = d.get("from") or ", ".join(sorted({p["from"] for p in d.get("pieces", [])}))
+    return origin + ("" if d["op"] == "copy" else f" [{d['op']}]")
 
 
 def _verify(args: argparse.Namespace) -> int:

@@ -218,13 +218,13 @@ def test_infos_made_without_the_constructor_are_the_constructors(monkeypatch):
     from shardconv.core.types import Role, SourceRole
     from shardconv.sources import tf_bundle
 
-    rows = [("a", be.Entry("a", "float32", (3, 4), 0, 0, 48, 7, ()), 48, "crc32c:7"),
-            ("b", be.Entry("b", "string", (), 1, 48, 5, None, ([(0, -1)],)), 5, None)]
+    rows = (["a", "b"], [be.Entry("a", "float32", (3, 4), 0, 0, 48, 7, ()),
+                         be.Entry("b", "string", (), 1, 48, 5, None, ([(0, -1)],))], [48, 5], ["crc32c:7", None])
     roles = {"b": (SourceRole(Role.META), "full/b")}
     assert tf_bundle._FAST_INFOS
-    fast = tf_bundle._infos(rows, roles)
+    fast = tf_bundle._infos(*rows, roles)
     monkeypatch.setattr(tf_bundle, "_FAST_INFOS", False)
-    slow = tf_bundle._infos(rows, roles)
+    slow = tf_bundle._infos(*rows, roles)
     assert fast == slow and list(map(repr, fast)) == list(map(repr, slow))
     assert [(t.extra, t.role) for t in fast] == [(t.extra, t.role) for t in slow]
     assert fast[1].extra == {"shard": 1, "sliced": True, "full_name": "full/b"} and fast[1].role.role == Role.META
@@ -259,3 +259,78 @@ def test_infos_made_without_the_constructor_are_the_constructors(monkeypatch):
         name: str
 
     assert not any(map(tf_bundle._plain_info_class, (Slotted, Posted, Other, tuple)))
+
+
+# --------------------------------------------------------------------------- checks at once
+
+def _open_outcome(path):
+    from shardconv.sources.tf_bundle import TFBundleSource
+
+    try:
+        with TFBundleSource(path) as src:
+            return "infos", [(t.name, t.dtype, t.shape, t.nbytes, t.checksum, t.extra) for t in src.tensors()]
+    except ShardconvError as e:
+        return type(e), str(e)
+
+
+def _strings_value(items: list[bytes]) -> bytes:
+    """A string tensor's stored bytes: the lengths, their masked CRC, then the elements."""
+    from shardconv.util.checksums import crc32c, mask
+
+    lengths = b"".join(w.varint(len(i)) for i in items)
+    crc = 0
+    for i in items:
+        crc = crc32c(len(i).to_bytes(4, "little"), crc)
+    return lengths + mask(crc).to_bytes(4, "little") + b"".join(items)
+
+
+def _checks_agree(tmp_path, items, data: bytes, monkeypatch, expect_bulk: bool | None = None) -> None:
+    from shardconv.sources import tf_bundle
+
+    (tmp_path / "m.data-00000-of-00001").write_bytes(data)
+    (tmp_path / "m.index").write_bytes(w.index(items))
+    at_once = []
+    real = tf_bundle.TFBundleSource._rows_at_once
+
+    def spy(self, *a):
+        at_once.append(real(self, *a))
+        return at_once[-1]
+
+    with monkeypatch.context() as m:
+        m.setattr(tf_bundle.TFBundleSource, "_rows_at_once", spy)
+        bulk = _open_outcome(tmp_path / "m")
+    with monkeypatch.context() as m:
+        m.setattr(tf_bundle.TFBundleSource, "_rows_at_once", lambda self, *a: None)
+        assert bulk == _open_outcome(tmp_path / "m"), items
+    if expect_bulk is not None:
+        assert (at_once[0] is not None) == expect_bulk
+
+
+HEADER = (b"", w.header())
+STR = _strings_value([b"ab", b"c"])
+
+
+@pytest.mark.parametrize("case", [
+    ("plain", [(b"a", w.entry(1, [3], size=12, crc=5)), (b"b", w.entry(1, [2], offset=12, size=8))], True),
+    ("string", [(b"a", w.entry(1, [3], size=12)), (b"s", w.entry(7, [2], offset=12, size=len(STR), crc=9))], True),
+    ("string past the end", [(b"a", w.entry(1, [3], size=12)), (b"s", w.entry(7, [2], offset=30, size=len(STR)))], False),
+    ("size not shape's", [(b"a", w.entry(1, [3], size=12)), (b"b", w.entry(1, [2], offset=12, size=9))], False),
+    ("past the end", [(b"a", w.entry(1, [3], size=12)), (b"b", w.entry(1, [2], offset=40, size=8))], False),
+    ("shard outside", [(b"a", w.entry(1, [3], size=12)), (b"b", w.entry(1, [2], shard=3, size=8))], False),
+    ("overflow", [(b"a", w.entry(1, [2**40, 2**40], size=12)), (b"b", w.entry(1, [2], offset=40, size=8))], False),
+    ("two errors", [(b"a", w.entry(1, [3], size=13)), (b"b", w.entry(1, [2], offset=400, size=8))], False),
+    ("empty", [], True),
+], ids=lambda c: c[0])
+def test_checks_at_once_agree_with_one_by_one(tmp_path, monkeypatch, case):
+    _, entries, bulk = case
+    data = bytes(12 + 8) if not any(k == b"s" for k, _ in entries) else bytes(12) + STR
+    _checks_agree(tmp_path, [HEADER, *entries], data, monkeypatch, bulk)
+
+
+@FUZZ
+@given(st.lists(st.tuples(st.sampled_from([1, 3, 7, 9]), st.lists(st.integers(0, 3), max_size=2),
+                          st.integers(0, 40), st.integers(0, 24), st.sampled_from([None, 5])), max_size=4))
+def test_checks_at_once_random(tmp_path_factory, monkeypatch, entries):
+    items = [HEADER] + [(f"t{i}".encode(), w.entry(d, shape, offset=o, size=z, crc=c))
+                        for i, (d, shape, o, z, c) in enumerate(entries)]
+    _checks_agree(tmp_path_factory.mktemp("c"), items, bytes(48), monkeypatch)

@@ -237,3 +237,73 @@ def test_escaped_lines_random(lines):
     from shardconv.cli import _escaped_lines
 
     assert _escaped_lines(lines) == _escaped_lines_slow(lines)
+
+
+def test_names_safe_only_where_check_name_finds_nothing():
+    names = _names(2) + ["/a", "a/", "a//b", "a/./b", "a/..", "../a", "a\\b", "a\x00", "\t", "a/.b", "..a", "a..",
+                         "a\n", "a/\n", "\x7f", "é/ü", "\udc80", "", "a\x85b"]
+    for name in names:
+        if core_plan.names_safe([name]):
+            assert core_plan.check_name(name) is None, name
+        for other in ("model/w", "x"):
+            if core_plan.names_safe([other, name]) or core_plan.names_safe([name, other]):
+                assert core_plan.check_name(name) is None, name
+    safe = [n for n in names if core_plan.check_name(n) is None and "." not in n and "\n" not in n]
+    assert len(safe) > 1000 and core_plan.names_safe(safe) and core_plan.names_safe([])
+    assert not core_plan.names_safe(["a", ""]) and not core_plan.names_safe(["a\nb"])
+
+
+@FUZZ
+@given(st.lists(st.text(alphabet=st.sampled_from(list("ab./\\\x00\n\x1f\x7fé")), max_size=6), max_size=4))
+def test_names_safe_random(names):
+    if core_plan.names_safe(names):
+        assert all(core_plan.check_name(n) is None for n in names)
+
+
+def test_output_sizes_are_nbytes():
+    from shardconv.core.plan import Copy, OutputTensor
+
+    outs = [OutputTensor("a", d, s, Copy("a")) for d in ("float32", "int8", "bfloat16", "complex128", "bool")
+            for s in ((), (0,), (3, 4), (2**20, 7))]
+    assert core_plan.output_sizes(outs) == [o.nbytes for o in outs] and core_plan.output_sizes([]) == []
+
+
+def _plan_outcome(source, **options):
+    from shardconv.api import make_plan
+    from shardconv.errors import ShardconvError
+
+    try:
+        p = make_plan(source, **options)
+    except ShardconvError as e:
+        return type(e), str(e)
+    return p.describe(), p.dropped, p.notes, p.options, [o.producer.inputs for o in p.outputs]
+
+
+OPTIONS = [{}, {"names": "keys"}, {"prefer_ema": True}, {"drop_optimizer": True}, {"include": "*kernel*"},
+           {"exclude": ["*Adam*"]}, {"dtype": "float16"}, {"rules": [{"match": "(.*)", "rename": "x/\\1"}]}]
+
+
+def test_copies_shortcut_agrees_with_the_general_path(monkeypatch, tf1_dtypes_ckpt, tf2_keras_ckpt, keras_ema_ckpt,
+                                                      tf1_ema_ckpt, savedmodel_ckpt):
+    """Plans of checkpoints with strings, optimizer state and EMAs, under each kind of option: the
+    same plan with ``_copies`` as without it, and ``_copies`` decided some of them."""
+    from shardconv.mapping import planner
+    from shardconv.sources import open_source
+
+    real, decided = planner._copies, []
+
+    def spy(*a):
+        out = real(*a)
+        decided.append(out is not None)
+        return out
+
+    for ckpt in (tf1_dtypes_ckpt, tf2_keras_ckpt, keras_ema_ckpt, tf1_ema_ckpt, savedmodel_ckpt / "sm"):
+        with open_source(ckpt) as source:
+            for options in OPTIONS:
+                with monkeypatch.context() as m:
+                    m.setattr(planner, "_copies", spy)
+                    fast = _plan_outcome(source, **options)
+                with monkeypatch.context() as m:
+                    m.setattr(planner, "_copies", lambda *a: None)
+                    assert fast == _plan_outcome(source, **options), (ckpt, options)
+    assert any(decided) and not all(decided)

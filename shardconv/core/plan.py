@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import operator
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
@@ -49,8 +50,10 @@ class Copy(Producer):
 
     source: str
 
-    def __post_init__(self) -> None:
-        self.inputs = (self.source,)
+    @property
+    def inputs(self) -> tuple[str, ...]:  # type: ignore[override]
+        """The one source tensor (a property: 100 000 copies are made where ``plan`` lists a big index)."""
+        return (self.source,)
 
     def fill(self, offset: int, out: memoryview, read: ReadFn) -> list[Segment]:
         return read(self.source, offset, out)
@@ -120,6 +123,39 @@ class Plan:
 #: Whatever can make a name unsafe: a control character or backslash, a leading, trailing or
 #: doubled ``/``, a ``.`` or ``..`` component. A name without any is fine (one search, not a loop).
 _MAYBE_UNSAFE = re.compile(r"[\x00-\x1f\\]|^/|/$|//|(?:^|/)\.\.?(?:/|$)")
+
+
+def output_sizes(outputs: Sequence[OutputTensor]) -> list[int]:
+    """Each output's ``nbytes``, computed once per distinct (shape, dtype) (100 000 outputs share a few)."""
+    keys = list(zip(map(_SHAPE, outputs), map(_DTYPE, outputs)))
+    sizes = {k: math.prod(k[0]) * itemsize(k[1]) for k in set(keys)}
+    return list(map(sizes.__getitem__, keys))
+
+
+_SHAPE, _DTYPE = operator.attrgetter("shape"), operator.attrgetter("dtype")
+
+#: What ``names_safe`` looks for in the names joined by newlines: a leading, trailing or doubled
+#: ``/`` (at a newline: a name's end), and a component that starts with a dot.
+_SUSPECT_JOINS = ("\n/", "/\n", "//", "/.", "\n.")
+
+
+def names_safe(names: Sequence[str]) -> bool:
+    """True where ``check_name`` finds nothing wrong with any of ``names``, decided at once for all
+    of them: none empty, all joined by newlines hold no other control character nor backslash (one
+    ``bytes.translate``), no ``/`` at a name's start or end nor ``//``, and no part starting with a
+    ``.`` (a ``.`` or ``..`` part would). False says only that some name needs ``check_name``."""
+    if not names or not all(names):
+        return not names
+    text = "\n".join(names)
+    if text[0] in "/." or text[-1] == "/" or any(s in text for s in _SUSPECT_JOINS):
+        return False
+    raw = text.encode("utf-8", "surrogatepass")
+    return raw.count(b"\n") == len(names) - 1 and len(raw.translate(None, _UNSAFE_BYTES)) == len(raw)
+
+
+#: Control characters but the newline, and the backslash: in UTF-8 each is that one byte, and no
+#: byte of another character's encoding is one of them.
+_UNSAFE_BYTES = bytes(range(10)) + bytes(range(11, 32)) + b"\\"
 
 
 def check_name(name: str) -> str | None:

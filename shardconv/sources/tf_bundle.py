@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import gc
 import math
+import operator
 import os
 import re
 import threading
@@ -18,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 from ..core.types import RawRange, Role, Segment, SourceRole, TensorInfo, Unit
-from ..errors import ChecksumError, FormatError, SourceError, UnsupportedError
+from ..errors import ChecksumError, FormatError, ShardconvError, SourceError, UnsupportedError
 from ..formats.bundle_entries import OBJECT_GRAPH_KEY, Entry, EntryReader, parse_entry, slice_key
 from ..formats.sstable import SSTable
 from ..formats.wire import as_int64, fields, read_varint
@@ -29,6 +30,12 @@ from .base import Source
 
 if TYPE_CHECKING:
     import numpy as np  # imported where partitioned tensors are read: a listing needs none
+
+#: A tensor's name, entry, size and checksum, as columns.
+_Rows = tuple[list[str], list[Entry], list[int], list["str | None"]]
+#: Entry fields for ``map``.
+_SHAPE, _DTYPE, _SHARD, _OFFSET, _SIZE, _CRC, _SLICES = map(
+    operator.attrgetter, ("shape", "dtype", "shard", "offset", "size", "crc", "slices"))
 
 #: String tensors larger than this are refused (they are read whole).
 MAX_STRING_TENSOR_BYTES = 256 << 20
@@ -274,31 +281,67 @@ class TFBundleSource(Source):
         self._parts: dict[str, list[_Part]] = {}
         self._units_built: dict[str, Unit] | None = None
         self._by_name: dict[str, TensorInfo] | None = None
-        rows = self._check_entries(raw_slices, where)
-        self._infos = _infos(rows, self._graph_roles())
+        self._infos = _infos(*self._check_entries(raw_slices, where), self._graph_roles())
 
-    def _check_entries(self, raw_slices: dict[bytes, bytes], where: str) -> list[tuple[str, Entry, int, str | None]]:
-        """Each tensor's entry with its size and checksum, every extent and partition checked."""
-        rows = []
+    def _check_entries(self, raw_slices: dict[bytes, bytes], where: str) -> _Rows:
+        """Each tensor's name, entry, size and checksum, every extent and partition checked:
+        all at once where nothing is unusual (``_rows_at_once``), else one by one."""
+        names, entries = list(self._entries), list(self._entries.values())
+        rows = self._rows_at_once(names, entries, where)
+        if rows is not None:
+            return rows
+        sizes: list[int] = []
+        checksums: list[str | None] = []
         nbytes_of: dict[tuple[tuple[int, ...], str], int] = {}  # checked shape x dtype sizes seen
-        sizes, num_shards = self._sizes, self.num_shards
-        for name, e in self._entries.items():
-            nbytes = nbytes_of.get((e.shape, e.dtype))
-            if nbytes is None:
-                nbytes = nbytes_of[(e.shape, e.dtype)] = _checked_nbytes(e, where)
-            checksum = None
-            if e.slices:
-                self._parts[name] = self._resolve_slices(e, raw_slices, where)
-            else:
-                fsize = sizes.get(e.shard) if e.shard < num_shards else None
-                if e.size != nbytes or fsize is None or e.offset + e.size > fsize or e.dtype == STRING:
-                    self._check_extent(e, nbytes, where)  # the rare cases, each its own message
-                if e.crc is not None:
-                    checksum = f"crc32c:{e.crc}"
-            if e.dtype == STRING:
-                nbytes = e.size
-            rows.append((name, e, nbytes, checksum))
-        return rows
+        for e in entries:
+            nbytes, checksum = self._row(e, raw_slices, where, nbytes_of)
+            sizes.append(nbytes)
+            checksums.append(checksum)
+        return names, entries, sizes, checksums
+
+    def _row(self, e: Entry, raw_slices: dict[bytes, bytes], where: str,
+             nbytes_of: dict[tuple[tuple[int, ...], str], int]) -> tuple[int, str | None]:
+        """One entry's size and checksum, its extent or partitions checked (``nbytes_of``: the
+        checked sizes of the shapes and dtypes seen so far)."""
+        nbytes = nbytes_of.get((e.shape, e.dtype))
+        if nbytes is None:
+            nbytes = nbytes_of[(e.shape, e.dtype)] = _checked_nbytes(e, where)
+        checksum = None
+        if e.slices:
+            self._parts[e.name] = self._resolve_slices(e, raw_slices, where)
+        else:
+            fsize = self._sizes.get(e.shard) if e.shard < self.num_shards else None
+            if e.size != nbytes or fsize is None or e.offset + e.size > fsize or e.dtype == STRING:
+                self._check_extent(e, nbytes, where)  # the rare cases, each its own message
+            if e.crc is not None:
+                checksum = f"crc32c:{e.crc}"
+        return (e.size if e.dtype == STRING else nbytes), checksum
+
+    def _rows_at_once(self, names: list[str], entries: list[Entry], where: str) -> _Rows | None:
+        """``_check_entries``'s rows where no entry needs a message: no tensor is partitioned, every
+        shape's size fits int64, every size is its shape's (a string tensor's is what it stores),
+        every extent lies in its shard; checked column by column (C-level ``map`` and list
+        comparisons). None where some entry is unusual: ``_row`` then meets the first problem."""
+        shapes, dtypes = list(map(_SHAPE, entries)), list(map(_DTYPE, entries))
+        pairs = list(zip(shapes, dtypes))
+        try:
+            nbytes_of = {p: checked_nbytes(p[0], p[1], where) for p in set(pairs)}
+        except ShardconvError:
+            return None
+        sizes, shards = list(map(_SIZE, entries)), list(map(_SHARD, entries))
+        nbytes = list(map(nbytes_of.__getitem__, pairs))
+        fsizes: dict[int, Any] = {s: self._sizes.get(s) if s < self.num_shards else None for s in set(shards)}
+        if STRING in dtypes:  # a string tensor's size is what it stores (its extent is checked below)
+            for i in [i for i, d in enumerate(dtypes) if d == STRING]:
+                nbytes[i] = sizes[i]
+        if any(map(_SLICES, entries)) or None in fsizes.values() or nbytes != sizes or \
+                not all(map(operator.le, map(operator.add, map(_OFFSET, entries), sizes),
+                            map(fsizes.__getitem__, shards))):
+            return None
+        crcs = list(map(_CRC, entries))
+        checksums: list[str | None] = [None if c is None else f"crc32c:{c}" for c in crcs] if None in crcs else \
+            list(map("crc32c:{}".format, crcs))
+        return names, entries, nbytes, checksums
 
     def _read_entries(self, where: str) -> tuple[dict[str, Entry], dict[bytes, bytes]]:
         """The index's tensor entries by name and its raw slice entries by key; reads the header.
@@ -588,14 +631,14 @@ def _plain_info_class(cls: type) -> bool:
 _FAST_INFOS = _plain_info_class(TensorInfo)
 
 
-def _infos(rows: list[tuple[str, Entry, int, str | None]],
+def _infos(names: list[str], entries: list[Entry], sizes: list[int], checksums: list[str | None],
            roles: dict[str, tuple[SourceRole, str | None]]) -> list[TensorInfo]:
-    """A TensorInfo per row (name, entry, size, checksum), with its recorded role and model name.
+    """A TensorInfo per tensor (name, entry, size, checksum), with its recorded role and model name.
     Where ``TensorInfo`` is the plain frozen dataclass ``_plain_info_class`` checks, each is made
     by setting its ``__dict__`` (what its ``__init__`` does, one field at a time through
     ``object.__setattr__``: 2-3x as long, a quarter of listing 100 000 tensors)."""
     out = []
-    for name, e, nbytes, checksum in rows:
+    for name, e, nbytes, checksum in zip(names, entries, sizes, checksums):
         extra: dict[str, Any] = {"shard": e.shard, "sliced": bool(e.slices)}
         recorded = roles.get(name) if roles else None
         role = None
