@@ -102,8 +102,8 @@ class ChunkFiles:
     padded to the full chunk shape (a lock): ``workers + 1`` Zarr chunks beside the engine's
     buffers (``ZarrSink.scratch_slots``)."""
 
-    def __init__(self, root: Path, zarr_format: int, durable: bool, workers: int) -> None:
-        self.root, self.zarr_format, self.durable = root, zarr_format, durable
+    def __init__(self, root: Path, zarr_format: int, durable: bool, workers: int, separator: str = "/") -> None:
+        self.root, self.zarr_format, self.durable, self.separator = root, zarr_format, durable, separator
         from concurrent.futures import ThreadPoolExecutor  # (imports logging: not for every command)
 
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="shardconv-zarr")
@@ -113,9 +113,10 @@ class ChunkFiles:
         self._written: list[Path] = []   # files written since the last ``take_written`` (durable only)
 
     def chunk_path(self, key: str, index: tuple[int, ...]) -> Path:
-        """The file of the chunk at grid ``index`` of the array at ``key``."""
+        """The file of the chunk at grid ``index`` of the array at ``key`` (the metadata's key
+        encoding: v3 ``c.0.1`` (``separator``), v2 ``0.1``; a scalar's ``c`` / ``0``)."""
         if self.zarr_format == 3:
-            return self.root / key / "/".join(["c", *map(str, index)])
+            return self.root / key / self.separator.join(["c", *map(str, index)])
         return self.root / key / (".".join(map(str, index)) or "0")
 
     def write(self, key: str, shape: tuple[int, ...], chunks: list[int], itemsize: int, encode: Encoder,
