@@ -153,3 +153,38 @@ def test_injected_faults_match_paths_count_calls_and_fail_after(tmp_path):
     finally:
         os.close(dfd)
     assert os.open.__module__ == "posix" or os.open.__name__ == "open"         # restored
+
+
+def test_preallocate_allocates_blocks_without_changing_size_or_bytes(tmp_path):
+    """A new output's blocks are allocated up front where the filesystem can; its size and
+    its bytes (zeros, and what was written) stay as they are."""
+    path = tmp_path / "out.bin"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT)
+    try:
+        os.pwrite(fd, b"head", 0)
+        fileio.truncate(fd, 3 << 20, path)
+        assert os.fstat(fd).st_blocks * 512 < 1 << 20  # sparse before
+        fileio.preallocate(fd, 3 << 20)
+        st = os.fstat(fd)
+        assert st.st_size == 3 << 20
+        if fileio._fallocate is not None and fileio._fallocate(fd, 0, 0, 1) == 0:  # this filesystem allocates
+            assert st.st_blocks * 512 >= 3 << 20
+        assert os.pread(fd, 8, 0) == b"head\0\0\0\0" and os.pread(fd, 4, (3 << 20) - 4) == bytes(4)
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("suffix", [".npz", ".safetensors"])
+def test_file_sinks_preallocate_each_new_output_file(tmp_path, monkeypatch, suffix):
+    import numpy as np
+
+    import shardconv
+    from shardconv.sinks import npz, safetensors
+
+    calls: list[int] = []
+    for module in (npz, safetensors):
+        real = module.preallocate
+        monkeypatch.setattr(module, "preallocate", lambda fd, size, real=real: (calls.append(size), real(fd, size))[1])
+    np.savez(tmp_path / "in.npz", a=np.arange(1000, dtype=np.float32), b=np.ones((3, 4), np.int64))
+    shardconv.convert(tmp_path / "in.npz", tmp_path / f"out{suffix}", max_memory="4MiB")
+    assert len(calls) == 1 and calls[0] >= 4000 + 96

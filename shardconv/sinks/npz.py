@@ -25,7 +25,7 @@ from ..core.plan import Chunk, OutputTensor
 from ..formats import npyformat, zipformat
 from ..util import safefs
 from ..util.checksums import combine_crc32, crc32
-from ..util.fileio import fsync_file, pwrite_all, truncate
+from ..util.fileio import fsync_file, preallocate, pwrite_all, truncate
 from . import filesink
 from .filesink import MANIFEST_SUFFIX, manifest_path  # noqa: F401  (where they used to live)
 
@@ -132,6 +132,7 @@ class NpzSink(filesink.OffsetSink):
         for f in self._files:
             f.fd = safefs.open_file(f.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC)
             truncate(f.fd, f.end, f.path)
+            preallocate(f.fd, f.end)
             self._write_npy_headers(f)
 
     def attach(self, out: Path, outputs: list[OutputTensor]) -> None:

@@ -27,7 +27,7 @@ from .. import __version__
 from ..core.plan import Chunk, OutputTensor
 from ..sources.safetensors import DTYPE_ORDER, DTYPES, INDEX_SUFFIX, MAX_HEADER
 from ..util import safefs
-from ..util.fileio import fsync_file, pwrite_all, truncate
+from ..util.fileio import fsync_file, preallocate, pwrite_all, truncate
 from . import filesink
 from .base import Capabilities
 
@@ -131,6 +131,7 @@ class SafetensorsSink(filesink.OffsetSink):
         for f in self._files:
             f.fd = safefs.open_file(f.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC)
             truncate(f.fd, f.data_start + self._data_len(f, outputs), f.path)
+            preallocate(f.fd, f.data_start + self._data_len(f, outputs))
 
     def attach(self, out: Path, outputs: list[OutputTensor]) -> None:
         """Open the files a prepare made, changing no byte (a file found short or missing is

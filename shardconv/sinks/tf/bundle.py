@@ -20,7 +20,7 @@ from ...core.plan import Chunk, OutputTensor
 from ...formats import bundleformat
 from ...util import safefs
 from ...util.checksums import combine_crc32c, crc32c, mask
-from ...util.fileio import Writeback, fsync_file, pwrite_all, range_crc, start_writeback, truncate
+from ...util.fileio import Writeback, fsync_file, preallocate, pwrite_all, range_crc, start_writeback, truncate
 from .. import filesink
 
 DATA_SUFFIX = ".data-00000-of-00001"
@@ -85,6 +85,7 @@ class Bundle:
             safefs.remove(p)
         self._fd = safefs.open_file(self.data_path, os.O_RDWR | os.O_CREAT)
         truncate(self._fd, self.size, self.data_path)
+        preallocate(self._fd, self.size)
         for c, pos in zip(self.carried, self.carried_at):
             assert c.data is not None
             pwrite_all(self._fd, c.data, pos, self.data_path)
