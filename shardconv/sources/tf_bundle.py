@@ -637,23 +637,22 @@ def _infos(names: list[str], entries: list[Entry], sizes: list[int], checksums: 
     Where ``TensorInfo`` is the plain frozen dataclass ``_plain_info_class`` checks, each is made
     by setting its ``__dict__`` (what its ``__init__`` does, one field at a time through
     ``object.__setattr__``: 2-3x as long, a quarter of listing 100 000 tensors)."""
-    out = []
-    for name, e, nbytes, checksum in zip(names, entries, sizes, checksums):
-        extra: dict[str, Any] = {"shard": e.shard, "sliced": bool(e.slices)}
-        recorded = roles.get(name) if roles else None
-        role = None
-        if recorded is not None:
-            role = recorded[0]
-            if recorded[1] is not None:
-                extra["full_name"] = recorded[1]
-        if _FAST_INFOS:
-            t = _new(TensorInfo)
-            _set(t, "__dict__", {"name": name, "dtype": e.dtype, "shape": e.shape, "nbytes": nbytes,
-                                 "checksum": checksum, "extra": extra, "role": role})
-        else:
-            t = TensorInfo(name, e.dtype, e.shape, nbytes, checksum, extra, role)
-        out.append(t)
-    return out
+    shards, sliced = list(map(_SHARD, entries)), list(map(bool, map(_SLICES, entries)))
+    if roles:
+        recorded = list(map(roles.get, names))
+        extras = [{"shard": s, "sliced": f} if r is None or r[1] is None else
+                  {"shard": s, "sliced": f, "full_name": r[1]} for s, f, r in zip(shards, sliced, recorded)]
+        kinds: list[SourceRole | None] = [None if r is None else r[0] for r in recorded]
+    else:
+        extras = [{"shard": s, "sliced": f} for s, f in zip(shards, sliced)]
+        kinds = [None] * len(names)
+    dtypes, shapes = map(_DTYPE, entries), map(_SHAPE, entries)
+    if not _FAST_INFOS:
+        return list(map(TensorInfo, names, dtypes, shapes, sizes, checksums, extras, kinds))
+    # ``_set`` returns None, so ``... or t`` is the new instance ``t``
+    return [_set(t := _new(TensorInfo), "__dict__", {"name": n, "dtype": d, "shape": sh, "nbytes": nb, "checksum": c,
+                                                      "extra": x, "role": k}) or t
+            for n, d, sh, nb, c, x, k in zip(names, dtypes, shapes, sizes, checksums, extras, kinds)]
 
 
 _new, _set = object.__new__, object.__setattr__
