@@ -93,3 +93,31 @@ def test_a_failed_chunk_write_is_one_line_and_nothing_is_published(tmp_path, mon
     msg = str(e.value)
     assert "\n" not in msg and "array 'w'" in msg and msg.endswith("No space left on device"), msg
     assert not dest.exists()
+
+
+def test_close_writes_no_chunk_file_not_yet_started(tmp_path):
+    """After a failure the engine closes the sink without waiting for its writes: the file being
+    written is finished, the queued ones are never written."""
+    import threading
+    import time
+
+    started, go = threading.Event(), threading.Event()
+
+    def slow(view: memoryview) -> memoryview:
+        started.set()
+        go.wait(30)
+        return view
+
+    files = zarr_files.ChunkFiles(tmp_path, 3, durable=False, workers=1)
+    data = memoryview(np.arange(40, dtype=np.float32).tobytes())
+    pending = files.write("w", (10, 4), [2, 4], 4, slow, (slice(0, 10), slice(0, 4)), data, None, "out: array 'w'")
+    assert started.wait(30)
+    closer = threading.Thread(target=files.close)
+    closer.start()
+    deadline = time.monotonic() + 30
+    while not all(f.cancelled() for f in pending._futures[1:]) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    go.set()
+    closer.join(30)
+    pending.wait()
+    assert [p.name for p in (tmp_path / "w" / "c").iterdir()] == ["0"]

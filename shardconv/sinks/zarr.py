@@ -777,14 +777,15 @@ class ZarrSink(Sink):
 
     def close(self) -> None:
         """Wait for writes still in flight (a failed run's: their errors were or will be reported
-        elsewhere), so nothing writes into the store once the engine has let go of it."""
+        elsewhere), so nothing writes into the store once the engine has let go of it; chunk
+        files not yet started are not written."""
+        if self._files is not None:
+            self._files.close()
+            self._files = None
         for w in self._in_flight:
             with contextlib.suppress(Exception):  # the run failed already; its first error is reported
                 w.wait()
         self._in_flight = []
-        if self._files is not None:
-            self._files.close()
-            self._files = None
         self._handles = {}
         self._scratch = None
 

@@ -83,9 +83,10 @@ class PendingFiles:
         return all(f.done() for f in self._futures)
 
     def wait(self) -> None:
-        """Wait for every file, without the receipt (errors ignored)."""
+        """Wait for every file, without the receipt (errors ignored, cancelled ones skipped)."""
         for f in self._futures:
-            f.exception()
+            if not f.cancelled():
+                f.exception()
 
     def result(self) -> int:
         for f in self._futures:
@@ -180,8 +181,9 @@ class ChunkFiles:
         return files
 
     def close(self) -> None:
-        """Wait for the writes in flight and stop the threads."""
-        self._pool.shutdown(wait=True)
+        """Stop the threads: files being written are finished, those not started are not (after a
+        failure nothing waits for them; after a complete run there are none)."""
+        self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 def default_workers() -> int:
