@@ -13,6 +13,7 @@ import sys
 import textwrap
 
 import pytest
+import tf_index_writer as w
 from conftest import TESTDATA, skip_unless_installed
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -216,6 +217,10 @@ CRAFTED = {
                             g_node(attributes=[g_attr(VV, b"seq/d/w", b"k1")]),
                             g_node(attributes=[g_attr(VV, b"seq/d/b", b"k2")])),
     "child-out-of-range": g_graph(*[g_node([g_ref(70, b"x")])] * 40),
+    # a container whose length leaves out a child reference (0A 02 08 05) before its tail: protobuf
+    # reads that reference, then the tail as a field outside any node
+    "bytes-between-children": (b"\x0a\x12" + w.field_bytes(1, g_ref(1, b"a")) + w.field_bytes(1, g_ref(2, b"b"))
+                               + b"\x0a\x02\x08\x05\x2a\x02\x08\x01" + g_graph(*[g_node([g_ref(3, b"c")])] * 60)),
     # 256 (80 02) is past the last node, 199 (C7 01) is not: bytes compared from the first would miss it
     "two-byte-id-out-of-range": g_graph(g_node([g_ref(199, b"a"), g_ref(256, b"b")]), *[g_node()] * 199),
     "two-byte-ids-in-range": g_graph(g_node([g_ref(199, b"a"), g_ref(256, b"b")]), *[g_node()] * 256),
