@@ -9,7 +9,7 @@ import math
 import re
 from collections import defaultdict
 from dataclasses import dataclass, field
-from operator import itemgetter
+from operator import attrgetter, itemgetter
 from typing import Any
 
 from ..core.plan import Copy, OutputTensor, Plan, check_name, names_safe
@@ -126,7 +126,8 @@ def _copies(source: Source, ruleset: RuleSet, b: _Build) -> list[OutputTensor] |
         b.dropped.extend((names[i], "string tensor (array outputs hold numbers only)") for i in strings)
         keep = sorted(set(range(len(infos))) - set(strings))
         infos, names, dtypes = [infos[i] for i in keep], [names[i] for i in keep], [dtypes[i] for i in keep]
-    return list(map(OutputTensor, names, dtypes, (tuple(t.shape) for t in infos), map(Copy, (t.name for t in infos))))
+    return list(map(OutputTensor, names, dtypes, map(tuple, map(attrgetter("shape"), infos)),
+                    map(Copy, map(attrgetter("name"), infos))))
 
 
 def _assign_roles(source: Source, b: _Build) -> list[_Item]:
