@@ -41,7 +41,8 @@ def parse(blob: bytes, where: str) -> list[Node]:
     """Nodes of a serialized ``TrackableObjectGraph`` (node 0 is the root).
 
     ``_fast_nodes`` decodes the graph; where it meets anything malformed it gives up and
-    ``parse_strict`` decodes it again, so results and errors are those of ``parse_strict``."""
+    ``parse_strict`` decodes it again, so results and errors are those of ``parse_strict``.
+    ``roles`` is ``annotate(parse(...))`` without a ``Node`` per node."""
     try:
         nodes = _fast_nodes(bytes(blob))
     except _Bail:
@@ -125,8 +126,10 @@ def _strict_slot(buf: memoryview, what: str) -> tuple[int, str, int]:
 
 # ------------------------------------------------------------ the fast decoder
 #
-# The same decoding as ``_strict_nodes`` in plain loops over ``bytes`` (no generator, no
-# memoryview, one-byte varints and keys read inline). Every condition under which
+# The same decoding as ``_strict_nodes``, into ``_Flat``'s parallel lists: TensorFlow's variable
+# nodes and runs of container nodes in bulk (``_scan``, ``_containers``: what they take is checked
+# to be exactly what protobuf reads there), any other node in plain loops over ``bytes`` (no
+# generator, no memoryview, one-byte varints and keys read inline). Every condition under which
 # ``wire.fields`` raises (a truncated or over-long varint, a value past the end of its
 # message, field number 0, wire types 3, 4, 6, 7) raises ``_Bail`` instead.
 
