@@ -55,9 +55,6 @@ class Budget:
         return -(-need // (1 << 20)) << 20
 
 
-ALIGN = 64
-
-
 def aligned_empty(size: int) -> memoryview:
     """A writable byte buffer whose start is page aligned (libraries such as TensorFlow need
     64 bytes). Anonymous memory: its pages are taken only when first touched, as

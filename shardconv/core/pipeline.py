@@ -25,6 +25,7 @@ import queue
 import signal
 import threading
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -146,11 +147,12 @@ def run(plan: Plan, sink: Sink, journal: Journal, tracker: IntegrityTracker, tod
             bar.close()
 
 
-def _take(pool: BufferPool, stop: threading.Event) -> memoryview | None:
-    """A free buffer, or None once the writer has stopped."""
+def _until_stopped(get: Callable[..., Any], stop: threading.Event) -> Any:
+    """``get(timeout=...)`` of a queue, retried until it gives something; None once the writer
+    has stopped (the reader must not wait for a buffer or a slot that will never come back)."""
     while not stop.is_set():
         try:
-            return pool.get(timeout=0.1)
+            return get(timeout=0.1)
         except queue.Empty:
             continue
     return None
@@ -163,7 +165,7 @@ def _reader(plan: Plan, sink: Sink, todo: list[tuple[int, Chunk]], pool: BufferP
     source = plan.source
     try:
         for i, c in todo:
-            buf = _take(pool, stop)
+            buf: memoryview | None = _until_stopped(pool.get, stop)
             if buf is None:
                 return
             producer = plan.outputs[c.index].producer
@@ -204,7 +206,7 @@ def read_direct(sink: Sink, chunk: Chunk, raw: RawRange, pieces: _Pieces, stop: 
     s = r = 0
     try:
         for k in range(0, chunk.length, pieces.piece):
-            slot = _free_slot(pieces, stop)
+            slot: int | None = _until_stopped(pieces.free.get, stop)
             if slot is None:
                 return False
             n = min(pieces.piece, chunk.length - k)
@@ -221,16 +223,6 @@ def read_direct(sink: Sink, chunk: Chunk, raw: RawRange, pieces: _Pieces, stop: 
     pieces.segs = [Segment(raw.unit, raw.unit_offset, chunk.length, s)] if raw.unit is not None and src else []
     pieces.ready.put(None)
     return True
-
-
-def _free_slot(pieces: _Pieces, stop: threading.Event) -> int | None:
-    """A slot the writer is done with, or None once the writer has stopped."""
-    while not stop.is_set():
-        try:
-            return pieces.free.get(timeout=0.1)
-        except queue.Empty:
-            continue
-    return None
 
 
 def write_direct(sink: Sink, chunk: Chunk, pieces: _Pieces) -> tuple[int, list[Segment]]:
