@@ -36,10 +36,11 @@ def _load_crc32c() -> Any:
 
 _crc32c = _load_crc32c()
 
-try:  # ISA-L: ~15 GiB/s, releases the GIL.
-    from isal import isal_zlib as _crc32_impl
-except ImportError:  # pragma: no cover - isal is a core dependency
-    import zlib as _crc32_impl  # type: ignore[no-redef]
+try:  # libdeflate: folds with 256-bit VPCLMULQDQ where the CPU has it (17.5 GiB/s here, against
+    # 8.9 for ISA-L and 2 for zlib), so the zip CRC of a direct copy costs half what it did.
+    from deflate import crc32 as _crc32_impl
+except ImportError:  # pragma: no cover - deflate is a core dependency
+    from zlib import crc32 as _crc32_impl  # type: ignore[assignment]
 
 _MASK_DELTA = 0xA282EAD8
 CRC32_POLY = 0xEDB88320      # zlib, reflected
@@ -53,7 +54,7 @@ def crc32c(data, value: int = 0) -> int:
 
 def crc32(data, value: int = 0) -> int:
     """zlib CRC32 of a bytes-like object, continuing from ``value``."""
-    return _crc32_impl.crc32(data, value)
+    return _crc32_impl(data, value)
 
 
 #: The checksums by the names units, segments and sinks use.
