@@ -18,7 +18,7 @@ from shardconv.core import distributed
 from shardconv.core.destination import Destination
 from shardconv.core.staging import Staging
 from shardconv.errors import ChecksumError, ResumeError
-from shardconv.testing.sink_suite import write_reference_npz
+from shardconv.testing.sink_suite import BEFORE_RESTART, write_reference_npz
 from shardconv.workers import Job, convert, run_array_task, share_task
 
 BUDGET = 8 << 20          # small chunks: many of them
@@ -94,19 +94,59 @@ def test_shares_are_independent_of_the_worker_count_and_cover_every_chunk(src, t
     assert sum(s.nbytes for s in table.shares) == plan.total_bytes
 
 
-def test_a_worker_killed_mid_share_resumes_from_its_journal(src, tmp_path):
+def _kill_worker(job: Job, plan, share, point: str, env: dict[str, str] | None = None) -> None:
+    """Run ``share`` in a worker process killed at test hook ``point``."""
+    code = ("import sys, json; from shardconv.workers import Job, share_task; "
+            "share_task(Job.from_json(json.loads(sys.argv[1])), int(sys.argv[2]), sys.argv[3])")
+    p = subprocess.run([sys.executable, "-c", code, json.dumps(job.__dict__), str(share.index), plan.digest()],
+                       env={**os.environ, "SHARDCONV_TEST_KILL": point, **(env or {})}, capture_output=True, text=True)
+    assert p.returncode == -9, p.stderr
+
+
+def _rerun_counting_checks(job: Job, plan, share, monkeypatch) -> tuple[list[int], object]:
+    """Rerun ``share`` in this process; the chunks it read back from the output, by offset."""
+    from shardconv.sinks.npz import NpzSink
+
+    checked: list[int] = []
+    real_check = NpzSink.check
+    monkeypatch.setattr(NpzSink, "check", lambda self, c, r: (checked.append(c.offset), real_check(self, c, r))[1])
+    return checked, share_task(job, share.index, plan.digest())
+
+
+def test_a_worker_killed_mid_share_resumes_from_its_journal(src, tmp_path, monkeypatch):
+    """Killed and rerun on the same boot of the machine, as engine.run: every journaled chunk
+    is kept without reading it back (the killed process lost nothing it wrote)."""
     dest = tmp_path / "out.npz"
     job, plan, table = _prepared(src, dest)
     share = max(table.shares, key=len)
     kill_at = share.start + len(share) // 2
-    code = ("import sys, json; from shardconv.workers import Job, share_task; "
-            "share_task(Job.from_json(json.loads(sys.argv[1])), int(sys.argv[2]), sys.argv[3])")
-    env = {**os.environ, "SHARDCONV_TEST_KILL": f"journal:{kill_at}"}
-    p = subprocess.run([sys.executable, "-c", code, json.dumps(job.__dict__), str(share.index), plan.digest()],
-                       env=env, capture_output=True, text=True)
-    assert p.returncode == -9, p.stderr
-    again = share_task(job, share.index, plan.digest())
+    _kill_worker(job, plan, share, f"journal:{kill_at}")
+    checked, again = _rerun_counting_checks(job, plan, share, monkeypatch)
     assert again.chunks_resumed == kill_at - share.start + 1 and again.chunks_written == share.stop - kill_at - 1
+    assert checked == []
+    convert(job, workers=1)
+    assert _digest(dest) == _single(src, tmp_path / "ref" / "out.npz")
+
+
+def test_a_share_resumed_after_a_restart_reads_back_only_what_no_durable_mark_vouches_for(src, tmp_path, monkeypatch):
+    """A share journal from another boot: the chunks before its last durable mark (synced
+    before the mark) are kept unread, every later one is read back; the rerun's journal puts
+    the vouched-for records under a mark of its own, so a second restart trusts them too."""
+    dest = tmp_path / "out.npz"
+    job, plan, table = _prepared(src, dest)
+    share = max(table.shares, key=len)
+    assert len(share) >= 4
+    _kill_worker(job, plan, share, "mark:1", {"SHARDCONV_TEST_MARK_BYTES": "1", **BEFORE_RESTART})
+    (journal,) = (Staging(dest).dir / distributed.JOURNALS).glob(f"{share.index:06d}-*.jsonl")
+    records = [json.loads(line) for line in journal.read_bytes().splitlines()[1:] if line.strip()]
+    marks = [r["d"] for r in records if "d" in r]
+    journaled = sum("i" in r for r in records)
+    assert len(marks) == 1 and 0 < marks[-1] <= journaled, records
+    checked, again = _rerun_counting_checks(job, plan, share, monkeypatch)
+    assert again.chunks_resumed == journaled and len(checked) == journaled - marks[-1]
+    rerun = [p for p in journal.parent.glob(f"{share.index:06d}-*.jsonl") if p != journal]
+    head = [json.loads(line) for line in rerun[0].read_bytes().splitlines()[1:marks[-1] + 2]]
+    assert [r.get("i", r) for r in head] == list(range(share.start, share.start + marks[-1])) + [{"d": marks[-1]}]
     convert(job, workers=1)
     assert _digest(dest) == _single(src, tmp_path / "ref" / "out.npz")
 

@@ -9,8 +9,10 @@
 * ``run_share`` (any worker, any number of times, also two at once): rebuilds nothing
   itself (the caller gives it the plan, rebuilt from paths), refuses a table of another
   plan, attaches to the partial output (non-destructive), writes the share's chunks and
-  journals each in its own file per share and attempt (``shares/K-ATTEMPT.jsonl``). A
-  rerun keeps every chunk an earlier attempt journaled that is intact in the output.
+  journals each in its own file per share and attempt (``shares/K-ATTEMPT.jsonl``), with
+  durable marks as ``engine.run`` writes them. A rerun keeps every chunk an earlier attempt
+  journaled: unread if that attempt ran on this boot of this machine or a durable mark
+  vouches for it, else if it is intact in the output.
   Workers take no lock: every write lands at a place the plan fixes, so repeating one
   is harmless, and no lock is needed on file systems where ``flock`` is unreliable.
 * ``finalize`` (the coordinator): reads no tensor data. It gathers the receipts of every
@@ -38,7 +40,7 @@ from . import engine, pipeline
 from .budget import Budget
 from .destination import Destination, SinkContext
 from .integrity import IntegrityTracker
-from .journal import Journal
+from .journal import Journal, boot_id
 from .plan import Chunk, Plan, chunk_plan
 from .shares import Share, cut_shares
 from .staging import Staging
@@ -157,18 +159,45 @@ def _attached(plan: Plan, sink: Sink, where: Destination, staging: Staging, fsyn
     return table, chunk_plan(plan.outputs, table.chunk_bytes, sink.chunk_grid)
 
 
-def _share_records(staging: Staging, index: int | None) -> list[dict[str, Any]]:
-    """Every chunk record journaled for share ``index`` (None: every share), all attempts."""
+def _share_journals(staging: Staging, index: int | None) -> list[tuple[dict[str, Any], list[dict[str, Any]]]]:
+    """The (header, records) of every journal of share ``index`` (None: every share), one per
+    attempt."""
     folder = staging.dir / JOURNALS
     if safefs.lstat(folder) is None:
         return []
     prefix = "" if index is None else f"{index:06d}-"
-    records: list[dict[str, Any]] = []
+    journals = []
     for name in sorted(os.listdir(folder)):
         if name.startswith(prefix) and name.endswith(".jsonl"):
             loaded = Journal(folder / name).load()
-            records += loaded[1] if loaded else []
-    return records
+            if loaded:
+                journals.append(loaded)
+    return journals
+
+
+def _share_records(staging: Staging, index: int | None) -> list[dict[str, Any]]:
+    """Every record journaled for share ``index`` (None: every share), all attempts."""
+    return [rec for _, records in _share_journals(staging, index) for rec in records]
+
+
+def _kept_share_chunks(staging: Staging, share: Share, chunks: list[Chunk], sink: Sink,
+                       tracker: IntegrityTracker) -> tuple[dict[int, dict[str, Any]], int]:
+    """The chunks of ``share`` that earlier attempts journaled and that are intact, the durable
+    ones first, and how many those are. As in ``engine.run``: kept unread if journaled on this
+    boot of this machine or vouched for by a durable mark of their journal; read back otherwise."""
+    boot = boot_id()
+    durable: list[tuple[int, dict[str, Any]]] = []
+    rest: list[tuple[int, dict[str, Any]]] = []
+    done: dict[int, dict[str, Any]] = {}
+    for header, records in _share_journals(staging, share.index):
+        same_boot = bool(boot and header.get("boot") == boot)
+        before = len(done)
+        _, trusted = engine._kept_chunks(records, chunks, sink, tracker, same_boot,
+                                         within=range(share.start, share.stop), done=done)
+        added = list(done.items())[before:]
+        durable += added[:trusted]
+        rest += added[trusted:]
+    return dict(durable + rest), len(durable)
 
 
 def run_share(plan: Plan, sink: Sink, dest: str | os.PathLike[str] | Destination, index: int, *,
@@ -187,16 +216,15 @@ def run_share(plan: Plan, sink: Sink, dest: str | os.PathLike[str] | Destination
             raise ResumeError(f"{where.label}: share {index} does not exist (the table has {len(table.shares)})")
         share = table.shares[index]
         tracker = IntegrityTracker(plan.source.units())
-        mine = [r for r in _share_records(staging, index) if share.start <= r.get("i", -1) < share.stop]
-        done, _ = engine._kept_chunks(mine, chunks, sink, tracker)  # share journals have no durable marks
+        done, trusted = _kept_share_chunks(staging, share, chunks, sink, tracker)
         budget = Budget.for_limit(max_memory, table.chunk_bytes, scratch_factor=engine._scratch_slots(plan, sink),
                                   reserve=plan.source.budget_reserve())
         todo = [(i, chunks[i]) for i in range(share.start, share.stop) if i not in done]
-        journal = _share_journal(staging, index, table, done, fsync)
+        journal = _share_journal(staging, index, table, done, trusted, fsync)
         try:
             resumed = sum(chunks[i].length for i in done)
             pipeline.run(plan, sink, journal, tracker, todo, done, budget, progress, share.nbytes, resumed,
-                         f"{where.path.name} share {index}")
+                         f"{where.path.name} share {index}", durable=fsync)
         finally:
             journal.close()
         return ShareResult(index, len(todo), len(done) - len(todo), sum(c.length for _, c in todo),
@@ -206,16 +234,18 @@ def run_share(plan: Plan, sink: Sink, dest: str | os.PathLike[str] | Destination
 
 
 def _share_journal(staging: Staging, index: int, table: ShareTable, kept: dict[int, dict[str, Any]],
-                   fsync: bool) -> Journal:
-    """A new journal file for this attempt at share ``index``, holding the records it keeps."""
+                   trusted: int, fsync: bool) -> Journal:
+    """A new journal file for this attempt at share ``index``, holding the records it keeps
+    (the first ``trusted`` still vouched for by a durable mark) and this machine's boot."""
     folder = staging.dir / JOURNALS
     try:
         os.makedirs(folder, exist_ok=True)
     except OSError as e:
         raise DestinationError(f"{folder}: cannot create the share journals' directory: {e.strerror}") from None
     journal = Journal(folder / f"{index:06d}-{uuid.uuid4().hex[:12]}.jsonl")
-    journal.start({**table.header, "chunk_bytes": table.chunk_bytes, "share": index},
-                  [kept[i] for i in sorted(kept)], durable=fsync)
+    records = list(kept.values())
+    journal.start({**table.header, "chunk_bytes": table.chunk_bytes, "share": index, "boot": boot_id()},
+                  records[:trusted] + ([{"d": trusted}] if trusted else []) + records[trusted:], durable=fsync)
     return journal
 
 

@@ -280,18 +280,23 @@ def _prior_run(journal: Journal, staging: Staging, header: dict[str, Any],
 
 
 def _kept_chunks(records: list[dict[str, Any]], chunks: list[Chunk], sink: Sink, tracker: IntegrityTracker,
-                 same_boot: bool = False) -> tuple[dict[int, dict[str, Any]], int]:
+                 same_boot: bool = False, within: range | None = None,
+                 done: dict[int, dict[str, Any]] | None = None) -> tuple[dict[int, dict[str, Any]], int]:
     """Journaled chunks of an earlier run that are intact in the partial output, by index (in
     journal order), and how many of them come first as durable. Kept as journaled, unread:
     every chunk if the journal was written on this boot of the machine (a killed process loses
     nothing it wrote), else those before the last durable mark (synced before the mark was
-    written); any other chunk only if ``sink.check`` finds its bytes."""
+    written); any other chunk only if ``sink.check`` finds its bytes.
+
+    ``within``: only chunks of this range are kept (a share's). ``done``: chunks kept from
+    another journal already, added to (not kept again)."""
     trusted = durable_prefix(records)
     kept_trusted = 0
-    done: dict[int, dict[str, Any]] = {}
+    done = {} if done is None else done
+    within = range(len(chunks)) if within is None else within
     for n, rec in enumerate(r for r in records if not is_mark(r)):
         i = rec.get("i")
-        if not isinstance(i, int) or not 0 <= i < len(chunks) or i in done:
+        if not isinstance(i, int) or not 0 <= i < len(chunks) or i not in within or i in done:
             continue
         c = chunks[i]
         if (rec.get("o"), rec.get("n")) != (c.offset, c.length):
