@@ -497,15 +497,20 @@ def _summarize_dropped(dropped: list[tuple[str, str]], limit: int = 8) -> list[s
     return lines[:limit] + ([f"... and {len(lines) - limit} more reasons"] if len(lines) > limit else [])
 
 
-def _sizes_by_name(infos: list[Any]) -> dict[str, int]:
-    """Each tensor's size under its raw key and under the name ``ls`` shows (what plans list)."""
+def _sizes_by_name(infos: list[Any], wanted: set[str]) -> dict[str, int]:
+    """The size of each tensor whose raw key or the name ``ls`` shows (what plans list) is one of
+    ``wanted``, under that name (the shown name's where both are). Only those: a plan of 100 000
+    tensors leaves out a few, and a dict of every name cost more than the rest of its totals."""
+    from itertools import compress
     from operator import attrgetter, itemgetter
 
     from .mapping.roles import assign_roles
 
     nbytes = list(map(attrgetter("nbytes"), infos))
-    sizes = dict(zip(map(attrgetter("name"), infos), nbytes))
-    sizes.update(zip(map(itemgetter(1), assign_roles(infos)), nbytes))
+    keys = list(map(attrgetter("name"), infos))
+    sizes = dict(compress(zip(keys, nbytes), map(wanted.__contains__, keys)))
+    shown = list(map(itemgetter(1), assign_roles(infos)))
+    sizes.update(compress(zip(shown, nbytes), map(wanted.__contains__, shown)))
     return sizes
 
 
@@ -525,7 +530,7 @@ def _plan(args: argparse.Namespace) -> int:
         plan = make_plan(source, _mapping_options(args)).leave_out(sink.leave_out)
         tensors = source.tensors()
         infos = dict(zip(map(attrgetter("name"), tensors), tensors))
-        sizes = _sizes_by_name(list(infos.values())) if plan.dropped else {}
+        sizes = _sizes_by_name(list(infos.values()), {n for n, _ in plan.dropped}) if plan.dropped else {}
         est = memory_estimate(plan, sink, parse_size(args.max_memory))
         out_bytes = output_sizes(plan.outputs)  # each computed once: 100 000 outputs are common
         totals = {"tensors_in": len(infos), "tensors_out": len(plan.outputs),

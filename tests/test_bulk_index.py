@@ -231,8 +231,10 @@ def test_infos_made_without_the_constructor_are_the_constructors(monkeypatch):
     with pytest.raises(dataclasses.FrozenInstanceError):
         fast[0].name = "c"  # type: ignore[misc]
 
-    @dataclasses.dataclass(frozen=True, slots=True)
-    class Slotted:
+    assert tf_bundle._slotted_info_class(tf_bundle.TensorInfo)
+
+    @dataclasses.dataclass(frozen=True)
+    class Plain:
         name: str
         dtype: str
         shape: tuple
@@ -241,7 +243,7 @@ def test_infos_made_without_the_constructor_are_the_constructors(monkeypatch):
         extra: dict
         role: object
 
-    @dataclasses.dataclass(frozen=True)
+    @dataclasses.dataclass(frozen=True, slots=True)
     class Posted:
         name: str
         dtype: str
@@ -258,7 +260,11 @@ def test_infos_made_without_the_constructor_are_the_constructors(monkeypatch):
     class Other:
         name: str
 
-    assert not any(map(tf_bundle._plain_info_class, (Slotted, Posted, Other, tuple)))
+    @dataclasses.dataclass(frozen=True, slots=True)
+    class Slotted(Plain):  # its fields in a base's __dict__, not in slots of its own
+        pass
+
+    assert not any(map(tf_bundle._slotted_info_class, (Plain, Slotted, Posted, Other, tuple)))
 
 
 # --------------------------------------------------------------------------- checks at once

@@ -307,3 +307,34 @@ def test_copies_shortcut_agrees_with_the_general_path(monkeypatch, tf1_dtypes_ck
                     m.setattr(planner, "_copies", lambda *a: None)
                     assert fast == _plan_outcome(source, **options), (ckpt, options)
     assert any(decided) and not all(decided)
+
+
+def test_copies_made_at_once_are_the_constructors(monkeypatch):
+    """``core.plan.copies`` (slots set column by column, no ``__init__``) makes what the constructors
+    make, field by field, and refuses the shortcut for any class it does not fit."""
+    import dataclasses
+
+    args = (["a", "b/c", ""], ["float32", "int8", "bfloat16"], [(2, 3), (), (0,)], ["x", "y", "z"])
+    assert core_plan._BULK
+    fast = core_plan.copies(*args)
+    made = [core_plan.OutputTensor(n, d, s, core_plan.Copy(src)) for n, d, s, src in zip(*args)]
+    assert fast == made and list(map(repr, fast)) == list(map(repr, made))
+    assert [(o.name, o.dtype, o.shape, type(o.producer), o.producer.source, o.producer.inputs) for o in fast] == \
+        [(o.name, o.dtype, o.shape, type(o.producer), o.producer.source, o.producer.inputs) for o in made]
+    assert not hasattr(fast[0], "__dict__") and not hasattr(fast[0].producer, "__dict__")
+    monkeypatch.setattr(core_plan, "_BULK", False)
+    assert core_plan.copies(*args) == made and core_plan.copies([], [], [], []) == []
+
+    @dataclasses.dataclass
+    class Plain:
+        source: str
+
+    @dataclasses.dataclass(slots=True)
+    class Posted:
+        source: str
+
+        def __post_init__(self) -> None:
+            pass
+
+    assert core_plan._plain_slotted(core_plan.Copy, ("source",))
+    assert not any(core_plan._plain_slotted(c, ("source",)) for c in (Plain, Posted, core_plan.OutputTensor))

@@ -45,9 +45,10 @@ class SourceRole(NamedTuple):
     slot_of: str | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class TensorInfo:
-    """What a source knows about one tensor before reading it."""
+    """What a source knows about one tensor before reading it. (Slotted: a listing of 100 000
+    tensors holds one each, a third the size of one with a ``__dict__``.)"""
 
     name: str
     dtype: str                    # canonical dtype name, or "string"

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from operator import attrgetter, itemgetter
 from typing import Any
 
-from ..core.plan import Copy, OutputTensor, Plan, check_name, names_safe
+from ..core.plan import Copy, OutputTensor, Plan, check_name, copies, names_safe
 from ..core.types import Role, TensorInfo
 from ..errors import PlanError
 from ..frontend import option
@@ -126,8 +126,7 @@ def _copies(source: Source, ruleset: RuleSet, b: _Build) -> list[OutputTensor] |
         b.dropped.extend((names[i], "string tensor (array outputs hold numbers only)") for i in strings)
         keep = sorted(set(range(len(infos))) - set(strings))
         infos, names, dtypes = [infos[i] for i in keep], [names[i] for i in keep], [dtypes[i] for i in keep]
-    return list(map(OutputTensor, names, dtypes, map(tuple, map(attrgetter("shape"), infos)),
-                    map(Copy, map(attrgetter("name"), infos))))
+    return copies(names, dtypes, list(map(tuple, map(attrgetter("shape"), infos))), list(map(attrgetter("name"), infos)))
 
 
 def _assign_roles(source: Source, b: _Build) -> list[_Item]:

@@ -12,9 +12,11 @@ import operator
 import os
 import re
 import threading
+import types
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from itertools import repeat
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
@@ -621,22 +623,26 @@ class TFBundleSource(Source):
 _INFO_FIELDS = ("name", "dtype", "shape", "nbytes", "checksum", "extra", "role")
 
 
-def _plain_info_class(cls: type) -> bool:
-    """True where ``cls`` is a dataclass of exactly ``_INFO_FIELDS`` whose instances keep them in
-    their ``__dict__`` and whose ``__init__`` does nothing else (no slots, no ``__post_init__``)."""
+def _slotted_info_class(cls: type) -> bool:
+    """True where ``cls`` is a dataclass of exactly ``_INFO_FIELDS``, each held in a slot of its
+    own, deriving from nothing but ``object``, whose ``__init__`` does nothing else (no
+    ``__post_init__``): what setting each slot of an ``object.__new__`` instance makes too."""
     return (dataclasses.is_dataclass(cls) and tuple(f.name for f in dataclasses.fields(cls)) == _INFO_FIELDS
-            and not hasattr(cls, "__slots__") and not hasattr(cls, "__post_init__"))
+            and cls.__bases__ == (object,) and getattr(cls, "__slots__", None) == _INFO_FIELDS
+            and all(type(cls.__dict__.get(f)) is types.MemberDescriptorType for f in _INFO_FIELDS)
+            and not hasattr(cls, "__post_init__"))
 
 
-_FAST_INFOS = _plain_info_class(TensorInfo)
+_FAST_INFOS = _slotted_info_class(TensorInfo)
 
 
 def _infos(names: list[str], entries: list[Entry], sizes: list[int], checksums: list[str | None],
            roles: dict[str, tuple[SourceRole, str | None]]) -> list[TensorInfo]:
     """A TensorInfo per tensor (name, entry, size, checksum), with its recorded role and model name.
-    Where ``TensorInfo`` is the plain frozen dataclass ``_plain_info_class`` checks, each is made
-    by setting its ``__dict__`` (what its ``__init__`` does, one field at a time through
-    ``object.__setattr__``: 2-3x as long, a quarter of listing 100 000 tensors)."""
+    Where ``TensorInfo`` is the slotted frozen dataclass ``_slotted_info_class`` checks, they are
+    made all at once, field by field: an instance each from ``object.__new__``, then each slot set
+    by a C-level ``map`` of its descriptor (what ``__init__`` does one instance at a time through
+    ``object.__setattr__``: 2x as long, a fifth of listing 100 000 tensors)."""
     shards, sliced = list(map(_SHARD, entries)), list(map(bool, map(_SLICES, entries)))
     if roles:
         recorded = list(map(roles.get, names))
@@ -646,16 +652,14 @@ def _infos(names: list[str], entries: list[Entry], sizes: list[int], checksums: 
     else:
         extras = [{"shard": s, "sliced": f} for s, f in zip(shards, sliced)]
         kinds = [None] * len(names)
-    dtypes, shapes = map(_DTYPE, entries), map(_SHAPE, entries)
+    dtypes, shapes = list(map(_DTYPE, entries)), list(map(_SHAPE, entries))
     if not _FAST_INFOS:
         return list(map(TensorInfo, names, dtypes, shapes, sizes, checksums, extras, kinds))
-    # ``_set`` returns None, so ``... or t`` is the new instance ``t``
-    return [_set(t := _new(TensorInfo), "__dict__", {"name": n, "dtype": d, "shape": sh, "nbytes": nb, "checksum": c,
-                                                      "extra": x, "role": k}) or t
-            for n, d, sh, nb, c, x, k in zip(names, dtypes, shapes, sizes, checksums, extras, kinds)]
-
-
-_new, _set = object.__new__, object.__setattr__
+    infos = list(map(object.__new__, repeat(TensorInfo, len(names))))
+    columns: list[list[Any]] = [names, dtypes, shapes, sizes, checksums, extras, kinds]
+    for name, column in zip(_INFO_FIELDS, columns):
+        any(map(TensorInfo.__dict__[name].__set__, infos, column))  # each __set__ returns None: any() runs all
+    return infos
 
 
 @contextmanager
