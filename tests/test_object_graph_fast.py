@@ -86,14 +86,20 @@ def check(blob: bytes) -> bool:
     if got[0] == "ok":
         assert list(got[1]) == list(ref[1])  # the same order
     strict = _outcome(og.parse_strict, blob, WHERE)
+    bulk = _bulk(blob)
     try:
         flat = og._scan(blob)
     except og._Bail:
         assert strict[0] != "ok"  # the bulk decoder gives up only on what is malformed
         return False
+    try:
+        piece = og._piecewise(blob)
+    except og._Bail:
+        piece = None
+    assert bulk is None or piece is not None and (bulk.nodes(), bulk.top) == (piece.nodes(), piece.top)
     if strict[0] != "ok":
         return False
-    assert flat.nodes() == strict[1]
+    assert flat.nodes() == strict[1] and piece is not None and piece.nodes() == strict[1]
     g = og._Graph(flat)
     lazy = og._scan(blob)  # container runs still undecoded: what _annotate_plain reads of them
     assert lazy.local_names() == {local for local, _ in flat.edges}
@@ -115,10 +121,19 @@ def check(blob: bytes) -> bool:
     return True
 
 
+def _bulk(blob: bytes) -> og._Flat | None:
+    """``og._bulk``'s answer; None where it leaves the graph to ``_piecewise``."""
+    try:
+        return og._bulk(blob)
+    except (og._Bail, IndexError):
+        return None
+
+
 @pytest.fixture
 def bulk_calls(monkeypatch):
-    """How often ``parse_strict`` was called and ``_containers`` / ``_annotate_plain`` decided in bulk."""
-    calls = {"strict": 0, "containers": 0, "plain": 0}
+    """How often ``parse_strict`` / ``_piecewise`` were called and ``_containers`` / ``_annotate_plain``
+    decided in bulk."""
+    calls = {"strict": 0, "containers": 0, "plain": 0, "piecewise": 0}
 
     def wrap(name, key, counts):
         orig = getattr(og, name)
@@ -130,6 +145,7 @@ def bulk_calls(monkeypatch):
         monkeypatch.setattr(og, name, counted)
 
     wrap("parse_strict", "strict", lambda r: True)
+    wrap("_piecewise", "piecewise", lambda r: True)
     wrap("_containers", "containers", lambda r: r)
     wrap("_annotate_plain", "plain", lambda r: r is not None)
     return calls
@@ -138,9 +154,10 @@ def bulk_calls(monkeypatch):
 def test_tf_written_graphs_take_the_fast_paths(written, bulk_calls):
     for name, blob in written.items():
         assert check(blob), name
-    bulk_calls.update(strict=0, containers=0, plain=0)
+        assert _bulk(blob) is not None, name  # every variable node cut out by _VAR_NODE
+    bulk_calls.update(strict=0, containers=0, plain=0, piecewise=0)
     notes = og.roles(written["modules"], WHERE)
-    assert bulk_calls == {"strict": 0, "containers": 1, "plain": 1}  # one run of 1 703 containers, in bulk
+    assert bulk_calls == {"strict": 0, "containers": 1, "plain": 1, "piecewise": 0}  # 1 703 containers, in bulk
     flat = og._scan(written["modules"])
     assert len(flat.vids) == 17001 and len(flat.kids) == 18704 and not flat.attrs  # every variable by its marker
     assert notes["model/layers/1699/w9/.ATTRIBUTES/VARIABLE_VALUE"][0] == (og.Role.PARAM, "model/layer_01699/w9",
@@ -163,10 +180,10 @@ def test_fixture_and_vendored_graphs(tf2_keras_ckpt, savedmodel_ckpt, keras_ema_
     assert len(graphs) >= 5
     for blob in graphs:
         assert check(blob)
-    bulk_calls["strict"] = 0
+    bulk_calls.update(strict=0, piecewise=0)
     for blob in graphs:
         og.roles(blob, WHERE)
-    assert bulk_calls["strict"] == 0  # no fallback to the strict decoder
+    assert bulk_calls["strict"] == bulk_calls["piecewise"] == 0  # every variable node cut out by _bulk
 
 
 def _module_graph(modules: int, per: int = 10, save_counter: bool = True) -> bytes:
@@ -188,7 +205,68 @@ def _module_graph(modules: int, per: int = 10, save_counter: bool = True) -> byt
 BIG = _module_graph(1700)  # 18 704 nodes: ids past 16 383
 SMALL = _module_graph(30, per=3)  # containers past _containers' 256 bytes, variables after them
 
+
+
+def _interleaved(layers: int, per: int, tail: bytes = b"\x2a\x02\x08\x01") -> bytes:
+    """Keras's order: each layer's node, then its variables (runs of variables with nodes between);
+    ``tail=b""``: as TensorFlow wrote nodes before has_checkpoint_values."""
+    nodes = [g_node([g_ref(1 + layer * (per + 1), b"layer_with_a_long_name_%d" % layer) for layer in range(layers)],
+                    tail=tail)]
+    for layer in range(layers):
+        first = 2 + layer * (per + 1)
+        nodes.append(g_node([g_ref(first + k, b"w%d" % k) for k in range(per)], tail=tail))
+        nodes += [g_node(attributes=[g_attr(VV, b"l%d/w%d" % (layer, k), b"l%d/w%d/.ATTRIBUTES/VARIABLE_VALUE" % (layer, k))],
+                         tail=tail) for k in range(per)]
+    return g_graph(*nodes)
+
+
+def _variable_then(attribute: bytes, *, tail: bytes = b"\x2a\x02\x08\x01", after: bytes = b"") -> bytes:
+    """A graph of the root, a variable node with ``attribute`` (raw) and ``after`` between it and the
+    tail, and a plain variable: a shape _VAR_NODE matches in part."""
+    return g_graph(g_node([g_ref(1, b"v"), g_ref(2, b"u")]), g_node(attributes=[attribute], tail=after + tail),
+                   g_node(attributes=[g_attr(VV, b"u/w", b"u/w/.ATTRIBUTES/VARIABLE_VALUE")]))
+
+
+def _stated(full: bytes, key: bytes, *, full_len: int = 0, key_len: int = 0, attribute_len: int = 0,
+            node_len: int = 0) -> bytes:
+    """A variable node of TensorFlow's shape whose four lengths are those of its bytes plus the given
+    amounts, then a plain variable node: each length _bulk checks, stated wrong alone."""
+    la = 20 + len(full) + len(key) + attribute_len
+    head = bytes([0x0A, la + 6 + node_len, 0x12, la]) + b"\x0a\x0eVARIABLE_VALUE"
+    node = head + bytes([0x12, len(full) + full_len]) + full + bytes([0x1A, len(key) + key_len]) + key
+    return (g_graph(g_node([g_ref(1, b"v"), g_ref(2, b"u")])) + node + b"\x2a\x02\x08\x01"
+            + g_graph(g_node(attributes=[g_attr(VV, b"u/w", b"u/w/.ATTRIBUTES/VARIABLE_VALUE")])))
+
+
+#: One length of a variable node stated two bytes short of (or past) the bytes _VAR_NODE takes, the
+#: others stated to agree with it (malformed: protobuf's fields overrun their message).
+STATED_WRONG = {
+    "full-name-length": _stated(b"v/w\x22\x00", b"k", full_len=-2, attribute_len=-2),
+    "key-length": _stated(b"v/w", b"k\x22\x00", key_len=-2, attribute_len=-2),
+    "attribute-length": _stated(b"v/w", b"k", attribute_len=2),
+    "node-length": _stated(b"v/w", b"k", node_len=2),
+}
+
+#: Variable nodes _VAR_NODE matches where protobuf reads something else: _bulk must leave them to _piecewise.
+_FULL, _KEY = w.field_bytes(1, VV) + w.field_bytes(2, b"v/w"), w.field_bytes(3, b"v/w/.ATTRIBUTES/VARIABLE_VALUE")
+MATCHED_IN_PART = {
+    "star-in-key": _variable_then(g_attr(VV, b"v/w", b"k*x")),
+    "newline-in-key": _variable_then(g_attr(VV, b"v/w", b"k\nx")),
+    "field-after-full": _variable_then(_FULL + b"\x22\x01x" + _KEY),  # an unknown field inside the attribute
+    "field-after-key": _variable_then(_FULL + _KEY + b"\x22\x01x"),
+    "name-again-after-key": _variable_then(_FULL + _KEY + b"\x0a\x00"),  # the attribute's name, now ""
+    "child-after-attribute": _variable_then(_FULL + _KEY, after=b"\x0a\x00"),  # a reference to node 0, named ""
+    "tail-as-the-last-field": _variable_then(_FULL + _KEY, tail=b"", after=b"\x2a\x02\x08\x01\x2a\x00"),
+    "tail-inside-the-attribute": _variable_then(_FULL + _KEY + b"\x2a\x02\x08\x01", tail=b""),
+    # a whole variable node inside a child's name: the fields before it end past it
+    "variable-inside-a-name": g_graph(g_node([g_ref(1, b"n" + g_graph(g_node(attributes=[g_attr(VV, b"f/w", b"f")])))]),
+                                      g_node(attributes=[g_attr(VV, b"v/w", b"v/w/.ATTRIBUTES/VARIABLE_VALUE")])),
+    **STATED_WRONG,
+}
+
 CRAFTED = {
+    **MATCHED_IN_PART,
+    "interleaved": _interleaved(12, 4),
     "modules": BIG,
     "no-save-counter": _module_graph(40, save_counter=False),
     "name-with-newline": g_graph(g_node([g_ref(1, b"a\nb"), g_ref(2, b"c*")] + [g_ref(3, b"x" * 40)] * 0),
@@ -234,8 +312,23 @@ def test_crafted_graphs(case):
 
 def test_bulk_shortcuts_are_taken_on_the_crafted_module_graph(bulk_calls):
     og.roles(BIG, WHERE)
-    assert bulk_calls == {"strict": 0, "containers": 1, "plain": 1}
+    assert bulk_calls == {"strict": 0, "containers": 1, "plain": 1, "piecewise": 0}
     assert _reference(BIG)[1]["save_counter/.ATTRIBUTES/VARIABLE_VALUE"][0].role is og.Role.META
+
+
+@pytest.mark.parametrize("case", sorted(MATCHED_IN_PART))
+def test_bulk_leaves_what_it_matches_in_part_to_piecewise(case):
+    assert _bulk(MATCHED_IN_PART[case]) is None
+    assert check(MATCHED_IN_PART[case]) is (case not in STATED_WRONG)  # those four: malformed
+
+
+@pytest.mark.parametrize("tail", [b"\x2a\x02\x08\x01", b""])
+def test_bulk_decodes_runs_of_variables_between_other_nodes(bulk_calls, tail):
+    blob = _interleaved(12, 4, tail)
+    flat = _bulk(blob)
+    assert flat is not None and len(flat.vids) == 48 and not flat.attrs and bulk_calls["containers"] >= bool(tail)
+    assert flat.vids[:5] == [2, 3, 4, 5, 7] and flat.vkeys[4] == "l1/w0/.ATTRIBUTES/VARIABLE_VALUE"
+    assert check(blob)
 
 
 @FUZZ

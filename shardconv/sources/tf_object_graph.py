@@ -287,7 +287,88 @@ _VAR_TAIL = b"\x2a\x02\x08\x01"
 
 
 def _scan(blob: bytes) -> _Flat:
-    """The graph in ``_Flat`` form, or ``_Bail``.
+    """The graph in ``_Flat`` form, or ``_Bail``: by ``_bulk`` where it decides, else ``_piecewise``."""
+    try:
+        flat = _bulk(blob)
+    except (_Bail, IndexError):  # a cut made where no node starts, or malformed: _piecewise decides
+        flat = None
+    return flat if flat is not None else _piecewise(blob)
+
+
+#: TensorFlow's variable node (node length, attribute length, ``VARIABLE_VALUE``, full name length, full name,
+#: key length, key, the tail ``2A 02 08 01`` or none) in the blob read as latin-1; groups: the four lengths,
+#: the two names, ``*`` where the tail is there. What it takes is checked by ``_bulk``.
+_VAR_NODE = re.compile(r"\n([\x00-\x7f])\x12([\x00-\x7f])\n\x0eVARIABLE_VALUE\x12([\x00-\x7f])([^\x1a]*)"
+                       r"\x1a([\x01-\x7f])([^*\n]*)(?:(\*)\x02\x08\x01)?")
+_TAIL_LEN = {"*": 4, None: 0}.__getitem__
+
+
+def _bulk(blob: bytes) -> _Flat | None:
+    """The graph, with every variable node of TensorFlow's shape cut out by one ``_VAR_NODE.split``
+    and what lies between them decoded by ``_nodes_until``; None where that is not certainly the
+    graph (then ``_piecewise`` decodes it).
+
+    A match is the node protobuf reads there if the fields between the matches end exactly where
+    each match starts (``_nodes_until`` returns that very position) and its four lengths agree
+    with its bytes (``_var_lengths``)."""
+    text = blob.decode("latin-1")  # a str of the bytes: the names need no decoding where they are ASCII
+    parts = _VAR_NODE.split(text)  # between, then 7 groups per match
+    gaps, lns = parts[0::8], _var_lengths(parts)
+    if lns is None:
+        return None
+    flat = _Flat()
+    kids, vids = flat._kids, flat.vids
+    done = at = 0  # the variables before match ``done`` are in ``flat``; that match starts at ``at``
+    for i in compress(range(len(gaps)), gaps):  # gap i: after match i - 1, before match i
+        vids += range(len(kids), len(kids) + i - done)
+        kids += repeat(None, i - done)
+        start = at + sum(lns[done:i]) + 2 * (i - done)
+        at = start + len(gaps[i])
+        if _nodes_until(blob, start, at, flat) != at:
+            return None
+        done = i
+    vids += range(len(kids), len(kids) + len(gaps) - 1 - done)
+    kids += repeat(None, len(gaps) - 1 - done)
+    flat.vfulls, flat.vkeys = parts[4::8], parts[6::8]
+    _utf8(flat)
+    return flat
+
+
+def _var_lengths(parts: list[str | None]) -> bytes | None:
+    """The node lengths of ``_VAR_NODE.split``'s matches if every length in them agrees with the
+    bytes matched (full name, key, attribute, node: with or without the tail), else None.
+
+    The sums are checked on all matches at once: each list of lengths as one int of 16-bit lanes
+    (``_lanes``), where no sum of lengths under 256 carries into the next lane."""
+    ln, la, lf, lk = ("".join(parts[k::8]).encode("latin-1") for k in (1, 2, 3, 5))  # type: ignore[arg-type]
+    try:
+        if bytes(map(len, parts[4::8])) != lf or bytes(map(len, parts[6::8])) != lk:  # type: ignore[arg-type]
+            return None
+    except ValueError:  # a name of 256 bytes or more: not what was matched
+        return None
+    ones, attribute = _lanes(b"\x01" * len(ln)), _lanes(la)
+    if (attribute != _lanes(lf) + _lanes(lk) + 20 * ones
+            or _lanes(ln) != attribute + _lanes(bytes(map(_TAIL_LEN, parts[7::8]))) + 2 * ones):
+        return None
+    return ln
+
+
+def _lanes(values: bytes) -> int:
+    """``values`` as one int, each in its own 16 bits: the K-th is ``(x >> 16 * K) & 0xFFFF``."""
+    wide = bytearray(2 * len(values))
+    wide[0::2] = values
+    return int.from_bytes(wide, "little")
+
+
+def _utf8(flat: _Flat) -> None:
+    """The variables' names read as latin-1, as UTF-8 (latin-1 is UTF-8 only for ASCII)."""
+    for texts in (flat.vfulls, flat.vkeys):
+        if not "".join(texts).isascii():
+            texts[:] = [t if t.isascii() else t.encode("latin-1").decode("utf-8", "replace") for t in texts]
+
+
+def _piecewise(blob: bytes) -> _Flat:
+    """``_scan``, one candidate variable node at a time.
 
     TensorFlow's variable nodes are found by splitting the blob at ``_VAR_MARK``: one piece per
     variable, starting with its full name. A candidate is taken as a variable node only where the
@@ -325,9 +406,7 @@ def _scan(blob: bytes) -> _Flat:
         _nodes_until(blob, pos, stop, flat)
     except IndexError:  # a key as the blob's last byte: wire.fields says it is truncated
         raise _Bail from None
-    for texts in (vfulls, vkeys):
-        if not "".join(texts).isascii():  # latin-1 is UTF-8 only for ASCII
-            texts[:] = [t if t.isascii() else t.encode("latin-1").decode("utf-8", "replace") for t in texts]
+    _utf8(flat)
     return flat
 
 
