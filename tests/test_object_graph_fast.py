@@ -118,7 +118,19 @@ def check(blob: bytes) -> bool:
     assert og._param_names(g, params) == og._named(g, params)
     names = {nid: f"n{nid}" for nid in g.keys}
     assert og._unlinked_notes(g, roles, names) == og._notes(g, roles, names, {}, {})
+    assert og._notes(g, roles, names, ema_of, slots) == _notes_one_by_one(g, roles, names, ema_of, slots)
     return True
+
+
+def _notes_one_by_one(g, roles, names, ema_of, slots):
+    """What ``og._notes`` makes column by column, one variable at a time."""
+    out = {}
+    for nid, (key, full) in g.keys.items():
+        ema = names[ema_of[nid]] if nid in ema_of and ema_of[nid] in names else None
+        weight = slots[nid][0] if nid in slots else None
+        slot_of = names[weight] if weight is not None and weight in names and weight in g.keys else None
+        out[key] = (og.SourceRole(roles[nid], names[nid], ema, slot_of), full)
+    return out
 
 
 def _bulk(blob: bytes) -> og._Flat | None:
@@ -372,3 +384,31 @@ def graphs(draw) -> bytes:
 @given(graphs())
 def test_random_graphs(blob):
     check(blob)
+
+
+def _keras3_optimizer_graph() -> bytes:
+    """A Keras 3 model's weight, its Adam-with-EMA optimizer's lists (trained weights, averages,
+    one slot list) and iteration counter, as tf.train.Checkpoint(model=..., optimizer=...) lays them out."""
+    def var(full: bytes, key: bytes) -> bytes:
+        return g_node(attributes=[g_attr(VV, full, key + b"/.ATTRIBUTES/VARIABLE_VALUE")])
+    return g_graph(g_node([g_ref(1, b"model"), g_ref(2, b"optimizer")]),
+                   g_node([g_ref(3, b"w")]),
+                   g_node([g_ref(4, b"_trainable_variables"), g_ref(5, b"_model_variables_moving_average"),
+                           g_ref(6, b"_momentums"), g_ref(7, b"_iterations")]),
+                   var(b"seq/dense/kernel", b"model/w"),
+                   g_node([g_ref(3, b"0")]), g_node([g_ref(8, b"0")]), g_node([g_ref(9, b"0")]),
+                   var(b"iteration", b"optimizer/_iterations"),
+                   var(b"adam/seq_dense_kernel_average", b"optimizer/_model_variables_moving_average/0"),
+                   var(b"adam/seq_dense_kernel_momentum", b"optimizer/_momentums/0"))
+
+
+def test_an_optimizer_graph_gets_its_roles_and_links():
+    blob = _keras3_optimizer_graph()
+    assert check(blob)
+    notes = {key.split("/.")[0]: note for key, (note, _) in og.roles(blob, WHERE).items()}
+    assert notes == {  # Keras 3: the model's scope "seq" dropped; the unscoped "iteration" named by its key
+        "model/w": (og.Role.PARAM, "dense/kernel", None, None),
+        "optimizer/_iterations": (og.Role.OPTIMIZER, "optimizer/_iterations", None, None),
+        "optimizer/_model_variables_moving_average/0": (og.Role.EMA, "adam/seq_dense_kernel_average", "dense/kernel",
+                                                        None),
+        "optimizer/_momentums/0": (og.Role.OPTIMIZER, "optimizer/dense/kernel/momentum", None, "dense/kernel")}

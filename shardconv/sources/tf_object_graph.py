@@ -12,11 +12,11 @@ from __future__ import annotations
 import re
 from bisect import bisect_left
 from collections import Counter, deque
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import accumulate, compress, islice, repeat
 from operator import add, countOf, itemgetter, sub
-from typing import Literal
+from typing import Literal, cast
 
 from ..core.types import Role, SourceRole
 from ..errors import FormatError
@@ -751,6 +751,7 @@ class _Graph:
             self.optimizers |= {nid for nid, refs in enumerate(kids) if refs and any(
                 local in marks for local, _ in refs)}
         self.opt_paths = {p for nid in self.optimizers for p in self.paths.get(nid, [])}
+        self._below_opt = tuple(o + "/" for o in self.opt_paths)  # what a path under an optimizer starts with
         self.keys = flat.keys()  # variable node -> (checkpoint key, full_name)
         self.copies: set[int] = set()
         if kids and any(local == _EXPORT_COPIES for local, _ in kids[0] or ()):
@@ -769,7 +770,8 @@ class _Graph:
         return ps is not None and bool(ps) and all(p == top or p.startswith(below) for p in ps)
 
     def under_optimizer(self, p: str) -> bool:
-        return bool(self.opt_paths) and any(p == o or p.startswith(o + "/") for o in self.opt_paths)
+        """``p`` is an optimizer's path or below one."""
+        return p in self.opt_paths or p.startswith(self._below_opt)
 
     def model_path(self, nid: int) -> str:
         ps = self.paths.get(nid, [])
@@ -983,14 +985,15 @@ def _unlinked_notes(g: _Graph, roles: dict[int, Role], names: dict[int, str]) ->
 
 def _notes(g: _Graph, roles: dict[int, Role], names: dict[int, str], ema_of: dict[int, int],
            slots: dict[int, tuple[int, str]]) -> dict[str, tuple[SourceRole, str]]:
-    """By checkpoint key: each variable's role, name and links to the params it averages or belongs to, and full_name."""
-    out: dict[str, tuple[SourceRole, str]] = {}
-    for nid, (key, full) in g.keys.items():
-        ema = names[ema_of[nid]] if nid in ema_of and ema_of[nid] in names else None
-        weight = slots[nid][0] if nid in slots else None
-        slot_of = names[weight] if weight is not None and weight in names and weight in g.keys else None
-        out[key] = (SourceRole(roles[nid], names[nid], ema, slot_of), full)
-    return out
+    """By checkpoint key: each variable's role, name and links to the params it averages or belongs to, and
+    full_name; column by column (a link to a node without a name is None: only variables have names)."""
+    nids = list(g.keys)
+    weight_of = {nid: weight for nid, (weight, _) in slots.items()}
+    name_of = cast(Callable[[int | None], str | None], names.get)  # None (no link) has no name
+    notes = map(tuple.__new__, repeat(SourceRole), zip(map(roles.__getitem__, nids), map(names.__getitem__, nids),
+                                                       map(name_of, map(ema_of.get, nids)),
+                                                       map(name_of, map(weight_of.get, nids))))
+    return dict(zip(map(itemgetter(0), g.keys.values()), zip(notes, map(itemgetter(1), g.keys.values()))))
 
 
 def _only_save_counter(ps: Sequence[str] | None) -> bool:
