@@ -311,25 +311,28 @@ def _bulk(blob: bytes) -> _Flat | None:
     A match is the node protobuf reads there if the fields between the matches end exactly where
     each match starts (``_nodes_until`` returns that very position) and its four lengths agree
     with its bytes (``_var_lengths``)."""
-    text = blob.decode("latin-1")  # a str of the bytes: the names need no decoding where they are ASCII
-    parts = _VAR_NODE.split(text)  # between, then 7 groups per match
-    gaps, lns = parts[0::8], _var_lengths(parts)
+    # a str of the bytes (the names need no decoding where they are ASCII), split into what lies
+    # between the matches, then 7 groups per match; only the names and the lengths are kept
+    parts = _VAR_NODE.split(blob.decode("latin-1"))
+    lns = _var_lengths(parts)
     if lns is None:
         return None
+    gaps = list(map(len, parts[0::8]))
     flat = _Flat()
+    flat.vfulls, flat.vkeys = parts[4::8], parts[6::8]
+    del parts
     kids, vids = flat._kids, flat.vids
     done = at = 0  # the variables before match ``done`` are in ``flat``; that match starts at ``at``
     for i in compress(range(len(gaps)), gaps):  # gap i: after match i - 1, before match i
         vids += range(len(kids), len(kids) + i - done)
         kids += repeat(None, i - done)
         start = at + sum(lns[done:i]) + 2 * (i - done)
-        at = start + len(gaps[i])
+        at = start + gaps[i]
         if _nodes_until(blob, start, at, flat) != at:
             return None
         done = i
     vids += range(len(kids), len(kids) + len(gaps) - 1 - done)
     kids += repeat(None, len(gaps) - 1 - done)
-    flat.vfulls, flat.vkeys = parts[4::8], parts[6::8]
     _utf8(flat)
     return flat
 
