@@ -187,3 +187,21 @@ def test_an_os_fault_at_the_command_line_is_one_line(ckpt, tmp_path, fault):
     assert ("fsync failed" if fault == "fsync" else "No space left on device") in lines[0], lines[0]
     assert not dest.exists()
     assert (tmp_path / "o.npz.partial").exists() == (fault == "pwrite")  # discarded after a failed fsync only
+
+
+@pytest.mark.parametrize("to,name", [("npz", "o.npz"), ("safetensors", "o.safetensors"), ("zarr", "o.zarr"),
+                                     ("tf-checkpoint", "o")])
+def test_too_little_free_space_is_refused_before_anything_is_written(ckpt, tmp_path, monkeypatch, to, name):
+    """Every local file sink checks the output's size against the file system's free space
+    before writing: one message with both figures, nothing at DEST, no partial output."""
+    real = os.statvfs
+
+    def statvfs(path):
+        st = real(path)
+        return os.statvfs_result((*st[:4], 3, *st[5:]))  # 3 blocks available to us
+
+    dest = tmp_path / name
+    monkeypatch.setattr(os, "statvfs", statvfs)
+    with pytest.raises(DestinationError, match=r"needs [0-9.]+ [KMG]iB for the output, only [0-9.]+ (KiB|B) free"):
+        shardconv.convert(ckpt, dest, to=to, max_memory="64MiB")
+    assert list(tmp_path.iterdir()) == []

@@ -6,7 +6,6 @@ index of a split output.
 from __future__ import annotations
 
 import os
-import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +18,7 @@ from ..frontend import option_name
 from ..util import safefs
 from ..util.checksums import combine_crc32, crc32
 from ..util.fileio import Writeback, fsync_file, pwrite_all, range_crc, truncate
-from ..util.units import format_size, parse_size
+from ..util.units import parse_size
 from .base import Capabilities, Sink, SinkOptions, sink_option
 
 
@@ -66,13 +65,6 @@ def group_by_size(sizes: Sequence[int], max_file_size: int | None, overhead: int
 def shard_names(stem: str, suffix: str, n: int) -> list[str]:
     """``STEM-00001-of-0000N.SUFFIX``: Hugging Face's names for the files of a split output."""
     return [f"{stem}-{k + 1:05d}-of-{n:05d}{suffix}" for k in range(n)]
-
-
-def check_free_space(where: Path, need: int) -> None:
-    """DestinationError if the filesystem holding ``where`` has less than ``need`` bytes free."""
-    free = shutil.disk_usage(where).free
-    if need > free:
-        raise DestinationError(f"{where}: needs {format_size(need)} for the output, only {format_size(free)} free")
 
 
 def tensor_crcs(receipts: list[tuple[Chunk, Any]], count: int,

@@ -25,7 +25,7 @@ from ..core.plan import Chunk, OutputTensor
 from ..formats import npyformat, zipformat
 from ..util import safefs
 from ..util.checksums import combine_crc32, crc32
-from ..util.fileio import fsync_file, preallocate, pwrite_all, truncate
+from ..util.fileio import check_free_space, fsync_file, preallocate, pwrite_all, truncate
 from . import filesink
 from .filesink import MANIFEST_SUFFIX, manifest_path  # noqa: F401  (where they used to live)
 
@@ -128,7 +128,7 @@ class NpzSink(filesink.OffsetSink):
         self._layout(out, outputs)
         if self.max_file_size:
             safefs.make_dir(out)
-        filesink.check_free_space(out.parent, sum(f.end for f in self._files) + 1024 * len(outputs))
+        check_free_space(out.parent, sum(f.end for f in self._files) + 1024 * len(outputs))
         for f in self._files:
             f.fd = safefs.open_file(f.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC)
             truncate(f.fd, f.end, f.path)

@@ -27,7 +27,7 @@ from .. import __version__
 from ..core.plan import Chunk, OutputTensor
 from ..sources.safetensors import DTYPE_ORDER, DTYPES, INDEX_SUFFIX, MAX_HEADER
 from ..util import safefs
-from ..util.fileio import fsync_file, preallocate, pwrite_all, truncate
+from ..util.fileio import check_free_space, fsync_file, preallocate, pwrite_all, truncate
 from . import filesink
 from .base import Capabilities
 
@@ -127,7 +127,7 @@ class SafetensorsSink(filesink.OffsetSink):
         self._layout(out, outputs)
         if self.max_file_size:
             safefs.make_dir(out)
-        filesink.check_free_space(out.parent, sum(f.data_start + self._data_len(f, outputs) for f in self._files))
+        check_free_space(out.parent, sum(f.data_start + self._data_len(f, outputs) for f in self._files))
         for f in self._files:
             f.fd = safefs.open_file(f.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC)
             truncate(f.fd, f.data_start + self._data_len(f, outputs), f.path)

@@ -54,7 +54,6 @@ import itertools
 import json
 import math
 import os
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -73,7 +72,7 @@ from ..mapping.rules import rename_rule
 from ..util import safefs
 from ..util.checksums import combine_crc32, crc32
 from ..util.dtypes import STRING, is_ml_dtype, itemsize, numpy_dtype
-from ..util.fileio import fsync_dir, fsync_path, fsync_tree, start_writeback
+from ..util.fileio import check_free_space, fsync_dir, fsync_path, fsync_tree, start_writeback
 from ..util.units import format_size
 from .base import Capabilities, Sink, SinkOptions, sink_option
 from .zarr_files import MASKED_DTYPES, ChunkFiles, Encoder, PendingFiles, default_workers, encoder
@@ -483,10 +482,7 @@ class ZarrSink(Sink):
             safefs.remove(out)
             safefs.make_dir(out)
             need = sum(o.nbytes for o in outputs) if self.compression == "none" else 0
-            free = shutil.disk_usage(out.parent).free
-            if need > free:
-                raise DestinationError(f"{out.parent}: needs {format_size(need)} for the output, "
-                                       f"only {format_size(free)} free")
+            check_free_space(out.parent, need)
         else:
             safefs.make_dir(out)  # local placeholder: tells the engine a partial run exists
             safefs.write_file(out.parent / "destination.txt", (self.url + "\n").encode(), fsync=False)

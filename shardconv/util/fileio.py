@@ -20,12 +20,23 @@ from typing import Any
 
 from ..errors import DestinationError, DurabilityError, FormatError, SourceError
 from .checksums import crc32
+from .units import format_size
 
 _SYNC_FILE_RANGE_WRITE = 2
 #: Bytes read at a time by ``range_crc``.
 READ_BLOCK = 1 << 20
 #: Threads ``fsync_tree`` uses: fsyncs of distinct files overlap on any device.
 FSYNC_THREADS = 4
+
+
+def check_free_space(where: str | os.PathLike[str], need: int) -> None:
+    """DestinationError if the filesystem holding ``where`` has less than ``need`` bytes free
+    (for an unprivileged user: ``statvfs``'s available blocks, what ``shutil.disk_usage``
+    reports, without importing shutil and its bz2/lzma on every command)."""
+    st = os.statvfs(where)
+    free = st.f_bavail * st.f_frsize
+    if need > free:
+        raise DestinationError(f"{where}: needs {format_size(need)} for the output, only {format_size(free)} free")
 
 
 def libc_function(name: str) -> Any:

@@ -22,7 +22,6 @@ import ctypes
 import errno
 import json
 import os
-import shutil
 import stat
 from pathlib import Path
 from typing import Any
@@ -140,6 +139,8 @@ def remove(path: str | os.PathLike, dir_fd: int | None = None, label: object = N
         raise DestinationError(f"{label or path}: cannot remove: {e.strerror}") from None
     try:
         if stat.S_ISDIR(st.st_mode):
+            import shutil  # here: it imports bz2 and lzma, which no command needs at start-up
+
             shutil.rmtree(path, dir_fd=dir_fd)  # type: ignore[call-arg]  # typeshed lacks dir_fd
         else:
             os.unlink(path, dir_fd=dir_fd)

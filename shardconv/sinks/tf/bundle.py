@@ -20,7 +20,16 @@ from ...core.plan import Chunk, OutputTensor
 from ...formats import bundleformat
 from ...util import safefs
 from ...util.checksums import combine_crc32c, crc32c, mask
-from ...util.fileio import Writeback, fsync_file, preallocate, pwrite_all, range_crc, start_writeback, truncate
+from ...util.fileio import (
+    Writeback,
+    check_free_space,
+    fsync_file,
+    preallocate,
+    pwrite_all,
+    range_crc,
+    start_writeback,
+    truncate,
+)
 from .. import filesink
 
 DATA_SUFFIX = ".data-00000-of-00001"
@@ -80,7 +89,7 @@ class Bundle:
 
     def create(self, durable: bool) -> None:
         """A new data file of its final size, the carried tensors written (a leftover replaced)."""
-        filesink.check_free_space(self.data_path.parent, self.size + 64 * len(self._order) + (1 << 20))
+        check_free_space(self.data_path.parent, self.size + 64 * len(self._order) + (1 << 20))
         for p in (self.data_path, self.index_path):
             safefs.remove(p)
         self._fd = safefs.open_file(self.data_path, os.O_RDWR | os.O_CREAT)
