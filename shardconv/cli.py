@@ -16,7 +16,7 @@ import sys
 import threading
 import unicodedata
 from collections.abc import Callable, Sequence
-from itertools import repeat
+from itertools import chain, repeat
 from typing import Any
 
 from . import __version__
@@ -333,7 +333,8 @@ def _gc_paused(command: Callable[[argparse.Namespace], int]) -> Callable[[argpar
 
 @_gc_paused
 def _ls(args: argparse.Namespace) -> int:
-    from operator import itemgetter
+    from itertools import islice
+    from operator import itemgetter, le
 
     from .mapping.roles import assign_roles
 
@@ -341,7 +342,7 @@ def _ls(args: argparse.Namespace) -> int:
         infos = source.tensors()
     roles = assign_roles(infos)
     shown = list(map(itemgetter(1), roles)) if args.names == "model" else [t.name for t in infos]
-    if sorted(shown) != shown:  # (a TF index lists its keys in order: for ``--names keys``, already sorted)
+    if not all(map(le, shown, islice(shown, 1, None))):  # (a TF index lists its keys in order: already sorted)
         order = sorted(range(len(shown)), key=shown.__getitem__)  # stable, as a sort of the rows by name
         shown, infos, roles = [shown[i] for i in order], [infos[i] for i in order], [roles[i] for i in order]
     if args.json:
@@ -360,8 +361,9 @@ def _ls_text(names: list[str], infos: list[Any], roles: list[Any]) -> str:
     """``ls``'s table, one line per tensor (name shown, TensorInfo, role), written at once (20 000
     separate prints cost more than building the rows). Built column by column: the part of a line
     after the name is formatted once per distinct (dtype, shape, size, role), and the columns are
-    joined by C-level ``map``s (100 000 formatted lines cost more than the rest of ``ls``)."""
-    from operator import add, attrgetter, itemgetter
+    made by C-level ``map``s and joined at once by ``_table`` (100 000 formatted lines cost more
+    than the rest of ``ls``)."""
+    from operator import attrgetter, eq, itemgetter
 
     if any(map(itemgetter(2), roles)) or any(map(itemgetter(3), roles)):  # a role linked to its weight
         whats: Any = [f"ema of {r.ema_of}" if r.ema_of else f"optimizer, slot of {r.slot_of}" if r.slot_of
@@ -372,15 +374,32 @@ def _ls_text(names: list[str], infos: list[Any], roles: list[Any]) -> str:
                     map(attrgetter("nbytes"), infos), whats))
     rest = {c: f"  {c[0]:<9} {str(list(c[1])):<20} {format_size(c[2]):>10}  {c[3]}" for c in set(cols)}
     width = max(4, max(map(len, names), default=0))
-    lines = list(map(add, map(str.ljust, names, repeat(width)), map(rest.__getitem__, cols)))
+    columns = [list(map(str.ljust, names, repeat(width))), list(map(rest.__getitem__, cols))]
     keys = list(map(attrgetter("name"), infos))
     if keys != names:
-        lines = [line if key == name else f"{line}  <- {key}" for line, key, name in zip(lines, keys, names)]
-    return _escaped_lines(lines)
+        same = list(map(eq, keys, names))
+        if any(same):  # "  <- key" where the key is not the name shown: (suffix, "")[key == name]
+            columns.append(list(map(tuple.__getitem__, zip(map("  <- ".__add__, keys), repeat("")), same)))
+        else:
+            columns += [["  <- "] * len(keys), keys]
+    return _table(columns)
+
+
+def _table(columns: list[list[str]]) -> str:
+    """The lines whose pieces are ``columns`` (a list each, as long as the others), each ended
+    by a newline, as ``_escaped_lines`` writes them; joined at once, without a string per line,
+    where the whole text passes its check; else by ``_escaped_lines``."""
+    n = len(columns[0])
+    text = "".join(chain.from_iterable(zip(*columns, repeat("\n", n))))
+    if text.isascii() and len(text.encode("ascii").translate(None, _LINE_CONTROLS)) == len(text) - n:
+        return text  # (n newlines deleted, and nothing else: no other newline nor control character)
+    return _escaped_lines(list(map("".join, zip(*columns))))
 
 
 #: Every ASCII character ``str.isprintable`` refuses, but the newline ending each line.
 _ASCII_CONTROLS = bytes(range(10)) + bytes(range(11, 32)) + b"\x7f"
+#: Those and the newline.
+_LINE_CONTROLS = bytes(range(32)) + b"\x7f"
 
 
 def _escaped_lines(lines: list[str]) -> str:
@@ -559,7 +578,7 @@ def _plan(args: argparse.Namespace) -> int:
 def _plan_text(plan: Any, out_bytes: list[int]) -> str:
     """``plan``'s table, one line per output (sizes in ``out_bytes``), written at once and built
     column by column like ``ls``'s."""
-    from operator import add, attrgetter
+    from operator import attrgetter
 
     from .core.plan import Copy
 
@@ -573,8 +592,7 @@ def _plan_text(plan: Any, out_bytes: list[int]) -> str:
     cols = list(zip(map(attrgetter("dtype"), outputs), map(attrgetter("shape"), outputs), out_bytes))
     rest = {c: f"  {c[0]:<9} {str(list(c[1])):<18} {format_size(c[2]):>10}  <- " for c in set(cols)}
     width = max(6, max(map(len, names), default=0))
-    return _escaped_lines(list(map(add, map(add, map(str.ljust, names, repeat(width)), map(rest.__getitem__, cols)),
-                                   origins)))
+    return _table([list(map(str.ljust, names, repeat(width))), list(map(rest.__getitem__, cols)), origins])
 
 
 def _origin(producer: Any) -> str:

@@ -218,8 +218,8 @@ def test_infos_made_without_the_constructor_are_the_constructors(monkeypatch):
     from shardconv.core.types import Role, SourceRole
     from shardconv.sources import tf_bundle
 
-    rows = (["a", "b"], [be.Entry("a", "float32", (3, 4), 0, 0, 48, 7, ()),
-                         be.Entry("b", "string", (), 1, 48, 5, None, ([(0, -1)],))], [48, 5], ["crc32c:7", None])
+    entries = [be.Entry("a", "float32", (3, 4), 0, 0, 48, 7, ()), be.Entry("b", "string", (), 1, 48, 5, None, ([(0, -1)],))]
+    rows = (tf_bundle._Fields(*map(list, zip(*entries))), [48, 5], ["crc32c:7", None])
     roles = {"b": (SourceRole(Role.META), "full/b")}
     assert tf_bundle._FAST_INFOS
     fast = tf_bundle._infos(*rows, roles)
@@ -340,3 +340,30 @@ def test_checks_at_once_random(tmp_path_factory, monkeypatch, entries):
     items = [HEADER] + [(f"t{i}".encode(), w.entry(d, shape, offset=o, size=z, crc=c))
                         for i, (d, shape, o, z, c) in enumerate(entries)]
     _checks_agree(tmp_path_factory.mktemp("c"), items, bytes(48), monkeypatch)
+
+
+# --------------------------------------------------------------------------- entries kept as fields
+
+def test_entries_made_from_fields_are_the_readers(tf1_dtypes_ckpt, exotic_dtypes_ckpt, tf2_keras_ckpt,
+                                                  savedmodel_ckpt):
+    """A source keeps its entries field by field (no Entry per tensor while listing): the Entries
+    it makes from them on first use, and the one ``_entry_named`` makes from them, are what the
+    entry reader makes of each stored value, partitioned tensors' included; absent names are None."""
+    from shardconv.sources.tf_bundle import TFBundleSource
+
+    checked = listed_without = 0
+    for index in _tf_written_indexes([TESTDATA, tf1_dtypes_ckpt, exotic_dtypes_ckpt, tf2_keras_ckpt, savedmodel_ckpt]):
+        reader = be.EntryReader(WHERE)
+        expected = {n: reader(n, v) for n, v in _index_entries(index) if n[0] != "\x00"}
+        with TFBundleSource(str(index)[:-len(".index")]) as src:
+            sliced = any(e.slices for e in expected.values())
+            listed_without += src._entries_built is None  # made only where entries are checked one by one
+            assert src._entries_built is not None or not sliced
+            named = {n: src._entry_named(n) for n in expected}
+            for absent in ("", "\x00", " ", "~~~", *(n + "\x00" for n in expected), *(n[:-1] for n in expected)):
+                if absent not in expected:
+                    assert src._entry_named(absent) is None, absent
+            assert src._entries == expected and named == expected
+            assert {n: src._entry_named(n) for n in expected} == expected  # from the dict, once made
+        checked += len(expected)
+    assert checked > 150 and listed_without

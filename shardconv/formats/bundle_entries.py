@@ -174,6 +174,12 @@ def _uvarint(raw: bytes | None) -> int:
     return value
 
 
+#: ``EntryReader.columns``: dtypes, shapes, shards, offsets, sizes, crcs, and the Entries
+#: decoded one by one, by index (None and 0 in the columns there).
+Columns = tuple[list["str | None"], list["tuple[int, ...] | None"], list[int], list[int], list[int],
+                list["int | None"], dict[int, Entry]]
+
+
 class EntryReader:
     """Decodes the BundleEntryProtos of one index, fast for the form TensorFlow writes.
 
@@ -203,11 +209,22 @@ class EntryReader:
         return parse_entry(name, value, self.where)
 
     def many(self, names: list[str], values: list[bytes]) -> list[Entry]:
-        """``[self(name, value) for ...]``, for 100 000 entries: each value in TensorFlow's form is
-        matched whole by ``_CANONICAL`` and decoded into columns (each distinct dtype and shape
-        checked once, by ``_head``), and the Entries are made from the columns by one ``map``.
-        Anything else goes through ``self`` in its turn, so the entries and the first error are
-        those of ``self`` alone."""
+        """``[self(name, value) for ...]``, for 100 000 entries: the Entries made from ``columns``
+        by one ``map``, those it decoded one by one put in their places."""
+        cols = self.columns(names, values)
+        out = list(map(tuple.__new__, repeat(Entry), zip(names, *cols[:-1], repeat(())))) \
+            if len(names) == len(values) else []
+        for i, e in cols[-1].items():
+            out[i] = e
+        return out
+
+    def columns(self, names: list[str], values: list[bytes]) -> Columns:
+        """The fields of ``[self(name, value) for ...]`` but name and slices, as columns (dtypes,
+        shapes, shards, offsets, sizes, crcs), and by index the Entries of the values ``self`` has
+        decoded (None and 0 in the columns there). Each value in TensorFlow's form is matched whole
+        by ``_CANONICAL`` and decoded into the columns (each distinct dtype and shape checked once,
+        by ``_head``); anything else goes through ``self`` in its turn, so the entries and the first
+        error are those of ``self`` alone."""
         dtypes: list[str | None] = []
         shapes: list[tuple[int, ...] | None] = []
         shards: list[int] = []
@@ -239,11 +256,7 @@ class EntryReader:
                 column.append(None)
             for numbers in (shards, offsets, sizes):
                 numbers.append(0)
-        out = list(map(tuple.__new__, repeat(Entry), zip(names, dtypes, shapes, shards, offsets, sizes, crcs,
-                                                         repeat(())))) if len(names) == len(values) else []
-        for i, e in odd.items():
-            out[i] = e
-        return out
+        return dtypes, shapes, shards, offsets, sizes, crcs, odd
 
     def _head(self, raw: bytes) -> tuple[str, tuple[int, ...]] | tuple[()]:
         """(dtype, shape) of the dtype and shape fields ``raw`` (after the dtype field's tag): a

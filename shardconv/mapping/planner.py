@@ -9,6 +9,7 @@ import math
 import re
 from collections import defaultdict
 from dataclasses import dataclass, field
+from itertools import compress
 from operator import attrgetter, itemgetter
 from typing import Any
 
@@ -115,18 +116,20 @@ def _copies(source: Source, ruleset: RuleSet, b: _Build) -> list[OutputTensor] |
     o = b.opts
     if ruleset.rules or o["prefer_ema"] or o["drop_optimizer"] or o.get("include") or o.get("exclude") or o.get("dtype"):
         return None
-    infos = list(source.tensors())
+    infos = source.tensors()
     roles = assign_roles(infos)
     if Role.EMA in set(map(itemgetter(0), roles)):
         return None
-    names = list(map(itemgetter(1), roles)) if o["names"] == "model" else [t.name for t in infos]
-    dtypes = [t.dtype for t in infos]
+    keys = list(map(attrgetter("name"), infos))
+    names = list(map(itemgetter(1), roles)) if o["names"] == "model" else keys
+    dtypes = list(map(attrgetter("dtype"), infos))
+    shapes = list(map(tuple, map(attrgetter("shape"), infos)))
     if STRING in dtypes:
         strings = [i for i, dtype in enumerate(dtypes) if dtype == STRING]
         b.dropped.extend((names[i], "string tensor (array outputs hold numbers only)") for i in strings)
-        keep = sorted(set(range(len(infos))) - set(strings))
-        infos, names, dtypes = [infos[i] for i in keep], [names[i] for i in keep], [dtypes[i] for i in keep]
-    return copies(names, dtypes, list(map(tuple, map(attrgetter("shape"), infos))), list(map(attrgetter("name"), infos)))
+        keep = list(map(STRING.__ne__, dtypes))
+        names, dtypes, shapes, keys = (list(compress(c, keep)) for c in (names, dtypes, shapes, keys))
+    return copies(names, dtypes, shapes, keys)
 
 
 def _assign_roles(source: Source, b: _Build) -> list[_Item]:

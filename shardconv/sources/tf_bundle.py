@@ -13,16 +13,17 @@ import os
 import re
 import threading
 import types
+from bisect import bisect_left
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import repeat
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
 from ..core.types import RawRange, Role, Segment, SourceRole, TensorInfo, Unit
 from ..errors import ChecksumError, FormatError, ShardconvError, SourceError, UnsupportedError
-from ..formats.bundle_entries import OBJECT_GRAPH_KEY, Entry, EntryReader, parse_entry, slice_key
+from ..formats.bundle_entries import OBJECT_GRAPH_KEY, Columns, Entry, EntryReader, parse_entry, slice_key
 from ..formats.sstable import SSTable
 from ..formats.wire import as_int64, fields, read_varint
 from ..util.checksums import crc32c, mask, unmask
@@ -33,11 +34,22 @@ from .base import Source
 if TYPE_CHECKING:
     import numpy as np  # imported where partitioned tensors are read: a listing needs none
 
-#: A tensor's name, entry, size and checksum, as columns.
-_Rows = tuple[list[str], list[Entry], list[int], list["str | None"]]
-#: Entry fields for ``map``.
-_SHAPE, _DTYPE, _SHARD, _OFFSET, _SIZE, _CRC, _SLICES = map(
-    operator.attrgetter, ("shape", "dtype", "shard", "offset", "size", "crc", "slices"))
+class _Fields(NamedTuple):
+    """Every tensor entry of an index, field by field (``Entry``'s fields as columns, in key order):
+    a listing needs no Entry per tensor, and ``TFBundleSource._entries`` makes them on first use."""
+
+    names: list[str]
+    dtypes: list[str]
+    shapes: list[tuple[int, ...]]
+    shards: list[int]
+    offsets: list[int]
+    sizes: list[int]
+    crcs: list[int | None]
+    slices: list[tuple[list[tuple[int, int]], ...]]
+
+
+#: Each tensor's size and checksum (``_check_entries``).
+_Rows = tuple[list[int], list["str | None"]]
 
 #: String tensors larger than this are refused (they are read whole).
 MAX_STRING_TENSOR_BYTES = 256 << 20
@@ -272,34 +284,51 @@ class TFBundleSource(Source):
         where = str(self.index_path)
         self.num_shards = 1
         self._data_files: dict[int, str] = {}
-        entries, raw_slices = self._read_entries(where)
+        self._fields, raw_slices = self._read_entries(where)
+        self._entries_built: dict[str, Entry] | None = None
         self._sizes: dict[int, int | None] = {}
         for s in range(self.num_shards):
             try:
                 self._sizes[s] = os.stat(self._data_file(s)).st_size
             except FileNotFoundError:
                 self._sizes[s] = None
-        self._entries = entries
         self._parts: dict[str, list[_Part]] = {}
         self._units_built: dict[str, Unit] | None = None
         self._by_name: dict[str, TensorInfo] | None = None
-        self._infos = _infos(*self._check_entries(raw_slices, where), self._graph_roles())
+        self._infos = _infos(self._fields, *self._check_entries(raw_slices, where), self._graph_roles())
+
+    @property
+    def _entries(self) -> dict[str, Entry]:
+        """Each tensor's Entry by name, made from ``_fields`` on first use (reading; a listing
+        needs none)."""
+        if self._entries_built is None:
+            f = self._fields
+            self._entries_built = dict(zip(f.names, map(tuple.__new__, repeat(Entry), zip(*f))))
+        return self._entries_built
+
+    def _entry_named(self, name: str) -> Entry | None:
+        """The Entry of tensor ``name``, or None; without making every Entry (names are in key
+        order: UTF-8 sorts as its code points do)."""
+        if self._entries_built is not None:
+            return self._entries_built.get(name)
+        names = self._fields.names
+        i = bisect_left(names, name)
+        return Entry._make(column[i] for column in self._fields) if i < len(names) and names[i] == name else None
 
     def _check_entries(self, raw_slices: dict[bytes, bytes], where: str) -> _Rows:
-        """Each tensor's name, entry, size and checksum, every extent and partition checked:
-        all at once where nothing is unusual (``_rows_at_once``), else one by one."""
-        names, entries = list(self._entries), list(self._entries.values())
-        rows = self._rows_at_once(names, entries, where)
+        """Each tensor's size and checksum, every extent and partition checked: all at once where
+        nothing is unusual (``_rows_at_once``), else one by one."""
+        rows = self._rows_at_once(self._fields, where)
         if rows is not None:
             return rows
         sizes: list[int] = []
         checksums: list[str | None] = []
         nbytes_of: dict[tuple[tuple[int, ...], str], int] = {}  # checked shape x dtype sizes seen
-        for e in entries:
+        for e in self._entries.values():
             nbytes, checksum = self._row(e, raw_slices, where, nbytes_of)
             sizes.append(nbytes)
             checksums.append(checksum)
-        return names, entries, sizes, checksums
+        return sizes, checksums
 
     def _row(self, e: Entry, raw_slices: dict[bytes, bytes], where: str,
              nbytes_of: dict[tuple[tuple[int, ...], str], int]) -> tuple[int, str | None]:
@@ -319,37 +348,35 @@ class TFBundleSource(Source):
                 checksum = f"crc32c:{e.crc}"
         return (e.size if e.dtype == STRING else nbytes), checksum
 
-    def _rows_at_once(self, names: list[str], entries: list[Entry], where: str) -> _Rows | None:
+    def _rows_at_once(self, fields: _Fields, where: str) -> _Rows | None:
         """``_check_entries``'s rows where no entry needs a message: no tensor is partitioned, every
         shape's size fits int64, every size is its shape's (a string tensor's is what it stores),
         every extent lies in its shard; checked column by column (C-level ``map`` and list
         comparisons). None where some entry is unusual: ``_row`` then meets the first problem."""
-        shapes, dtypes = list(map(_SHAPE, entries)), list(map(_DTYPE, entries))
+        shapes, dtypes, sizes, shards = fields.shapes, fields.dtypes, fields.sizes, fields.shards
         pairs = list(zip(shapes, dtypes))
         try:
             nbytes_of = {p: checked_nbytes(p[0], p[1], where) for p in set(pairs)}
         except ShardconvError:
             return None
-        sizes, shards = list(map(_SIZE, entries)), list(map(_SHARD, entries))
         nbytes = list(map(nbytes_of.__getitem__, pairs))
         fsizes: dict[int, Any] = {s: self._sizes.get(s) if s < self.num_shards else None for s in set(shards)}
         if STRING in dtypes:  # a string tensor's size is what it stores (its extent is checked below)
             for i in [i for i, d in enumerate(dtypes) if d == STRING]:
                 nbytes[i] = sizes[i]
-        if any(map(_SLICES, entries)) or None in fsizes.values() or nbytes != sizes or \
-                not all(map(operator.le, map(operator.add, map(_OFFSET, entries), sizes),
-                            map(fsizes.__getitem__, shards))):
+        if any(fields.slices) or None in fsizes.values() or nbytes != sizes or \
+                not all(map(operator.le, map(operator.add, fields.offsets, sizes), map(fsizes.__getitem__, shards))):
             return None
-        crcs = list(map(_CRC, entries))
+        crcs = fields.crcs
         checksums: list[str | None] = [None if c is None else f"crc32c:{c}" for c in crcs] if None in crcs else \
             list(map("crc32c:{}".format, crcs))
-        return names, entries, nbytes, checksums
+        return nbytes, checksums
 
-    def _read_entries(self, where: str) -> tuple[dict[str, Entry], dict[bytes, bytes]]:
-        """The index's tensor entries by name and its raw slice entries by key; reads the header.
-        A block's entries are decoded together (``EntryReader.many``); errors come in the order
-        reading the entries one by one meets them."""
-        entries: dict[str, Entry] = {}
+    def _read_entries(self, where: str) -> tuple[_Fields, dict[bytes, bytes]]:
+        """The index's tensor entries field by field and its raw slice entries by key; reads the
+        header. A block's entries are decoded together (``EntryReader.columns``); errors come in
+        the order reading the entries one by one meets them."""
+        fields = _Fields([], [], [], [], [], [], [], [])
         raw_slices: dict[bytes, bytes] = {}
         header_seen = False
         read_entry = EntryReader(where)
@@ -369,24 +396,24 @@ class TFBundleSource(Source):
                     names = list(map(bytes.decode, keys))
                 except UnicodeDecodeError:
                     names = list(map(bytes.decode, keys[:_first_not_utf8(keys)]))
-                    entries.update(zip(names, read_entry.many(names, values)))
+                    read_entry.columns(names, values[:len(names)])  # an error in an entry before comes first
                     raise FormatError(f"{where}: tensor name {keys[len(names)]!r} is not UTF-8") from None
-                entries.update(zip(names, read_entry.many(names, values)))
+                _extend(fields, names, read_entry.columns(names, values))
         if not header_seen:
             raise FormatError(f"{where}: no bundle header (key \"\"); not a TF2-format checkpoint index")
-        return entries, raw_slices
+        return fields, raw_slices
 
     def _graph_roles(self) -> dict[str, tuple[SourceRole, str | None]]:
         """TF2 checkpoints: each variable's role and model name, with its ``full_name``, by
         checkpoint key, from the object graph (see tf_object_graph); the graph's own entry is
         ``meta``. Nothing for a TF1 checkpoint."""
-        graph = self._entries.get(OBJECT_GRAPH_KEY)
+        graph = self._entry_named(OBJECT_GRAPH_KEY)
         if graph is None or graph.dtype != STRING:
             return {}
         from . import tf_object_graph
 
         roles = cast(dict[str, tuple[SourceRole, str | None]],  # a fresh dict, which this may add to
-                     tf_object_graph.roles(self.read_strings(OBJECT_GRAPH_KEY)[0], str(self.data_path(graph.shard))))
+                     tf_object_graph.roles(self._read_strings(graph)[0], str(self.data_path(graph.shard))))
         roles[OBJECT_GRAPH_KEY] = (SourceRole(Role.META), None)
         return roles
 
@@ -574,7 +601,11 @@ class TFBundleSource(Source):
             self._read_block(e, shape, parts, e0 + nrows * row, out[nrows * row:], segs)
 
     def read_strings(self, name: str) -> list[bytes]:
-        e = self._entry(self._entries, name, "tensor")
+        return self._read_strings(self._entry(self._entries, name, "tensor"))
+
+    def _read_strings(self, e: Entry) -> list[bytes]:
+        """``read_strings`` of the tensor whose entry is ``e``."""
+        name = e.name
         if e.dtype != STRING:
             raise SourceError(f"{self.location}: {name!r} is not a string tensor")
         if e.size > MAX_STRING_TENSOR_BYTES:
@@ -636,14 +667,27 @@ def _slotted_info_class(cls: type) -> bool:
 _FAST_INFOS = _slotted_info_class(TensorInfo)
 
 
-def _infos(names: list[str], entries: list[Entry], sizes: list[int], checksums: list[str | None],
+def _extend(fields: _Fields, names: list[str], columns: Columns) -> None:
+    """``fields`` with a block's entries: ``names``, and ``EntryReader.columns``' columns with the
+    fields of the entries it decoded one by one put in their places."""
+    n = len(fields.names)
+    lists: list[list[Any]] = list(fields)
+    mores: list[list[Any]] = [names, *columns[:-1], [()] * len(names)]
+    for column, more in zip(lists, mores):
+        column += more
+    for i, e in columns[-1].items():
+        for column, value in zip(lists, e):
+            column[n + i] = value
+
+
+def _infos(fields: _Fields, sizes: list[int], checksums: list[str | None],
            roles: dict[str, tuple[SourceRole, str | None]]) -> list[TensorInfo]:
-    """A TensorInfo per tensor (name, entry, size, checksum), with its recorded role and model name.
-    Where ``TensorInfo`` is the slotted frozen dataclass ``_slotted_info_class`` checks, they are
-    made all at once, field by field: an instance each from ``object.__new__``, then each slot set
-    by a C-level ``map`` of its descriptor (what ``__init__`` does one instance at a time through
-    ``object.__setattr__``: 2x as long, a fifth of listing 100 000 tensors)."""
-    shards, sliced = list(map(_SHARD, entries)), list(map(bool, map(_SLICES, entries)))
+    """A TensorInfo per tensor (its entry's fields, size, checksum), with its recorded role and
+    model name. Where ``TensorInfo`` is the slotted frozen dataclass ``_slotted_info_class``
+    checks, they are made all at once, field by field: an instance each from ``object.__new__``,
+    then each slot set by a C-level ``map`` of its descriptor (what ``__init__`` does one instance
+    at a time through ``object.__setattr__``: 2x as long, a fifth of listing 100 000 tensors)."""
+    names, shards, sliced = fields.names, fields.shards, list(map(bool, fields.slices))
     if roles:
         recorded = list(map(roles.get, names))
         extras = [{"shard": s, "sliced": f} if r is None or r[1] is None else
@@ -652,11 +696,10 @@ def _infos(names: list[str], entries: list[Entry], sizes: list[int], checksums: 
     else:
         extras = [{"shard": s, "sliced": f} for s, f in zip(shards, sliced)]
         kinds = [None] * len(names)
-    dtypes, shapes = list(map(_DTYPE, entries)), list(map(_SHAPE, entries))
     if not _FAST_INFOS:
-        return list(map(TensorInfo, names, dtypes, shapes, sizes, checksums, extras, kinds))
+        return list(map(TensorInfo, names, fields.dtypes, fields.shapes, sizes, checksums, extras, kinds))
     infos = list(map(object.__new__, repeat(TensorInfo, len(names))))
-    columns: list[list[Any]] = [names, dtypes, shapes, sizes, checksums, extras, kinds]
+    columns: list[list[Any]] = [names, fields.dtypes, fields.shapes, sizes, checksums, extras, kinds]
     for name, column in zip(_INFO_FIELDS, columns):
         any(map(TensorInfo.__dict__[name].__set__, infos, column))  # each __set__ returns None: any() runs all
     return infos
