@@ -127,8 +127,9 @@ def _strict_slot(buf: memoryview, what: str) -> tuple[int, str, int]:
 # ------------------------------------------------------------ the fast decoder
 #
 # The same decoding as ``_strict_nodes``, into ``_Flat``'s parallel lists: TensorFlow's variable
-# nodes and runs of container nodes in bulk (``_scan``, ``_containers``: what they take is checked
-# to be exactly what protobuf reads there), any other node in plain loops over ``bytes`` (no
+# nodes and runs of container nodes in bulk (``_bulk`` cuts out every variable node by one regex
+# split, ``_piecewise`` one candidate at a time where that fails; ``_containers``: what they take is
+# checked to be exactly what protobuf reads there), any other node in plain loops over ``bytes`` (no
 # generator, no memoryview, one-byte varints and keys read inline). Every condition under which
 # ``wire.fields`` raises (a truncated or over-long varint, a value past the end of its
 # message, field number 0, wire types 3, 4, 6, 7) raises ``_Bail`` instead.
