@@ -84,6 +84,28 @@ def test_a_source_cut_short_during_a_direct_copy_is_one_line(src, tmp_path, monk
     assert not (tmp_path / "o.npz").exists()
 
 
+def test_short_reads_on_the_direct_path_are_continued_and_exact(src, tmp_path, monkeypatch):
+    """A file system may return fewer bytes than asked without being at the end (network
+    file systems, signals): the copy continues the read where it stopped; values exact."""
+    path, tree = src
+    monkeypatch.setattr(pipeline, "PIECE", 64 << 10)
+    real = os.preadv
+    short = [0]
+
+    def half(fd, buffers, offset):
+        (view,) = buffers
+        if len(view) > 1:
+            short[0] += 1
+            return real(fd, [view[: len(view) // 2]], offset)
+        return real(fd, buffers, offset)
+
+    monkeypatch.setattr(os, "preadv", half)
+    shardconv.convert(path, tmp_path / "o.npz", max_memory="4MiB")
+    monkeypatch.undo()
+    got = dict(np.load(tmp_path / "o.npz"))
+    assert short[0] > 40 and all(np.array_equal(got[k], v) and got[k].dtype == v.dtype for k, v in tree.items())
+
+
 class _LateSink(RawDirSink):
     """Writes each chunk later, on another thread, reading ``data`` only then: a pending receipt."""
 

@@ -204,18 +204,30 @@ def read_direct(sink: Sink, chunk: Chunk, raw: RawRange, pieces: _Pieces, stop: 
     out = BY_NAME[sink.receipt_checksum]
     same = src is out
     s = r = 0
+    # Names bound once: this loop runs once per MiB, and what Python does per piece runs with
+    # caches just flushed by the piece's bytes.
+    free, ready, slots, piece, length, fd = pieces.free.get, pieces.ready.put, pieces.slots, pieces.piece, \
+        chunk.length, raw.fd
     try:
-        for k in range(0, chunk.length, pieces.piece):
-            slot: int | None = _until_stopped(pieces.free.get, stop)
-            if slot is None:
+        for k in range(0, length, piece):
+            try:
+                slot: int | None = free(timeout=0.1)
+            except queue.Empty:
+                slot = _until_stopped(free, stop)
+            if slot is None or stop.is_set():
                 return False
-            n = min(pieces.piece, chunk.length - k)
-            view = pieces.slots[slot][:n]
-            pread_exact(raw.fd, view, raw.offset + k, raw.file, raw.tensor)
+            n = min(piece, length - k)
+            view = slots[slot][:n]
+            try:
+                got = os.preadv(fd, [view], raw.offset + k)
+            except OSError:
+                got = 0  # pread_exact reads it again and names the file and tensor in its error
+            if got != n:
+                pread_exact(fd, view[got:], raw.offset + k + got, raw.file, raw.tensor)
             if src is not None:
                 s = src(view, s)
             r = s if same else out(view, r)
-            pieces.ready.put((slot, n))
+            ready((slot, n))
     except BaseException as e:  # the writer raises it
         pieces.ready.put(e)
         return False
@@ -231,12 +243,14 @@ def write_direct(sink: Sink, chunk: Chunk, pieces: _Pieces) -> tuple[int, list[S
     Returns: (the chunk's receipt, its source checksum segments). Raises: what the reader
     raised (SourceError, FormatError for a short file) and what ``write_part`` raises."""
     k = 0
-    while (got := pieces.ready.get()) is not None:
+    get, free, slots, write, index, offset = pieces.ready.get, pieces.free.put, pieces.slots, sink.write_part, \
+        chunk.index, chunk.offset
+    while (got := get()) is not None:
         if isinstance(got, BaseException):
             raise got
         slot, n = got
-        sink.write_part(Chunk(chunk.index, chunk.offset + k, n), pieces.slots[slot][:n])
-        pieces.free.put(slot)
+        write(Chunk(index, offset + k, n), slots[slot][:n])
+        free(slot)
         k += n
     return pieces.receipt, pieces.segs
 

@@ -9,6 +9,7 @@ import importlib.machinery
 import importlib.util
 import os
 import threading
+from collections.abc import Callable
 from typing import Any
 
 
@@ -57,8 +58,9 @@ def crc32(data, value: int = 0) -> int:
     return _crc32_impl(data, value)
 
 
-#: The checksums by the names units, segments and sinks use.
-BY_NAME = {"crc32c": crc32c, "crc32": crc32}
+#: The checksums by the names units, segments and sinks use: ``f(data, value=0) -> int``, the C
+#: functions themselves (the copy loop calls two per MiB piece; no Python frame in between).
+BY_NAME: dict[str, Callable[..., int]] = {"crc32c": _crc32c.crc32c, "crc32": _crc32_impl}
 
 
 def mask(crc: int) -> int:
