@@ -338,3 +338,55 @@ def test_copies_made_at_once_are_the_constructors(monkeypatch):
 
     assert core_plan._plain_slotted(core_plan.Copy, ("source",))
     assert not any(core_plan._plain_slotted(c, ("source",)) for c in (Plain, Posted, core_plan.OutputTensor))
+
+
+def _table_slow(columns: list[list[str]]) -> str:
+    """What ``cli._table`` must write: its lines joined from their pieces, as ``_escaped_lines`` does."""
+    return _escaped_lines_slow(list(map("".join, zip(*columns))))
+
+
+def test_table_shortcut_on_every_ascii_character():
+    from shardconv.cli import _table
+
+    for c in map(chr, range(128)):
+        for columns in ([[f"a{c}b", "ok"], ["  x", "  y"]], [[c]], [["ok", "n"], ["  <- ", "  <- "], ["k", f"x{c}"]],
+                        [[f"{c}\u00e9"], [""]]):
+            assert _table(columns) == _table_slow(columns), repr(c)
+    assert _table([[]]) == "" and _table([["a\nb"], ["c"]]) == "a\\nbc\n"
+
+
+@FUZZ
+@given(st.lists(st.tuples(*[st.text(alphabet=st.sampled_from(list("a /\n\t\x00\x1b\x7f\x85é\u2028\u202e")), max_size=4)] * 3),
+                min_size=1, max_size=5))
+def test_table_random(rows):
+    from shardconv.cli import _table
+
+    columns = [list(c) for c in zip(*rows)]
+    assert _table(columns) == _table_slow(columns)
+
+
+def test_ls_text_names_each_key_not_shown_as_its_name():
+    """``ls``'s table adds ``<- key`` where the name shown is not the key: on every line, on some, on none."""
+    from shardconv.cli import _ls_text, format_size
+
+    infos = [TensorInfo(f"k/{i}", "float32", (i, 2), 8 * i) for i in range(4)]
+    rs = [roles.TensorRole(Role.PARAM, f"m/{i}", None, None) for i in range(4)]
+    for shown in ([f"m/{i}" for i in range(4)], ["k/0", "m/1", "k/2", "m/3"], [t.name for t in infos]):
+        width = max(4, *map(len, shown))
+        expected = [f"{n.ljust(width)}  float32   {str(list(t.shape)):<20} {format_size(t.nbytes):>10}  param"
+                    + ("" if n == t.name else f"  <- {t.name}") for n, t in zip(shown, infos)]
+        assert _ls_text(shown, infos, rs) == "\n".join(expected) + "\n", shown
+
+
+def test_ls_sorts_rows_by_the_name_shown_unless_already_sorted(tmp_path, capsys):
+    """``ls`` sorts its rows only where the names are out of order, anywhere in the list."""
+    import numpy as np
+
+    from shardconv.cli import main
+
+    for order in (["a", "c", "b", "d"], ["a", "b", "c", "d"], ["d", "c", "b", "a"], ["a", "b", "d", "c"]):
+        src = tmp_path / "in.npz"
+        np.savez(src, **{n: np.zeros(i + 1, np.float32) for i, n in enumerate(order)})  # type: ignore[arg-type]
+        assert main(["ls", str(src), "--quiet"]) == 0
+        rows = [line.split() for line in capsys.readouterr().out.splitlines()]
+        assert [(r[0], r[2]) for r in rows] == sorted((n, f"[{i + 1}]") for i, n in enumerate(order)), order
