@@ -298,8 +298,11 @@ def _scan(blob: bytes) -> _Flat:
 
 #: TensorFlow's variable node (node length, attribute length, ``VARIABLE_VALUE``, full name length, full name,
 #: key length, key, the tail ``2A 02 08 01`` or none) in the blob read as latin-1; groups: the four lengths,
-#: the two names, ``*`` where the tail is there. What it takes is checked by ``_bulk``.
-_VAR_NODE = re.compile(r"\n([\x00-\x7f])\x12([\x00-\x7f])\n\x0eVARIABLE_VALUE\x12([\x00-\x7f])([^\x1a]*)"
+#: the two names, ``*`` where the tail is there. What it takes is checked by ``_bulk``. The full name is
+#: at most 127 bytes (its length is one byte): bounded so, a try at each marker reads at most that far
+#: (unbounded, a graph of markers with no key field after them costs time quadratic in its size; the
+#: key needs no bound: nothing after it must match, so a try that reaches it succeeds).
+_VAR_NODE = re.compile(r"\n([\x00-\x7f])\x12([\x00-\x7f])\n\x0eVARIABLE_VALUE\x12([\x00-\x7f])([^\x1a]{0,127})"
                        r"\x1a([\x01-\x7f])([^*\n]*)(?:(\*)\x02\x08\x01)?")
 _TAIL_LEN = {"*": 4, None: 0}.__getitem__
 
