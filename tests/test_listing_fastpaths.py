@@ -390,3 +390,16 @@ def test_ls_sorts_rows_by_the_name_shown_unless_already_sorted(tmp_path, capsys)
         assert main(["ls", str(src), "--quiet"]) == 0
         rows = [line.split() for line in capsys.readouterr().out.splitlines()]
         assert [(r[0], r[2]) for r in rows] == sorted((n, f"[{i + 1}]") for i, n in enumerate(order)), order
+
+
+def test_bulk_roles_keep_each_recorded_link():
+    """Recorded roles with the weight an EMA averages or a slot belongs to: the bulk path keeps each
+    field where ``_decide`` puts it."""
+    recorded = [SourceRole(Role.PARAM, "m/w"), SourceRole(Role.EMA, "m/w_ema", ema_of="m/w"),
+                SourceRole(Role.OPTIMIZER, "m/w_m", slot_of="m/w"), SourceRole(Role.OPTIMIZER, "opt/lr"),
+                SourceRole(Role.META, "step")]
+    infos = [TensorInfo(f"k{i}", "float32", (2,), 8, role=r) for i, r in enumerate(recorded)]
+    assert _bulk_agrees(infos)
+    got = roles.assign_roles(infos)
+    assert [(r.kind, r.name, r.ema_of, r.slot_of) for r in got[:3]] == [
+        (Role.PARAM, "m/w", None, None), (Role.EMA, "m/w_ema", "m/w", None), (Role.OPTIMIZER, "m/w_m", None, "m/w")]

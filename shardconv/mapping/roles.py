@@ -23,10 +23,10 @@ import operator
 import re
 from bisect import bisect_right
 from collections import defaultdict
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from itertools import accumulate, repeat
-from typing import NamedTuple
+from typing import Any, NamedTuple, cast
 
 from ..core.types import Role, SourceRole, TensorInfo
 from ..sources.tf_object_graph import METRIC_CONTAINERS
@@ -327,6 +327,10 @@ def _flagged(names: list[str], pattern: re.Pattern[str]) -> set[int] | None:
     return {bisect_right(starts, begin) - 1 for begin in hits}
 
 
+#: ``SourceRole``'s fields, by index (a NamedTuple): role, model name, ``ema_of``, ``slot_of``.
+_SOURCE_KIND, _MODEL_NAME, _EMA_OF, _SLOT_OF = cast(list[Callable[[Any], Any]], list(map(operator.itemgetter, range(4))))
+
+
 def _assign_fast(infos: Sequence[TensorInfo], recorded: list[SourceRole | None]) -> list[TensorRole] | None:
     """``_assign``'s roles where every tensor has a recorded role or none has, decided in bulk: one
     search of all names finds those some rule might apply to, and each of those (usually none) is
@@ -353,15 +357,16 @@ def _assign_fast(infos: Sequence[TensorInfo], recorded: list[SourceRole | None])
         return roles
     if not all(recorded):
         return None
-    names = [rec.model_name or t.name for t, rec in zip(infos, recorded)]  # type: ignore[union-attr]
+    names = list(map(_MODEL_NAME, recorded))  # (SourceRole's fields by index: C-level, no loop here)
+    if None in names or "" in names:
+        names = [rec.model_name or t.name for t, rec in zip(infos, recorded)]  # type: ignore[union-attr]
     flagged = set()
     if not _META_PARTS.isdisjoint("/".join(names).split("/")):
         flagged = _flagged(names, _MAYBE_META_ONLY)
     if flagged is None:
         return None
-    roles = list(map(tuple.__new__, repeat(TensorRole), zip((r.role for r in recorded), names,  # type: ignore[union-attr]
-                                                             (r.ema_of for r in recorded),  # type: ignore[union-attr]
-                                                             (r.slot_of for r in recorded))))  # type: ignore[union-attr]
+    roles = list(map(tuple.__new__, repeat(TensorRole), zip(map(_SOURCE_KIND, recorded), names, map(_EMA_OF, recorded),
+                                                             map(_SLOT_OF, recorded))))
     for i in flagged:
         roles[i] = _decide(infos[i], recorded[i], None)
     return roles
