@@ -152,6 +152,9 @@ CRAFTED = {
     "truncated entry field": ([HEADER, (b"x", b"\x12\x40\x00")], {}, "declares 64 bytes"),
     "unsafe name": ([HEADER, (b"../evil", w.entry(1, [3, 4], size=48, crc=CRC))], {}, "unsafe"),
     "non-utf8 name": ([HEADER, (b"\xff\xfe", w.entry(1, [3, 4], size=48, crc=CRC))], {}, "not UTF-8"),
+    # the bulk decoder meets the bad name, then an entry it leaves to the one-by-one path
+    "non-utf8 name then an odd entry": ([HEADER, (b"\xff\xfe", w.entry(1, [3, 4], size=48, crc=CRC)),
+                                         (b"\xff\xff", b"\x12\x40\x00")], {}, "not UTF-8"),
     "snappy garbage": ([HEADER], {"raw_data_block": b"\x40" + b"\xff" * 20}, "snappy"),
     "snappy declares 4 GiB": ([HEADER], {"raw_data_block": w.varint(1 << 32) + b"\x00" * 8}, "over the"),
 }
