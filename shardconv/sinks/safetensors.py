@@ -130,8 +130,9 @@ class SafetensorsSink(filesink.OffsetSink):
         check_free_space(out.parent, sum(f.data_start + self._data_len(f, outputs) for f in self._files))
         for f in self._files:
             f.fd = safefs.open_file(f.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC)
-            truncate(f.fd, f.data_start + self._data_len(f, outputs), f.path)
-            preallocate(f.fd, f.data_start + self._data_len(f, outputs))
+            size = f.data_start + self._data_len(f, outputs)
+            truncate(f.fd, size, f.path)
+            preallocate(f.fd, size)
 
     def attach(self, out: Path, outputs: list[OutputTensor]) -> None:
         """Open the files a prepare made, changing no byte (a file found short or missing is

@@ -75,7 +75,7 @@ from ..util.dtypes import STRING, is_ml_dtype, itemsize, numpy_dtype
 from ..util.fileio import check_free_space, fsync_dir, fsync_path, fsync_tree, start_writeback
 from ..util.units import format_size
 from .base import Capabilities, Sink, SinkOptions, sink_option
-from .zarr_files import MASKED_DTYPES, ChunkFiles, Encoder, PendingFiles, default_workers, encoder
+from .zarr_files import MASKED_DTYPES, ChunkFiles, Encoder, PendingFiles, chunk_file, default_workers, encoder
 
 if TYPE_CHECKING:  # NumPy is imported where chunks go through TensorStore: the CLI imports every sink
     import numpy as np
@@ -624,9 +624,7 @@ class ZarrSink(Sink):
     def _chunk_files(self, a: _Array, region: tuple[slice, ...]) -> list[Path]:
         """The files of the Zarr chunks ``region`` covers (a local store)."""
         grid = [range(s.start // c, -(-s.stop // c)) for s, c in zip(region, a.chunks)]
-        if self.zarr_format == 3:
-            return [self.out / a.key / V3_SEPARATOR.join(["c", *map(str, idx)]) for idx in itertools.product(*grid)]
-        return [self.out / a.key / (".".join(map(str, idx)) or "0") for idx in itertools.product(*grid)]
+        return [chunk_file(self.out, self.zarr_format, a.key, idx, V3_SEPARATOR) for idx in itertools.product(*grid)]
 
     def _writeback(self, a: _Array, region: tuple[slice, ...]) -> None:
         """Start writing the chunk files just committed back to disk (as the NPZ sink does),

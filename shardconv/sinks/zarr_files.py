@@ -18,7 +18,7 @@ import itertools
 import os
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -114,11 +114,8 @@ class ChunkFiles:
         self._written: list[Path] = []   # files written since the last ``take_written`` (durable only)
 
     def chunk_path(self, key: str, index: tuple[int, ...]) -> Path:
-        """The file of the chunk at grid ``index`` of the array at ``key`` (the metadata's key
-        encoding: v3 ``c.0.1`` (``separator``), v2 ``0.1``; a scalar's ``c`` / ``0``)."""
-        if self.zarr_format == 3:
-            return self.root / key / self.separator.join(["c", *map(str, index)])
-        return self.root / key / (".".join(map(str, index)) or "0")
+        """The file of the chunk at grid ``index`` of the array at ``key``."""
+        return chunk_file(self.root, self.zarr_format, key, index, self.separator)
 
     def write(self, key: str, shape: tuple[int, ...], chunks: list[int], itemsize: int, encode: Encoder,
               region: tuple[slice, ...], data: memoryview, crc: int | None, where: str) -> PendingFiles:
@@ -184,6 +181,14 @@ class ChunkFiles:
         """Stop the threads: files being written are finished, those not started are not (after a
         failure nothing waits for them; after a complete run there are none)."""
         self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+def chunk_file(root: Path, zarr_format: int, key: str, index: Iterable[int], separator: str = "/") -> Path:
+    """The file of the chunk at grid ``index`` of the array at ``key`` under ``root``, by the
+    metadata's key encoding: v3 ``c/0/1`` (``separator`` between), v2 ``0.1``; a scalar's ``c`` / ``0``."""
+    if zarr_format == 3:
+        return root / key / separator.join(["c", *map(str, index)])
+    return root / key / (".".join(map(str, index)) or "0")
 
 
 def default_workers() -> int:
