@@ -91,7 +91,6 @@ CONVERTER_ROWS = [
     Row("npz", "tf", "converter", _CONVERT + ["{out}/model.npz"] + _MEM),
     Row("resume", "tf", "resume", _CONVERT + ["{out}/model.npz"] + _MEM),
     Row("npz-nofsync", "tf", "converter", _CONVERT + ["{out}/model.npz", "--no-fsync"] + _MEM),
-    Row("npz-pieces", "tf", "converter", ["env", "SHARDCONV_KERNEL_COPY=0"] + _CONVERT + ["{out}/model.npz"] + _MEM),
     Row("npz-split", "tf", "converter", _CONVERT + ["{out}/model", "--to", "npz", "--max-file-size", "1GiB"] + _MEM),
     Row("safetensors", "tf", "converter", _CONVERT + ["{out}/model.safetensors"] + _MEM),
     Row("zarr", "tf", "converter", _CONVERT + ["{out}/model.zarr"] + _MEM),
@@ -655,7 +654,6 @@ rows (--rows, comma-separated; 'all' for every one):
   resume         the npz conversion killed once RESUME_AT=90% of its bytes are journaled
                  (untimed), then the timed rerun that resumes it; output compared
                  byte for byte with the npz row's in the same repeat
-  npz-pieces     npz with SHARDCONV_KERNEL_COPY=0: copied in 1 MiB pieces, not by the kernel
   npz-nofsync, npz-split, safetensors, zarr, savedmodel, tf-checkpoint: TF1 -> those
   zarr-zstd      TF1 -> Zarr v3 with --compression zstd
   tf2-npz        TF2 object-based checkpoint -> npz

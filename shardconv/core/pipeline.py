@@ -87,11 +87,10 @@ def start_kill_timer() -> None:
 
 #: Pieces of one direct chunk read ahead of the writer (each a slice of the chunk's buffer).
 SLOTS = 4
-#: Copy verbatim chunks in the kernel where the sink gives a file range. Off with
-#: SHARDCONV_KERNEL_COPY=0 (a diagnostic: the bench's npz-pieces row compares both paths in
-#: one run; tests of the piecewise path turn it off). Measured, TF1 1 GiB -> npz cold, medians of 5: 0.93-0.95 CPU s
+#: Copy verbatim chunks in the kernel where the sink gives a file range (tests of the
+#: piecewise path turn it off). Measured, TF1 1 GiB -> npz cold, medians of 5: 0.93-0.95 CPU s
 #: against 1.09-1.43 s in pieces, ``cp`` 0.52-0.60 s (bench/README.md, "Kernel copy").
-KERNEL_COPY = os.environ.get("SHARDCONV_KERNEL_COPY", "1") != "0"
+KERNEL_COPY = True
 
 
 class _Pieces:
@@ -177,27 +176,16 @@ def _reader(plan: Plan, sink: Sink, todo: list[tuple[int, Chunk]], pool: BufferP
     in_kernel = KERNEL_COPY
     checksum = BY_NAME[sink.receipt_checksum] if sink.receipt_checksum else None
     source = plan.source
-
-    def raw_of(c: Chunk) -> RawRange | None:
-        producer = plan.outputs[c.index].producer
-        return source.raw_range(producer.source, c.offset, c.length) \
-            if piecewise and c.length and type(producer) is Copy else None
-
     try:
-        following = raw_of(todo[0][1]) if todo else None
-        if following is not None:
-            _prefetch(following, todo[0][1].length)
-        for n, (i, c) in enumerate(todo, 1):
+        for i, c in todo:
             buf: memoryview | None = _until_stopped(pool.get, stop)
             if buf is None:
                 return
-            raw = following
-            # The next chunk's reading starts now, while this one is copied (the kernel's
-            # own readahead is 128 KiB by default: the disk would idle between chunks).
-            following = raw_of(todo[n][1]) if n < len(todo) else None
-            if following is not None:
-                _prefetch(following, todo[n][1].length)
+            producer = plan.outputs[c.index].producer
+            raw = source.raw_range(producer.source, c.offset, c.length) \
+                if piecewise and c.length and type(producer) is Copy else None
             if raw is not None:
+                _prefetch(raw, c.length)
                 target = sink.file_range(c) if in_kernel else None
                 if target is not None:
                     try:
@@ -212,7 +200,6 @@ def _reader(plan: Plan, sink: Sink, todo: list[tuple[int, Chunk]], pool: BufferP
                     return
                 continue
             view = buf[: c.length]
-            producer = plan.outputs[c.index].producer
             segs = producer.fill(c.offset, view, source.read_into) if c.length else []
             filled.put(_Item(i, c, buf, segs, checksum(view) if checksum else None))
         filled.put(None)
