@@ -351,20 +351,20 @@ def test_publish_without_overwrite_never_replaces(tmp_path, monkeypatch, renamea
 def test_a_source_changed_during_the_run_is_refused_and_nothing_reaches_dest(tmp_path, monkeypatch):
     """The npz is replaced (new inode, new bytes) after the first chunk: the reader still holds
     the old file, so only the fingerprint taken again before the final rename can notice."""
-    from shardconv.core import pipeline
     from shardconv.errors import SourceError
+    from shardconv.sinks import npz as npz_sink
 
     src = tmp_path / "in.npz"
     np.savez(src, a=np.arange(300_000, dtype=np.int64), b=np.ones(300_000))
     np.savez(tmp_path / "new.npz", a=np.arange(300_000, dtype=np.int64) + 1, b=np.ones(300_000))
-    real = pipeline.hook  # called as each chunk is journaled
+    real = npz_sink.NpzSink.write_part  # every chunk of a stored npz is copied in parts
 
-    def change_then_hook(point, dest=None):
+    def write_then_change(self, chunk, data):
         if (tmp_path / "new.npz").exists():
             os.replace(tmp_path / "new.npz", src)
-        return real(point, dest)
+        return real(self, chunk, data)
 
-    monkeypatch.setattr(pipeline, "hook", change_then_hook)
+    monkeypatch.setattr(npz_sink.NpzSink, "write_part", write_then_change)
     dest = tmp_path / "o.npz"
     with pytest.raises(SourceError, match=r"in\.npz: the input changed while it was being converted \(.*in\.npz"):
         shardconv.convert(src, dest, max_memory="1MiB")

@@ -90,11 +90,8 @@ def test_failed_fsync_discards_the_partial(ckpt, clean, tmp_path, monkeypatch):
 
 
 def test_read_error_mid_shard_is_reported_and_the_next_run_resumes(ckpt, clean, tmp_path, monkeypatch):
-    """The disk fails to read from the 26th read on: the kernel's copy (which reads as well)
-    fails from its 6th call; the chunk is read again in pieces, which names the file."""
     dest = tmp_path / "o.npz"
     monkeypatch.setattr(tf_bundle.os, "preadv", _fail_after(25, errno.EIO, os.preadv))
-    monkeypatch.setattr(os, "copy_file_range", _fail_after(5, errno.EIO, os.copy_file_range))
     with pytest.raises(SourceError, match=r"data-0000\d-of-00002: read error in tensor .*Input/output error"):
         shardconv.convert(ckpt, dest, max_memory="1MiB")
     monkeypatch.undo()
@@ -180,8 +177,8 @@ def test_an_os_fault_at_the_command_line_is_one_line(ckpt, tmp_path, fault):
 
     dest = tmp_path / "o.npz"
     spec = (f"Fault('fsync', path='{dest.name}.partial/{dest.name}')" if fault == "fsync"
-            else "Fault(WRITES, errno.ENOSPC, after=30)")
-    code = ("import errno, sys; from shardconv.testing.faults import WRITES, Fault, injected; from shardconv import cli\n"
+            else "Fault('pwrite', errno.ENOSPC, after=30)")
+    code = ("import errno, sys; from shardconv.testing.faults import Fault, injected; from shardconv import cli\n"
             f"with injected([{spec}]):\n    rc = cli.main(sys.argv[1:])\nsys.exit(rc)")
     p = subprocess.run([sys.executable, "-c", code, "convert", str(ckpt), str(dest), "--max-memory", "1MiB", "--quiet"],
                        capture_output=True, text=True)

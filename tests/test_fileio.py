@@ -37,57 +37,6 @@ def test_range_crc_of_a_descriptor_or_a_path_and_none_when_short(tmp_path):
     assert fileio.range_crc(tmp_path / "missing", 0, 1) is None
 
 
-def test_kernel_copy_copies_stops_short_at_the_end_and_refuses_other_filesystems(tmp_path, monkeypatch):
-    """``kernel_copy`` moves the bytes at both offsets, returns fewer when the source ends or
-    the kernel fails mid-way, and raises KernelCopyUnsupported only for a pair of files it
-    cannot copy between at all (before copying anything)."""
-    data = os.urandom((5 << 20) + 123)
-    (tmp_path / "src").write_bytes(data)
-    src = os.open(tmp_path / "src", os.O_RDONLY)
-    dst = os.open(tmp_path / "dst", os.O_RDWR | os.O_CREAT)
-    try:
-        assert fileio.kernel_copy(src, 7, dst, 4099, 3 << 20) == 3 << 20
-        assert os.pread(dst, 3 << 20, 4099) == data[7:7 + (3 << 20)]
-        assert fileio.kernel_copy(src, len(data) - 10, dst, 0, 100) == 10   # the source ends
-        calls = []
-
-        def once_then_eio(*a, **k):
-            calls.append(1)
-            if len(calls) > 1:
-                raise OSError(errno.EIO, os.strerror(errno.EIO))
-            return real(a[0], a[1], 1 << 20, *a[3:], **k)  # a partial copy, as the kernel may make
-        real = os.copy_file_range
-        monkeypatch.setattr(os, "copy_file_range", once_then_eio)
-        assert fileio.kernel_copy(src, 0, dst, 0, 2 << 20) == 1 << 20
-        for err in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP):
-            monkeypatch.setattr(os, "copy_file_range", _fail(err))
-            with pytest.raises(fileio.KernelCopyUnsupported):
-                fileio.kernel_copy(src, 0, dst, 0, 10)
-        monkeypatch.setattr(os, "copy_file_range", _fail(errno.ENOSPC))
-        assert fileio.kernel_copy(src, 0, dst, 0, 10) == 0               # the caller's pwrite says it
-    finally:
-        os.close(src)
-        os.close(dst)
-
-
-def test_mapped_views_a_range_at_any_offset_and_unmaps(tmp_path):
-    data = os.urandom((3 << 20) + 5)
-    (tmp_path / "f").write_bytes(data)
-    fd = os.open(tmp_path / "f", os.O_RDONLY)
-    try:
-        for offset, length in ((0, len(data)), (4097, 1 << 20), (len(data) - 3, 3)):
-            with fileio.mapped(fd, offset, length) as view:
-                assert view is not None and len(view) == length and bytes(view) == data[offset:offset + length]
-                piece = view[:1]
-                assert crc32(view) == crc32(data[offset:offset + length])
-                piece = None
-            with pytest.raises(ValueError):  # released when the block ends
-                bytes(view)
-        del piece
-    finally:
-        os.close(fd)
-
-
 def test_range_crc_read_error_is_none(tmp_path, monkeypatch):
     p = tmp_path / "f"
     p.write_bytes(b"x" * 10)

@@ -2,8 +2,6 @@
 the receipt checksum computed once, and pending receipts kept in flight."""
 from __future__ import annotations
 
-import contextlib
-import errno
 import os
 import random
 import time
@@ -40,7 +38,6 @@ def src(tmp_path: Path) -> tuple[Path, dict[str, np.ndarray]]:
 def test_verbatim_chunks_are_copied_in_cache_sized_parts(src, tmp_path, monkeypatch, sink_cls):
     """Every chunk of a stored npz reaches a piecewise sink through ``write_part`` in pieces of
     at most PIECE bytes that tile it in order, never through ``write``; the values are exact."""
-    monkeypatch.setattr(pipeline, "KERNEL_COPY", False)  # the piecewise path
     path, tree = src
     monkeypatch.setattr(pipeline, "PIECE", 64 << 10)  # smaller than the chunks a 4 MiB budget makes
     parts: list[tuple[int, int, int]] = []
@@ -60,10 +57,8 @@ def test_verbatim_chunks_are_copied_in_cache_sized_parts(src, tmp_path, monkeypa
     assert set(got) == set(tree) and all(np.array_equal(got[k], v) and got[k].dtype == v.dtype for k, v in tree.items())
 
 
-@pytest.mark.parametrize("kernel", [True, False], ids=["kernel", "pieces"])
-def test_a_corrupt_byte_on_the_direct_path_is_a_checksum_error(src, tmp_path, monkeypatch, kernel):
+def test_a_corrupt_byte_on_the_direct_path_is_a_checksum_error(src, tmp_path):
     path, _ = src
-    monkeypatch.setattr(pipeline, "KERNEL_COPY", kernel)
     data = bytearray(path.read_bytes())
     at = data.index(np.load(path)["emb"][350].tobytes()[:64])  # a byte in the middle of 'emb'
     data[at] ^= 0x01
@@ -73,12 +68,9 @@ def test_a_corrupt_byte_on_the_direct_path_is_a_checksum_error(src, tmp_path, mo
     assert not (tmp_path / "o.npz").exists()
 
 
-@pytest.mark.parametrize("kernel", [True, False], ids=["kernel", "pieces"])
-def test_a_source_cut_short_during_a_direct_copy_is_one_line(src, tmp_path, monkeypatch, kernel):
-    """The input truncated while the run holds it open: one line naming the file and the tensor
-    (the kernel's copy stops short; the chunk read again in pieces says where)."""
+def test_a_source_cut_short_during_a_direct_copy_is_one_line(src, tmp_path, monkeypatch):
+    """The input truncated while the run holds it open: one line naming the file and the tensor."""
     path, _ = src
-    monkeypatch.setattr(pipeline, "KERNEL_COPY", kernel)
     real = pipeline._prefetch
 
     def cut_then_prefetch(raw, length):
@@ -95,7 +87,6 @@ def test_a_source_cut_short_during_a_direct_copy_is_one_line(src, tmp_path, monk
 def test_short_reads_on_the_direct_path_are_continued_and_exact(src, tmp_path, monkeypatch):
     """A file system may return fewer bytes than asked without being at the end (network
     file systems, signals): the copy continues the read where it stopped; values exact."""
-    monkeypatch.setattr(pipeline, "KERNEL_COPY", False)  # the piecewise path
     path, tree = src
     monkeypatch.setattr(pipeline, "PIECE", 64 << 10)
     real = os.preadv
@@ -113,108 +104,6 @@ def test_short_reads_on_the_direct_path_are_continued_and_exact(src, tmp_path, m
     monkeypatch.undo()
     got = dict(np.load(tmp_path / "o.npz"))
     assert short[0] > 40 and all(np.array_equal(got[k], v) and got[k].dtype == v.dtype for k, v in tree.items())
-
-
-_KERNEL_SINKS = [("npz", "o.npz"), ("safetensors", "o.safetensors"), ("tf-checkpoint", "o")]
-
-
-def _tree_bytes(root: Path) -> dict[str, bytes]:
-    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
-    return {str(p.relative_to(root.parent)): p.read_bytes() for p in files}
-
-
-def _counting_copy_file_range(monkeypatch, fail=None) -> list[int]:
-    """os.copy_file_range, counted (bytes moved per call); ``fail(k)`` may return an errno to
-    raise on the k-th call (from 1), or 0 to copy nothing."""
-    moved: list[int] = []
-    real = os.copy_file_range
-
-    def copy(*a, **k):
-        err = fail(len(moved) + 1) if fail else None
-        if err is not None:
-            moved.append(0)
-            if err:
-                raise OSError(err, os.strerror(err))
-            return 0
-        moved.append(real(*a, **k))
-        return moved[-1]
-
-    monkeypatch.setattr(os, "copy_file_range", copy)
-    return moved
-
-
-@pytest.mark.parametrize("to,name", _KERNEL_SINKS)
-def test_verbatim_chunks_are_copied_by_the_kernel_byte_identical_to_pieces(src, tmp_path, monkeypatch, to, name):
-    """Every verbatim chunk of a stored npz reaches an npz, safetensors or TF checkpoint output
-    through ``copy_file_range`` (never through the piecewise path), and the output is
-    byte-identical to the piecewise path's; npz and safetensors values exact."""
-    path, tree = src
-    monkeypatch.setattr(pipeline, "KERNEL_COPY", False)
-    shardconv.convert(path, tmp_path / "pieces" / name, to=to, max_memory="4MiB")
-    monkeypatch.setattr(pipeline, "KERNEL_COPY", True)
-    moved = _counting_copy_file_range(monkeypatch)
-    monkeypatch.setattr(pipeline, "write_direct", lambda *a: pytest.fail("a verbatim chunk was copied in pieces"))
-    r = shardconv.convert(path, tmp_path / "kernel" / name, to=to, max_memory="4MiB")
-    assert r.chunks_written > 3 and sum(moved) == sum(v.nbytes for v in tree.values())
-    want = _tree_bytes(tmp_path / "pieces" / name)
-    assert _tree_bytes(tmp_path / "kernel" / name) == want and want
-    if to == "npz":
-        got = dict(np.load(tmp_path / "kernel" / name))
-    elif to == "safetensors":
-        got = safetensors.numpy.load_file(tmp_path / "kernel" / name)
-    else:
-        return
-    assert set(got) == set(tree) and all(np.array_equal(got[k], v) and got[k].dtype == v.dtype for k, v in tree.items())
-
-
-@pytest.mark.parametrize("mapped", [True, False], ids=["mapped", "read-back"])
-def test_what_the_kernel_wrote_is_what_is_checked(src, tmp_path, monkeypatch, mapped):
-    """The checksums of a chunk the kernel copied are computed over the output's bytes (through
-    a mapping, or read back where the file cannot be mapped): a byte that lands wrong is the
-    source's checksum error, and nothing is published."""
-    path, tree = src
-    real = pipeline.kernel_copy
-    hit = []
-
-    def copy_then_flip(src_fd, src_off, dst_fd, dst_off, length):
-        n = real(src_fd, src_off, dst_fd, dst_off, length)
-        if not hit:
-            b = os.pread(dst_fd, 1, dst_off + length // 2)
-            os.pwrite(dst_fd, bytes([b[0] ^ 0x10]), dst_off + length // 2)
-            hit.append(1)
-        return n
-
-    monkeypatch.setattr(pipeline, "kernel_copy", copy_then_flip)
-    if not mapped:  # as where mmap fails (some network or FUSE filesystems)
-        monkeypatch.setattr(pipeline, "mapped", lambda fd, offset, length: contextlib.nullcontext(None))
-    with pytest.raises(ChecksumError, match=r"in\.npz: checksum mismatch in tensor '\w+'"):
-        shardconv.convert(path, tmp_path / "o.npz", max_memory="4MiB")
-    assert hit and not (tmp_path / "o.npz").exists()
-    monkeypatch.setattr(pipeline, "kernel_copy", real)
-    shardconv.convert(path, tmp_path / "again.npz", max_memory="4MiB")
-    got = dict(np.load(tmp_path / "again.npz"))
-    assert all(np.array_equal(got[k], v) for k, v in tree.items())
-
-
-@pytest.mark.parametrize("case", ["other-filesystem", "stops-early", "io-error"])
-def test_where_the_kernel_cannot_copy_the_chunk_goes_in_pieces(src, tmp_path, monkeypatch, case):
-    """``copy_file_range`` refuses these files (EXDEV: other filesystems; then it is not tried
-    again in this run), copies nothing mid-chunk, or fails (EIO) on one call: those chunks are
-    copied in pieces, and the output is exact."""
-    path, tree = src
-    fail = {"other-filesystem": lambda k: errno.EXDEV, "stops-early": lambda k: 0 if k == 3 else None,
-            "io-error": lambda k: errno.EIO if k == 2 else None}[case]
-    moved = _counting_copy_file_range(monkeypatch, fail)
-    pieces = []
-    real = pipeline.write_direct
-    monkeypatch.setattr(pipeline, "write_direct", lambda *a: (pieces.append(a[1]), real(*a))[1])
-    r = shardconv.convert(path, tmp_path / "o.npz", max_memory="4MiB")
-    if case == "other-filesystem":
-        assert moved == [0] and len(pieces) == r.chunks_written - 1  # the empty tensor has no bytes
-    else:
-        assert len(pieces) == 1 and len(moved) > 3
-    got = dict(np.load(tmp_path / "o.npz"))
-    assert set(got) == set(tree) and all(np.array_equal(got[k], v) and got[k].dtype == v.dtype for k, v in tree.items())
 
 
 class _LateSink(RawDirSink):
@@ -281,7 +170,6 @@ def test_a_failed_write_mid_chunk_stops_the_reader_and_leaves_nothing(src, tmp_p
 
     from shardconv.errors import DestinationError
 
-    monkeypatch.setattr(pipeline, "KERNEL_COPY", False)  # the piecewise path
     path, tree = src
     monkeypatch.setattr(pipeline, "PIECE", 64 << 10)  # many pieces per chunk
     calls = []

@@ -3,18 +3,12 @@ thread writes them and journals each, in order, once its write is done.
 
 Three things keep the bytes' trips through memory few (docs/design.md, "Speed"):
 
-- A chunk whose bytes lie verbatim in a source file (``Source.raw_range``) and go to one
-  byte range of a local file of the sink (``Sink.file_range``) is copied by the kernel, as
-  ``cp`` copies (``copy_file_range``: the reader thread's one call moves them from page cache
-  to page cache); this thread then computes the source checksum and the sink's receipt
-  checksum over the bytes that landed in the output, through a mapping of it (no copy out),
-  and journals the chunk. What was written is what is checked.
-- Where the kernel cannot copy (other filesystems, no such call) or stops early (the source
-  ended, an I/O error), or the sink has no file range but stores parts of chunks
-  (``Capabilities.piecewise``), the chunk is copied in cache-sized pieces: the reader thread
-  reads each piece and computes both checksums while it is still in the CPU's cache, and
-  hands it to this thread, which writes it (on a busy machine each thread gets its share of
-  a core). Copying a chunk again this way is also how an early stop gets its one-line error.
+- A chunk whose bytes lie verbatim in a source file (``Source.raw_range``) and whose sink
+  stores parts of chunks (``Capabilities.piecewise``) is copied in cache-sized pieces: the
+  reader thread reads each piece and computes its source checksum and the sink's receipt
+  checksum while it is still in the CPU's cache, and hands it to this thread, which writes it
+  (as ``cp`` copies through a small buffer, but on two cores: on a busy machine each thread
+  gets its share of a core).
 - Any other chunk is filled into a pooled buffer by the reader thread, which also computes
   the sink's receipt checksum there, beside the writer rather than in its way.
 - A sink's write may return a pending receipt (``result()``): up to all but two of the pool's
@@ -36,16 +30,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import DestinationError
 from ..progress import ProgressArg
 from ..progress import start as start_progress
 from ..util.checksums import BY_NAME
-from ..util.fileio import KernelCopyUnsupported, kernel_copy, mapped, pread_exact
+from ..util.fileio import pread_exact
 from .budget import Budget, BufferPool
 from .integrity import IntegrityTracker
 from .journal import Journal
 from .plan import Chunk, Copy, Plan
-from .types import FileRange, RawRange, Segment
+from .types import RawRange, Segment
 
 if TYPE_CHECKING:  # the contract only; core never imports a sink at run time
     from ..sinks.base import Sink
@@ -87,10 +80,6 @@ def start_kill_timer() -> None:
 
 #: Pieces of one direct chunk read ahead of the writer (each a slice of the chunk's buffer).
 SLOTS = 4
-#: Copy verbatim chunks in the kernel where the sink gives a file range (tests of the
-#: piecewise path turn it off). Measured, TF1 1 GiB -> npz cold, medians of 5: 0.93-0.95 CPU s
-#: against 1.09-1.43 s in pieces, ``cp`` 0.52-0.60 s (bench/README.md, "Kernel copy").
-KERNEL_COPY = True
 
 
 class _Pieces:
@@ -122,7 +111,6 @@ class _Item:
     crc: int | None = None
     pieces: _Pieces | None = None
     receipt: Any = None
-    copied: tuple[RawRange, FileRange] | None = None
 
 
 def run(plan: Plan, sink: Sink, journal: Journal, tracker: IntegrityTracker, todo: list[tuple[int, Chunk]],
@@ -173,7 +161,6 @@ def _until_stopped(get: Callable[..., Any], stop: threading.Event) -> Any:
 def _reader(plan: Plan, sink: Sink, todo: list[tuple[int, Chunk]], pool: BufferPool,
             filled: queue.Queue, stop: threading.Event) -> None:
     piecewise = sink.capabilities.piecewise and sink.receipt_checksum is not None
-    in_kernel = KERNEL_COPY
     checksum = BY_NAME[sink.receipt_checksum] if sink.receipt_checksum else None
     source = plan.source
     try:
@@ -186,14 +173,6 @@ def _reader(plan: Plan, sink: Sink, todo: list[tuple[int, Chunk]], pool: BufferP
                 if piecewise and c.length and type(producer) is Copy else None
             if raw is not None:
                 _prefetch(raw, c.length)
-                target = sink.file_range(c) if in_kernel else None
-                if target is not None:
-                    try:
-                        if kernel_copy(raw.fd, raw.offset, target.fd, target.offset, c.length) == c.length:
-                            filled.put(_Item(i, c, buf, copied=(raw, target)))
-                            continue
-                    except KernelCopyUnsupported:
-                        in_kernel = False  # these files' filesystems: every chunk goes in pieces
                 pieces = _Pieces(buf, c.length)
                 filled.put(_Item(i, c, buf, pieces=pieces))
                 if not read_direct(sink, c, raw, pieces, stop):
@@ -276,33 +255,6 @@ def write_direct(sink: Sink, chunk: Chunk, pieces: _Pieces) -> tuple[int, list[S
     return pieces.receipt, pieces.segs
 
 
-def checksum_copied(sink: Sink, chunk: Chunk, raw: RawRange, target: FileRange,
-                    buf: memoryview) -> tuple[int, list[Segment]]:
-    """The receipt and the source checksum segments of a chunk the kernel copied, computed over
-    the bytes now at ``target``: through a mapping of the output in ``PIECE``-sized pieces
-    (each checksummed twice while in cache), or read into ``buf`` where it cannot be mapped.
-
-    Raises: DestinationError if the output cannot be read back."""
-    src = BY_NAME[raw.algorithm] if raw.unit is not None and raw.algorithm else None
-    assert sink.receipt_checksum is not None
-    out = BY_NAME[sink.receipt_checksum]
-    same = src is out
-    s = r = 0
-    length = chunk.length
-    with mapped(target.fd, target.offset, length) as view:
-        for k in range(0, length, PIECE):
-            if view is not None:
-                piece = view[k:k + PIECE]
-            else:
-                piece = buf[:min(PIECE, length - k)]
-                pread_exact(target.fd, piece, target.offset + k, target.file, raw.tensor, DestinationError)
-            if src is not None:
-                s = src(piece, s)
-            r = s if same else out(piece, r)
-        piece = None  # the mapping's slices go before it is unmapped
-    return r, [Segment(raw.unit, raw.unit_offset, length, s)] if raw.unit is not None and src else []
-
-
 def _pending(receipt: Any) -> bool:
     return callable(getattr(receipt, "result", None))
 
@@ -323,10 +275,7 @@ class _Writer:
 
     def write(self, item: _Item) -> None:
         c = item.chunk
-        if item.copied is not None:
-            item.receipt, item.segs = checksum_copied(self.sink, c, *item.copied, item.buf)
-            self.sink.wrote_range(c)
-        elif item.pieces is not None:
+        if item.pieces is not None:
             item.receipt, item.segs = write_direct(self.sink, c, item.pieces)
         else:
             item.receipt = self.sink.write(c, item.buf[: c.length], item.crc)

@@ -111,12 +111,3 @@ class RawRange(NamedTuple):
     unit: str | None          # the checksum unit the bytes belong to (None: not checksummed)
     unit_offset: int          # where the bytes start within that unit
     algorithm: str | None     # the unit's checksum: "crc32c" or "crc32"
-
-
-class FileRange(NamedTuple):
-    """Where a chunk's bytes go in a local file a sink writes (``Sink.file_range``): the engine
-    may copy a ``RawRange`` there in the kernel, as ``cp`` copies, and checksum what landed."""
-
-    fd: int                   # open for reading and writing; owned (and closed) by the sink
-    offset: int               # where the chunk's first byte goes
-    file: str                 # the file, for messages

@@ -37,7 +37,6 @@ from typing import Any, ClassVar
 
 from ..core.destination import Destination, SinkContext
 from ..core.plan import Chunk, OutputTensor
-from ..core.types import FileRange
 from ..errors import UsageError
 from ..frontend import option_name
 from ..util.dtypes import STRING
@@ -280,22 +279,6 @@ class Sink(ABC):
 
         Returns: None. Raises: DestinationError or DurabilityError on I/O failure."""
         raise NotImplementedError(f"the {self.name} sink does not store parts of chunks")
-
-    def file_range(self, chunk: Chunk) -> FileRange | None:
-        """Where ``chunk``'s bytes go, when that is one byte range of a local file this sink
-        writes (``capabilities.piecewise`` sinks only): the engine may then copy verbatim source
-        bytes there itself, in the kernel, and calls ``wrote_range``. None (the default): the
-        bytes come through ``write_part``.
-
-        Raises: nothing."""
-        return None
-
-    def wrote_range(self, chunk: Chunk) -> None:
-        """The engine has put ``chunk``'s bytes at ``file_range(chunk)`` itself (what
-        ``write_part`` of the whole chunk would have done besides writing: writeback, say).
-
-        Returns: None. Raises: DestinationError."""
-        return None
 
     @abstractmethod
     def check(self, chunk: Chunk, receipt: Any) -> bool:

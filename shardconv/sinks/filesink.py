@@ -13,7 +13,6 @@ from typing import Any
 
 from .. import __version__
 from ..core.plan import Chunk
-from ..core.types import FileRange
 from ..errors import DestinationError, UsageError
 from ..frontend import option_name
 from ..util import safefs
@@ -141,15 +140,6 @@ class OffsetSink(Sink):
         pwrite_all(f.fd, data, pos, f.path)
         if self.ctx is not None and self.ctx.durable:
             self._writeback.wrote(f.fd, pos, len(data))
-
-    def file_range(self, chunk: Chunk) -> FileRange | None:
-        f, pos = self.place(chunk)
-        return FileRange(f.fd, pos, str(f.path)) if f.fd >= 0 else None
-
-    def wrote_range(self, chunk: Chunk) -> None:
-        if self.ctx is not None and self.ctx.durable:
-            f, pos = self.place(chunk)
-            self._writeback.wrote(f.fd, pos, chunk.length)
 
     def check(self, chunk: Chunk, receipt: Any) -> bool:
         f, pos = self.place(chunk)

@@ -1,6 +1,6 @@
 """Faults injected into the ``os`` functions themselves (not shardconv's wrappers), so every
-caller is hit: a full disk on ``os.pwrite`` and ``os.copy_file_range`` (the engine's copy in
-the kernel), an I/O error on ``os.fsync``, an ``os.open`` or ``os.replace`` that fails. A ``Fault`` is plain data (``asdict`` / ``Fault(**d)``), so a test
+caller is hit: a full disk on ``os.pwrite``, an I/O error on ``os.fsync``, an ``os.open`` or
+``os.replace`` that fails. A ``Fault`` is plain data (``asdict`` / ``Fault(**d)``), so a test
 helper that converts in another process (a TensorFlow worker) can install the same faults
 there with ``injected`` and send back the counts.
 """
@@ -15,11 +15,8 @@ from typing import Any
 
 import pytest
 
-#: The functions a fault can replace, and how each call names its path (``copy_file_range``:
-#: the file it writes, its second descriptor).
-FD_FUNCTIONS = ("pwrite", "write", "fsync", "copy_file_range")
-#: A fault on every way bytes reach an output file, counted together.
-WRITES = "pwrite|copy_file_range"
+#: The functions a fault can replace, and how each call names its path.
+FD_FUNCTIONS = ("pwrite", "write", "fsync")
 PATH_FUNCTIONS = ("open", "replace", "rename")
 
 
@@ -27,8 +24,7 @@ PATH_FUNCTIONS = ("open", "replace", "rename")
 class Fault:
     """``os.<fn>`` fails with ``err`` on the calls whose path contains ``path`` and not
     ``exclude`` (an empty string matches every call), from the ``after + 1``-th such call
-    on; ``after=None`` only counts them. ``fn`` may name several functions joined by ``|``
-    (``WRITES``): their calls are counted together. The path of ``pwrite``/``write``/``fsync`` is the
+    on; ``after=None`` only counts them. The path of ``pwrite``/``write``/``fsync`` is the
     file the descriptor names; of ``open`` its path (joined to ``dir_fd``'s); of
     ``replace``/``rename`` the destination."""
 
@@ -52,8 +48,6 @@ def fd_path(fd: int) -> str:
 
 
 def _where(fn: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
-    if fn == "copy_file_range":
-        return fd_path(args[1])
     if fn in FD_FUNCTIONS:
         return fd_path(args[0])
     if fn == "open":
@@ -63,9 +57,9 @@ def _where(fn: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
     return os.fsdecode(args[1] if len(args) > 1 else kwargs.get("dst", ""))
 
 
-def _wrap(fault: Fault, fn: str, real: Callable[..., Any], counts: list[int], k: int) -> Callable[..., Any]:
+def _wrap(fault: Fault, real: Callable[..., Any], counts: list[int], k: int) -> Callable[..., Any]:
     def call(*args: Any, **kwargs: Any) -> Any:
-        if fault.matches(_where(fn, args, kwargs)):
+        if fault.matches(_where(fault.fn, args, kwargs)):
             counts[k] += 1
             if fault.after is not None and counts[k] > fault.after:
                 raise OSError(fault.err, os.strerror(fault.err))
@@ -79,8 +73,7 @@ def injected(faults: list[Fault]) -> Iterator[list[int]]:
     counts = [0] * len(faults)
     with pytest.MonkeyPatch.context() as mp:
         for k, fault in enumerate(faults):
-            for fn in fault.fn.split("|"):
-                if fn not in FD_FUNCTIONS + PATH_FUNCTIONS:
-                    raise ValueError(f"no fault for os.{fn}")
-                mp.setattr(os, fn, _wrap(fault, fn, getattr(os, fn), counts, k))
+            if fault.fn not in FD_FUNCTIONS + PATH_FUNCTIONS:
+                raise ValueError(f"no fault for os.{fault.fn}")
+            mp.setattr(os, fault.fn, _wrap(fault, getattr(os, fault.fn), counts, k))
         yield counts

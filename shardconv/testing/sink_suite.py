@@ -15,7 +15,7 @@ import pytest
 from .. import api
 from ..errors import DestinationError, DurabilityError, ShardconvError
 from .caselog import log_case
-from .faults import WRITES, Fault, injected
+from .faults import Fault, injected
 
 
 def reference_tree() -> dict[str, np.ndarray]:
@@ -257,13 +257,10 @@ class SinkTests:
             pytest.skip(f"{self._label()}: convert runs in another process; override convert_faulty")
         return self.snapshot(clean)
 
-    @pytest.mark.parametrize("fn,err", [(WRITES, errno.ENOSPC), (WRITES, errno.EIO), ("pwrite", errno.ENOSPC),
-                                        ("write", errno.ENOSPC)])
+    @pytest.mark.parametrize("fn,err", [("pwrite", errno.ENOSPC), ("pwrite", errno.EIO), ("write", errno.ENOSPC)])
     def test_a_write_error_is_one_line_and_the_next_run_resumes(self, source_npz, tmp_path, fn, err):
-        """Writes fail (a full disk, an I/O error) from halfway through the calls a run makes:
-        os.pwrite and os.copy_file_range (the engine's copy in the kernel) together, os.pwrite
-        alone (the kernel's copy then stops at nothing, the rest is what fails) or os.write:
-        one line, nothing at DEST, the partial kept; the next run resumes it."""
+        """os.pwrite or os.write fails (a full disk, an I/O error) from halfway through the calls
+        a run makes: one line, nothing at DEST, the partial kept; the next run resumes it."""
         src, _ = source_npz
         want = self._clean_run(src, tmp_path)
         _, (calls,) = self.convert_faulty(src, tmp_path / f"counted{self.suffix}", [Fault(fn, after=None)])
@@ -275,7 +272,7 @@ class SinkTests:
         assert (Path(f"{dest}.partial") / "journal.jsonl").exists()
         r = self.convert(src, dest, max_memory="1MiB")
         assert r.chunks_resumed > 0 and self.snapshot(dest) == want
-        log_case(f"fault-{'writes' if fn == WRITES else fn}-{errno.errorcode[err]}", self._label())
+        log_case(f"fault-{fn}-{errno.errorcode[err]}", self._label())
 
     def test_a_failed_fsync_of_the_output_is_one_line_and_discards_the_partial(self, source_npz, tmp_path):
         """os.fsync fails (EIO) on the output being built: after a failed fsync nothing written

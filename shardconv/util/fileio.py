@@ -13,12 +13,9 @@ fsync stalls: a durable conversion runs at the speed of a plain copy.
 """
 from __future__ import annotations
 
-import contextlib
 import ctypes
-import errno
-import mmap
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 from ..errors import DestinationError, DurabilityError, FormatError, SourceError
@@ -96,20 +93,19 @@ class Writeback:
             del self._runs[fd]
 
 
-def pread_exact(fd: int, out: memoryview, offset: int, file: object, tensor: str,
-                error: type[Exception] | None = None) -> None:
+def pread_exact(fd: int, out: memoryview, offset: int, file: object, tensor: str) -> None:
     """Fill ``out`` from ``offset`` of ``fd`` (continuing after short reads).
 
     Raises: SourceError on a read error, FormatError if the file ends first (both name the
-    file and the tensor being read); ``error`` for both where given (reading back an output)."""
+    file and the tensor being read)."""
     done = 0
     while done < len(out):
         try:
             got = os.preadv(fd, [out[done:]], offset + done)
         except OSError as e:
-            raise (error or SourceError)(f"{file}: read error in tensor {tensor!r}: {e.strerror}") from None
+            raise SourceError(f"{file}: read error in tensor {tensor!r}: {e.strerror}") from None
         if got == 0:
-            raise (error or FormatError)(f"{file}: file ends inside tensor {tensor!r} (truncated?)")
+            raise FormatError(f"{file}: file ends inside tensor {tensor!r} (truncated?)")
         done += got
 
 
@@ -200,65 +196,6 @@ def truncate(fd: int, size: int, path: object) -> None:
         os.ftruncate(fd, size)
     except OSError as e:
         raise DestinationError(f"{path}: cannot size the output to {size} bytes: {e.strerror}") from None
-
-
-#: errno values with which ``copy_file_range`` says it cannot copy between two files at all:
-#: they are on different filesystems, or the kernel, the filesystem or a file's mode lacks it.
-_NO_KERNEL_COPY = frozenset({errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL, errno.EBADF,
-                             errno.EPERM, errno.ETXTBSY})
-_POPULATE = getattr(mmap, "MAP_POPULATE", 0)
-
-
-class KernelCopyUnsupported(Exception):
-    """``copy_file_range`` cannot copy between these two files (internal: callers then read)."""
-
-
-def kernel_copy(src: int, src_offset: int, dst: int, dst_offset: int, length: int) -> int:
-    """Copy ``length`` bytes from ``src`` to ``dst`` in the kernel (``copy_file_range``, what
-    ``cp`` does: no byte passes through this process's memory).
-
-    Returns: how many bytes were copied, fewer if the kernel stopped early (the source ended,
-    an I/O error): the caller then copies by reading, which says which file failed and how.
-    Raises: KernelCopyUnsupported where these files cannot be copied in the kernel at all."""
-    copy = getattr(os, "copy_file_range", None)
-    if copy is None:
-        raise KernelCopyUnsupported("no copy_file_range here")
-    done = 0
-    while done < length:
-        try:
-            n = copy(src, dst, length - done, src_offset + done, dst_offset + done)
-        except OSError as e:
-            if done == 0 and e.errno in _NO_KERNEL_COPY:
-                raise KernelCopyUnsupported(e.strerror) from None
-            return done
-        if n <= 0:
-            return done
-        done += n
-    return done
-
-
-@contextlib.contextmanager
-def mapped(fd: int, offset: int, length: int) -> Iterator[memoryview | None]:
-    """A read-only view of bytes [offset, offset+length) of ``fd`` (which must hold them)
-    through a shared mapping with every page mapped at once: reading it copies nothing out of
-    the page cache. None where the file cannot be mapped (some network or FUSE filesystems).
-    Callers drop every slice they took before the block ends."""
-    start = offset - offset % mmap.ALLOCATIONGRANULARITY
-    try:
-        m = mmap.mmap(fd, offset + length - start, flags=mmap.MAP_SHARED | _POPULATE, prot=mmap.PROT_READ,
-                      offset=start)
-    except (OSError, ValueError):
-        yield None
-        return
-    whole = memoryview(m)
-    view = whole[offset - start:]
-    try:
-        yield view
-    finally:
-        view.release()
-        whole.release()
-        with contextlib.suppress(BufferError):  # a slice kept alive by a traceback: unmapped when it goes
-            m.close()
 
 
 def open_read(path: str | os.PathLike[str], error: type[Exception], what: str = "") -> int:

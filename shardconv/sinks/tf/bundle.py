@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 from ...core.plan import Chunk, OutputTensor
-from ...core.types import FileRange
 from ...formats import bundleformat
 from ...util import safefs
 from ...util.checksums import combine_crc32c, crc32c, mask
@@ -120,17 +119,6 @@ class Bundle:
             pwrite_all(self._fd, data, base + chunk.offset, self.data_path)
             if durable:
                 self._writeback.wrote(self._fd, base + chunk.offset, len(data))
-
-    def file_range(self, chunk: Chunk) -> FileRange | None:
-        """Where the chunk goes when its output has one key (``Sink.file_range``), else None."""
-        bases = self.offsets[chunk.index]
-        return FileRange(self._fd, bases[0] + chunk.offset, str(self.data_path)) \
-            if len(bases) == 1 and self._fd >= 0 else None
-
-    def wrote_range(self, chunk: Chunk, durable: bool) -> None:
-        """The engine put the chunk at ``file_range(chunk)``."""
-        if durable:
-            self._writeback.wrote(self._fd, self.offsets[chunk.index][0] + chunk.offset, chunk.length)
 
     def sync(self) -> bool:
         """fsync the data file (every chunk written so far). Returns: True. Raises: DurabilityError."""

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 from ...core.plan import Chunk, OutputTensor
-from ...core.types import FileRange
 from ...errors import DestinationError
 from ...formats import bundleformat
 from ...frontend import option
@@ -166,13 +165,6 @@ class TFSink(Sink):
     def write_part(self, chunk: Chunk, data: memoryview) -> None:
         assert self._bundle is not None
         self._bundle.write(chunk, data, self._ctx().durable)
-
-    def file_range(self, chunk: Chunk) -> FileRange | None:
-        return self._bundle.file_range(chunk) if self._bundle is not None else None
-
-    def wrote_range(self, chunk: Chunk) -> None:
-        assert self._bundle is not None
-        self._bundle.wrote_range(chunk, self._ctx().durable)
 
     def check(self, chunk: Chunk, receipt: Any) -> bool:
         return self._bundle is not None and self._bundle.check(chunk, receipt)
