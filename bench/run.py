@@ -492,9 +492,9 @@ def resume_kill_point(runner: Runner, argv_for: Callable[[Path], list[str]]) -> 
 # table
 
 
-COLUMNS = ["row", "input GiB", "wall s", "min-max s", "CPU s", "CPU s/GiB", "CPU x cp", "machine CPU s",
-           "mCPU x cp+sync", "peak RSS MiB", "x cp", "x cp+sync", "load", "budget", "status"]
-RIGHT = set(range(1, 13))
+COLUMNS = ["row", "input GiB", "wall s", "min-max s", "CPU s", "CPU s/GiB", "CPU x cp", "CPU x cp paired",
+           "machine CPU s", "mCPU x cp+sync", "peak RSS MiB", "x cp", "x cp+sync", "load", "budget", "status"]
+RIGHT = set(range(1, 14))
 
 
 def table_cells(s: dict) -> list[str]:
@@ -511,7 +511,7 @@ def table_cells(s: dict) -> list[str]:
     loads = [x for x in s.get("loads", []) if x is not None]
     load = "-" if not loads else f"{min(loads):.1f}" + (f"-{max(loads):.1f}" if max(loads) > min(loads) else "")
     return [s["label"], size, f("wall_s", "{:.3f}"), spread, f("cpu_s", "{:.2f}"), f("cpu_s_per_gib", "{:.2f}"),
-            f("cpu_x_cp", "{:.2f}"), f("machine_cpu_s", "{:.2f}"), f("mcpu_x_cp_sync", "{:.2f}"),
+            f("cpu_x_cp", "{:.2f}"), f("cpu_x_cp_paired", "{:.2f}"), f("machine_cpu_s", "{:.2f}"), f("mcpu_x_cp_sync", "{:.2f}"),
             f("peak_rss_mib", "{:.0f}"), f("x_cp", "{:.2f}"), f("x_cp_sync", "{:.2f}"),
             load, budget, status]
 
@@ -590,7 +590,8 @@ def notes(results: dict) -> list[str]:
     lines.append(f"wall, CPU = medians of {m['repeat']}; CPU = user + sys of the child and its descendants "
                  f"(/usr/bin/time); CPU s/GiB per GiB of input; peak RSS = max over repeats of "
                  f"max(/usr/bin/time %M, psutil tree-sum every {m['interval_s'] * 1000:g} ms); x cp, CPU x cp = "
-                 f"this row / the cp row of the same input in this run; machine CPU = busy CPU seconds of the whole "
+                 f"this row / the cp row of the same input in this run; CPU x cp paired = the median over the "
+                 f"repeats of this row's CPU / the CPU of that repeat's cp run; machine CPU = busy CPU seconds of the whole "
                  f"machine during the run (/proc/stat, the bench's own left out): the row's plus the kernel's writeback "
                  f"threads (which write what cp leaves dirty, and what sync asks for) plus anything else running; "
                  f"mCPU x cp+sync = this row's / the cp+sync row's, the same durable work on both sides; "
@@ -777,6 +778,15 @@ def sized(runner: Runner, a: argparse.Namespace, size: float, ctx: dict, results
             remove(Path(inp["dir"]))
 
 
+def paired_ratio(runs: list[dict], cp_runs: list[dict]) -> float | None:
+    """Median over the repeats of this row's CPU over the CPU of the ``cp`` run of the same
+    repeat (rows alternate within a repeat): steadier than the ratio of the medians when
+    the machine drifts during a run, as ``cp``'s own CPU does here (1.7-3.7 s for 4 GiB)."""
+    ratios = [r["cpu_s"] / c["cpu_s"] for r, c in zip(runs, cp_runs)
+              if r["error"] is None and c["error"] is None and r.get("cpu_s") and c.get("cpu_s")]
+    return statistics.median(ratios) if ratios else None
+
+
 def _summarize_size(a: argparse.Namespace, rows: list[Row], res: dict[str, RowResult], inputs: dict,
                     resume: dict | None, summaries: list[dict], footprint: dict[str, int]) -> None:
     base = {i: tuple(res[b.label].summary(None, None, None, None) for b in BASELINES[i]) for i in inputs}
@@ -790,6 +800,8 @@ def _summarize_size(a: argparse.Namespace, rows: list[Row], res: dict[str, RowRe
         if lib in footprint:
             s["budget_rule"] = (f"--max-memory {a.max_memory} + {lib} {footprint[lib] / MIB:.0f} MiB "
                                 f"(this run) + {LIBRARY_SLACK // MIB} MiB = {allowed / MIB:.0f} MiB")
+        if row.kind != "baseline":
+            s["cpu_x_cp_paired"] = paired_ratio(res[row.label].runs, res[BASELINES[row.input][0].label].runs)
         by_label[row.label] = {**s, "runs": res[row.label].runs}
     full, rs = by_label.get("npz"), by_label.get("resume")
     if rs and resume and "point" in resume and full and rs.get("wall_s") and full.get("wall_s"):
