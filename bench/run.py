@@ -511,7 +511,8 @@ def table_cells(s: dict) -> list[str]:
     loads = [x for x in s.get("loads", []) if x is not None]
     load = "-" if not loads else f"{min(loads):.1f}" + (f"-{max(loads):.1f}" if max(loads) > min(loads) else "")
     return [s["label"], size, f("wall_s", "{:.3f}"), spread, f("cpu_s", "{:.2f}"), f("cpu_s_per_gib", "{:.2f}"),
-            f("cpu_x_cp", "{:.2f}"), f("cpu_x_cp_paired", "{:.2f}"), f("machine_cpu_s", "{:.2f}"), f("mcpu_x_cp_sync", "{:.2f}"),
+            f("cpu_x_cp", "{:.2f}"), f("cpu_x_cp_paired", "{:.2f}"), f("machine_cpu_s", "{:.2f}"),
+            f("mcpu_x_cp_sync", "{:.2f}"),
             f("peak_rss_mib", "{:.0f}"), f("x_cp", "{:.2f}"), f("x_cp_sync", "{:.2f}"),
             load, budget, status]
 
@@ -591,7 +592,8 @@ def notes(results: dict) -> list[str]:
                  f"(/usr/bin/time); CPU s/GiB per GiB of input; peak RSS = max over repeats of "
                  f"max(/usr/bin/time %M, psutil tree-sum every {m['interval_s'] * 1000:g} ms); x cp, CPU x cp = "
                  f"this row / the cp row of the same input in this run; CPU x cp paired = the median over the "
-                 f"repeats of this row's CPU / the CPU of that repeat's cp run; machine CPU = busy CPU seconds of the whole "
+                 f"repeats of this row's CPU / the CPU of that repeat's cp run; machine CPU = busy CPU seconds of "
+                 f"the whole "
                  f"machine during the run (/proc/stat, the bench's own left out): the row's plus the kernel's writeback "
                  f"threads (which write what cp leaves dirty, and what sync asks for) plus anything else running; "
                  f"mCPU x cp+sync = this row's / the cp+sync row's, the same durable work on both sides; "
@@ -780,8 +782,8 @@ def sized(runner: Runner, a: argparse.Namespace, size: float, ctx: dict, results
 
 def paired_ratio(runs: list[dict], cp_runs: list[dict]) -> float | None:
     """Median over the repeats of this row's CPU over the CPU of the ``cp`` run of the same
-    repeat (rows alternate within a repeat): steadier than the ratio of the medians when
-    the machine drifts during a run, as ``cp``'s own CPU does here (1.7-3.7 s for 4 GiB)."""
+    repeat (rows alternate within a repeat): it follows the machine when it drifts during a
+    run, which the ratio of the medians does not (``cp``'s own CPU here: 1.7-3.7 s for 4 GiB)."""
     ratios = [r["cpu_s"] / c["cpu_s"] for r, c in zip(runs, cp_runs)
               if r["error"] is None and c["error"] is None and r.get("cpu_s") and c.get("cpu_s")]
     return statistics.median(ratios) if ratios else None
