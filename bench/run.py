@@ -593,9 +593,9 @@ def notes(results: dict) -> list[str]:
                  f"max(/usr/bin/time %M, psutil tree-sum every {m['interval_s'] * 1000:g} ms); x cp, CPU x cp = "
                  f"this row / the cp row of the same input in this run; CPU x cp paired = the median over the "
                  f"repeats of this row's CPU / the CPU of that repeat's cp run; machine CPU = busy CPU seconds of "
-                 f"the whole "
-                 f"machine during the run (/proc/stat, the bench's own left out): the row's plus the kernel's writeback "
-                 f"threads (which write what cp leaves dirty, and what sync asks for) plus anything else running; "
+                 f"the whole machine during the run (/proc/stat, the bench's own left out): the row's plus the kernel's "
+                 f"writeback threads (which write what cp leaves dirty, and what sync asks for) plus anything else "
+                 f"running; "
                  f"mCPU x cp+sync = this row's / the cp+sync row's, the same durable work on both sides; "
                  f"load = 1-min load average before each run")
     return lines
