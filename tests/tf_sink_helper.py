@@ -26,10 +26,12 @@ os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
 import json  # noqa: E402
 import re  # noqa: E402
+import shutil  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 import traceback  # noqa: E402
 from pathlib import Path  # noqa: E402
+from typing import TextIO  # noqa: E402
 
 import numpy as np  # noqa: E402
 
@@ -272,6 +274,14 @@ def serve() -> int:
     tmp = Path(tempfile.mkdtemp(prefix="tf-sink-helper-"))
     proto.write("ready\n")
     proto.flush()
+    try:
+        _serve_requests(proto, tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return 0
+
+
+def _serve_requests(proto: TextIO, tmp: Path) -> None:
     for n, line in enumerate(sys.stdin):
         req = json.loads(line)
         result_path, log_path = str(tmp / f"{n}.json"), str(tmp / f"{n}.log")
@@ -287,7 +297,6 @@ def serve() -> int:
         log = Path(log_path).read_text(errors="replace") if Path(log_path).exists() else ""
         proto.write(json.dumps({"rc": rc, "res": res, "log": log[-4000:]}) + "\n")
         proto.flush()
-    return 0
 
 
 if __name__ == "__main__":
