@@ -44,8 +44,6 @@ from .plan import Chunk, Copy, Plan
 from .types import RawRange, Segment
 
 if TYPE_CHECKING:  # the contract only; core never imports a sink at run time
-    from concurrent.futures import Executor, Future
-
     from ..sinks.base import Sink
 
 #: Bytes read, checksummed and written at a time on the direct path. A file sink writes a
@@ -87,11 +85,6 @@ def start_kill_timer() -> None:
 
 #: Pieces of one direct chunk read ahead of the writer (each a slice of the chunk's buffer).
 SLOTS = 4
-#: Pieces written at once (``Sink.write_part`` on as many threads): past the page cache each
-#: write waits for the disk, and one at a time left a fast disk idle between them (4 GiB cold,
-#: bench/README.md "Writing past the page cache": 9.4 s with one, 5.4 s with two, 6.3 s `cp`
-#: and `sync`).
-WRITES_IN_FLIGHT = 2
 
 
 class _Pieces:
@@ -126,8 +119,6 @@ class _Pieces:
             self.free.put(k)
         self.receipt = 0
         self.segs: list[Segment] = []
-
-
 @dataclass
 class _Item:
     """A chunk on its way: its buffer (also the budget's token for a direct copy), what the
@@ -170,8 +161,6 @@ def run(plan: Plan, sink: Sink, journal: Journal, tracker: IntegrityTracker, tod
         writer.poll_sync(wait=True)
     finally:
         writer.stop_sync()
-        if writer.writers is not None:
-            writer.writers.shutdown()
         stop.set()
         thread.join()
         if bar is not None:
@@ -291,38 +280,21 @@ def read_direct(sink: Sink, chunk: Chunk, raw: RawRange, pieces: _Pieces, stop: 
     return True
 
 
-def write_direct(sink: Sink, chunk: Chunk, pieces: _Pieces, writers: Executor) -> tuple[int, list[Segment]]:
-    """Write the pieces of ``chunk`` as the reader hands them over (``read_direct``), up to
-    ``WRITES_IN_FLIGHT`` at a time on ``writers``; a slot goes back to the reader once its
-    piece is written.
+def write_direct(sink: Sink, chunk: Chunk, pieces: _Pieces) -> tuple[int, list[Segment]]:
+    """Write the pieces of ``chunk`` as the reader hands them over (``read_direct``).
 
-    Returns: (the chunk's receipt, its source checksum segments), once every piece is written.
-    Raises: what the reader raised (SourceError, FormatError for a short file) and what
-    ``write_part`` raises, after the writes in flight have ended."""
+    Returns: (the chunk's receipt, its source checksum segments). Raises: what the reader
+    raised (SourceError, FormatError for a short file) and what ``write_part`` raises."""
     k = 0
     get, free, slots, write, index, offset = pieces.ready.get, pieces.free.put, pieces.slots, sink.write_part, \
         chunk.index, chunk.offset - pieces.back
-    flight: deque[tuple[Future[None], int]] = deque()
-    # A slot must stay for the reader to fill while the others are written.
-    depth = max(1, min(WRITES_IN_FLIGHT, len(slots) - 1))
-    try:
-        while (got := get()) is not None:
-            if isinstance(got, BaseException):
-                raise got
-            slot, n = got
-            flight.append((writers.submit(write, Chunk(index, offset + k, n), slots[slot][:n]), slot))
-            k += n
-            if len(flight) >= depth:
-                done, slot = flight.popleft()
-                done.result()
-                free(slot)
-        while flight:
-            done, slot = flight.popleft()
-            done.result()
-            free(slot)
-    finally:
-        for f, _ in flight:  # on an error: nothing may go on writing from a slot the reader refills
-            f.exception()
+    while (got := get()) is not None:
+        if isinstance(got, BaseException):
+            raise got
+        slot, n = got
+        write(Chunk(index, offset + k, n), slots[slot][:n])
+        free(slot)
+        k += n
     return pieces.receipt, pieces.segs
 
 
@@ -343,15 +315,11 @@ class _Writer:
         self.journaled = len(done)
         self._sync: tuple[threading.Thread, list[Any], int] | None = None
         self.marks = 0
-        self.writers: Executor | None = None
 
     def write(self, item: _Item) -> None:
         c = item.chunk
         if item.pieces is not None:
-            if self.writers is None:
-                from concurrent.futures import ThreadPoolExecutor  # here: it imports logging, ~10 ms
-                self.writers = ThreadPoolExecutor(WRITES_IN_FLIGHT, thread_name_prefix="shardconv-write")
-            item.receipt, item.segs = write_direct(self.sink, c, item.pieces, self.writers)
+            item.receipt, item.segs = write_direct(self.sink, c, item.pieces)
         else:
             item.receipt = self.sink.write(c, item.buf[: c.length], item.crc)
         self.flight.append(item)

@@ -276,8 +276,7 @@ class Sink(ABC):
     def write_part(self, chunk: Chunk, data: memoryview) -> None:
         """Store a contiguous part of a chunk (``capabilities.piecewise`` sinks only), or of its
         output around it (see ``page_offset``); the engine makes the chunk's receipt, its
-        ``receipt_checksum``, from the chunk's own bytes. It is called on up to
-        ``core.pipeline.WRITES_IN_FLIGHT`` threads at once, for different bytes.
+        ``receipt_checksum``, from the chunk's own bytes.
 
         Returns: None. Raises: DestinationError or DurabilityError on I/O failure."""
         raise NotImplementedError(f"the {self.name} sink does not store parts of chunks")

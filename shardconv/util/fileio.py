@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import ctypes
 import os
-import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -79,14 +78,9 @@ class Writeback:
     def __init__(self, batch: int = 16 << 20) -> None:
         self.batch = batch
         self._runs: dict[int, list[int]] = {}
-        self._lock = threading.Lock()  # the engine writes pieces on two threads
 
     def wrote(self, fd: int, offset: int, nbytes: int) -> None:
         """``nbytes`` were written at ``offset`` of ``fd``."""
-        with self._lock:
-            self._wrote(fd, offset, nbytes)
-
-    def _wrote(self, fd: int, offset: int, nbytes: int) -> None:
         run = self._runs.get(fd)
         if run is not None and run[1] == offset:
             run[1] += nbytes

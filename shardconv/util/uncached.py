@@ -19,7 +19,6 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
-import threading
 
 from ..errors import DestinationError
 from .fileio import Writeback, pwrite_all
@@ -49,8 +48,6 @@ class UncachedWrites:
     def __init__(self) -> None:
         # the sink's descriptor -> (its direct one or -1: none, the file's device and inode)
         self._fds: dict[int, tuple[int, int, int]] = {}
-        self._lock = threading.Lock()  # the engine writes pieces on two threads
-        self._refused: list[int] = []
 
     def write(self, fd: int, data: memoryview, offset: int, path: object) -> tuple[int, int]:
         """Write the page-aligned middle of ``data`` (to go at ``offset`` of ``fd``) directly.
@@ -103,33 +100,25 @@ class UncachedWrites:
         known = self._fds.get(fd)
         if known is not None and known[1:] == (st.st_dev, st.st_ino):
             return known[0]
-        with self._lock:
-            known = self._fds.get(fd)
-            if known is not None and known[1:] == (st.st_dev, st.st_ino):
-                return known[0]
-            if known is not None and known[0] >= 0:
-                os.close(known[0])
-            try:
-                dfd = os.open(f"/proc/self/fd/{fd}", os.O_WRONLY | _O_DIRECT | os.O_CLOEXEC)
-            except OSError:
-                dfd = -1  # no /proc, or the filesystem refuses O_DIRECT: buffered
-            self._fds[fd] = (dfd, st.st_dev, st.st_ino)
-            return dfd
+        if known is not None and known[0] >= 0:
+            os.close(known[0])
+        try:
+            dfd = os.open(f"/proc/self/fd/{fd}", os.O_WRONLY | _O_DIRECT | os.O_CLOEXEC)
+        except OSError:
+            dfd = -1  # no /proc, or the filesystem refuses O_DIRECT: buffered
+        self._fds[fd] = (dfd, st.st_dev, st.st_ino)
+        return dfd
 
     def _refuse(self, fd: int) -> None:
-        """Write ``fd`` buffered from now on. (Its direct descriptor stays open until ``close``:
-        another thread's write may be using it.)"""
-        with self._lock:
-            dfd, dev, ino = self._fds[fd]
-            self._fds[fd] = (-1, dev, ino)
-            if dfd >= 0:
-                self._refused.append(dfd)
+        dfd, dev, ino = self._fds[fd]
+        if dfd >= 0:
+            os.close(dfd)
+        self._fds[fd] = (-1, dev, ino)
 
     def close(self) -> None:
         """Close the direct descriptors (before the sink closes its own: same numbers may be
         reused)."""
-        for dfd in [d for d, _, _ in self._fds.values()] + self._refused:
+        for dfd, _, _ in self._fds.values():
             if dfd >= 0:
                 os.close(dfd)
         self._fds.clear()
-        self._refused.clear()
