@@ -16,7 +16,7 @@ MIN_CHUNK = 64 << 10
 #: Buffers in flight: two being filled/queued by the reader, two being written.
 N_BUFFERS = 4
 #: Bytes a pool buffer has beyond its chunk (``Budget.buffer_bytes``).
-BUFFER_SLACK = 2 * ALIGN
+BUFFER_SLACK = ALIGN
 
 
 @dataclass(frozen=True)
@@ -29,8 +29,8 @@ class Budget:
 
     @property
     def buffer_bytes(self) -> int:
-        """A pool buffer's size: a chunk and two pages more, so that a chunk's parts can be
-        widened to whole pages and lie in memory as they lie in their file (``Sink.page_offset``)."""
+        """A pool buffer's size: a chunk and a page more, so that a chunk's parts can lie in
+        memory at the page offset they have in their file (``Sink.page_offset``)."""
         return self.chunk_bytes + BUFFER_SLACK
 
     @classmethod

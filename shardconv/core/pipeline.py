@@ -90,24 +90,12 @@ SLOTS = 4
 class _Pieces:
     """A direct chunk's pieces, passed from the reader (which reads and checksums each) to the
     writer (which writes it) through ``SLOTS`` slices of the chunk's buffer: ``ready`` carries
-    (slot, length) in order, then None, or the reader's exception; ``free`` returns slots.
+    (slot, length) in order, then None, or the reader's exception; ``free`` returns slots."""
 
-    The pieces cover the chunk widened to whole pages of its file where its tensor goes on
-    (``back`` bytes before it, ``fwd`` after: bytes of the neighbouring chunks, the same on
-    both sides, written again), so a file sink writes all of it past the page cache; a page
-    it cannot widen to (a tensor's first or last) comes out as the piece's edge, which goes
-    through the page cache."""
-
-    def __init__(self, buf: memoryview, length: int, skew: int = 0, back: int = 0, fwd: int = 0) -> None:
-        self.back, self.length, self.span = back, length, back + length + fwd
-        # Pieces of equal size (in whole pages), none much smaller than PIECE: a short last
-        # piece would go through the page cache (``util.uncached.MIN_BYTES``).
-        count = -(-self.span // PIECE)
-        even = -(-self.span // count)
-        self.piece = piece = min(self.span, -(-even // ALIGN) * ALIGN)
-        # Each slot starts as far into a page as its piece does in its file (the buffer
-        # starts on a page), so that the piece's page-aligned middle can go past the cache.
-        skew = (skew - back) % ALIGN
+    def __init__(self, buf: memoryview, length: int, skew: int = 0) -> None:
+        self.piece = piece = min(PIECE, length)
+        # Each slot starts ``skew`` bytes into a page, as the piece does in its file (the
+        # buffer starts on one): its page-aligned middle can then go past the page cache.
         stride = -(-(piece + skew) // ALIGN) * ALIGN
         if len(buf) < skew + piece:
             skew, stride = 0, piece
@@ -119,6 +107,8 @@ class _Pieces:
             self.free.put(k)
         self.receipt = 0
         self.segs: list[Segment] = []
+
+
 @dataclass
 class _Item:
     """A chunk on its way: its buffer (also the budget's token for a direct copy), what the
@@ -189,10 +179,11 @@ def _reader(plan: Plan, sink: Sink, todo: list[tuple[int, Chunk]], pool: BufferP
             if buf is None:
                 return
             producer = plan.outputs[c.index].producer
-            raw, pieces = _direct_range(plan, sink, c, buf) \
-                if piecewise and c.length and type(producer) is Copy else (None, None)
-            if raw is not None and pieces is not None:
-                _prefetch(raw, pieces.span)
+            raw = source.raw_range(producer.source, c.offset, c.length) \
+                if piecewise and c.length and type(producer) is Copy else None
+            if raw is not None:
+                _prefetch(raw, c.length)
+                pieces = _Pieces(buf, c.length, sink.page_offset(c))
                 filled.put(_Item(i, c, buf, pieces=pieces))
                 if not read_direct(sink, c, raw, pieces, stop):
                     return
@@ -203,27 +194,6 @@ def _reader(plan: Plan, sink: Sink, todo: list[tuple[int, Chunk]], pool: BufferP
         filled.put(None)
     except BaseException as e:  # handed to the writer, which raises it
         filled.put(e)
-
-
-def _direct_range(plan: Plan, sink: Sink, c: Chunk, buf: memoryview) -> tuple[RawRange | None, _Pieces | None]:
-    """Where the source stores chunk ``c`` verbatim (widened to whole pages of the sink's file
-    where the tensor allows, see ``_Pieces``), and the pieces to copy it in; (None, None) if it
-    is not stored verbatim."""
-    producer = plan.outputs[c.index].producer
-    assert type(producer) is Copy
-    skew = sink.page_offset(c)
-    back = fwd = 0
-    if skew is not None:
-        back = skew if skew <= c.offset else 0
-        fwd = -(skew + c.length) % ALIGN
-        if c.offset + c.length + fwd > plan.outputs[c.index].nbytes:
-            fwd = 0
-        if back or fwd:
-            raw = plan.source.raw_range(producer.source, c.offset - back, c.length + back + fwd)
-            if raw is not None:
-                return raw, _Pieces(buf, c.length, skew, back, fwd)
-    raw = plan.source.raw_range(producer.source, c.offset, c.length)
-    return (raw, _Pieces(buf, c.length, skew or 0)) if raw is not None else (None, None)
 
 
 def _prefetch(raw: RawRange, length: int) -> None:
@@ -246,18 +216,17 @@ def read_direct(sink: Sink, chunk: Chunk, raw: RawRange, pieces: _Pieces, stop: 
     s = r = 0
     # Names bound once: this loop runs once per MiB, and what Python does per piece runs with
     # caches just flushed by the piece's bytes.
-    free, ready, slots, piece, span, fd = pieces.free.get, pieces.ready.put, pieces.slots, pieces.piece, \
-        pieces.span, raw.fd
-    back, end = pieces.back, pieces.back + chunk.length  # the chunk's own bytes: checksummed
+    free, ready, slots, piece, length, fd = pieces.free.get, pieces.ready.put, pieces.slots, pieces.piece, \
+        chunk.length, raw.fd
     try:
-        for k in range(0, span, piece):
+        for k in range(0, length, piece):
             try:
                 slot: int | None = free(timeout=0.1)
             except queue.Empty:
                 slot = _until_stopped(free, stop)
             if slot is None or stop.is_set():
                 return False
-            n = min(piece, span - k)
+            n = min(piece, length - k)
             view = slots[slot][:n]
             try:
                 got = os.preadv(fd, [view], raw.offset + k)
@@ -265,17 +234,15 @@ def read_direct(sink: Sink, chunk: Chunk, raw: RawRange, pieces: _Pieces, stop: 
                 got = 0  # pread_exact reads it again and names the file and tensor in its error
             if got != n:
                 pread_exact(fd, view[got:], raw.offset + k + got, raw.file, raw.tensor)
-            own = view if back <= k and k + n <= end else view[max(0, back - k):max(0, min(n, end - k))]
             if src is not None:
-                s = src(own, s)
-            r = s if same else out(own, r)
+                s = src(view, s)
+            r = s if same else out(view, r)
             ready((slot, n))
     except BaseException as e:  # the writer raises it
         pieces.ready.put(e)
         return False
     pieces.receipt = r
-    pieces.segs = [Segment(raw.unit, raw.unit_offset + back, chunk.length, s)] \
-        if raw.unit is not None and src else []
+    pieces.segs = [Segment(raw.unit, raw.unit_offset, chunk.length, s)] if raw.unit is not None and src else []
     pieces.ready.put(None)
     return True
 
@@ -287,7 +254,7 @@ def write_direct(sink: Sink, chunk: Chunk, pieces: _Pieces) -> tuple[int, list[S
     raised (SourceError, FormatError for a short file) and what ``write_part`` raises."""
     k = 0
     get, free, slots, write, index, offset = pieces.ready.get, pieces.free.put, pieces.slots, sink.write_part, \
-        chunk.index, chunk.offset - pieces.back
+        chunk.index, chunk.offset
     while (got := get()) is not None:
         if isinstance(got, BaseException):
             raise got

@@ -121,10 +121,10 @@ class Bundle:
             self._direct.pwrite(self._fd, data, base + chunk.offset, self.data_path,
                                 self._writeback if durable else None)
 
-    def page_offset(self, chunk: Chunk) -> int | None:
+    def page_offset(self, chunk: Chunk) -> int:
         """Where in a page the chunk's first byte goes (at its output's first key)."""
         offsets = self.offsets[chunk.index]
-        return (offsets[0] + chunk.offset) % ALIGN if offsets else None
+        return (offsets[0] + chunk.offset) % ALIGN if offsets else 0
 
     def sync(self) -> bool:
         """fsync the data file (every chunk written so far). Returns: True. Raises: DurabilityError."""
