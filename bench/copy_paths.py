@@ -3,7 +3,7 @@ output file, with both checksums the conversion needs (CRC32C of the source, CRC
 output), against a ``cp``-like loop without checksums. Chooses the direct path's piece size
 (``core.pipeline.PIECE``) and the sinks' writeback batch (``util.fileio.Writeback``).
 
-    python bench/copy_paths.py [--input FILE ...] [--mib 1024] [--repeat 3] [--fsync] [--rows A,B]
+    python bench/copy_paths.py [--input FILE ...] [--mib 1024] [--repeat 3]
 
 Without ``--input`` it writes a file of random float32 bytes in the work directory. The page
 cache holds the input (it is read once first); the output is fsynced in the rows that say so.
@@ -12,7 +12,6 @@ Times are medians of the repeats; CPU is user + system of this process (RUSAGE_S
 from __future__ import annotations
 
 import argparse
-import mmap
 import os
 import resource
 import statistics
@@ -26,7 +25,6 @@ sys.path.insert(0, str(ROOT))
 
 from shardconv.util.checksums import crc32, crc32c  # noqa: E402
 from shardconv.util.fileio import start_writeback  # noqa: E402
-from shardconv.util.uncached import UncachedWrites  # noqa: E402
 
 CHUNK = 16 << 20
 
@@ -159,31 +157,6 @@ def _buffered(files: list[str], out: int, piece: int = CHUNK, **_: object) -> No
         os.close(fd)
 
 
-def _uncached(files: list[str], out: int, piece: int, **_: object) -> None:
-    """The direct path as the engine runs it since stop 24: per piece read, CRC32C, CRC32, then
-    the piece's page-aligned middle written past the page cache (``util.uncached``); the output
-    fallocated first, as the sinks do."""
-    buf = memoryview(mmap.mmap(-1, piece))
-    writes = UncachedWrites()
-    os.posix_fallocate(out, 0, sum(os.path.getsize(f) for f in files))
-    pos = 0
-    for f in files:
-        fd = os.open(f, os.O_RDONLY)
-        size, off = os.fstat(fd).st_size, 0
-        while off < size:
-            v = buf[: min(piece, size - off)]
-            os.preadv(fd, [v], off)
-            crc32c(v)
-            crc32(v)
-            start, n = writes.write(out, v, pos, "out")
-            for a, b in ((0, start), (start + n, len(v))) if n else ((0, len(v)),):
-                if b > a:
-                    os.pwrite(out, v[a:b], pos + a)
-            pos, off = pos + len(v), off + len(v)
-        os.close(fd)
-    writes.close()
-
-
 ROWS: list[tuple[str, Callable[..., None], dict[str, object]]] = [
     ("cp-like 128 KiB, no CRC", _cp, {"piece": 128 << 10}),
     ("copy_file_range, no CRC", _copy_file_range, {}),
@@ -202,9 +175,6 @@ ROWS: list[tuple[str, Callable[..., None], dict[str, object]]] = [
     ("mmap 16 MiB windows populated, CRCs + pwrite 1 MiB", _mapped_write, {"piece": 1 << 20, "populate": True}),
     ("mmap 16 MiB windows, CRCs + pwrite 256 KiB", _mapped_write, {"piece": 256 << 10}),
     ("16 MiB buffer (the old path)", _buffered, {}),
-    ("pieces 4 MiB", _pieces, {"piece": 4 << 20}),
-    ("past the page cache 1 MiB", _uncached, {"piece": 1 << 20}),
-    ("past the page cache 4 MiB", _uncached, {"piece": 4 << 20}),
 ]
 
 
@@ -215,10 +185,7 @@ def main() -> None:
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--workdir", type=Path, default=ROOT / "bench" / "out")
     p.add_argument("--fsync", action="store_true", help="fsync the output in every row (timed)")
-    p.add_argument("--rows", help="only the rows whose names contain one of these comma-separated "
-                   "strings (the first row, the baseline, always runs)")
     a = p.parse_args()
-    rows = [r for k, r in enumerate(ROWS) if k == 0 or not a.rows or any(w in r[0] for w in a.rows.split(","))]
     a.workdir.mkdir(parents=True, exist_ok=True)
     files = a.input or [str(_random_input(a.workdir, a.mib))]
     total = sum(os.path.getsize(f) for f in files)
@@ -227,9 +194,9 @@ def main() -> None:
             while h.read(1 << 24):
                 pass
     out_path = a.workdir / "copy-paths.out"
-    times: dict[str, list[tuple[float, float]]] = {name: [] for name, _, _ in rows}
+    times: dict[str, list[tuple[float, float]]] = {name: [] for name, _, _ in ROWS}
     for _ in range(a.repeat):
-        for name, fn, kw in rows:  # rows alternate in each repeat, so drift hits them alike
+        for name, fn, kw in ROWS:  # rows alternate in each repeat, so drift hits them alike
             out_path.unlink(missing_ok=True)
             os.sync()
             time.sleep(0.5)
@@ -245,7 +212,7 @@ def main() -> None:
     base = statistics.median(c for c, _ in times[ROWS[0][0]])
     print(f"{gib:.2f} GiB, {a.repeat} repeats, fsync {'on' if a.fsync else 'off'}, load {os.getloadavg()[0]:.1f}")
     print("| row | CPU s/GiB | x cp-like CPU | wall s/GiB |\n|---|---:|---:|---:|")
-    for name, _, _ in rows:
+    for name, _, _ in ROWS:
         cpu = statistics.median(c for c, _ in times[name])
         wall = statistics.median(w for _, w in times[name])
         print(f"| {name} | {cpu / gib:.3f} | {cpu / base:.2f} | {wall / gib:.3f} |")

@@ -7,7 +7,6 @@ from dataclasses import dataclass
 
 from ..errors import BudgetError
 from ..frontend import option
-from ..util.uncached import ALIGN
 from ..util.units import format_size
 
 #: Largest chunk: bigger buffers stop paying off (measured) and cost page faults.
@@ -15,8 +14,6 @@ MAX_CHUNK = 16 << 20
 MIN_CHUNK = 64 << 10
 #: Buffers in flight: two being filled/queued by the reader, two being written.
 N_BUFFERS = 4
-#: Bytes a pool buffer has beyond its chunk (``Budget.buffer_bytes``).
-BUFFER_SLACK = ALIGN
 
 
 @dataclass(frozen=True)
@@ -26,12 +23,6 @@ class Budget:
     max_memory: int
     chunk_bytes: int
     n_buffers: int = N_BUFFERS
-
-    @property
-    def buffer_bytes(self) -> int:
-        """A pool buffer's size: a chunk and a page more, so that a chunk's parts can lie in
-        memory at the page offset they have in their file (``Sink.page_offset``)."""
-        return self.chunk_bytes + BUFFER_SLACK
 
     @classmethod
     def for_limit(cls, max_memory: int, chunk_bytes: int | None = None, scratch_factor: int = 0,
@@ -50,7 +41,7 @@ class Budget:
             need = -(-(held + 2 * slots * MIN_CHUNK) // (1 << 20))  # whole MiB, rounded up
             raise BudgetError(f"{option('max_memory', format_size(max_memory))} is too small: at least {need}MiB is "
                               "needed" + (f" ({why})" if why else ""))
-        if (chunk_bytes + BUFFER_SLACK) * slots > room:
+        if chunk_bytes * slots > room:
             raise BudgetError(f"chunks of {format_size(chunk_bytes)} (from the partial output's journal) do not fit "
                               f"{option('max_memory', format_size(max_memory))}; raise it or use {option('restart')}")
         return cls(max_memory, chunk_bytes)

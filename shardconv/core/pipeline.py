@@ -8,9 +8,7 @@ Three things keep the bytes' trips through memory few (docs/design.md, "Speed"):
   reader thread reads each piece and computes its source checksum and the sink's receipt
   checksum while it is still in the CPU's cache, and hands it to this thread, which writes it
   (as ``cp`` copies through a small buffer, but on two cores: on a busy machine each thread
-  gets its share of a core). Each piece lies in memory at the page offset it has in its file
-  (``Sink.page_offset``), so a file sink can write its page-aligned middle past the page
-  cache: no copy into the cache and no writeback for the final fsync to wait on.
+  gets its share of a core).
 - Any other chunk is filled into a pooled buffer by the reader thread, which also computes
   the sink's receipt checksum there, beside the writer rather than in its way.
 - A sink's write may return a pending receipt (``result()``): up to all but two of the pool's
@@ -36,7 +34,6 @@ from ..progress import ProgressArg
 from ..progress import start as start_progress
 from ..util.checksums import BY_NAME
 from ..util.fileio import pread_exact
-from ..util.uncached import ALIGN
 from .budget import Budget, BufferPool
 from .integrity import IntegrityTracker
 from .journal import Journal
@@ -46,13 +43,11 @@ from .types import RawRange, Segment
 if TYPE_CHECKING:  # the contract only; core never imports a sink at run time
     from ..sinks.base import Sink
 
-#: Bytes read, checksummed and written at a time on the direct path. A file sink writes a
-#: piece's page-aligned middle past the page cache (``util.uncached``), one write in flight at
-#: a time: 4 MiB keeps the disk busy where 1 MiB left it waiting (4 GiB cold: 7.1 s against
-#: 9.8 s), and the piece is still in the CPU's last-level cache when it is checksummed
-#: (bench/README.md, "Writing past the page cache"; buffered, 1 MiB took the least CPU of
-#: 128 KiB..1 MiB: "Copy paths").
-PIECE = 4 << 20
+#: Bytes read, checksummed and written at a time on the direct path: small enough to stay in
+#: cache between the read and the write, large enough that the four calls per piece cost little
+#: (bench/copy_paths.py, bench/README.md "Copy paths": under load 1 MiB took the least CPU of
+#: 128 KiB..1 MiB; quiet with fsync 256 KiB did; 256 KiB..1 MiB are within the noise here).
+PIECE = 1 << 20
 #: Bytes written between durable marks. Only a resume after the machine restarted needs them
 #: (on the same boot every journaled chunk is kept unread), and each sync slows the copy
 #: (measured: 4 GiB cold with a sync per 256 MiB took 15-22 s instead of 11-12 s), so they are
@@ -92,15 +87,10 @@ class _Pieces:
     writer (which writes it) through ``SLOTS`` slices of the chunk's buffer: ``ready`` carries
     (slot, length) in order, then None, or the reader's exception; ``free`` returns slots."""
 
-    def __init__(self, buf: memoryview, length: int, skew: int = 0) -> None:
-        self.piece = piece = min(PIECE, length)
-        # Each slot starts ``skew`` bytes into a page, as the piece does in its file (the
-        # buffer starts on one): its page-aligned middle can then go past the page cache.
-        stride = -(-(piece + skew) // ALIGN) * ALIGN
-        if len(buf) < skew + piece:
-            skew, stride = 0, piece
-        n = max(1, min(SLOTS, (len(buf) - skew) // stride))
-        self.slots = [buf[k * stride + skew:k * stride + skew + piece] for k in range(n)]
+    def __init__(self, buf: memoryview, length: int) -> None:
+        self.piece = min(PIECE, length)
+        n = max(1, min(SLOTS, len(buf) // self.piece))
+        self.slots = [buf[k * self.piece:(k + 1) * self.piece] for k in range(n)]
         self.ready: queue.SimpleQueue[tuple[int, int] | BaseException | None] = queue.SimpleQueue()
         self.free: queue.SimpleQueue[int] = queue.SimpleQueue()
         for k in range(n):
@@ -130,7 +120,7 @@ def run(plan: Plan, sink: Sink, journal: Journal, tracker: IntegrityTracker, tod
 
     ``durable``: sync the sink and journal a durable mark every ``MARK_BYTES``.
     Raises: whatever the source, the sink or the journal raise (the reader's errors too)."""
-    pool = BufferPool(budget.n_buffers, budget.buffer_bytes)
+    pool = BufferPool(budget.n_buffers, budget.chunk_bytes)
     filled: queue.Queue[_Item | BaseException | None] = queue.Queue()
     stop = threading.Event()
     thread = threading.Thread(target=_reader, args=(plan, sink, todo, pool, filled, stop),
@@ -183,7 +173,7 @@ def _reader(plan: Plan, sink: Sink, todo: list[tuple[int, Chunk]], pool: BufferP
                 if piecewise and c.length and type(producer) is Copy else None
             if raw is not None:
                 _prefetch(raw, c.length)
-                pieces = _Pieces(buf, c.length, sink.page_offset(c))
+                pieces = _Pieces(buf, c.length)
                 filled.put(_Item(i, c, buf, pieces=pieces))
                 if not read_direct(sink, c, raw, pieces, stop):
                     return

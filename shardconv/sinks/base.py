@@ -280,14 +280,6 @@ class Sink(ABC):
         Returns: None. Raises: DestinationError or DurabilityError on I/O failure."""
         raise NotImplementedError(f"the {self.name} sink does not store parts of chunks")
 
-    def page_offset(self, chunk: Chunk) -> int:
-        """Where in a page (``util.uncached.ALIGN`` bytes) the chunk's first byte goes in its
-        file (``capabilities.piecewise`` sinks): the engine lays the chunk's parts out in memory
-        at that offset, so a part's page-aligned middle can be written past the page cache.
-
-        Returns: 0 .. ALIGN - 1 (0 by default). Raises: nothing."""
-        return 0
-
     @abstractmethod
     def check(self, chunk: Chunk, receipt: Any) -> bool:
         """Whether a chunk journaled by an earlier run is intact in the partial output.

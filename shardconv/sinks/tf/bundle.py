@@ -30,7 +30,6 @@ from ...util.fileio import (
     start_writeback,
     truncate,
 )
-from ...util.uncached import ALIGN, UncachedWrites
 from .. import filesink
 
 DATA_SUFFIX = ".data-00000-of-00001"
@@ -85,7 +84,6 @@ class Bundle:
         self.size = pos
         self._fd = -1
         self._writeback = Writeback()
-        self._direct = UncachedWrites()
 
     # -- the data file
 
@@ -118,13 +116,9 @@ class Bundle:
         """``data`` (a chunk or a part of one) at each of its output's keys; a chunk's receipt
         is its CRC32C."""
         for base in self.offsets[chunk.index]:
-            self._direct.pwrite(self._fd, data, base + chunk.offset, self.data_path,
-                                self._writeback if durable else None)
-
-    def page_offset(self, chunk: Chunk) -> int:
-        """Where in a page the chunk's first byte goes (at its output's first key)."""
-        offsets = self.offsets[chunk.index]
-        return (offsets[0] + chunk.offset) % ALIGN if offsets else 0
+            pwrite_all(self._fd, data, base + chunk.offset, self.data_path)
+            if durable:
+                self._writeback.wrote(self._fd, base + chunk.offset, len(data))
 
     def sync(self) -> bool:
         """fsync the data file (every chunk written so far). Returns: True. Raises: DurabilityError."""
@@ -170,7 +164,6 @@ class Bundle:
                 yield key, bundleformat.entry(c.dtype, c.shape, offset=pos, size=c.size, crc=mask(c.crc))
 
     def close(self) -> None:
-        self._direct.close()
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
