@@ -54,7 +54,7 @@ def test_rule2_stored_with_zip64_extras(out):
         off = info.header_offset
         nlen, xlen = struct.unpack("<HH", data[off + 26:off + 30])
         extra = data[off + 30 + nlen:off + 30 + nlen + xlen]
-        assert extra[:4] == b"\x01\x00\x10\x00" and struct.unpack("<QQ", extra[4:]) == (info.file_size,) * 2
+        assert extra[:4] == b"\x01\x00\x10\x00" and struct.unpack("<QQ", extra[4:20]) == (info.file_size,) * 2
 
 
 def test_rule3_fixed_timestamps_and_flags(out):
@@ -86,13 +86,28 @@ def test_rule5_members_are_what_np_save_writes(out):
                 assert f"'descr': '<V{arr.dtype.itemsize}'".encode() in raw[:10 + hlen]
 
 
-def test_rule6_contiguous_members_then_directory(out):
+def test_rule6_contiguous_members_then_directory_big_arrays_on_a_page(out):
     infos = sorted(_members(out[0]), key=lambda i: i.header_offset)
+    data = out[0].read_bytes()
     pos = 0
+    aligned = 0
     for info in infos:
         assert info.header_offset == pos
-        pos += zipformat.LOCAL_FIXED + len(info.filename.encode()) + 20 + info.file_size
-    data = out[0].read_bytes()
+        nlen, xlen = struct.unpack("<HH", data[pos + 26:pos + 30])
+        extra = data[pos + 30 + nlen + 20:pos + 30 + nlen + xlen]  # after the zip64 field
+        start = pos + 30 + nlen + xlen  # the .npy header
+        hlen = struct.unpack("<H", data[start + 8:start + 10])[0]
+        array_at, array_bytes = start + 10 + hlen, info.file_size - 10 - hlen
+        if array_bytes >= 1 << 20:
+            aligned += 1
+            assert array_at % 4096 == 0, info.filename
+            tag, size, alignment = struct.unpack("<HHH", extra[:6])
+            assert (tag, size, alignment) == (0x5343, len(extra) - 4, 4096) and 6 <= len(extra) <= 4101
+            assert extra[6:] == bytes(len(extra) - 6)
+        else:
+            assert extra == b"", info.filename
+        pos = start + info.file_size
+    assert aligned and aligned < len(infos)  # both kinds were checked
     assert struct.unpack("<I", data[pos:pos + 4])[0] == zipformat.CENTRAL_SIG
 
 

@@ -371,7 +371,7 @@ def memory_estimate(plan: Plan, sink: Sink, max_memory: int) -> dict[str, int]:
     scratch = _scratch_slots(plan, sink)
     reserve = plan.source.budget_reserve()
     budget = Budget.for_limit(max_memory, scratch_factor=scratch, reserve=reserve)
-    est = {"chunk_bytes": budget.chunk_bytes, "buffers": budget.n_buffers * budget.chunk_bytes,
+    est = {"chunk_bytes": budget.chunk_bytes, "buffers": budget.n_buffers * budget.buffer_bytes,
            "scratch": scratch * budget.chunk_bytes, "baseline": BASELINE_RSS + plan.source.baseline_bytes() + sink.baseline_bytes(),
            "source_held": reserve[0]}
     # Source scratch (partitioned reads) is rarely all live at once; buffers are touched in full.

@@ -4,11 +4,14 @@ thread writes them and journals each, in order, once its write is done.
 Three things keep the bytes' trips through memory few (docs/design.md, "Speed"):
 
 - A chunk whose bytes lie verbatim in a source file (``Source.raw_range``) and whose sink
-  stores parts of chunks (``Capabilities.piecewise``) is copied in cache-sized pieces: the
-  reader thread reads each piece and computes its source checksum and the sink's receipt
-  checksum while it is still in the CPU's cache, and hands it to this thread, which writes it
-  (as ``cp`` copies through a small buffer, but on two cores: on a busy machine each thread
-  gets its share of a core).
+  stores parts of chunks (``Capabilities.piecewise``) is read by the reader thread a cache-sized
+  step at a time, each step's source checksum and sink receipt checksum computed while it is
+  still in the CPU's cache, and handed to this thread, which writes it (on two cores: on a
+  busy machine each thread gets its share of a core). Where its tensor starts on a page of
+  the sink's file, the chunk lies in memory at the page offset it has in its file
+  (``Sink.page_offset``) and is written in one piece, whose page-aligned middle a file sink
+  writes past the page cache: no copy into the cache and no writeback for the final fsync to
+  wait on. Elsewhere it goes through the page cache a 1 MiB piece at a time.
 - Any other chunk is filled into a pooled buffer by the reader thread, which also computes
   the sink's receipt checksum there, beside the writer rather than in its way.
 - A sink's write may return a pending receipt (``result()``): up to all but two of the pool's
@@ -34,6 +37,7 @@ from ..progress import ProgressArg
 from ..progress import start as start_progress
 from ..util.checksums import BY_NAME
 from ..util.fileio import pread_exact
+from ..util.uncached import ALIGN
 from .budget import Budget, BufferPool
 from .integrity import IntegrityTracker
 from .journal import Journal
@@ -43,11 +47,20 @@ from .types import RawRange, Segment
 if TYPE_CHECKING:  # the contract only; core never imports a sink at run time
     from ..sinks.base import Sink
 
-#: Bytes read, checksummed and written at a time on the direct path: small enough to stay in
-#: cache between the read and the write, large enough that the four calls per piece cost little
-#: (bench/copy_paths.py, bench/README.md "Copy paths": under load 1 MiB took the least CPU of
-#: 128 KiB..1 MiB; quiet with fsync 256 KiB did; 256 KiB..1 MiB are within the noise here).
-PIECE = 1 << 20
+#: Bytes written at a time on the direct path: more than any chunk widened to whole pages
+#: (``budget.MAX_CHUNK`` and two pages), so a chunk goes in one write, and the pool's buffers
+#: overlap reading one chunk with writing another. A file sink writes its page-aligned middle
+#: past the page cache (``util.uncached``) from a buffer of huge pages: the device gets it in
+#: requests of 4 MiB, four at once (4 GiB cold: 4.3-4.9 s against 5.7-6.5 s for ``cp`` and
+#: ``sync``; 4 MiB pieces took 6.4-9.4 s: bench/README.md, "Writing past the page cache").
+PIECE = 32 << 20
+#: The same for a chunk the sink writes through the page cache (``Sink.page_offset`` None): 1 MiB
+#: took the least CPU of 128 KiB..4 MiB (bench/README.md "Copy paths"; 4 MiB doubled the system
+#: time).
+BUFFERED_PIECE = 1 << 20
+#: Bytes read and checksummed at a time within a piece: the read's bytes are still in the CPU's
+#: cache when they are checksummed.
+READ_STEP = 1 << 20
 #: Bytes written between durable marks. Only a resume after the machine restarted needs them
 #: (on the same boot every journaled chunk is kept unread), and each sync slows the copy
 #: (measured: 4 GiB cold with a sync per 256 MiB took 15-22 s instead of 11-12 s), so they are
@@ -85,12 +98,31 @@ SLOTS = 4
 class _Pieces:
     """A direct chunk's pieces, passed from the reader (which reads and checksums each) to the
     writer (which writes it) through ``SLOTS`` slices of the chunk's buffer: ``ready`` carries
-    (slot, length) in order, then None, or the reader's exception; ``free`` returns slots."""
+    (slot, length) in order, then None, or the reader's exception; ``free`` returns slots.
 
-    def __init__(self, buf: memoryview, length: int) -> None:
-        self.piece = min(PIECE, length)
-        n = max(1, min(SLOTS, len(buf) // self.piece))
-        self.slots = [buf[k * self.piece:(k + 1) * self.piece] for k in range(n)]
+    The pieces cover the chunk widened to whole pages of its file where its tensor goes on
+    (``back`` bytes before it, ``fwd`` after: bytes of the neighbouring chunks, the same on
+    both sides, written again), so a file sink writes all of it past the page cache; a page
+    it cannot widen to (a tensor's first or last) comes out as the piece's edge, which goes
+    through the page cache."""
+
+    def __init__(self, buf: memoryview, length: int, skew: int | None = 0, back: int = 0, fwd: int = 0) -> None:
+        self.back, self.length, self.span = back, length, back + length + fwd
+        # Pieces of equal size (in whole pages), none much smaller than PIECE: a short last
+        # piece would go through the page cache (``util.uncached.MIN_BYTES``).
+        most = PIECE if skew is not None else min(PIECE, BUFFERED_PIECE)
+        skew = skew or 0
+        count = -(-self.span // most)
+        even = -(-self.span // count)
+        self.piece = piece = min(self.span, -(-even // ALIGN) * ALIGN)
+        # Each slot starts as far into a page as its piece does in its file (the buffer
+        # starts on a page), so that the piece's page-aligned middle can go past the cache.
+        skew = (skew - back) % ALIGN
+        stride = -(-(piece + skew) // ALIGN) * ALIGN
+        if len(buf) < skew + piece:
+            skew, stride = 0, piece
+        n = max(1, min(SLOTS, (len(buf) - skew) // stride))
+        self.slots = [buf[k * stride + skew:k * stride + skew + piece] for k in range(n)]
         self.ready: queue.SimpleQueue[tuple[int, int] | BaseException | None] = queue.SimpleQueue()
         self.free: queue.SimpleQueue[int] = queue.SimpleQueue()
         for k in range(n):
@@ -120,7 +152,7 @@ def run(plan: Plan, sink: Sink, journal: Journal, tracker: IntegrityTracker, tod
 
     ``durable``: sync the sink and journal a durable mark every ``MARK_BYTES``.
     Raises: whatever the source, the sink or the journal raise (the reader's errors too)."""
-    pool = BufferPool(budget.n_buffers, budget.chunk_bytes)
+    pool = BufferPool(budget.n_buffers, budget.buffer_bytes)
     filled: queue.Queue[_Item | BaseException | None] = queue.Queue()
     stop = threading.Event()
     thread = threading.Thread(target=_reader, args=(plan, sink, todo, pool, filled, stop),
@@ -169,11 +201,10 @@ def _reader(plan: Plan, sink: Sink, todo: list[tuple[int, Chunk]], pool: BufferP
             if buf is None:
                 return
             producer = plan.outputs[c.index].producer
-            raw = source.raw_range(producer.source, c.offset, c.length) \
-                if piecewise and c.length and type(producer) is Copy else None
-            if raw is not None:
-                _prefetch(raw, c.length)
-                pieces = _Pieces(buf, c.length)
+            raw, pieces = _direct_range(plan, sink, c, buf) \
+                if piecewise and c.length and type(producer) is Copy else (None, None)
+            if raw is not None and pieces is not None:
+                _prefetch(raw, pieces.span)
                 filled.put(_Item(i, c, buf, pieces=pieces))
                 if not read_direct(sink, c, raw, pieces, stop):
                     return
@@ -184,6 +215,27 @@ def _reader(plan: Plan, sink: Sink, todo: list[tuple[int, Chunk]], pool: BufferP
         filled.put(None)
     except BaseException as e:  # handed to the writer, which raises it
         filled.put(e)
+
+
+def _direct_range(plan: Plan, sink: Sink, c: Chunk, buf: memoryview) -> tuple[RawRange | None, _Pieces | None]:
+    """Where the source stores chunk ``c`` verbatim (widened to whole pages of the sink's file
+    where the tensor allows, see ``_Pieces``), and the pieces to copy it in; (None, None) if it
+    is not stored verbatim."""
+    producer = plan.outputs[c.index].producer
+    assert type(producer) is Copy
+    skew = sink.page_offset(c)
+    back = fwd = 0
+    if skew is not None:
+        back = skew if skew <= c.offset else 0
+        fwd = -(skew + c.length) % ALIGN
+        if c.offset + c.length + fwd > plan.outputs[c.index].nbytes:
+            fwd = 0
+        if back or fwd:
+            raw = plan.source.raw_range(producer.source, c.offset - back, c.length + back + fwd)
+            if raw is not None:
+                return raw, _Pieces(buf, c.length, skew, back, fwd)
+    raw = plan.source.raw_range(producer.source, c.offset, c.length)
+    return (raw, _Pieces(buf, c.length, skew)) if raw is not None else (None, None)
 
 
 def _prefetch(raw: RawRange, length: int) -> None:
@@ -206,33 +258,39 @@ def read_direct(sink: Sink, chunk: Chunk, raw: RawRange, pieces: _Pieces, stop: 
     s = r = 0
     # Names bound once: this loop runs once per MiB, and what Python does per piece runs with
     # caches just flushed by the piece's bytes.
-    free, ready, slots, piece, length, fd = pieces.free.get, pieces.ready.put, pieces.slots, pieces.piece, \
-        chunk.length, raw.fd
+    free, ready, slots, piece, span, fd = pieces.free.get, pieces.ready.put, pieces.slots, pieces.piece, \
+        pieces.span, raw.fd
+    back, end = pieces.back, pieces.back + chunk.length  # the chunk's own bytes: checksummed
     try:
-        for k in range(0, length, piece):
+        for k in range(0, span, piece):
             try:
                 slot: int | None = free(timeout=0.1)
             except queue.Empty:
                 slot = _until_stopped(free, stop)
             if slot is None or stop.is_set():
                 return False
-            n = min(piece, length - k)
+            n = min(piece, span - k)
             view = slots[slot][:n]
-            try:
-                got = os.preadv(fd, [view], raw.offset + k)
-            except OSError:
-                got = 0  # pread_exact reads it again and names the file and tensor in its error
-            if got != n:
-                pread_exact(fd, view[got:], raw.offset + k + got, raw.file, raw.tensor)
-            if src is not None:
-                s = src(view, s)
-            r = s if same else out(view, r)
+            for j in range(0, n, READ_STEP):  # each step checksummed while in the CPU's cache
+                m, at = min(READ_STEP, n - j), k + j
+                sub = view[j:j + m]
+                try:
+                    got = os.preadv(fd, [sub], raw.offset + at)
+                except OSError:
+                    got = 0  # pread_exact reads it again and names the file and tensor in its error
+                if got != m:
+                    pread_exact(fd, sub[got:], raw.offset + at + got, raw.file, raw.tensor)
+                own = sub if back <= at and at + m <= end else sub[max(0, back - at):max(0, min(m, end - at))]
+                if src is not None:
+                    s = src(own, s)
+                r = s if same else out(own, r)
             ready((slot, n))
     except BaseException as e:  # the writer raises it
         pieces.ready.put(e)
         return False
     pieces.receipt = r
-    pieces.segs = [Segment(raw.unit, raw.unit_offset, chunk.length, s)] if raw.unit is not None and src else []
+    pieces.segs = [Segment(raw.unit, raw.unit_offset + back, chunk.length, s)] \
+        if raw.unit is not None and src else []
     pieces.ready.put(None)
     return True
 
@@ -244,7 +302,7 @@ def write_direct(sink: Sink, chunk: Chunk, pieces: _Pieces) -> tuple[int, list[S
     raised (SourceError, FormatError for a short file) and what ``write_part`` raises."""
     k = 0
     get, free, slots, write, index, offset = pieces.ready.get, pieces.free.put, pieces.slots, sink.write_part, \
-        chunk.index, chunk.offset
+        chunk.index, chunk.offset - pieces.back
     while (got := get()) is not None:
         if isinstance(got, BaseException):
             raise got

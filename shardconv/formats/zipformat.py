@@ -3,7 +3,10 @@ of any zip's directory (the NPZ source and the npz probe).
 
 Writing: every member uses zip64 extra fields from the start, so a member over 4 GiB
 needs no special case, and timestamps are fixed (1980-01-01) so bytes are
-deterministic. Reading: the end records (zip64 aware), the central directory, and each
+deterministic. A byte of a member's data can be put on a page (so that what follows it can be
+written past the page cache and mapped by readers) with a padding extra field in its local
+header, as Android's ``zipalign`` pads; readers skip extra fields they do not know.
+Reading: the end records (zip64 aware), the central directory, and each
 member's local header, every offset and size checked against the file; only stored and
 deflated members are accepted. Which members an archive may hold is the caller's policy.
 """
@@ -41,12 +44,33 @@ def _flags(name: bytes) -> int:
         return UTF8_FLAG
 
 
-def local_header_size(name: bytes) -> int:
-    return LOCAL_FIXED + len(name) + 20
+#: The padding extra field (shardconv's; docs/npz-format.md rule 6): its ID ("SC"), its
+#: length, the alignment (2 bytes), then zero bytes. Not zipalign's 0xD935, which says the
+#: member's first byte is aligned: here a byte inside it (the array after the .npy header) is.
+ALIGN_EXTRA_ID = 0x5343
+ALIGN_EXTRA_MIN = 6
 
 
-def local_header(name: bytes, crc: int, size: int) -> bytes:
+def local_header_size(name: bytes, pad: int = 0) -> int:
+    """A local header's size: ``pad`` is the alignment extra field's size (0: none)."""
+    return LOCAL_FIXED + len(name) + 20 + pad
+
+
+def align_pad(header_at: int, name: bytes, prefix: int, alignment: int) -> int:
+    """The alignment extra field's size (``ALIGN_EXTRA_MIN`` .. + ``alignment`` - 1) that puts
+    the byte ``prefix`` bytes into the data of a member whose local header is at ``header_at``
+    on a multiple of ``alignment``."""
+    at = header_at + local_header_size(name) + ALIGN_EXTRA_MIN + prefix
+    return ALIGN_EXTRA_MIN + -at % alignment
+
+
+def local_header(name: bytes, crc: int, size: int, pad: int = 0, alignment: int = 0) -> bytes:
+    """A STORED member's local header; ``pad`` > 0 adds an alignment extra field of that size
+    (from ``align_pad``) naming ``alignment``."""
     extra = struct.pack("<HHQQ", 0x0001, 16, size, size)
+    if pad:
+        assert pad >= ALIGN_EXTRA_MIN
+        extra += struct.pack("<HHH", ALIGN_EXTRA_ID, pad - 4, alignment) + bytes(pad - ALIGN_EXTRA_MIN)
     return struct.pack("<IHHHHHIIIHH", LOCAL_SIG, VERSION, _flags(name), 0, DOS_TIME, DOS_DATE,
                        crc, 0xFFFFFFFF, 0xFFFFFFFF, len(name), len(extra)) + name + extra
 

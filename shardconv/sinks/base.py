@@ -274,11 +274,25 @@ class Sink(ABC):
         return False
 
     def write_part(self, chunk: Chunk, data: memoryview) -> None:
-        """Store a contiguous part of a chunk (``capabilities.piecewise`` sinks only); the engine
-        makes the chunk's receipt, its ``receipt_checksum``, from the parts' bytes.
+        """Store a contiguous part of a chunk (``capabilities.piecewise`` sinks only), or of its
+        output around it (see ``page_offset``); the engine makes the chunk's receipt, its
+        ``receipt_checksum``, from the chunk's own bytes.
 
         Returns: None. Raises: DestinationError or DurabilityError on I/O failure."""
         raise NotImplementedError(f"the {self.name} sink does not store parts of chunks")
+
+    def page_offset(self, chunk: Chunk) -> int | None:
+        """Where in a page (``util.uncached.ALIGN`` bytes) the chunk's first byte goes in its
+        file (``capabilities.piecewise`` sinks): the engine lays the chunk's parts out in memory
+        at that offset, and widens them to whole pages with the bytes of the same output on
+        either side (``write_part`` then gets parts that start before or end after the chunk),
+        so a part's page-aligned middle can be written past the page cache.
+
+        Returns: 0 .. ALIGN - 1, or None (the default): the sink writes no file pages, or
+        writes this chunk's output through the page cache (a tensor that does not start on a
+        page: direct writes beside cached pages of the same tensor fragment the file), and
+        gets only the chunk's own bytes. Raises: nothing."""
+        return None
 
     @abstractmethod
     def check(self, chunk: Chunk, receipt: Any) -> bool:

@@ -17,7 +17,8 @@ from ..errors import DestinationError, UsageError
 from ..frontend import option_name
 from ..util import safefs
 from ..util.checksums import combine_crc32, crc32
-from ..util.fileio import Writeback, fsync_file, pwrite_all, range_crc, truncate
+from ..util.fileio import Writeback, fsync_file, range_crc, truncate
+from ..util.uncached import ALIGN, UncachedWrites
 from ..util.units import parse_size
 from .base import Capabilities, Sink, SinkOptions, sink_option
 
@@ -126,6 +127,7 @@ class OffsetSink(Sink):
     def __init__(self, options: SinkOptions | None = None) -> None:
         super().__init__(options)
         self._writeback = Writeback()
+        self._direct = UncachedWrites()
 
     def place(self, chunk: Chunk) -> tuple[Any, int]:
         """(the file, the offset in it) where ``chunk``'s bytes go."""
@@ -137,9 +139,13 @@ class OffsetSink(Sink):
 
     def write_part(self, chunk: Chunk, data: memoryview) -> None:
         f, pos = self.place(chunk)
-        pwrite_all(f.fd, data, pos, f.path)
-        if self.ctx is not None and self.ctx.durable:
-            self._writeback.wrote(f.fd, pos, len(data))
+        durable = self.ctx is not None and self.ctx.durable
+        self._direct.pwrite(f.fd, data, pos, f.path, self._writeback if durable else None,
+                            direct=(pos - chunk.offset) % ALIGN == 0)
+
+    def page_offset(self, chunk: Chunk) -> int | None:
+        pos = self.place(chunk)[1]
+        return pos % ALIGN if self._direct.enabled and (pos - chunk.offset) % ALIGN == 0 else None
 
     def check(self, chunk: Chunk, receipt: Any) -> bool:
         f, pos = self.place(chunk)
@@ -150,3 +156,10 @@ class OffsetSink(Sink):
             if f.fd >= 0:
                 fsync_file(f.fd, f.path)
         return True
+
+    def close(self) -> None:
+        self._direct.close()
+        for f in self._files:
+            if f.fd >= 0:
+                os.close(f.fd)
+                f.fd = -1

@@ -1,7 +1,10 @@
 """NPZ output: a zip64 of STORED ``.npy`` members whose every byte position is known
 from the plan, written with ``pwrite`` in any chunk order.
 
-Layout per member: local header (CRC filled in at finish) | npy header | data.
+Layout per member: local header (CRC filled in at finish) | npy header | data. A member of
+``ALIGN_FROM`` bytes or more has its array data start on a page (``util.uncached.ALIGN``),
+padded with an extra field in its local header (docs/npz-format.md rule 6): the engine then
+writes it past the page cache, and a reader can map it.
 Then the central directory and zip64 end records. A sidecar
 ``DEST.shardconv.json`` manifest records true dtypes (bfloat16 is ``|V2`` in the
 header), per-tensor CRCs and where each tensor came from.
@@ -26,12 +29,16 @@ from ..formats import npyformat, zipformat
 from ..util import safefs
 from ..util.checksums import combine_crc32, crc32
 from ..util.fileio import check_free_space, fsync_file, preallocate, pwrite_all, truncate
+from ..util.uncached import ALIGN
 from . import filesink
 from .filesink import MANIFEST_SUFFIX, manifest_path  # noqa: F401  (where they used to live)
 
 INDEX_SUFFIX = ".npz.index.json"
 #: A zip member name's length is a 16-bit field.
 MAX_MEMBER_NAME = 0xFFFF
+#: Members with this many data bytes or more start their data on a page: at most 4 KiB of
+#: padding each, under 0.4 % of their size; smaller members are packed.
+ALIGN_FROM = 1 << 20
 
 
 @dataclass
@@ -42,6 +49,7 @@ class _Member:
     data_offset: int
     nbytes: int
     file: int = 0
+    pad: int = 0   # the local header's alignment extra field's size (0: none)
 
     @property
     def size(self) -> int:
@@ -105,15 +113,21 @@ class NpzSink(filesink.OffsetSink):
         self.out = out
         names = [(o.name + ".npy").encode("utf-8") for o in outputs]
         heads = [npyformat.header(o.dtype, o.shape) for o in outputs]
-        sizes = [zipformat.local_header_size(n) + len(h) + o.nbytes for n, h, o in zip(names, heads, outputs)]
+        aligned = [o.nbytes >= ALIGN_FROM for o in outputs]
+        # Files are cut by each member's largest size (its padding at most a page), so that the
+        # cut does not depend on where a member falls.
+        sizes = [zipformat.local_header_size(n) + len(h) + o.nbytes
+                 + (zipformat.ALIGN_EXTRA_MIN + ALIGN - 1 if a else 0)
+                 for n, h, o, a in zip(names, heads, outputs, aligned)]
         groups = filesink.group_by_size(sizes, self.max_file_size)
         self._members = [None] * len(outputs)  # type: ignore[list-item]
         for g, members in enumerate(groups):
             pos = 0
             for i in members:
-                data_at = pos + sizes[i] - outputs[i].nbytes
-                self._members[i] = _Member(names[i], pos, heads[i], data_at, outputs[i].nbytes, g)
-                pos += sizes[i]
+                pad = zipformat.align_pad(pos, names[i], len(heads[i]), ALIGN) if aligned[i] else 0
+                data_at = pos + zipformat.local_header_size(names[i], pad) + len(heads[i])
+                self._members[i] = _Member(names[i], pos, heads[i], data_at, outputs[i].nbytes, g, pad)
+                pos = data_at + outputs[i].nbytes
         if self.max_file_size:
             names_ = filesink.shard_names(shard_stem(out), ".npz", len(groups))
             self._files = [_File(out / name, g) for name, g in zip(names_, groups)]
@@ -179,7 +193,7 @@ class NpzSink(filesink.OffsetSink):
         for k in f.members:
             m = self._members[k]
             crc = combine_crc32(crc32(m.npy_header), data_crc[k], m.nbytes)
-            pwrite_all(f.fd, zipformat.local_header(m.name, crc, m.size), m.local_offset, f.path)
+            pwrite_all(f.fd, zipformat.local_header(m.name, crc, m.size, m.pad, ALIGN), m.local_offset, f.path)
             central += zipformat.central_header(m.name, crc, m.size, m.local_offset)
             if len(central) >= 1 << 20:
                 pwrite_all(f.fd, bytes(central), pos, f.path)

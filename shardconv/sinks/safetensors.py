@@ -197,10 +197,3 @@ class SafetensorsSink(filesink.OffsetSink):
         files = [(f.path, f.members) for f in self._files]
         filesink.finish_split(self.out, files, manifest, SHARD_STEM + INDEX_SUFFIX, {"format": "safetensors"}, fsync)
         return [(self.out, dest)]
-
-    def close(self) -> None:
-        for f in self._files:
-            if f.fd >= 0:
-                os.close(f.fd)
-                f.fd = -1
-

@@ -30,6 +30,7 @@ from ...util.fileio import (
     start_writeback,
     truncate,
 )
+from ...util.uncached import ALIGN, UncachedWrites
 from .. import filesink
 
 DATA_SUFFIX = ".data-00000-of-00001"
@@ -84,6 +85,7 @@ class Bundle:
         self.size = pos
         self._fd = -1
         self._writeback = Writeback()
+        self._direct = UncachedWrites()
 
     # -- the data file
 
@@ -116,9 +118,16 @@ class Bundle:
         """``data`` (a chunk or a part of one) at each of its output's keys; a chunk's receipt
         is its CRC32C."""
         for base in self.offsets[chunk.index]:
-            pwrite_all(self._fd, data, base + chunk.offset, self.data_path)
-            if durable:
-                self._writeback.wrote(self._fd, base + chunk.offset, len(data))
+            self._direct.pwrite(self._fd, data, base + chunk.offset, self.data_path,
+                                self._writeback if durable else None, direct=base % ALIGN == 0)
+
+    def page_offset(self, chunk: Chunk) -> int | None:
+        """Where in a page the chunk's first byte goes (at its output's first key); None where
+        that key's tensor does not start on a page."""
+        offsets = self.offsets[chunk.index]
+        if not self._direct.enabled or not offsets or offsets[0] % ALIGN:
+            return None
+        return (offsets[0] + chunk.offset) % ALIGN
 
     def sync(self) -> bool:
         """fsync the data file (every chunk written so far). Returns: True. Raises: DurabilityError."""
@@ -164,6 +173,7 @@ class Bundle:
                 yield key, bundleformat.entry(c.dtype, c.shape, offset=pos, size=c.size, crc=mask(c.crc))
 
     def close(self) -> None:
+        self._direct.close()
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1

@@ -166,6 +166,9 @@ class TFSink(Sink):
         assert self._bundle is not None
         self._bundle.write(chunk, data, self._ctx().durable)
 
+    def page_offset(self, chunk: Chunk) -> int | None:
+        return self._bundle.page_offset(chunk) if self._bundle is not None else None
+
     def check(self, chunk: Chunk, receipt: Any) -> bool:
         return self._bundle is not None and self._bundle.check(chunk, receipt)
 
