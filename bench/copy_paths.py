@@ -3,7 +3,7 @@ output file, with both checksums the conversion needs (CRC32C of the source, CRC
 output), against a ``cp``-like loop without checksums. Chooses the direct path's piece size
 (``core.pipeline.PIECE``) and the sinks' writeback batch (``util.fileio.Writeback``).
 
-    python bench/copy_paths.py [--input FILE ...] [--mib 1024] [--repeat 3]
+    python bench/copy_paths.py [--input FILE ...] [--mib 1024] [--repeat 3] [--fsync] [--rows A,B]
 
 Without ``--input`` it writes a file of random float32 bytes in the work directory. The page
 cache holds the input (it is read once first); the output is fsynced in the rows that say so.
@@ -175,6 +175,7 @@ ROWS: list[tuple[str, Callable[..., None], dict[str, object]]] = [
     ("mmap 16 MiB windows populated, CRCs + pwrite 1 MiB", _mapped_write, {"piece": 1 << 20, "populate": True}),
     ("mmap 16 MiB windows, CRCs + pwrite 256 KiB", _mapped_write, {"piece": 256 << 10}),
     ("16 MiB buffer (the old path)", _buffered, {}),
+    ("pieces 4 MiB", _pieces, {"piece": 4 << 20}),
 ]
 
 
@@ -185,7 +186,10 @@ def main() -> None:
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--workdir", type=Path, default=ROOT / "bench" / "out")
     p.add_argument("--fsync", action="store_true", help="fsync the output in every row (timed)")
+    p.add_argument("--rows", help="only the rows whose names contain one of these comma-separated "
+                   "strings (the first row, the baseline, always runs)")
     a = p.parse_args()
+    rows = [r for k, r in enumerate(ROWS) if k == 0 or not a.rows or any(w in r[0] for w in a.rows.split(","))]
     a.workdir.mkdir(parents=True, exist_ok=True)
     files = a.input or [str(_random_input(a.workdir, a.mib))]
     total = sum(os.path.getsize(f) for f in files)
@@ -194,9 +198,9 @@ def main() -> None:
             while h.read(1 << 24):
                 pass
     out_path = a.workdir / "copy-paths.out"
-    times: dict[str, list[tuple[float, float]]] = {name: [] for name, _, _ in ROWS}
+    times: dict[str, list[tuple[float, float]]] = {name: [] for name, _, _ in rows}
     for _ in range(a.repeat):
-        for name, fn, kw in ROWS:  # rows alternate in each repeat, so drift hits them alike
+        for name, fn, kw in rows:  # rows alternate in each repeat, so drift hits them alike
             out_path.unlink(missing_ok=True)
             os.sync()
             time.sleep(0.5)
@@ -212,7 +216,7 @@ def main() -> None:
     base = statistics.median(c for c, _ in times[ROWS[0][0]])
     print(f"{gib:.2f} GiB, {a.repeat} repeats, fsync {'on' if a.fsync else 'off'}, load {os.getloadavg()[0]:.1f}")
     print("| row | CPU s/GiB | x cp-like CPU | wall s/GiB |\n|---|---:|---:|---:|")
-    for name, _, _ in ROWS:
+    for name, _, _ in rows:
         cpu = statistics.median(c for c, _ in times[name])
         wall = statistics.median(w for _, w in times[name])
         print(f"| {name} | {cpu / gib:.3f} | {cpu / base:.2f} | {wall / gib:.3f} |")
