@@ -17,7 +17,7 @@ import shardconv
 from shardconv.api import make_plan
 from shardconv.core import engine, pipeline
 from shardconv.core.journal import Journal
-from shardconv.errors import ChecksumError, FormatError
+from shardconv.errors import ChecksumError, FormatError, SourceChangedError
 from shardconv.sinks.npz import NpzSink
 from shardconv.sinks.safetensors import SafetensorsSink
 from shardconv.sources import open_source
@@ -76,7 +76,8 @@ def test_a_corrupt_byte_on_the_direct_path_is_a_checksum_error(src, tmp_path):
 
 
 def test_a_source_cut_short_during_a_direct_copy_is_one_line(src, tmp_path, monkeypatch):
-    """The input truncated while the run holds it open: one line naming the file and the tensor."""
+    """The input truncated while the run holds it open: one line naming the file and the tensor,
+    and saying that the input changed during the run (the cause, not a damaged checkpoint)."""
     path, _ = src
     real = pipeline._prefetch
 
@@ -86,8 +87,10 @@ def test_a_source_cut_short_during_a_direct_copy_is_one_line(src, tmp_path, monk
         real(raw, length)
 
     monkeypatch.setattr(pipeline, "_prefetch", cut_then_prefetch)
-    with pytest.raises(FormatError, match=r"in\.npz: file ends inside tensor '\w+' \(truncated\?\)$"):
+    with pytest.raises(SourceChangedError, match=r"in\.npz: file ends inside tensor '\w+' \(truncated\?\); the input "
+                       r"changed while it was being converted \(file 'in\.npz' changed \([^)]*size\)\)") as e:
         shardconv.convert(path, tmp_path / "o.npz", max_memory="4MiB")
+    assert "\n" not in str(e.value) and isinstance(e.value.__cause__, FormatError)
     assert not (tmp_path / "o.npz").exists()
 
 

@@ -19,6 +19,7 @@ from ..errors import (
     PlanError,
     ResumeError,
     SourceChangedError,
+    SourceError,
     UsageError,
 )
 from ..frontend import changed_options, option
@@ -241,9 +242,16 @@ def _convert(job: _Job, opened: _Opened, progress: ProgressArg, resumed: int) ->
     """Write every chunk not kept, then check what the reads did not: the inputs' remaining
     checksums, and that the source did not change meanwhile."""
     todo = [(i, c) for i, c in enumerate(opened.chunks) if i not in opened.done]
-    run_pipeline(job.plan, job.sink, job.journal, opened.tracker, todo, opened.done, opened.budget, progress,
-                 job.plan.total_bytes, resumed, job.dest.path.name, durable=job.fsync)
-    verify_inputs(job.plan, opened.tracker, opened.budget.chunk_bytes)
+    try:
+        run_pipeline(job.plan, job.sink, job.journal, opened.tracker, todo, opened.done, opened.budget, progress,
+                     job.plan.total_bytes, resumed, job.dest.path.name, durable=job.fsync)
+        verify_inputs(job.plan, opened.tracker, opened.budget.chunk_bytes)
+    except SourceError as e:
+        # A file cut short or bytes that no longer decode may be an input rewritten under the run
+        # (a training job saving over it): then that is what the user needs to hear.
+        if not isinstance(e, SourceChangedError):
+            check_source_unchanged(job.plan, job.header["source"], job.dest.label, cause=e)
+        raise
     check_source_unchanged(job.plan, job.header["source"], job.dest.label)
 
 
@@ -352,14 +360,21 @@ def _check_apart_from_input(plan: Plan, writes: list[Path], label: str) -> None:
                                    "destination outside it")
 
 
-def check_source_unchanged(plan: Plan, recorded: dict[str, Any], label: str) -> None:
-    """Once every byte has been read, the source must still be what it was at the start."""
-    now = plan.source.fingerprint()
+def check_source_unchanged(plan: Plan, recorded: dict[str, Any], label: str, cause: SourceError | None = None) -> None:
+    """Once every byte has been read (or a read failed: ``cause``), the source must still be
+    what it was at the start. Raises: SourceChangedError, after ``cause``'s message if given."""
+    try:
+        now = plan.source.fingerprint()
+    except (SourceError, OSError):
+        if cause is None:
+            raise
+        return  # the input is gone or unreadable now: the read's own error says enough
     if now != recorded:
         changes = describe_changes(recorded, now)
-        raise SourceChangedError(f"{plan.source.location}: the input changed while it was being converted "
+        what = f"{cause}; " if cause is not None else f"{plan.source.location}: "
+        raise SourceChangedError(f"{what}the input changed while it was being converted "
                                  f"({'; '.join(changes[:5]) or 'fingerprint differs'}); nothing was written to "
-                                 f"{label}: rerun to convert it as it is now")
+                                 f"{label}: rerun to convert it as it is now") from cause
 
 
 #: RSS of the interpreter with numpy and shardconv loaded, measured (bench/run.py "import shardconv").
