@@ -91,3 +91,12 @@ def load_model_values(outdir: Path) -> dict[str, dict[str, np.ndarray]]:
         out[path] = {k: np.frombuffer((refdir / v["file"]).read_bytes(), dtype=numpy_dtype(v["dtype"])).reshape(v["shape"])
                      for k, v in kinds.items()}
     return out
+
+
+def assert_exact(got: dict[str, np.ndarray], want: dict[str, np.ndarray]) -> None:
+    """The same names, and for each the same dtype, shape and bytes (C order)."""
+    assert sorted(got) == sorted(want), sorted(set(got) ^ set(want))
+    for name, w in want.items():
+        g = got[name]
+        assert (g.dtype, g.shape) == (w.dtype, w.shape), (name, g.dtype, g.shape, w.dtype, w.shape)
+        assert np.ascontiguousarray(g).tobytes() == np.ascontiguousarray(w).tobytes(), name

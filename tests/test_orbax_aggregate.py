@@ -30,6 +30,7 @@ from shardconv.testing.source_suite import SourceTests
 ocp = pytest.importorskip("orbax.checkpoint")
 jnp = pytest.importorskip("jax.numpy")
 from orbax.checkpoint import msgpack_utils  # noqa: E402
+from reference import assert_exact  # noqa: E402
 from test_jax_sources import host  # noqa: E402
 
 LEGACY = {"some": TESTDATA / "ecosystem" / "orbax-aggregate-some",   # a, b as arrays; c/a, c/e inline
@@ -53,14 +54,6 @@ def copy_of(kind: str, tmp_path: Path) -> Path:
     for p in [dst, *dst.rglob("*")]:
         p.chmod(0o755 if p.is_dir() else 0o644)
     return dst
-
-
-def assert_exact(got: dict[str, np.ndarray], want: dict[str, np.ndarray]) -> None:
-    assert sorted(got) == sorted(want)
-    for name, w in want.items():
-        g = got[name]
-        assert (g.dtype, g.shape) == (w.dtype, w.shape), name
-        assert np.ascontiguousarray(g).tobytes() == np.ascontiguousarray(w).tobytes(), name
 
 
 def digests(d: Path) -> dict[str, str]:

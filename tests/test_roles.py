@@ -29,6 +29,7 @@ ocp = pytest.importorskip("orbax.checkpoint")
 import flax.linen as nn  # noqa: E402
 from flax import serialization, struct  # noqa: E402
 from flax.training import train_state  # noqa: E402
+from reference import assert_exact  # noqa: E402
 
 
 class _Mlp(nn.Module):
@@ -100,11 +101,7 @@ def save(state: Any, how: str, tmp_path: Path) -> Any:
 
 
 def assert_exactly(dest: Path, want: dict[str, np.ndarray]) -> None:
-    got = load_npz(dest)
-    assert sorted(got) == sorted(want)
-    for name, value in want.items():
-        assert got[name].dtype == value.dtype and got[name].shape == value.shape, name
-        assert got[name].tobytes() == value.tobytes(), name
+    assert_exact(load_npz(dest), want)
 
 
 @pytest.mark.parametrize("how", ["memory", "orbax", "msgpack"])

@@ -30,7 +30,7 @@ from shardconv.testing.sink_suite import BEFORE_RESTART, SinkTests, reference_tr
 from shardconv.util.dtypes import numpy_dtype
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from reference import load_reference  # noqa: E402
+from reference import assert_exact, load_reference  # noqa: E402
 
 HELPER = Path(__file__).resolve().with_name("tf_sink_helper.py")
 
@@ -119,13 +119,6 @@ def tf_read(path: Path, kind: str) -> dict[str, np.ndarray]:
         return {k: v.copy() for k, v in _load_dump(out, res["res"]["index"]).items()}
     finally:
         shutil.rmtree(out, ignore_errors=True)
-
-
-def assert_exact(got: dict[str, np.ndarray], want: dict[str, np.ndarray]) -> None:
-    assert set(got) == set(want), (sorted(set(got) ^ set(want)))
-    for k, v in want.items():
-        assert got[k].dtype == v.dtype and got[k].shape == v.shape, (k, got[k].dtype, got[k].shape, v.dtype, v.shape)
-        assert got[k].tobytes() == v.tobytes(), k
 
 
 # ------------------------------------------------------------------------- the shared sink suite

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from reference import load_reference, reference_prefix, write_fixture
+from reference import assert_exact, load_reference, reference_prefix, write_fixture
 
 import shardconv
 from shardconv.core import pipeline
@@ -97,11 +97,7 @@ def _load(path: Path) -> dict[str, np.ndarray]:
 
 
 def _assert_exact(path: Path, want: dict[str, np.ndarray]) -> None:
-    got = _load(path)
-    assert sorted(got) == sorted(want)
-    for k, v in want.items():
-        assert got[k].dtype == v.dtype and got[k].shape == v.shape, k
-        assert got[k].tobytes() == v.tobytes(), k
+    assert_exact(_load(path), want)
 
 
 @pytest.mark.parametrize("budget", ["64MiB", "4MiB"])
