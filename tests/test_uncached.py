@@ -235,6 +235,19 @@ def test_a_full_disk_on_a_direct_write_is_one_error_and_nothing_at_dest(ckpt, ou
     assert "\n" not in str(e.value) and not dest.exists()
 
 
+@pytest.mark.parametrize("suffix", [".npz", ".safetensors"])
+def test_a_conversion_leaves_no_descriptor_open(ckpt, out, suffix):
+    """The sink closes its direct descriptors with its own (one per output file per run
+    otherwise, until the process runs out)."""
+    prefix, _ = ckpt
+    shardconv.convert(prefix, out / f"warm{suffix}", max_memory="64MiB")  # imports and caches settle
+    before = sorted(os.listdir("/proc/self/fd"))
+    with counted() as n:
+        shardconv.convert(prefix, out / f"model{suffix}", max_memory="64MiB")
+    assert n["direct"] > 0 or suffix != ".npz", n
+    assert sorted(os.listdir("/proc/self/fd")) == before
+
+
 def test_a_reused_descriptor_number_writes_to_the_file_it_now_names(out):
     """A sink may close a file and open another that gets the same descriptor number: the
     direct descriptor must follow the number to the new file."""

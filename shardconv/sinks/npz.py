@@ -206,9 +206,3 @@ class NpzSink(filesink.OffsetSink):
         truncate(f.fd, pos + len(end), f.path)
         if fsync:
             fsync_file(f.fd, f.path)
-
-    def close(self) -> None:
-        for f in self._files:
-            if f.fd >= 0:
-                os.close(f.fd)
-                f.fd = -1
